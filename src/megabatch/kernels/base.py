@@ -1,0 +1,38 @@
+"""The block-kernel contract shared by every backend.
+
+A block is a pair (x, y): x is a (b, D) block of image features (rows), y a (n, D) block of text
+features (columns); S = s * x @ y.T is never returned. `diagonal=True` says the block holds the
+positive pairs on its main diagonal (row i pairs with column i, i < min(b, n)); otherwise it has
+no positives. Every result is in the *compute dtype* (float64 for float64 inputs, else float32),
+whatever the input dtype; `scale` and `bias` are 0-dim tensors in the compute dtype.
+
+CLIP (two passes over the block):
+  clip_stats  -> (row_lse (b,), col_lse (n,)): log-sum-exp of S over this block only.
+  clip_grads  -> (gx (b, D), gy (n, D)) with G = weight * (exp(S - r_i) + exp(S - c_j) - 2 * I):
+                 gx = G @ y, gy = G.T @ x (unscaled by s: dL/dx = s * gx, dL/ds = sum(x * gx)).
+SigLIP (one pass): siglip_block -> (loss, gx, gy, gbias) for the block, all multiplied by `weight`:
+  loss = weight * sum_ij softplus(-z_ij (S_ij + bias)), G = -weight * z * sigmoid(-z (S + bias)),
+  gx = G @ y, gy = G.T @ x, gbias = sum(G). With grads=False only the loss is computed (the rest None).
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+from torch import Tensor
+
+
+class BlockKernels(Protocol):
+    name: str
+
+    def supports(self, device: torch.device) -> bool: ...
+
+    def clip_stats(self, x: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def clip_grads(
+        self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float, diagonal: bool
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def siglip_block(
+        self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, diagonal: bool, grads: bool
+    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]: ...

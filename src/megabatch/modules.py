@@ -1,0 +1,75 @@
+"""Thin nn.Module wrappers with open_clip-compatible forward signatures.
+
+    loss_fn = megabatch.ClipLoss()                 # instead of open_clip.ClipLoss(...)
+    loss = loss_fn(image_features, text_features, logit_scale)
+
+Like open_clip, `output_dict=True` returns {"contrastive_loss": loss}. They hold settings only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import strategies
+from .functional import Scalar, clip_loss, siglip_loss
+from .kernels import BACKENDS
+
+
+class _ContrastiveLoss(nn.Module):
+    def __init__(
+        self,
+        *,
+        strategy: str = "auto",
+        backend: str = "auto",
+        group: Optional["dist.ProcessGroup"] = None,
+        output_dict: bool = False,
+    ):
+        super().__init__()
+        if strategy not in strategies.STRATEGIES:
+            raise ValueError(f"strategy must be one of {strategies.STRATEGIES}, got {strategy!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.strategy, self.backend, self.group, self.output_dict = strategy, backend, group, output_dict
+
+    def _out(self, loss: Tensor) -> Union[Tensor, dict[str, Tensor]]:
+        return {"contrastive_loss": loss} if self.output_dict else loss
+
+    def extra_repr(self) -> str:
+        return f"strategy={self.strategy!r}, backend={self.backend!r}"
+
+
+class ClipLoss(_ContrastiveLoss):
+    """CLIP softmax loss; forward(image_features (b, D), text_features (b, D), logit_scale)."""
+
+    def forward(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar, output_dict: Optional[bool] = None
+    ) -> Union[Tensor, dict[str, Tensor]]:
+        loss = clip_loss(
+            image_features, text_features, logit_scale, strategy=self.strategy, backend=self.backend, group=self.group
+        )
+        return self._out(loss) if output_dict is None else ({"contrastive_loss": loss} if output_dict else loss)
+
+
+class SigLipLoss(_ContrastiveLoss):
+    """SigLIP sigmoid loss; forward(image_features (b, D), text_features (b, D), logit_scale, logit_bias)."""
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Scalar,
+        logit_bias: Scalar,
+        output_dict: Optional[bool] = None,
+    ) -> Union[Tensor, dict[str, Tensor]]:
+        loss = siglip_loss(
+            image_features,
+            text_features,
+            logit_scale,
+            logit_bias,
+            strategy=self.strategy,
+            backend=self.backend,
+            group=self.group,
+        )
+        return self._out(loss) if output_dict is None else ({"contrastive_loss": loss} if output_dict else loss)

@@ -1,0 +1,103 @@
+"""`local` strategy: one process's batch, no communication (also the single-GPU path).
+
+CLIP: forward runs the statistics pass (row and column log-sum-exp: 1 GEMM) and saves only the
+features and those O(B) vectors; backward recomputes the tiles for the gradients (3 GEMMs).
+SigLIP: a tile's gradient needs nothing global, so when gradients are wanted the forward computes
+them in the same pass (3 GEMMs in all) and saves them; backward only scales by the incoming grad.
+
+`weight` multiplies the loss and every gradient: 1 here; the distributed strategies reuse these
+pieces with their own normalisation.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .._checks import compute_dtype
+from ..kernels.base import BlockKernels
+
+
+def _no_autocast(t: Tensor) -> Any:
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def clip_diagonal(x: Tensor, y: Tensor, scale: Tensor) -> Tensor:
+    """Positive logits S_ii = s * x_i . y_i in the compute dtype, O(b * D)."""
+    cd = compute_dtype(x.dtype)
+    return scale.to(cd) * (x.to(cd) * y.to(cd)).sum(-1)
+
+
+def scalar_grad(meta: tuple[torch.Size, torch.dtype], total: Tensor) -> Tensor:
+    """Shape and cast a summed scalar gradient like the parameter it belongs to."""
+    shape, dtype = meta
+    return total.to(dtype).reshape(shape)
+
+
+class _LocalClip(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, y: Tensor, scale: Tensor, kernels: BlockKernels) -> Tensor:
+        with _no_autocast(x):
+            s = scale.detach().to(compute_dtype(x.dtype))
+            row_lse, col_lse = kernels.clip_stats(x, y, s)
+            diag = clip_diagonal(x, y, s)
+            loss = (row_lse.sum() + col_lse.sum() - 2.0 * diag.sum()) / (2 * x.shape[0])
+        ctx.kernels = kernels
+        ctx.save_for_backward(x, y, scale, row_lse, col_lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, y, scale, row_lse, col_lse = ctx.saved_tensors
+        with _no_autocast(x):
+            cd = row_lse.dtype
+            s = scale.detach().to(cd)
+            gx, gy = ctx.kernels.clip_grads(x, y, s, row_lse, col_lse, weight=1.0 / (2 * x.shape[0]), diagonal=True)
+            g = grad.to(cd)
+            dx = (gx * (g * s)).to(x.dtype) if ctx.needs_input_grad[0] else None
+            dy = (gy * (g * s)).to(y.dtype) if ctx.needs_input_grad[1] else None
+            ds = scalar_grad((scale.shape, scale.dtype), g * (x.to(cd) * gx).sum()) if ctx.needs_input_grad[2] else None
+        return dx, dy, ds, None
+
+
+class _LocalSiglip(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, kernels: BlockKernels) -> Tensor:
+        want = any(ctx.needs_input_grad[:4])
+        with _no_autocast(x):
+            cd = compute_dtype(x.dtype)
+            s, beta = scale.detach().to(cd), bias.detach().to(cd)
+            loss, gx, gy, gbias = kernels.siglip_block(
+                x, y, s, beta, weight=1.0 / x.shape[0], diagonal=True, grads=want
+            )
+            if want:
+                assert gx is not None and gy is not None and gbias is not None
+                # Keep the gradients in the inputs' dtype (what backward returns anyway) and the
+                # scale's gradient as the O(B.D) identity dL/ds = sum(x * gx).
+                ctx.save_for_backward((gx * s).to(x.dtype), (gy * s).to(y.dtype), (x.to(cd) * gx).sum(), gbias)
+                ctx.meta = ((scale.shape, scale.dtype), (bias.shape, bias.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        dx, dy, ds, db = ctx.saved_tensors
+        scale_meta, bias_meta = ctx.meta
+        g = grad.to(ds.dtype)
+        return (
+            dx * g.to(dx.dtype) if ctx.needs_input_grad[0] else None,
+            dy * g.to(dy.dtype) if ctx.needs_input_grad[1] else None,
+            scalar_grad(scale_meta, g * ds) if ctx.needs_input_grad[2] else None,
+            scalar_grad(bias_meta, g * db) if ctx.needs_input_grad[3] else None,
+            None,
+        )
+
+
+def clip(x: Tensor, y: Tensor, scale: Tensor, kernels: BlockKernels, group: Any = None) -> Tensor:
+    """This process's CLIP loss (group is ignored: no communication)."""
+    return _LocalClip.apply(x, y, scale, kernels)
+
+
+def siglip(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, kernels: BlockKernels, group: Any = None) -> Tensor:
+    """This process's SigLIP loss (group is ignored: no communication)."""
+    return _LocalSiglip.apply(x, y, scale, bias, kernels)
