@@ -1,0 +1,263 @@
+"""Distributed strategies (`gather`, `ring`) against the float64 reference on the concatenated batch.
+
+Contract (DESIGN.md, issue 3): with W ranks holding b_r pairs each (uneven sizes allowed, B = sum),
+rank r returns L_r with mean_r L_r = L (the loss of the concatenated batch); after L_r.backward()
+its feature gradients are W * dL/d(its features), and the mean over ranks of its logit_scale /
+logit_bias gradients is dL/ds, dL/dbias; for SigLIP each rank's scale/bias gradient is exactly
+dL_r/ds, dL_r/dbias and L_r = W/B * (its rows' terms); for CLIP, L_r = W/(2B) * (its rows' and its
+columns' terms). Checked for W = 1..4, both losses, both strategies, float64 and float32, 'torch'
+and 'dense' backends, uneven sizes with a rank of b = 1, no-grad / frozen-image / scaled-loss
+backward, a subgroup (4 ranks in two groups of 2), strategy="auto" picking ring, and ranks
+disagreeing on D, dtype or requires_grad all raising ValueError (and the world still working).
+Tolerance: relative norm error <= 2x plain PyTorch's at the same precision + a small floor.
+Each world is spawned once (module-scoped) and runs many cases; results come back through files.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import megabatch as mb
+from _dist_utils import run_world
+
+STRATEGIES = ("gather", "ring")
+LOSSES = ("clip", "siglip")
+FLOOR = {torch.float64: 1e-11, torch.float32: 2e-6}
+# Two layouts per world size: the first uneven (with b = 1 where W > 1), the second another mix.
+SIZES = {1: [(7,), (1,)], 2: [(5, 1), (4, 4)], 3: [(6, 2, 5), (1, 3, 3)], 4: [(3, 1, 7, 2), (2, 2, 2, 2)]}
+MODES = ("all", "nograd", "frozen_x", "scaled")
+
+
+def make_inputs(sizes: tuple[int, ...], dim: int, dtype: torch.dtype, seed: int, big: bool) -> dict[str, Any]:
+    """Deterministic per-rank features (same values in the parent and in every worker)."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(sizes)
+    x = torch.randn(total, dim, generator=gen, dtype=torch.float64)
+    y = x + 1.5 * torch.randn(total, dim, generator=gen, dtype=torch.float64)  # correlated positives
+    if big:  # unnormalised: logits in the hundreds
+        x, y, scale, bias = 3 * x, 3 * y, 7.0, -10.0
+    else:
+        x, y, scale, bias = F.normalize(x, dim=1), F.normalize(y, dim=1), 20.0, -3.0
+    return {"x": x.to(dtype), "y": y.to(dtype), "scale": scale, "bias": bias}
+
+
+def make_cases(world: int) -> list[dict[str, Any]]:
+    cases = []
+    for k, sizes in enumerate(SIZES[world]):
+        dim = (17, 3)[k]
+        for strategy, loss, dtype in itertools.product(STRATEGIES, LOSSES, (torch.float64, torch.float32)):
+            backend = "dense" if (k == 1 and dtype == torch.float64) else "torch"
+            cases.append(dict(sizes=sizes, dim=dim, strategy=strategy, loss=loss, dtype=dtype, backend=backend,
+                              seed=100 * world + 10 * k + len(cases), big=k == 1, mode="all"))
+    if world == 3:  # gradient modes that change which collectives run
+        for mode, strategy, loss in itertools.product(MODES[1:], STRATEGIES, LOSSES):
+            cases.append(dict(sizes=(2, 4, 1), dim=5, strategy=strategy, loss=loss, dtype=torch.float64,
+                              backend="torch", seed=7, big=False, mode=mode))
+    return cases
+
+
+def compute(case: dict[str, Any], rank: int, group: Any = None, rows: slice | None = None) -> dict[str, Any]:
+    """One rank's loss and gradients for `case`; `rows` picks this rank's slice of the batch."""
+    data = make_inputs(case["sizes"], case["dim"], case["dtype"], case["seed"], case["big"])
+    if rows is None:
+        lo = sum(case["sizes"][:rank])
+        rows = slice(lo, lo + case["sizes"][rank])
+    mode = case["mode"]
+    x = data["x"][rows].clone().requires_grad_(mode != "frozen_x")
+    y = data["y"][rows].clone().requires_grad_()
+    scale = torch.tensor(data["scale"], dtype=case["dtype"], requires_grad=True)
+    bias = torch.tensor(data["bias"], dtype=case["dtype"], requires_grad=True)
+    kw = dict(strategy=case["strategy"], backend=case["backend"], group=group)
+    with torch.set_grad_enabled(mode != "nograd"):
+        if case["loss"] == "clip":
+            loss = mb.clip_loss(x, y, scale, **kw)
+        else:
+            loss = mb.siglip_loss(x, y, scale, bias, **kw)
+    if mode != "nograd":
+        (3.0 * loss if mode == "scaled" else loss).backward()
+    grad = lambda t: None if t.grad is None else t.grad.double()  # noqa: E731
+    return {"loss": loss.detach().double(), "dx": grad(x), "dy": grad(y), "ds": grad(scale), "db": grad(bias),
+            "dtype": loss.dtype}
+
+
+def reference_terms(loss: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor):
+    """Per-row and per-column loss terms (CLIP) or per-row terms (SigLIP) in the inputs' dtype."""
+    logits = scale * x @ y.T
+    if loss == "clip":
+        diag = torch.diagonal(logits)
+        return torch.logsumexp(logits, 1) - diag, torch.logsumexp(logits, 0) - diag
+    z = 2 * torch.eye(x.shape[0], dtype=x.dtype) - 1
+    return -F.logsigmoid(z * (logits + bias)).sum(1), None
+
+
+def reference(case: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """Global and per-rank losses and gradients computed plainly (autograd) in `dtype`."""
+    data = make_inputs(case["sizes"], case["dim"], case["dtype"], case["seed"], case["big"])
+    sizes, world, total = case["sizes"], len(case["sizes"]), sum(case["sizes"])
+    x = data["x"].to(dtype).requires_grad_()
+    y = data["y"].to(dtype).requires_grad_()
+    scale = torch.tensor(data["scale"], dtype=dtype, requires_grad=True)
+    bias = torch.tensor(data["bias"], dtype=dtype, requires_grad=True)
+    rows, cols = reference_terms(case["loss"], x, y, scale, bias)
+    norm = 2 * total if case["loss"] == "clip" else total
+    bounds = [sum(sizes[:r]) for r in range(world + 1)]
+    per_rank = []
+    for r in range(world):
+        part = rows[bounds[r] : bounds[r + 1]].sum() + (0 if cols is None else cols[bounds[r] : bounds[r + 1]].sum())
+        per_rank.append(world / norm * part)
+    out = {"per_rank": [p.detach().double() for p in per_rank]}
+    if case["loss"] == "siglip":  # each rank's scale/bias gradient is dL_r/ds exactly
+        out["ds_r"] = [torch.autograd.grad(p, scale, retain_graph=True)[0].double() for p in per_rank]
+        out["db_r"] = [torch.autograd.grad(p, bias, retain_graph=True)[0].double() for p in per_rank]
+    total_loss = sum(per_rank) / world
+    total_loss.backward()
+    if dtype == torch.float64:  # the per-rank split sums to the library's reference loss
+        want = mb.clip_loss_reference(x, y, scale) if case["loss"] == "clip" else mb.siglip_loss_reference(x, y, scale, bias)
+        assert torch.allclose(total_loss, want, rtol=1e-12)
+    out.update(loss=total_loss.detach().double(), dx=world * x.grad.double(), dy=world * y.grad.double(),
+               ds=scale.grad.double(), db=None if bias.grad is None else bias.grad.double())
+    return out
+
+
+def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def check_case(case: dict[str, Any], got: list[dict[str, Any]]) -> None:
+    """Compare every rank's result for `case` with the float64 reference under the convention."""
+    dtype, mode = case["dtype"], case["mode"]
+    ref = reference(case, torch.float64)
+    plain = reference(case, dtype) if dtype != torch.float64 else None
+    factor = 3.0 if mode == "scaled" else 1.0
+
+    def close(name: str, value: torch.Tensor, key: str, factor: float = 1.0, r: int | None = None) -> None:
+        pick = (lambda d: d[key]) if r is None else (lambda d: d[key][r])  # noqa: E731
+        bound = FLOOR[dtype] + (2 * relerr(pick(plain), pick(ref)) if plain is not None else 0.0)
+        err = relerr(value, factor * pick(ref))
+        assert err <= bound, f"{case}: {name} relative error {err:.2e} > {bound:.2e}"
+
+    assert all(g["dtype"] == (torch.float64 if dtype == torch.float64 else torch.float32) for g in got)
+    close("mean loss", torch.stack([g["loss"] for g in got]).mean(), "loss")
+    for r, g in enumerate(got):
+        close(f"L_{r}", g["loss"], "per_rank", r=r)
+    if mode == "nograd":
+        assert all(g[k] is None for g in got for k in ("dx", "dy", "ds", "db"))
+        return
+    if mode == "frozen_x":
+        assert all(g["dx"] is None for g in got)
+    else:
+        close("W * dL/dx", torch.cat([g["dx"] for g in got]), "dx", factor)
+    close("W * dL/dy", torch.cat([g["dy"] for g in got]), "dy", factor)
+    close("mean dL/ds", torch.stack([g["ds"] for g in got]).mean(), "ds", factor)
+    if case["loss"] == "siglip":
+        close("mean dL/dbias", torch.stack([g["db"] for g in got]).mean(), "db", factor)
+        for r, g in enumerate(got):
+            close(f"dL_{r}/ds", g["ds"], "ds_r", factor, r=r)
+            close(f"dL_{r}/dbias", g["db"], "db_r", factor, r=r)
+    else:
+        assert all(g["db"] is None for g in got)
+
+
+# ----------------------------------------------------------------------------- worker functions
+
+
+def world_worker(rank: int, world: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"cases": [compute(c, rank) for c in make_cases(world)]}
+    if world == 2:  # strategy="auto" must resolve to ring and give ring's exact bits
+        from megabatch import strategies
+
+        case = dict(make_cases(2)[0], strategy="auto", loss="clip")
+        out["auto_name"] = strategies.resolve("auto", None)
+        out["auto"] = compute(case, rank)
+        out["ring"] = compute(dict(case, strategy="ring"), rank)
+    return out
+
+
+def subgroup_worker(rank: int, world: int) -> list[dict[str, Any]]:
+    import torch.distributed as dist
+
+    groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]  # every rank creates both
+    mine, pos = groups[rank % 2], rank // 2
+    results = []
+    for case in subgroup_cases(rank % 2):
+        lo = sum(case["sizes"][:pos])
+        results.append(compute(case, rank, group=mine, rows=slice(lo, lo + case["sizes"][pos])))
+    return results
+
+
+def subgroup_cases(which: int) -> list[dict[str, Any]]:
+    sizes = [(3, 5), (1, 4)][which]
+    return [dict(sizes=sizes, dim=17, strategy=s, loss=l, dtype=d, backend="torch", seed=50 + which, big=False,
+                 mode="all") for s, l, d in itertools.product(STRATEGIES, LOSSES, (torch.float64, torch.float32))]
+
+
+def mismatch_worker(rank: int, world: int) -> dict[str, Any]:
+    """Every rank records the exception each disagreement raised, then runs one healthy case."""
+    errors = {}
+    for kind, strategy, loss in itertools.product(("dim", "dtype", "grad"), STRATEGIES, LOSSES):
+        dim = 16 if kind == "dim" and rank == 1 else 17
+        dtype = torch.float64 if kind == "dtype" and rank == 2 else torch.float32
+        x = torch.randn(2 + rank, dim, dtype=dtype, requires_grad=not (kind == "grad" and rank == 0))
+        y = torch.randn(2 + rank, dim, dtype=dtype, requires_grad=True)
+        kw = dict(strategy=strategy, backend="torch")
+        try:
+            mb.clip_loss(x, y, 10.0, **kw) if loss == "clip" else mb.siglip_loss(x, y, 10.0, -5.0, **kw)
+            errors[kind, strategy, loss] = None
+        except Exception as e:  # noqa: BLE001 - the parent checks type and message
+            errors[kind, strategy, loss] = (type(e).__name__, str(e))
+    healthy = make_cases(world)[0]
+    return {"errors": errors, "healthy": compute(healthy, rank)}
+
+
+# ----------------------------------------------------------------------------- tests
+
+_worlds: dict[int, list[dict[str, Any]]] = {}
+
+
+@pytest.fixture(scope="module")
+def world_results(tmp_path_factory: pytest.TempPathFactory):
+    def get(world: int) -> list[dict[str, Any]]:
+        if world not in _worlds:
+            _worlds[world] = run_world(world_worker, world, tmp_path_factory.mktemp(f"world{world}"))
+        return _worlds[world]
+
+    return get
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_matches_reference(world: int, world_results) -> None:
+    results = world_results(world)
+    cases = make_cases(world)
+    assert all(len(r["cases"]) == len(cases) for r in results)
+    for k, case in enumerate(cases):
+        check_case(case, [r["cases"][k] for r in results])
+
+
+def test_auto_picks_ring(world_results) -> None:
+    results = world_results(2)
+    assert [r["auto_name"] for r in results] == ["ring", "ring"]
+    for r in results:
+        for key in ("loss", "dx", "dy", "ds"):
+            assert torch.equal(r["auto"][key], r["ring"][key]), key
+
+
+def test_subgroups(tmp_path) -> None:
+    results = run_world(subgroup_worker, 4, tmp_path)
+    for which in (0, 1):
+        members = [results[which], results[which + 2]]  # global ranks of group `which`, in group order
+        for k, case in enumerate(subgroup_cases(which)):
+            check_case(case, [m[k] for m in members])
+
+
+def test_disagreeing_ranks_raise_everywhere(tmp_path) -> None:
+    results = run_world(mismatch_worker, 3, tmp_path)
+    words = {"dim": "feature dim D", "dtype": "same dtype", "grad": "need gradients"}
+    for r, res in enumerate(results):
+        for (kind, strategy, loss), err in res["errors"].items():
+            assert err is not None, f"rank {r}: {kind} mismatch with {strategy}/{loss} did not raise"
+            assert err[0] == "ValueError" and words[kind] in err[1], (r, kind, strategy, loss, err)
+    check_case(make_cases(3)[0], [res["healthy"] for res in results])
