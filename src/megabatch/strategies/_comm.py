@@ -1,8 +1,8 @@
 """Communication shared by the `gather` and `ring` strategies.
 
-`exchange_layout` is the first thing every distributed loss call does: ONE all_gather of 4 int64
-per rank (local batch b, feature dim D, dtype code, requires-grad flags). Every rank then checks the
-same W x 4 table, so ranks that disagree on D, dtype or which inputs need gradients all raise the
+`exchange_layout` is the first thing every distributed loss call does: ONE all_gather of 5 int64
+per rank (local batch b, feature dim D, dtype code, requires-grad flags, backend). Every rank then checks the
+same W x 4 table, so ranks that disagree on D, dtype, backend or which inputs need gradients all raise the
 same ValueError (never a hang, never a gloo abort), and every rank knows every local batch size:
 uneven sizes (6, 2, 5) work exactly. Reading that table on the host (`.tolist()`) is the one host
 sync of a distributed call; it is unavoidable, since receive buffers must be sized before they are
@@ -14,6 +14,7 @@ model: all_gather (W-1)*n_local, all_reduce 2(W-1)/W*n, reduce_scatter (W-1)/W*n
 """
 from __future__ import annotations
 
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -21,6 +22,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from ..kernels.base import BlockKernels
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _GRAD_NAMES = ("image_features", "text_features", "logit_scale", "logit_bias")
@@ -58,10 +61,13 @@ class Layout:
         return dist.get_global_rank(self.group, rank % self.world)
 
 
-def exchange_layout(x: Tensor, y: Tensor, extras: Sequence[Tensor], group: Optional["dist.ProcessGroup"]) -> Layout:
-    """Agree on sizes, D and dtype across `group` (None: the world), raising ValueError on every rank.
+def exchange_layout(
+    x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels, group: Optional["dist.ProcessGroup"]
+) -> Layout:
+    """Agree on sizes, D, dtype, backend and requires_grad across `group` (None: the world group).
 
-    x, y: this rank's (b, D) features; extras: logit_scale (and logit_bias), 0-dim.
+    x, y: this rank's (b, D) features; extras: logit_scale (and logit_bias), 0-dim. Any
+    disagreement raises the same ValueError on every rank.
     """
     pg = group if group is not None else dist.group.WORLD
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
@@ -69,11 +75,13 @@ def exchange_layout(x: Tensor, y: Tensor, extras: Sequence[Tensor], group: Optio
         raise ValueError("this process is not a member of the given process group `group`")
     grad = torch.is_grad_enabled()
     flags = sum(1 << k for k, t in enumerate((x, y, *extras)) if grad and t.requires_grad)
-    mine = torch.tensor([x.shape[0], x.shape[1], _DTYPE_CODES[x.dtype], flags], dtype=torch.int64, device=x.device)
-    table_t = mine.new_empty(world * 4)
+    backend = zlib.crc32(kernels.name.encode()) & 0x7FFFFFFF
+    meta = [x.shape[0], x.shape[1], _DTYPE_CODES[x.dtype], flags, backend]
+    mine = torch.tensor(meta, dtype=torch.int64, device=x.device)
+    table_t = mine.new_empty(world * len(meta))
     _all_gather_single(table_t, mine, group=pg)
-    table = table_t.view(world, 4).tolist()
-    sizes, dims, codes, grads = (tuple(row[k] for row in table) for k in range(4))
+    table = table_t.view(world, len(meta)).tolist()
+    sizes, dims, codes, grads, backends = (tuple(row[k] for row in table) for k in range(len(meta)))
     if len(set(dims)) > 1:
         raise ValueError(f"every rank of the group must have the same feature dim D; got D = {list(dims)} on ranks 0..{world - 1}")
     if len(set(codes)) > 1:
@@ -88,6 +96,8 @@ def exchange_layout(x: Tensor, y: Tensor, extras: Sequence[Tensor], group: Optio
             "every rank of the group must need gradients for the same inputs (the backward pass "
             f"communicates); requires_grad per rank 0..{world - 1}: {needing}"
         )
+    if len(set(backends)) > 1:
+        raise ValueError(f"every rank of the group must use the same backend; this rank uses {kernels.name!r}, others differ")
     return Layout(pg, rank, sizes, bool(flags & 2))
 
 

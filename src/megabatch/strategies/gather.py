@@ -25,7 +25,7 @@ exactly dL_r/ds; for CLIP the split across ranks differs from open_clip's but th
 Communication per rank (bytes sent, ring cost model; e = feature element size, f = 4 or 8 for the
 compute dtype): all-gather (W-1) * bmax * D * e; CLIP adds 2 all-reduces of B*f (forward) and the
 text-gradient reduction, B*D*f * (W-1)/W with NCCL (2x that with gloo's all-reduce); SigLIP's
-text-gradient reduction is the same size, in the forward. Plus 4 int64 per rank of metadata.
+text-gradient reduction is the same size, in the forward. Plus 5 int64 per rank of metadata.
 Memory per rank: O(B * D) (the gathered features and the (B, D) text gradients): it grows with W.
 """
 from __future__ import annotations
@@ -55,18 +55,18 @@ class _GatherClip(torch.autograd.Function):
             s = scale.detach().to(cd)
             yall = _comm.gather_rows(y.contiguous(), lay)
             lo, b = lay.offset(lay.rank), x.shape[0]
-            rows = []
-            col_part = torch.empty(lay.total, dtype=cd, device=x.device)
-            for yp, c0, _ in _stripe(yall, lo, b):
-                r_, c_ = kernels.clip_stats(x, yp, s)
-                rows.append(r_)
-                col_part[c0 : c0 + yp.shape[0]] = c_
-            row_lse = torch.logsumexp(torch.stack(rows), dim=0)
+            # The kernels may return the statistics wider than cd (see base.py): keep their dtype.
+            stats = [(kernels.clip_stats(x, yp, s), c0) for yp, c0, _ in _stripe(yall, lo, b)]
+            row_lse = torch.logsumexp(torch.stack([r_ for (r_, _), _ in stats]), dim=0)
+            col_part = row_lse.new_empty(lay.total)
+            for (_, c_), c0 in stats:
+                col_part[c0 : c0 + c_.shape[0]] = c_
+            del stats
             col_lse = _comm.all_reduce_lse(col_part, lay)
-            diag = clip_diagonal(x, y, s)
+            diag = clip_diagonal(x, y, s).to(row_lse.dtype)
             weight = lay.world / (2 * lay.total)
-            # Subtract the positives term by term (as cross-entropy does): no cancellation of large sums.
-            loss = weight * ((row_lse - diag).sum() + (col_lse[lo : lo + b] - diag).sum())
+            # Subtract the positives term by term (as cross-entropy does), not from a large sum.
+            loss = (weight * ((row_lse - diag).sum() + (col_lse[lo : lo + b] - diag).sum())).to(cd)
         ctx.kernels, ctx.lay = kernels, lay
         ctx.save_for_backward(x, yall, scale, row_lse, col_lse)
         return loss
@@ -76,7 +76,7 @@ class _GatherClip(torch.autograd.Function):
         x, yall, scale, row_lse, col_lse = ctx.saved_tensors
         lay: _comm.Layout = ctx.lay
         with _no_autocast(x):
-            cd = row_lse.dtype
+            cd = compute_dtype(x.dtype)
             s, g = scale.detach().to(cd), grad.to(cd)
             lo, b = lay.offset(lay.rank), x.shape[0]
             weight = lay.world / (2 * lay.total)
@@ -144,11 +144,11 @@ class _GatherSiglip(torch.autograd.Function):
 
 def clip(x: Tensor, y: Tensor, scale: Tensor, kernels: BlockKernels, group: Any = None) -> Tensor:
     """This rank's CLIP loss L_r over the group's global batch. x, y: (b_r, D); scale: 0-dim."""
-    lay = _comm.exchange_layout(x, y, (scale,), group)
+    lay = _comm.exchange_layout(x, y, (scale,), kernels, group)
     return _GatherClip.apply(x, y, scale, kernels, lay)
 
 
 def siglip(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, kernels: BlockKernels, group: Any = None) -> Tensor:
     """This rank's SigLIP loss L_r over the group's global batch. x, y: (b_r, D); scale, bias: 0-dim."""
-    lay = _comm.exchange_layout(x, y, (scale, bias), group)
+    lay = _comm.exchange_layout(x, y, (scale, bias), kernels, group)
     return _GatherSiglip.apply(x, y, scale, bias, kernels, lay)

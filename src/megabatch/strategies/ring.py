@@ -25,7 +25,7 @@ Communication per rank (bytes sent; e = feature element size, f = 4 or 8 for the
 b_q = the blocks passing through): CLIP forward (W-1) blocks of b_q*D*e + W stats of b_q*f;
 CLIP backward (W-1) blocks of b_q*(D*e + f) + W text gradients of b_q*D*f. SigLIP (forward only):
 (W-1) blocks of b_q*D*e + W text gradients of b_q*D*f. The same total as an all-gather plus a
-reduce-scatter, spread over W steps that overlap the compute. Plus 4 int64 per rank of metadata.
+reduce-scatter, spread over W steps that overlap the compute. Plus 5 int64 per rank of metadata.
 Memory per rank: O(bmax * D) (two blocks in flight and two accumulators), independent of W.
 """
 from __future__ import annotations
@@ -49,13 +49,13 @@ def circulate(
     lay: _comm.Layout,
     block: Sequence[Tensor],
     visit: Visit,
-    acc: Optional[tuple[tuple[int, ...], torch.dtype]] = None,
-    combine: Callable[[Tensor, Tensor], Tensor] = torch.add,
+    combine: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
 ) -> Optional[Tensor]:
     """Pass this rank's `block` (tensors with b_r rows) round the ring, calling `visit` on every block.
 
-    acc: (trailing shape, dtype) of the accumulator that follows each block home, merged with
-    `combine`; returns this rank's completed accumulator (b_r, *shape), or None when acc is None.
+    combine: how the accumulators that follow the blocks home merge (torch.add, torch.logaddexp);
+    visit then returns a (b_q, ...) contribution for block q, whose trailing shape and dtype are the
+    same for every block. Returns this rank's completed accumulator (b_r, ...), or None without one.
     """
     world, r = lay.world, lay.rank
     cur, src = [t.contiguous() for t in block], r
@@ -67,22 +67,22 @@ def circulate(
             nxt = [u.new_empty(lay.sizes[nsrc], *u.shape[1:]) for u in cur]
             sends += [(u, r + 1, _TAGS * t + k) for k, u in enumerate(cur)]
             recvs += [(u, r - 1, _TAGS * t + k) for k, u in enumerate(nxt)]
-        if t > 0 and acc is not None:  # the accumulator of the block we hold follows it
+        if t > 0 and combine is not None:  # the accumulator of the block we hold follows it
             assert done is not None
-            acc_in = cur[0].new_empty(lay.sizes[src], *acc[0], dtype=acc[1])
+            acc_in = done.new_empty(lay.sizes[src], *done.shape[1:])
             sends.append((done, r + 1, _TAGS * t + _TAGS - 1))
             recvs.append((acc_in, r - 1, _TAGS * t + _TAGS - 1))
         works = _comm.start_p2p(sends, recvs, lay)
         part = visit(src, cur)
         _comm.wait(works)
-        if acc is not None:
+        if combine is not None:
             assert part is not None
             done = part if acc_in is None else combine(acc_in, part)
         cur, src = nxt, (r - t - 1) % world
-    if acc is None or world == 1:
+    if combine is None or world == 1:
         return done
     assert done is not None
-    home = done.new_empty(lay.sizes[r], *acc[0])
+    home = done.new_empty(lay.sizes[r], *done.shape[1:])
     _comm.wait(_comm.start_p2p([(done, r + 1, _TAGS * world)], [(home, r - 1, _TAGS * world)], lay))
     return home
 
@@ -93,19 +93,20 @@ class _RingClip(torch.autograd.Function):
         with _no_autocast(x):
             cd = compute_dtype(x.dtype)
             s = scale.detach().to(cd)
-            row_lse = torch.full((x.shape[0],), float("-inf"), dtype=cd, device=x.device)
+            row_lse: Optional[Tensor] = None  # in the dtype the kernels give (maybe wider than cd)
 
             def visit(q: int, blk: list[Tensor]) -> Tensor:
                 nonlocal row_lse
                 r_, c_ = kernels.clip_stats(x, blk[0], s)
-                row_lse = torch.logaddexp(row_lse, r_)
+                row_lse = r_ if row_lse is None else torch.logaddexp(row_lse, r_)
                 return c_
 
-            col_lse = circulate(lay, [y], visit, acc=((), cd), combine=torch.logaddexp)
-            assert col_lse is not None
-            diag = clip_diagonal(x, y, s)
-            # Subtract the positives term by term (as cross-entropy does): no cancellation of large sums.
-            loss = lay.world / (2 * lay.total) * ((row_lse - diag).sum() + (col_lse - diag).sum())
+            col_lse = circulate(lay, [y], visit, combine=torch.logaddexp)
+            assert col_lse is not None and row_lse is not None
+            diag = clip_diagonal(x, y, s).to(row_lse.dtype)
+            # Subtract the positives term by term (as cross-entropy does), not from a large sum.
+            weight = lay.world / (2 * lay.total)
+            loss = (weight * ((row_lse - diag).sum() + (col_lse - diag).sum())).to(cd)
         ctx.kernels, ctx.lay = kernels, lay
         ctx.save_for_backward(x, y, scale, row_lse, col_lse)
         return loss
@@ -115,7 +116,7 @@ class _RingClip(torch.autograd.Function):
         x, y, scale, row_lse, col_lse = ctx.saved_tensors
         lay: _comm.Layout = ctx.lay
         with _no_autocast(x):
-            cd = row_lse.dtype
+            cd = compute_dtype(x.dtype)
             s, g = scale.detach().to(cd), grad.to(cd)
             weight = lay.world / (2 * lay.total)
             gx = torch.zeros(x.shape[0], x.shape[1], dtype=cd, device=x.device)
@@ -127,7 +128,7 @@ class _RingClip(torch.autograd.Function):
                 gx.add_(gxp)
                 return gyp.mul_(g) if lay.y_grad else None
 
-            gy = circulate(lay, [y, col_lse], visit, acc=((x.shape[1],), cd) if lay.y_grad else None)
+            gy = circulate(lay, [y, col_lse], visit, combine=torch.add if lay.y_grad else None)
             dx = (gx * (g * s)).to(x.dtype) if ctx.needs_input_grad[0] else None
             dy = (gy * s).to(y.dtype) if gy is not None and ctx.needs_input_grad[1] else None
             ds = scalar_grad((scale.shape, scale.dtype), g * (x.to(cd) * gx).sum()) if ctx.needs_input_grad[2] else None
@@ -161,7 +162,7 @@ class _RingSiglip(torch.autograd.Function):
                 gbias = gbias + gbp
                 return gyp if lay.y_grad else None
 
-            gy = circulate(lay, [y], visit, acc=((x.shape[1],), cd) if want and lay.y_grad else None)
+            gy = circulate(lay, [y], visit, combine=torch.add if want and lay.y_grad else None)
             if want:
                 dy = (gy * s).to(y.dtype) if gy is not None else gx.new_zeros(0)
                 ctx.save_for_backward((gx * s).to(x.dtype), dy, (x.to(cd) * gx).sum(), gbias)
@@ -185,11 +186,11 @@ class _RingSiglip(torch.autograd.Function):
 
 def clip(x: Tensor, y: Tensor, scale: Tensor, kernels: BlockKernels, group: Any = None) -> Tensor:
     """This rank's CLIP loss L_r over the group's global batch. x, y: (b_r, D); scale: 0-dim."""
-    lay = _comm.exchange_layout(x, y, (scale,), group)
+    lay = _comm.exchange_layout(x, y, (scale,), kernels, group)
     return _RingClip.apply(x, y, scale, kernels, lay)
 
 
 def siglip(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, kernels: BlockKernels, group: Any = None) -> Tensor:
     """This rank's SigLIP loss L_r over the group's global batch. x, y: (b_r, D); scale, bias: 0-dim."""
-    lay = _comm.exchange_layout(x, y, (scale, bias), group)
+    lay = _comm.exchange_layout(x, y, (scale, bias), kernels, group)
     return _RingSiglip.apply(x, y, scale, bias, kernels, lay)
