@@ -202,6 +202,12 @@ def world_worker(rank: int, world: int) -> dict[str, Any]:
         out["auto_name"] = strategies.resolve("auto", None)
         out["auto"] = compute(case, rank)
         out["ring"] = compute(dict(case, strategy="ring"), rank)
+    if world >= 3:  # gather's NCCL path (padded reduce-scatter), which gloo also has on torch 2.13
+        from megabatch.strategies import _comm
+
+        default, _comm.use_reduce_scatter = _comm.use_reduce_scatter, lambda t, lay: True
+        out["reduce_scatter"] = [compute(c, rank) for c in make_cases(world) if c["strategy"] == "gather"]
+        _comm.use_reduce_scatter = default
     if world == 3:
         out["mismatch"] = mismatch_worker(rank)
     if world == 4:
@@ -266,6 +272,15 @@ def test_matches_reference(world: int, world_results) -> None:
     assert all(len(r["cases"]) == len(cases) for r in results)
     for k, case in enumerate(cases):
         check_case(case, [r["cases"][k] for r in results])
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_gather_reduce_scatter_path(world: int, world_results) -> None:
+    results = world_results(world)
+    cases = [c for c in make_cases(world) if c["strategy"] == "gather"]
+    assert all(len(r["reduce_scatter"]) == len(cases) > 0 for r in results)
+    for k, case in enumerate(cases):
+        check_case(case, [r["reduce_scatter"][k] for r in results])
 
 
 def test_auto_picks_ring(world_results) -> None:
