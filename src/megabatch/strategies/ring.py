@@ -26,7 +26,8 @@ b_q = the blocks passing through): CLIP forward (W-1) blocks of b_q*D*e + W stat
 CLIP backward (W-1) blocks of b_q*(D*e + f) + W text gradients of b_q*D*f. SigLIP (forward only):
 (W-1) blocks of b_q*D*e + W text gradients of b_q*D*f. The same total as an all-gather plus a
 reduce-scatter, spread over W steps that overlap the compute. Plus 5 int64 per rank of metadata.
-Memory per rank: O(bmax * D) (two blocks in flight and two accumulators), independent of W.
+Memory per rank: O(bmax * D), independent of W (W >= 3): the block being computed on, the next one
+arriving, the accumulator received and the one being sent, and this step's contribution.
 """
 from __future__ import annotations
 
@@ -53,9 +54,10 @@ def circulate(
 ) -> Optional[Tensor]:
     """Pass this rank's `block` (tensors with b_r rows) round the ring, calling `visit` on every block.
 
-    combine: how the accumulators that follow the blocks home merge (torch.add, torch.logaddexp);
-    visit then returns a (b_q, ...) contribution for block q, whose trailing shape and dtype are the
-    same for every block. Returns this rank's completed accumulator (b_r, ...), or None without one.
+    combine(acc, part): merges this rank's contribution `part` into the received accumulator `acc`
+    in place and returns it (_add_into, _lse_into); visit then returns a (b_q, ...) contribution for
+    block q, of the same trailing shape and dtype for every block. Returns this rank's completed
+    accumulator (b_r, ...), or None when combine is None.
     """
     world, r = lay.world, lay.rank
     cur, src = [t.contiguous() for t in block], r
@@ -78,6 +80,7 @@ def circulate(
         if combine is not None:
             assert part is not None
             done = part if acc_in is None else combine(acc_in, part)
+        del part, acc_in, works  # no longer held while the next block is computed on
         cur, src = nxt, (r - t - 1) % world
     if combine is None or world == 1:
         return done
@@ -85,6 +88,14 @@ def circulate(
     home = done.new_empty(lay.sizes[r], *done.shape[1:])
     _comm.wait(_comm.start_p2p([(done, r + 1, _TAGS * world)], [(home, r - 1, _TAGS * world)], lay))
     return home
+
+
+def _add_into(acc: Tensor, part: Tensor) -> Tensor:
+    return acc.add_(part)
+
+
+def _lse_into(acc: Tensor, part: Tensor) -> Tensor:
+    return torch.logaddexp(acc, part, out=acc)
 
 
 class _RingClip(torch.autograd.Function):
@@ -101,7 +112,7 @@ class _RingClip(torch.autograd.Function):
                 row_lse = r_ if row_lse is None else torch.logaddexp(row_lse, r_)
                 return c_
 
-            col_lse = circulate(lay, [y], visit, combine=torch.logaddexp)
+            col_lse = circulate(lay, [y], visit, combine=_lse_into)
             assert col_lse is not None and row_lse is not None
             diag = clip_diagonal(x, y, s).to(row_lse.dtype)
             # Subtract the positives term by term (as cross-entropy does), not from a large sum.
@@ -128,7 +139,7 @@ class _RingClip(torch.autograd.Function):
                 gx.add_(gxp)
                 return gyp.mul_(g) if lay.y_grad else None
 
-            gy = circulate(lay, [y, col_lse], visit, combine=torch.add if lay.y_grad else None)
+            gy = circulate(lay, [y, col_lse], visit, combine=_add_into if lay.y_grad else None)
             dx = (gx * (g * s)).to(x.dtype) if ctx.needs_input_grad[0] else None
             dy = (gy * s).to(y.dtype) if gy is not None and ctx.needs_input_grad[1] else None
             ds = scalar_grad((scale.shape, scale.dtype), g * (x.to(cd) * gx).sum()) if ctx.needs_input_grad[2] else None
@@ -162,7 +173,7 @@ class _RingSiglip(torch.autograd.Function):
                 gbias = gbias + gbp
                 return gyp if lay.y_grad else None
 
-            gy = circulate(lay, [y], visit, combine=torch.add if want and lay.y_grad else None)
+            gy = circulate(lay, [y], visit, combine=_add_into if want and lay.y_grad else None)
             if want:
                 dy = (gy * s).to(y.dtype) if gy is not None else gx.new_zeros(0)
                 ctx.save_for_backward((gx * s).to(x.dtype), dy, (x.to(cd) * gx).sum(), gbias)
