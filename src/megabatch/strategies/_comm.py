@@ -153,6 +153,11 @@ def all_reduce_lse(part: Tensor, lay: Layout) -> Tensor:
     return shift + torch.log(total)
 
 
+def use_reduce_scatter(t: Tensor, lay: Layout) -> bool:
+    """NCCL reduce-scatters; gloo (whose reduce-scatter older torch lacks) all-reduces instead."""
+    return t.is_cuda and "nccl" in str(dist.get_backend(lay.group))
+
+
 def reduce_rows(t: Tensor, lay: Layout) -> Tensor:
     """Sum over ranks of a (B, ...) tensor, returning only this rank's rows (b_r, ...).
 
@@ -160,7 +165,7 @@ def reduce_rows(t: Tensor, lay: Layout) -> Tensor:
     whose reduce-scatter is missing on older torch): all-reduce, then slice.
     """
     lo, b = lay.offset(lay.rank), lay.sizes[lay.rank]
-    if not (t.is_cuda and "nccl" in str(dist.get_backend(lay.group))):
+    if not use_reduce_scatter(t, lay):
         return all_reduce(t, lay)[lo : lo + b]
     bmax = max(lay.sizes)
     if any(s != bmax for s in lay.sizes):
