@@ -5,10 +5,11 @@ rank r returns L_r with mean_r L_r = L (the loss of the concatenated batch); aft
 its feature gradients are W * dL/d(its features), and the mean over ranks of its logit_scale /
 logit_bias gradients is dL/ds, dL/dbias; for SigLIP each rank's scale/bias gradient is exactly
 dL_r/ds, dL_r/dbias and L_r = W/B * (its rows' terms); for CLIP, L_r = W/(2B) * (its rows' and its
-columns' terms). Checked for W = 1..4, both losses, both strategies, float64 and float32, 'torch'
-and 'dense' backends, uneven sizes with a rank of b = 1, no-grad / frozen-image / scaled-loss
-backward, a subgroup (4 ranks in two groups of 2), strategy="auto" picking ring, and ranks
-disagreeing on D, dtype or requires_grad all raising ValueError (and the world still working).
+columns' terms). Checked for W = 1..4, both losses, both strategies, float64 and float32 (and
+bfloat16/float16 at W = 2), 'torch' and 'dense' backends, gather's NCCL reduce-scatter path (driven
+on gloo), uneven sizes with a rank of b = 1, no-grad / frozen-image / scaled-loss backward, a
+subgroup (4 ranks in two groups of 2), strategy="auto" picking ring, and ranks disagreeing on D,
+dtype, backend or requires_grad all raising ValueError (and the world still working afterwards).
 Tolerance: tests/_tolerance.py's rule, 2x plain PyTorch's error at the same precision + a floor.
 Each world is spawned once (module-scoped) and runs many cases; results come back through files.
 """
@@ -54,6 +55,10 @@ def make_cases(world: int) -> list[dict[str, Any]]:
             backend = "dense" if (k == 1 and dtype == torch.float64) else "torch"
             cases.append(dict(sizes=sizes, dim=dim, strategy=strategy, loss=loss, dtype=dtype, backend=backend,
                               seed=100 * world + 10 * k + len(cases), big=k == 1, mode="all"))
+    if world == 2:  # half precisions travel as they are; accumulation stays float32
+        for strategy, loss, dtype in itertools.product(STRATEGIES, LOSSES, (torch.bfloat16, torch.float16)):
+            cases.append(dict(sizes=(6, 3), dim=17, strategy=strategy, loss=loss, dtype=dtype, backend="torch",
+                              seed=31, big=False, mode="all"))
     if world == 3:  # gradient modes that change which collectives run
         for mode, strategy, loss in itertools.product(MODES[1:], STRATEGIES, LOSSES):
             cases.append(dict(sizes=(2, 4, 1), dim=5, strategy=strategy, loss=loss, dtype=torch.float64,
@@ -82,7 +87,7 @@ def compute(case: dict[str, Any], rank: int, group: Any = None, rows: slice | No
         (3.0 * loss if mode == "scaled" else loss).backward()
     grad = lambda t: None if t.grad is None else t.grad.double()  # noqa: E731
     return {"loss": loss.detach().double(), "dx": grad(x), "dy": grad(y), "ds": grad(scale), "db": grad(bias),
-            "dtype": loss.dtype}
+            "dtype": loss.dtype, "grad_dtypes": {t.grad.dtype for t in (x, y, scale, bias) if t.grad is not None}}
 
 
 def loss_terms(loss: str, logits: torch.Tensor, bias: torch.Tensor):
@@ -167,6 +172,7 @@ def check_case(case: dict[str, Any], got: list[dict[str, Any]]) -> None:
         assert err <= bound, f"{case}: {name} relative error {err:.2e} > {bound:.2e}"
 
     assert all(g["dtype"] == (torch.float64 if dtype == torch.float64 else torch.float32) for g in got)
+    assert all(g["grad_dtypes"] <= {dtype} for g in got), "gradients must come back in the inputs' dtype"
     close("mean loss", torch.stack([g["loss"] for g in got]).mean(), "loss")
     for r, g in enumerate(got):
         close(f"L_{r}", g["loss"], "per_rank", r)
