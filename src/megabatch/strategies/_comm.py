@@ -80,6 +80,7 @@ def exchange_layout(
     mine = torch.tensor(meta, dtype=torch.int64, device=x.device)
     table_t = mine.new_empty(world * len(meta))
     _all_gather_single(table_t, mine, group=pg)
+    _count((world - 1) * _nbytes(mine))
     table = table_t.view(world, len(meta)).tolist()
     sizes, dims, codes, grads, backends = (tuple(row[k] for row in table) for k in range(len(meta)))
     if len(set(dims)) > 1:
