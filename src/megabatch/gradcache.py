@@ -14,8 +14,8 @@ loss L(F, G, *args) of the features F = f(X), G = g(Y) of per-example encoders f
 
 Memory: one micro-batch's activations plus the features and their gradients (O(B * D)). Cost: each
 encoder runs forward twice and backward once. Exact only for per-example encoders: batch norm
-(statistics over the micro-batch) computes a different function; frozen towers (no parameter needs
-a gradient) are not re-run.
+(statistics over the micro-batch) computes a different function, and its running statistics are
+updated by both passes. A frozen tower (its output needs no gradient) is re-run only once.
 
 Distributed (DDP): gradients are all-reduced once per call, after the last micro-batch; every
 earlier backward runs under `no_sync()`. DDP synchronises only when its own forward runs, so
