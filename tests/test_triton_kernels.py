@@ -33,7 +33,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 and the cuBLAS gradient path)")
 # Error floors (relative norm error) added to 2x plain PyTorch's error: fp32 covers tf32x3 on the GPU.
-FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # Tiny tiles and super-blocks so 130 pairs span several of each (interpreter-friendly sizes).
 TILED = TritonConfig(16, 16, 16, 16, 16, 16, 32, 64, num_warps=4, num_stages=1, gemm_warps=4, gemm_stages=1,
                      merge_block=32)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -64,6 +64,13 @@ class TritonConfig:
     fp32_precision: Optional[str] = None
 
     @staticmethod
+    def default(dtype: torch.dtype) -> "TritonConfig":
+        """The GPU defaults: 128 x 128 tiles; fp32 operands take half the K chunk (shared memory)."""
+        if dtype == torch.float32:
+            return TritonConfig(block_k=32, gemm_k=32)
+        return TritonConfig()
+
+    @staticmethod
     def interpreter() -> "TritonConfig":
         """Small blocks for the CPU interpreter (each block step costs milliseconds there)."""
         return TritonConfig(32, 32, 32, 32, 32, 32, 128, 128, num_warps=4, num_stages=1, gemm_warps=4, gemm_stages=1,
@@ -82,40 +89,34 @@ class TritonConfig:
             raise ValueError(f"TritonConfig.fp32_precision must be None, tf32, tf32x3 or ieee, got {self.fp32_precision!r}")
 
 
-class TritonKernels:
-    """Fused Triton block kernels (see base.py for the contract, this module's header for the plan)."""
+class _Launch:
+    """One call's launch plan: the config in force, the logit kernels' kwargs, the super-blocks."""
 
-    name = "triton"
-
-    def __init__(self, config: Optional[TritonConfig] = None):
-        self.config = config if config is not None else (TritonConfig.interpreter() if interpreting() else TritonConfig())
-
-    def supports(self, device: torch.device) -> bool:
-        return device.type == "cuda" or (device.type == "cpu" and interpreting())
-
-    # ---- launch helpers -------------------------------------------------------------------------
-    def _common(self, x: Tensor) -> dict:
-        cfg = self.config
-        if x.dtype == torch.float32:
-            prec = cfg.fp32_precision or ("tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32")
+    def __init__(self, cfg: TritonConfig, dtype: torch.dtype):
+        self.cfg = cfg
+        if dtype == torch.float32:
+            self.prec = cfg.fp32_precision or ("tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32")
         else:
-            prec = "tf32"  # ignored for 16-bit operands
-        return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=interpreting(),
-                    PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            self.prec = "tf32"  # ignored for 16-bit operands
+        self.g_scale = FP16_G_SCALE if dtype == torch.float16 else 1.0
+        self.tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=interpreting(),
+                         PRECISION=self.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    def _blocks(self, b: int, n: int):
-        """(r0, rows, c0, cols) of every super-block, rows outer."""
-        for r0 in range(0, b, self.config.super_rows):
-            for c0 in range(0, n, self.config.super_cols):
-                yield r0, min(self.config.super_rows, b - r0), c0, min(self.config.super_cols, n - c0)
+    def blocks(self, b: int, n: int) -> Iterator[tuple[int, int, int, int, tuple[int, int]]]:
+        """(r0, rows, c0, cols, logit-kernel grid) of every super-block, rows outer."""
+        cfg = self.cfg
+        for r0 in range(0, b, cfg.super_rows):
+            for c0 in range(0, n, cfg.super_cols):
+                rows, cols = min(cfg.super_rows, b - r0), min(cfg.super_cols, n - c0)
+                yield r0, rows, c0, cols, (triton.cdiv(rows, cfg.block_m), triton.cdiv(cols, cfg.block_n))
 
-    def _scratch(self, x: Tensor, b: int, n: int) -> tuple[Tensor, float]:
-        g = torch.empty(min(b, self.config.super_rows), min(n, self.config.super_cols), dtype=x.dtype, device=x.device)
-        return g, (FP16_G_SCALE if x.dtype == torch.float16 else 1.0)
+    def scratch(self, x: Tensor, b: int, n: int) -> Tensor:
+        """Room for one super-block of scaled tile gradients G', in the input dtype."""
+        return torch.empty(min(b, self.cfg.super_rows), min(n, self.cfg.super_cols), dtype=x.dtype, device=x.device)
 
-    def _grad_gemms(self, g: Tensor, x: Tensor, y: Tensor, gx: Tensor, gy: Tensor, alpha: float, prec: str) -> None:
+    def grad_gemms(self, g: Tensor, x: Tensor, y: Tensor, gx: Tensor, gy: Tensor, alpha: float) -> None:
         """gx += alpha * g @ y and gy += alpha * g.T @ x (g: the used (rows, cols) part of the scratch)."""
-        cfg = self.config
+        cfg = self.cfg
         rows, cols = g.shape
         dim = x.shape[1]
         if cfg.grad_gemm == "cublas":
@@ -132,18 +133,37 @@ class TritonKernels:
         grad_gemm_kernel[(tiles_x + tiles_y,)](
             g, x, y, gx, gy, alpha, rows, cols, dim, tiles_x,
             g.stride(0), x.stride(0), x.stride(1), y.stride(0), y.stride(1), gx.stride(0), gy.stride(0),
-            BLOCK_M=cfg.gemm_m, BLOCK_D=cfg.gemm_d, BLOCK_K=cfg.gemm_k, UPCAST=interpreting(), PRECISION=prec,
+            BLOCK_M=cfg.gemm_m, BLOCK_D=cfg.gemm_d, BLOCK_K=cfg.gemm_k, UPCAST=interpreting(), PRECISION=self.prec,
             num_warps=cfg.gemm_warps, num_stages=cfg.gemm_stages,
         )
 
-    # ---- the contract ---------------------------------------------------------------------------
+
+class TritonKernels:
+    """Fused Triton block kernels (see base.py for the contract, this module's header for the plan)."""
+
+    name = "triton"
+
+    def __init__(self, config: Optional[TritonConfig] = None):
+        """config: one TritonConfig for every dtype; None picks TritonConfig.default(dtype) per call
+        (TritonConfig.interpreter() under TRITON_INTERPRET=1)."""
+        self.config = config
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+    def _launch(self, x: Tensor) -> _Launch:
+        cfg = self.config
+        if cfg is None:
+            cfg = TritonConfig.interpreter() if interpreting() else TritonConfig.default(x.dtype)
+        return _Launch(cfg, x.dtype)
+
     def clip_stats(self, x: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
         if x.dtype == torch.float64:
             return TorchChunkedKernels().clip_stats(x, y, scale)
-        cfg, kw = self.config, self._common(x)
-        b, n = x.shape[0], y.shape[0]
+        plan = self._launch(x)
+        cfg, b, n = plan.cfg, x.shape[0], y.shape[0]
         scale = scale.to(torch.float32)
-        run = torch.empty(2, b + n, dtype=torch.float32, device=x.device)  # running (max, sumexp), rows then columns
+        run = torch.empty(2, b + n, dtype=torch.float32, device=x.device)  # running (max, sumexp): rows, columns
         run[0].fill_(float("-inf"))
         run[1].zero_()
         row_m, row_l, col_m, col_l = run[0, :b], run[1, :b], run[0, b:], run[1, b:]
@@ -152,12 +172,12 @@ class TritonKernels:
         colpart = torch.empty(2, triton.cdiv(min(b, cfg.super_rows), cfg.block_m), min(n, cfg.super_cols),
                               dtype=torch.float32, device=x.device)
         mb = cfg.merge_block
-        for r0, rows, c0, cols in self._blocks(b, n):
+        for r0, rows, c0, cols, grid in plan.blocks(b, n):
             xi, yj = x[r0:r0 + rows], y[c0:c0 + cols]
-            grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(cols, cfg.block_n))
             clip_stats_kernel[grid](
                 xi, yj, scale, rowpart[0], rowpart[1], colpart[0], colpart[1], rows, cols, x.shape[1],
-                xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), rowpart.stride(1), colpart.stride(1), **kw,
+                xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), rowpart.stride(1), colpart.stride(1),
+                **plan.tile,
             )
             lse_merge_kernel[(triton.cdiv(rows, mb),)](
                 rowpart[0], rowpart[1], row_m[r0:], row_l[r0:], rows, grid[1], rowpart.stride(1), BLOCK=mb)
@@ -171,23 +191,22 @@ class TritonKernels:
     ) -> tuple[Tensor, Tensor]:
         if x.dtype == torch.float64:
             return TorchChunkedKernels().clip_grads(x, y, scale, row_lse, col_lse, weight=weight, diagonal=diagonal)
-        cfg, kw = self.config, self._common(x)
+        plan = self._launch(x)
         b, n, dim = x.shape[0], y.shape[0], x.shape[1]
         scale = scale.to(torch.float32)
         row_lse = row_lse.to(torch.float32).contiguous()
         col_lse = col_lse.to(torch.float32).contiguous()
         gx = torch.zeros(b, dim, dtype=torch.float32, device=x.device)
         gy = torch.zeros(n, dim, dtype=torch.float32, device=x.device)
-        g, g_scale = self._scratch(x, b, n)
-        for r0, rows, c0, cols in self._blocks(b, n):
-            xi, yj, gij = x[r0:r0 + rows], y[c0:c0 + cols], g[:rows, :cols]
-            grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(cols, cfg.block_n))
+        g = plan.scratch(x, b, n)
+        for r0, rows, c0, cols, grid in plan.blocks(b, n):
+            xi, yj = x[r0:r0 + rows], y[c0:c0 + cols]
             clip_grad_tile_kernel[grid](
                 xi, yj, scale, row_lse[r0:], col_lse[c0:], g, rows, cols, dim, r0 - c0,
                 xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), g.stride(0),
-                G_SCALE=g_scale, DIAGONAL=diagonal and r0 < c0 + cols and c0 < r0 + rows, **kw,
+                G_SCALE=plan.g_scale, DIAGONAL=diagonal and r0 < c0 + cols and c0 < r0 + rows, **plan.tile,
             )
-            self._grad_gemms(gij, xi, yj, gx[r0:r0 + rows], gy[c0:c0 + cols], weight / g_scale, kw["PRECISION"])
+            plan.grad_gemms(g[:rows, :cols], xi, yj, gx[r0:r0 + rows], gy[c0:c0 + cols], weight / plan.g_scale)
         return gx, gy
 
     def siglip_block(
@@ -195,29 +214,29 @@ class TritonKernels:
     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         if x.dtype == torch.float64:
             return TorchChunkedKernels().siglip_block(x, y, scale, bias, weight=weight, diagonal=diagonal, grads=grads)
-        cfg, kw = self.config, self._common(x)
-        b, n, dim = x.shape[0], y.shape[0], x.shape[1]
+        plan = self._launch(x)
+        cfg, b, n, dim = plan.cfg, x.shape[0], y.shape[0], x.shape[1]
         scale, bias = scale.to(torch.float32), bias.to(torch.float32)
+        # One slot per program of a full super-block: each launch adds its tile sums to its own slots.
         slots = triton.cdiv(min(b, cfg.super_rows), cfg.block_m) * triton.cdiv(min(n, cfg.super_cols), cfg.block_n)
         loss = torch.zeros(slots, dtype=torch.float32, device=x.device)
         gbias = torch.zeros(slots, dtype=torch.float32, device=x.device)
         if grads:
             gx = torch.zeros(b, dim, dtype=torch.float32, device=x.device)
             gy = torch.zeros(n, dim, dtype=torch.float32, device=x.device)
-            g, g_scale = self._scratch(x, b, n)
+            g = plan.scratch(x, b, n)
         else:
-            g, g_scale = loss, 1.0  # never written: WRITE_G=False
-        for r0, rows, c0, cols in self._blocks(b, n):
+            g = loss  # a placeholder pointer, never written (WRITE_G=False)
+        for r0, rows, c0, cols, grid in plan.blocks(b, n):
             xi, yj = x[r0:r0 + rows], y[c0:c0 + cols]
-            grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(cols, cfg.block_n))
             siglip_tile_kernel[grid](
                 xi, yj, scale, bias, g, loss, gbias, rows, cols, dim, r0 - c0,
                 xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), g.stride(0),
-                G_SCALE=g_scale, DIAGONAL=diagonal and r0 < c0 + cols and c0 < r0 + rows, WRITE_G=grads, **kw,
+                G_SCALE=plan.g_scale, DIAGONAL=diagonal and r0 < c0 + cols and c0 < r0 + rows, WRITE_G=grads,
+                **plan.tile,
             )
             if grads:
-                self._grad_gemms(g[:rows, :cols], xi, yj, gx[r0:r0 + rows], gy[c0:c0 + cols], weight / g_scale,
-                                 kw["PRECISION"])
+                plan.grad_gemms(g[:rows, :cols], xi, yj, gx[r0:r0 + rows], gy[c0:c0 + cols], weight / plan.g_scale)
         total = loss.sum() * weight
         if not grads:
             return total, None, None, None
