@@ -4,8 +4,10 @@ Checked here, on the GPU when there is one and otherwise on CPU through Triton's
 (TRITON_INTERPRET=1, set by conftest.py; small tiles):
 - through the public API (backend="triton", strategy="local"): CLIP and SigLIP loss and the
   gradients of both features, logit_scale and logit_bias equal the float64 reference within
-  2x the error plain PyTorch makes at the inputs' precision (plus a small floor), and agree with
-  the torch backend to the same tolerance; odd B and D, fp32 and fp16, scale 1..100, bias -12..0;
+  2x the error plain PyTorch makes at the inputs' precision (plus a small floor) -- or 2x the
+  torch backend's error where that is larger (an ill-conditioned dL/ds, see check()) -- and
+  agree with the torch backend to the same tolerance; odd B and D, fp32 and fp16, scale 1..100,
+  bias -12..0;
 - unnormalised features with logits in the thousands stay finite and accurate;
 - the block kernels directly: rectangular blocks, diagonal=False and True, against the dense
   kernels in float64; SigLIP grads=False returns the same loss and no gradients;
@@ -76,7 +78,8 @@ def evaluate(fn: Callable, x, y, scalars, dtype, scalar_dtype=None):
 
 
 def check(kind: str, x, y, scalars, fn: Callable, floor_dtype=None):
-    """Assert fn's loss and grads are within 2x plain PyTorch's error (+floor) of float64, and of torch."""
+    """Assert fn's loss and grads are within tol of float64 and of the torch backend, where
+    tol = 2 x max(plain PyTorch's error, the torch backend's error) + FLOOR[dtype]."""
     dtype = x.dtype
     reference, plain = (clip_loss_reference, plain_clip) if kind == "clip" else (siglip_loss_reference, plain_siglip)
     api = mb.clip_loss if kind == "clip" else mb.siglip_loss
