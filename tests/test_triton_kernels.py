@@ -166,6 +166,22 @@ def test_block_kernels_rectangular(b, n, d, diagonal):
         assert torch.equal(loss_only[0], got[0])
 
 
+def test_strided_features():
+    """Blocks that are views (transposed storage, row slices) give the same results as contiguous ones."""
+    x, y = features(37, 17, torch.float32, seed=9)
+    xt = x.T.contiguous().T  # stride (1, 37)
+    yt = torch.cat([y, y]).T.contiguous().T[5:42]  # a row slice of transposed storage
+    yt.copy_(y)
+    s, beta = torch.tensor(12.0, device=DEVICE), torch.tensor(-4.0, device=DEVICE)
+    kernels = TritonKernels(TILED)
+    assert xt.stride() == (1, 37) and not yt.is_contiguous()
+    for got, want in [(kernels.clip_stats(xt, yt, s), kernels.clip_stats(x, y, s)),
+                      (kernels.siglip_block(xt, yt, s, beta, weight=1.0, diagonal=True, grads=True),
+                       kernels.siglip_block(x, y, s, beta, weight=1.0, diagonal=True, grads=True))]:
+        for o, w in zip(got, want):
+            assert torch.allclose(o, w, rtol=1e-5, atol=1e-6)
+
+
 def test_forward_only_runs_no_gradient_kernels(monkeypatch):
     x, y = features(37, 17, torch.float32, seed=3)
     s, beta = torch.tensor(10.0, device=DEVICE), torch.tensor(-5.0, device=DEVICE)
