@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/gpu_triton_check.py --out $OUT/triton_check.json
 
-Sections, each skipped once the time budget (--budget, default 540 s) is spent:
+Sections, each skipped once the time budget (--budget, default 480 s) is spent:
 1. correctness: loss and every gradient through the public API (backend="triton",
    strategy="local") vs the float64 reference, bf16/fp16/fp32, odd D, several super-blocks;
    pass = error <= 2 x max(plain PyTorch's error, the torch backend's error) + floor.
@@ -309,7 +309,7 @@ def sweep(budget: float, rate: float) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description="GPU correctness + speed check of megabatch's triton backend")
     p.add_argument("--out", default="triton_check.json")
-    p.add_argument("--budget", type=float, default=540.0, help="seconds; later sections are skipped past it")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds; later sections are skipped past it")
     p.add_argument("--sizes", type=int, nargs="+", default=[32768, 65536, 131072, 262144, 1048576])
     p.add_argument("--max-1152", type=int, default=262144, help="largest B timed at D=1152")
     p.add_argument("--skip", nargs="*", default=[], choices=["correctness", "timings", "breakdown", "sweep"])

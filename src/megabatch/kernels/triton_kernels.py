@@ -2,15 +2,16 @@
 
 The block (b x n) is cut into super-blocks of at most `super_rows` x `super_cols` pairs, visited on
 one stream, rows outer. Per super-block:
-  CLIP stats   clip_stats_kernel: logit tiles -> per-tile base-2 lse of rows and of columns, then
-               lse_merge_kernel folds them into the running (b,) and (n,) vectors.      1 GEMM
+  CLIP stats   clip_stats_kernel: logit tiles -> per-tile (max, sumexp) of rows and of columns,
+               then lse_merge_kernel folds them into running (b,) and (n,) pairs.      1 GEMM
   CLIP grads   clip_grad_tile_kernel: logit tiles -> G' (input dtype) in a scratch of one
                super-block; grad_gemm_kernel: gx_I += w G' @ y_J, gy_J += w G'.T @ x_I.  3 GEMMs
   SigLIP       siglip_tile_kernel: logit tiles -> loss and sum(G') per program slot, and G' unless
                grads=False; then grad_gemm_kernel as above.                        3 GEMMs (1)
 Logits never leave registers. Extra memory: the fp32 gx, gy the contract returns, one scratch of
 super_rows x super_cols elements in the input dtype (128 MiB in bf16 at the default 8192 x 8192:
-constant in B), and O(b + n) floats. No host sync: scale and bias are read in-kernel.
+constant in B), and O(b + n) floats. No host sync: scale and bias are read in-kernel. Offsets
+are int32 inside a super-block (super_rows * D and super_rows * super_cols < 2**31).
 Compute: float32 accumulation; bf16/fp16 operands on tensor cores; fp32 operands with
 `fp32_precision` ("tf32" when torch allows TF32 matmuls, else "tf32x3" ~ fp32 accuracy, or "ieee").
 float64 inputs are delegated to the torch backend (Triton has no fast fp64 path): same results.
