@@ -1,0 +1,1 @@
+"""megabatch.train: the training app beside the library (the library never imports it)."""
