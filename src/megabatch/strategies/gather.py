@@ -22,10 +22,12 @@ exactly dL_r/ds; for CLIP the split across ranks differs from open_clip's but th
 (all that DDP sees) is exactly dL/ds. The upstream gradient must be the same on every rank (true for
 `loss.backward()`, a constant multiple, or a GradScaler): each rank scales its own work by it.
 
-Communication per rank (bytes sent, ring cost model; e = feature element size, f = 4 or 8 for the
-compute dtype): all-gather (W-1) * bmax * D * e; CLIP adds 2 all-reduces of B*f (forward) and the
-text-gradient reduction, B*D*f * (W-1)/W with NCCL (2x that with gloo's all-reduce); SigLIP's
-text-gradient reduction is the same size, in the forward. Plus 5 int64 per rank of metadata.
+Communication per rank (bytes sent, ring cost model; e = feature element size, f = 4 (8 for
+float64 inputs) for gradients, l = the kernels' statistics width, 8 with the torch backend):
+all-gather (W-1) * bmax * D * e; CLIP adds 2 all-reduces of B*l (forward) and, in the backward, the
+text-gradient reduction, B*D*f * (W-1)/W with NCCL's reduce-scatter (2x that with gloo's
+all-reduce); SigLIP's text-gradient reduction is the same size, in the forward. Plus 5 int64 per
+rank of metadata.
 Memory per rank: O(B * D) (the gathered features and the (B, D) text gradients): it grows with W.
 """
 from __future__ import annotations

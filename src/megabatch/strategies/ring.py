@@ -21,11 +21,12 @@ Convention: as for `gather` (see gather.py): mean_r L_r = L, feature gradients W
 scale/bias gradient = this rank's row-stripe share (exactly dL_r/ds for SigLIP; for CLIP the mean
 over ranks is exact). The upstream gradient must be the same on every rank.
 
-Communication per rank (bytes sent; e = feature element size, f = 4 or 8 for the compute dtype,
-b_q = the blocks passing through): CLIP forward (W-1) blocks of b_q*D*e + W stats of b_q*f;
-CLIP backward (W-1) blocks of b_q*(D*e + f) + W text gradients of b_q*D*f. SigLIP (forward only):
-(W-1) blocks of b_q*D*e + W text gradients of b_q*D*f. The same total as an all-gather plus a
-reduce-scatter, spread over W steps that overlap the compute. Plus 5 int64 per rank of metadata.
+Communication per rank (bytes sent; e = feature element size, f = 4 (8 for float64 inputs) for
+gradients, l = the kernels' statistics width (the torch backend gives float64 log-sum-exps: 8),
+b_q = the blocks passing through): CLIP forward (W-1) blocks of b_q*D*e + W stats of b_q*l;
+CLIP backward (W-1) blocks of b_q*(D*e + l) + W text gradients of b_q*D*f. SigLIP (forward only):
+(W-1) blocks of b_q*D*e + W text gradients of b_q*D*f. About an all-gather plus a reduce-scatter,
+spread over W steps that overlap the compute. Plus 5 int64 per rank of metadata.
 Memory per rank: O(bmax * D), independent of W (W >= 3): the block being computed on, the next one
 arriving, the accumulator received and the one being sent, and this step's contribution.
 """
