@@ -80,7 +80,7 @@ def check(dim: int, dtype: str, cfg: TritonConfig) -> None:
          dict(feats, row_m_ptr="fp32", row_l_ptr="fp32", col_m_ptr="fp32", col_l_ptr="fp32",
               stride_rowpart=rows, stride_colpart=cols), tile, w, s),
         ("clip_grad_tile", _triton_tiles.clip_grad_tile_kernel,
-         dict(feats, row_lse_ptr="fp32", col_lse_ptr="fp32", g_ptr=dtype, diag_offset=0, stride_g=cols),
+         dict(feats, row_hi_ptr="fp32", row_lo_ptr="fp32", col_hi_ptr="fp32", col_lo_ptr="fp32", g_ptr=dtype, diag_offset=0, stride_g=cols),
          dict(tile, G_SCALE=1.0, DIAGONAL=True), w, s),
         ("siglip_tile", _triton_tiles.siglip_tile_kernel,
          dict(feats, bias_ptr="fp32", g_ptr=dtype, loss_ptr="fp32", gbias_ptr="fp32", diag_offset=0, stride_g=cols),

@@ -150,7 +150,8 @@ def test_block_kernels_rectangular(b, n, d, diagonal):
     r64, c64 = dense.clip_stats(x.double(), y.double(), s.double())
     for kernels in (TritonKernels(), TritonKernels(TILED)):
         r, c = kernels.clip_stats(x, y, s)
-        assert r.dtype == c.dtype == torch.float32 and r.shape == (b,) and c.shape == (n,)
+        # The log-sum-exps come back in float64 (rounded once; see clip_stats), as from the torch backend.
+        assert r.dtype == c.dtype == torch.float64 and r.shape == (b,) and c.shape == (n,)
         assert rel(r, r64) < 1e-6 and rel(c, c64) < 1e-6
         got = kernels.clip_grads(x, y, s, r, c, weight=0.3, diagonal=diagonal)
         want = dense.clip_grads(x.double(), y.double(), s.double(), r64, c64, weight=0.3, diagonal=diagonal)

@@ -12,7 +12,8 @@ differences like S - lse are taken in natural units first, so the large logits' 
 get multiplied by log2(e) before they cancel):
   clip stats   row partial (m_i, l_i) = (max_j S_ij, sum_j exp(S_ij - m_i)) over the tile's columns,
                and the same by column; merged into running pairs; lse = m + log l at the very end
-  clip grads   G'_ij = exp(S_ij - r_i) + exp(S_ij - c_j) - 2[i == j]   (r, c: the full lse vectors)
+  clip grads   G'_ij = exp(S_ij - r_i) + exp(S_ij - c_j) - 2[i == j]   (r, c: the full lse vectors,
+               each passed as an fp32 hi + lo pair of the float64 value clip_stats returns)
   siglip       u = -z (S + bias),  loss = max(u, 0) + log1p(exp(-|u|)),  G' = -z sigmoid(u)
 G' is stored multiplied by G_SCALE (a power of two: 2**14 for fp16, so that probabilities ~1/B
 stay normal numbers; 1 otherwise) and without the caller's `weight` (applied in the GEMMs).
@@ -122,7 +123,7 @@ def lse_merge_kernel(part_m_ptr, part_l_ptr, run_m_ptr, run_l_ptr, length, parts
 
 @triton.jit
 def clip_grad_tile_kernel(
-    x_ptr, y_ptr, scale_ptr, row_lse_ptr, col_lse_ptr, g_ptr, rows, cols, dim, diag_offset,
+    x_ptr, y_ptr, scale_ptr, row_hi_ptr, row_lo_ptr, col_hi_ptr, col_lo_ptr, g_ptr, rows, cols, dim, diag_offset,
     stride_xm, stride_xk, stride_yn, stride_yk, stride_g,
     G_SCALE: tl.constexpr, DIAGONAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -138,9 +139,13 @@ def clip_grad_tile_kernel(
     ok_m = rm < rows
     ok_n = rn < cols
     t = acc * tl.load(scale_ptr).to(tl.float32)
-    r = tl.load(row_lse_ptr + rm, mask=ok_m, other=0.0)
-    c = tl.load(col_lse_ptr + rn, mask=ok_n, other=0.0)
-    g = tl.exp2((t - r[:, None]) * LOG2E) + tl.exp2((t - c[None, :]) * LOG2E)
+    # lse = hi + lo (fp32 pair of a float64 value): S - hi is exact where S is near lse (Sterbenz),
+    # so softmax weights near 1 keep full fp32 precision even when |S| is large.
+    r_hi = tl.load(row_hi_ptr + rm, mask=ok_m, other=0.0)
+    r_lo = tl.load(row_lo_ptr + rm, mask=ok_m, other=0.0)
+    c_hi = tl.load(col_hi_ptr + rn, mask=ok_n, other=0.0)
+    c_lo = tl.load(col_lo_ptr + rn, mask=ok_n, other=0.0)
+    g = tl.exp2(((t - r_hi[:, None]) - r_lo[:, None]) * LOG2E) + tl.exp2(((t - c_hi[None, :]) - c_lo[None, :]) * LOG2E)
     if DIAGONAL:
         g = tl.where(rm[:, None] + diag_offset == rn[None, :], g - 2.0, g)
     g = g * G_SCALE

@@ -34,6 +34,12 @@ from .torch_chunked import TorchChunkedKernels
 FP16_G_SCALE = 2.0**14  # |G'| <= 2, so 2 * 2**14 < 65504; probabilities ~1e-8 stay normal fp16
 
 
+def _hi_lo(lse: Tensor) -> tuple[Tensor, Tensor]:
+    """A log-sum-exp vector (float64, or float32) as an fp32 pair hi + lo."""
+    hi = lse.to(torch.float32).contiguous()
+    return hi, (lse.double() - hi.double()).to(torch.float32).contiguous()
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -184,7 +190,9 @@ class TritonKernels:
                 rowpart[0], rowpart[1], row_m[r0:], row_l[r0:], rows, grid[1], rowpart.stride(1), BLOCK=mb)
             lse_merge_kernel[(triton.cdiv(cols, mb),)](
                 colpart[0], colpart[1], col_m[c0:], col_l[c0:], cols, grid[0], colpart.stride(1), BLOCK=mb)
-        lse = run[1].log_().add_(run[0])
+        # Rounded once, in float64: exp(S - lse) then keeps fp32 precision where S is near lse
+        # (clip_grads passes lse to the kernel as an fp32 hi + lo pair).
+        lse = run[1].double().log_().add_(run[0].double())
         return lse[:b], lse[b:]
 
     def clip_grads(
@@ -195,15 +203,15 @@ class TritonKernels:
         plan = self._launch(x)
         b, n, dim = x.shape[0], y.shape[0], x.shape[1]
         scale = scale.to(torch.float32)
-        row_lse = row_lse.to(torch.float32).contiguous()
-        col_lse = col_lse.to(torch.float32).contiguous()
+        row_hi, row_lo = _hi_lo(row_lse)
+        col_hi, col_lo = _hi_lo(col_lse)
         gx = torch.zeros(b, dim, dtype=torch.float32, device=x.device)
         gy = torch.zeros(n, dim, dtype=torch.float32, device=x.device)
         g = plan.scratch(x, b, n)
         for r0, rows, c0, cols, grid in plan.blocks(b, n):
             xi, yj = x[r0:r0 + rows], y[c0:c0 + cols]
             clip_grad_tile_kernel[grid](
-                xi, yj, scale, row_lse[r0:], col_lse[c0:], g, rows, cols, dim, r0 - c0,
+                xi, yj, scale, row_hi[r0:], row_lo[r0:], col_hi[c0:], col_lo[c0:], g, rows, cols, dim, r0 - c0,
                 xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), g.stride(0),
                 G_SCALE=plan.g_scale, DIAGONAL=diagonal and r0 < c0 + cols and c0 < r0 + rows, **plan.tile,
             )
