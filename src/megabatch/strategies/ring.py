@@ -80,7 +80,7 @@ def circulate(
         _comm.wait(works)
         if combine is not None:
             assert part is not None
-            done = part if acc_in is None else combine(acc_in, part)
+            done = part.contiguous() if acc_in is None else combine(acc_in, part)
         del part, acc_in, works  # no longer held while the next block is computed on
         cur, src = nxt, (r - t - 1) % world
     if combine is None or world == 1:
