@@ -9,8 +9,8 @@ columns' terms). Checked for W = 1..4, both losses, both strategies, float64 and
 bfloat16/float16 at W = 2), the 'torch', 'dense' and (W = 2, interpreted) 'triton' backends,
 gather's NCCL reduce-scatter path (driven on gloo), uneven sizes with a rank of b = 1, no-grad /
 frozen-image / scaled-loss backward, a subgroup (4 ranks in two groups of 2), strategy="auto"
-picking ring, and ranks disagreeing on D, dtype, backend or requires_grad all raising ValueError
-(and the world still working afterwards).
+picking ring, and ranks disagreeing on D, dtype, backend or requires_grad (or one rank with an empty
+batch) all raising ValueError on every rank (and the world still working afterwards).
 Tolerance: tests/_tolerance.py's rule, 2x plain PyTorch's error at the same precision + a floor.
 Each world is spawned once (module-scoped) and runs many cases; results come back through files.
 """
@@ -32,7 +32,7 @@ LOSSES = ("clip", "siglip")
 # Two layouts per world size: the first uneven (with b = 1 where W > 1), the second another mix.
 SIZES = {1: [(7,), (1,)], 2: [(5, 1), (4, 4)], 3: [(6, 2, 5), (1, 3, 3)], 4: [(3, 1, 7, 2), (2, 2, 2, 2)]}
 MODES = ("all", "nograd", "frozen_x", "scaled")
-MISMATCHES = ("dim", "dtype", "grad", "backend")
+MISMATCHES = ("dim", "dtype", "grad", "backend", "empty")
 
 
 def make_inputs(sizes: tuple[int, ...], dim: int, dtype: torch.dtype, seed: int, big: bool) -> dict[str, Any]:
@@ -249,8 +249,9 @@ def mismatch_worker(rank: int) -> dict[str, Any]:
     for kind, strategy, loss in itertools.product(MISMATCHES, STRATEGIES, LOSSES):
         dim = 16 if kind == "dim" and rank == 1 else 17
         dtype = torch.float64 if kind == "dtype" and rank == 2 else torch.float32
-        x = torch.randn(2 + rank, dim, dtype=dtype, requires_grad=not (kind == "grad" and rank == 0))
-        y = torch.randn(2 + rank, dim, dtype=dtype, requires_grad=True)
+        b = 0 if kind == "empty" and rank == 2 else 2 + rank  # one rank's data ran out
+        x = torch.randn(b, dim, dtype=dtype, requires_grad=not (kind == "grad" and rank == 0))
+        y = torch.randn(b, dim, dtype=dtype, requires_grad=True)
         kw = dict(strategy=strategy, backend="dense" if kind == "backend" and rank == 1 else "torch")
         try:
             mb.clip_loss(x, y, 10.0, **kw) if loss == "clip" else mb.siglip_loss(x, y, 10.0, -5.0, **kw)
@@ -311,7 +312,8 @@ def test_subgroups(world_results) -> None:
 
 def test_disagreeing_ranks_raise_everywhere(world_results) -> None:
     results = [r["mismatch"] for r in world_results(3)]
-    words = {"dim": "feature dim D", "dtype": "same dtype", "grad": "need gradients", "backend": "same backend"}
+    words = {"dim": "feature dim D", "dtype": "same dtype", "grad": "need gradients", "backend": "same backend",
+             "empty": "empty batch on group rank(s) [2]"}
     for r, res in enumerate(results):
         assert len(res["errors"]) == len(MISMATCHES) * len(STRATEGIES) * len(LOSSES)
         for (kind, strategy, loss), err in res["errors"].items():

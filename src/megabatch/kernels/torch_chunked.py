@@ -45,6 +45,7 @@ class TorchChunkedKernels:
             logits = torch.mm(x[i : i + step].to(cd), yc.T).mul_(s)
             row_lse[i : i + step] = _wide_lse(logits, 1)
             col_lse = torch.logaddexp(col_lse, _wide_lse(logits, 0))
+            del logits  # free the tile before the next product allocates another
         return row_lse, col_lse
 
     def clip_grads(
@@ -70,6 +71,7 @@ class TorchChunkedKernels:
             g.mul_(weight)
             gx[i : i + step] = torch.mm(g, yc)
             gy.addmm_(g.T, xc)
+            del logits, g
         return gx, gy
 
     def siglip_block(
@@ -96,6 +98,7 @@ class TorchChunkedKernels:
             loss = loss + terms.sum()
             del terms
             if not grads:
+                del logits
                 continue
             g = torch.sigmoid_(logits)
             if d is not None:
@@ -104,6 +107,7 @@ class TorchChunkedKernels:
             gbias = gbias + g.sum()
             gx[i : i + step] = torch.mm(g, yc)
             gy.addmm_(g.T, xc)
+            del logits, g
         return loss * weight, gx, gy, gbias
 
 

@@ -83,6 +83,9 @@ def exchange_layout(
     _count((world - 1) * _nbytes(mine))
     table = table_t.view(world, len(meta)).tolist()
     sizes, dims, codes, grads, backends = (tuple(row[k] for row in table) for k in range(len(meta)))
+    if min(sizes) == 0:
+        empty = [r for r, b in enumerate(sizes) if b == 0]
+        raise ValueError(f"image_features is an empty batch on group rank(s) {empty}; every rank needs at least one pair")
     if len(set(dims)) > 1:
         raise ValueError(f"every rank of the group must have the same feature dim D; got D = {list(dims)} on ranks 0..{world - 1}")
     if len(set(codes)) > 1:
