@@ -1,0 +1,255 @@
+"""The training loop: torchrun-aware, GradCache micro-batching, the megabatch loss, exact resume.
+
+One step over a global contrastive batch B with W ranks (b = B / W per rank):
+  1. rank r renders/reads samples [r*b, (r+1)*b) of global batch `step`;
+  2. `mb.GradCache` encodes them in micro-batches without a graph, computes the loss over the whole
+     global batch (strategy "auto" resolves to ring under torchrun, local otherwise), then re-runs
+     each micro-batch with grad, leaving the full-batch gradient in every parameter;
+  3. one all-reduce averages the gradients (and the per-rank losses, whose mean is the global
+     loss) -- DESIGN.md's convention makes the average exactly dL/dtheta;
+  4. AdamW with linear warmup then cosine decay; the logit scale is clamped at log(100).
+Rank 0 logs metrics.jsonl, evaluates, checkpoints, and draws curves.png.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import megabatch as mb
+
+from . import checkpoint
+from .config import TrainConfig
+from .data import build_data, state_of
+from .evaluate import evaluate
+from .plots import plot_curves
+from .report import MetricsLog, summary
+from .tokenizer import Tokenizer
+from .towers import ContrastiveModel
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool
+
+
+def init_runtime(device: str) -> Runtime:
+    """Join the torchrun group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    owns = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        owns = True
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if use_cuda:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    return Runtime(rank, world, dev, owns)
+
+
+class _Normalized(nn.Module):
+    """One tower of `model` (encode_image or encode_text) followed by L2 normalisation."""
+
+    def __init__(self, model: nn.Module, method: str):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(getattr(self.model, self.method)(x), dim=-1)
+
+
+def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on gains, biases and the logit scale/bias (tensors of < 2 dims)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def sync_gradients(params: list[nn.Parameter], loss: Tensor, world: int) -> Tensor:
+    """Average every gradient and the loss over ranks with one all-reduce; returns the mean loss."""
+    if world == 1:
+        return loss
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.reshape(1).float()])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+    return flat[-1]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(
+    cfg: TrainConfig, model: Optional[nn.Module] = None, tokenizer: Optional[Callable[[list[str]], Tensor]] = None
+) -> dict[str, Any]:
+    """Run `cfg` (single process, or one rank under torchrun); returns the final evaluation on rank 0.
+
+    `model` may be any module with encode_image / encode_text / logit_scale (/ logit_bias); then
+    `tokenizer` (list[str] -> (n, L) int64) must match its text tower.
+    """
+    cfg.validate()
+    rt = init_runtime(cfg.device)
+    try:
+        result = _train(cfg, rt, model, tokenizer)
+        if rt.owns_group:
+            dist.barrier()
+            time.sleep(0.05)
+        return result
+    finally:
+        if rt.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer: Any) -> dict[str, Any]:
+    if cfg.batch_size % rt.world:
+        raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of ranks ({rt.world})")
+    local = cfg.batch_size // rt.world
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    saved = checkpoint.load(cfg.resume) if cfg.resume else None
+    stream = build_data(cfg.data, cfg.model.image_size, cfg.seed, rt.rank, rt.world)
+    if tokenizer is None:
+        tokenizer = (Tokenizer.from_state_dict(saved["tokenizer"]) if saved
+                     else Tokenizer(cfg.model.context_length, stream.vocabulary))
+    if model is None:
+        model = ContrastiveModel(cfg.model, tokenizer.vocab_size, cfg.loss)
+    model.to(rt.device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if rt.world > 1:
+        for p in model.parameters():
+            dist.broadcast(p.data, 0)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.steps))
+    start, evals = 0, []
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        start, evals = saved["step"], saved["evals"]
+        if len(saved["rng"]) == rt.world:
+            checkpoint.set_rng_state(saved["rng"][rt.rank])
+            if saved["data"][rt.rank] and hasattr(stream, "load_state_dict"):
+                stream.load_state_dict(saved["data"][rt.rank])
+    loss_fn = functools.partial(mb.siglip_loss if cfg.loss == "siglip" else mb.clip_loss,
+                                strategy=cfg.strategy, backend=cfg.backend)
+    gc = mb.GradCache(_Normalized(model, "encode_image"), _Normalized(model, "encode_text"), loss_fn,
+                      cfg.micro_batch_size)
+    lead = rt.rank == 0
+    out = Path(cfg.output)
+    log = MetricsLog(out / "metrics.jsonl", keep_until=start) if lead else None
+    if lead:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    eval_data = stream.eval_set() if lead else None
+    autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                else contextlib.nullcontext())
+    bar = None
+    if lead and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    t_run, t_window, n_window = time.perf_counter(), time.perf_counter(), 0
+
+    def run_eval(step: int) -> None:
+        if eval_data is not None:
+            evals.append({"step": step, **evaluate(model, tokenizer, eval_data, rt.device)})
+            (out / "eval.json").write_text(json.dumps({**evals[-1], "history": evals}, indent=2))
+        if rt.world > 1:
+            dist.barrier()
+
+    for step in range(start, cfg.steps):
+        images, captions = stream.batch(step, rt.rank * local, (rt.rank + 1) * local)
+        tokens = tokenizer(captions)
+        optimizer.zero_grad(set_to_none=True)
+        scale = model.logit_scale.exp()
+        loss_args = (scale, model.logit_bias) if cfg.loss == "siglip" else (scale,)
+        with autocast:
+            loss = gc(images.to(rt.device), tokens.to(rt.device), *loss_args)
+        loss = sync_gradients(params, loss, rt.world)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        done, n_window = step + 1, n_window + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            now = time.perf_counter()
+            with torch.no_grad():
+                record = {"step": done, "loss": float(loss), "logit_scale": float(model.logit_scale.exp()),
+                          "lr": scheduler.get_last_lr()[0],
+                          "samples_per_s": n_window * cfg.batch_size / (now - t_window),
+                          "peak_mem_mb": peak_memory_mb(rt.device), "elapsed_s": now - t_run}
+                if cfg.loss == "siglip":
+                    record["logit_bias"] = float(model.logit_bias)
+            t_window, n_window = now, 0
+            if log is not None:
+                log.append(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
+        if bar is not None:
+            bar.update(1)
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            run_eval(done)
+        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps:
+            _save(cfg, rt, done, model, optimizer, scheduler, tokenizer, stream, evals)
+    if bar is not None:
+        bar.close()
+    if not lead:
+        return {}
+    if log is not None and evals:
+        plot_curves(log.records, evals, out / "curves.png", title=f"{cfg.loss} | batch {cfg.batch_size} | {cfg.data}")
+    final = evals[-1] if evals else {}
+    print(summary(cfg, rt.world, final, time.perf_counter() - t_run), flush=True)
+    return final
+
+
+def _save(cfg: TrainConfig, rt: Runtime, step: int, model: nn.Module, optimizer: Any, scheduler: Any,
+          tokenizer: Any, stream: Any, evals: list[dict[str, Any]]) -> None:
+    rngs = checkpoint.gathered(checkpoint.rng_state(), rt.world)
+    data = checkpoint.gathered(state_of(stream), rt.world)
+    if rt.rank != 0:
+        return
+    payload = {"step": step, "config": cfg.to_dict(), "model": model.state_dict(),
+               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "tokenizer": tokenizer.state_dict() if hasattr(tokenizer, "state_dict") else None,
+               "rng": rngs, "data": data, "evals": evals, "world": rt.world}
+    checkpoint.save(checkpoint.checkpoint_path(cfg.output, step), payload, cfg.keep_checkpoints)
