@@ -7,7 +7,11 @@ no positives. Every result is in the *compute dtype* (float64 for float64 inputs
 whatever the input dtype; `scale` and `bias` are 0-dim tensors in the compute dtype.
 
 CLIP (two passes over the block):
-  clip_stats  -> (row_lse (b,), col_lse (n,)): log-sum-exp of S over this block only.
+  clip_stats  -> (row_lse (b,), col_lse (n,)): log-sum-exp of S over this block only. A backend may
+                 return them at a higher precision than the compute dtype (the torch backend gives
+                 float64, so exp(S - lse) stays exact to fp32 rounding when |S| is large); callers
+                 merge blocks with torch.logaddexp in whatever dtype comes back and hand the result
+                 to the same backend's clip_grads.
   clip_grads  -> (gx (b, D), gy (n, D)) with G = weight * (exp(S - r_i) + exp(S - c_j) - 2 * I):
                  gx = G @ y, gy = G.T @ x (unscaled by s: dL/dx = s * gx, dL/ds = sum(x * gx)).
 SigLIP (one pass): siglip_block -> (loss, gx, gy, gbias) for the block, all multiplied by `weight`:

@@ -38,13 +38,13 @@ class TorchChunkedKernels:
         b, n = x.shape[0], y.shape[0]
         yc = y.to(cd)
         s = scale.to(cd)
-        row_lse = torch.empty(b, dtype=cd, device=x.device)
-        col_lse = torch.full((n,), float("-inf"), dtype=cd, device=x.device)
+        row_lse = torch.empty(b, dtype=torch.float64, device=x.device)
+        col_lse = torch.full((n,), float("-inf"), dtype=torch.float64, device=x.device)
         step = self._chunk(b, n)
         for i in range(0, b, step):
             logits = torch.mm(x[i : i + step].to(cd), yc.T).mul_(s)
-            row_lse[i : i + step] = torch.logsumexp(logits, dim=1)
-            col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0))
+            row_lse[i : i + step] = _wide_lse(logits, 1)
+            col_lse = torch.logaddexp(col_lse, _wide_lse(logits, 0))
         return row_lse, col_lse
 
     def clip_grads(
@@ -56,12 +56,14 @@ class TorchChunkedKernels:
         s = scale.to(cd)
         gx = torch.empty(b, x.shape[1], dtype=cd, device=x.device)
         gy = torch.zeros(n, y.shape[1], dtype=cd, device=x.device)
+        row_hi, row_lo = _split(row_lse, cd)
+        col_hi, col_lo = _split(col_lse, cd)
         step = self._chunk(b, n)
         for i in range(0, b, step):
             xc = x[i : i + step].to(cd)
             logits = torch.mm(xc, yc.T).mul_(s)
-            p_col = torch.exp(logits - col_lse[None, :])
-            g = logits.sub_(row_lse[i : i + step, None]).exp_().add_(p_col)
+            p_col = _exp_minus(logits.clone(), col_hi[None, :], col_lo[None, :])
+            g = _exp_minus(logits, row_hi[i : i + step, None], row_lo[i : i + step, None]).add_(p_col)
             del p_col
             if diagonal:
                 _sub_diagonal(g, i, n, 2.0)
@@ -87,10 +89,12 @@ class TorchChunkedKernels:
             logits = torch.mm(xc, yc.T).mul_(s).add_(beta)
             # Every pair as a negative: softplus(S); the positives on the diagonal are then swapped
             # for softplus(-S) and gradient -sigmoid(-S), each computed directly (no 1 - sigmoid).
-            loss = loss + F.softplus(logits).sum()
             d = _diagonal(logits, i, n).clone() if diagonal else None
+            terms = F.softplus(logits)
             if d is not None:
-                loss = loss + (F.softplus(-d) - F.softplus(d)).sum()
+                _diagonal(terms, i, n).copy_(F.softplus(-d))
+            loss = loss + terms.sum()
+            del terms
             if not grads:
                 continue
             g = torch.sigmoid_(logits)
@@ -101,6 +105,29 @@ class TorchChunkedKernels:
             gx[i : i + step] = torch.mm(g, yc)
             gy.addmm_(g.T, xc)
         return loss * weight, gx, gy, gbias
+
+
+def _wide_lse(logits: Tensor, dim: int) -> Tensor:
+    """log-sum-exp of a tile along `dim`, returned in float64.
+
+    The max and the shifted sum are exact-ish in the tile's dtype; adding them in float64 keeps the
+    result's full precision near the max, which the gradient pass needs (see _exp_minus)."""
+    m = logits.amax(dim).clamp_min(torch.finfo(logits.dtype).min)  # an all -inf row would give NaN
+    total = torch.exp(logits - m.unsqueeze(dim)).sum(dim)
+    return m.double() + total.double().log()
+
+
+def _split(lse: Tensor, cd: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A float64 vector as hi + lo in the compute dtype."""
+    hi = lse.to(cd)
+    return hi, (lse - hi.double()).to(cd)
+
+
+def _exp_minus(logits: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
+    """exp(S - lse) in place with lse = hi + lo. S - hi is exact where S is near lse (the entries
+    that matter: a softmax weight near 1), so the weights keep full relative precision even when
+    |S| is large, as in plain log_softmax."""
+    return logits.sub_(hi).sub_(lo).exp_()
 
 
 def _diagonal(tile: Tensor, row0: int, n: int) -> Tensor:

@@ -39,10 +39,11 @@ class _LocalClip(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, y: Tensor, scale: Tensor, kernels: BlockKernels) -> Tensor:
         with _no_autocast(x):
-            s = scale.detach().to(compute_dtype(x.dtype))
+            cd = compute_dtype(x.dtype)
+            s = scale.detach().to(cd)
             row_lse, col_lse = kernels.clip_stats(x, y, s)
-            diag = clip_diagonal(x, y, s)
-            loss = (row_lse.sum() + col_lse.sum() - 2.0 * diag.sum()) / (2 * x.shape[0])
+            diag = clip_diagonal(x, y, s).sum().to(row_lse.dtype)
+            loss = ((row_lse.sum() + col_lse.sum() - 2.0 * diag) / (2 * x.shape[0])).to(cd)
         ctx.kernels = kernels
         ctx.save_for_backward(x, y, scale, row_lse, col_lse)
         return loss
@@ -51,7 +52,7 @@ class _LocalClip(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         x, y, scale, row_lse, col_lse = ctx.saved_tensors
         with _no_autocast(x):
-            cd = row_lse.dtype
+            cd = compute_dtype(x.dtype)
             s = scale.detach().to(cd)
             gx, gy = ctx.kernels.clip_grads(x, y, s, row_lse, col_lse, weight=1.0 / (2 * x.shape[0]), diagonal=True)
             g = grad.to(cd)

@@ -1,0 +1,309 @@
+"""`megabatch bench`: time and peak memory of one loss forward+backward, side by side.
+
+    megabatch bench --loss clip siglip --backend torch dense --batch 4096 8192 --dim 64
+    megabatch bench --batch 32768 65536 --dim 512 --dtype bfloat16 --peers --json out.json --plot out.png
+
+For each (loss, method, batch) it reports the median time of forward+backward with features,
+logit_scale (and logit_bias) requiring grad; the peak memory beyond what was held before the call
+(CUDA: max_memory_allocated; CPU: peak RSS of a fresh process per case, so cases cannot hide in
+each other's high-water mark); effective TFLOP/s counting the 3 GEMM-sized passes of the floor
+(3 * 2 * B^2 * D); and time / floor3, where floor3 is 3 B x B x D GEMMs at the matrix-multiply
+rate measured in the same run. Methods are megabatch backends plus, with --peers, "plain" (the
+open_clip way: the dense matrix in the inputs' dtype with autograd; always available) and any
+installed peer library. A case that runs out of memory is reported as OOM, not a crash.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import peers
+from .functional import clip_loss, siglip_loss
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Case:
+    loss: str
+    method: str
+    batch: int
+    dim: int
+    dtype: str
+    device: str
+    repeat: int = 3
+
+
+@dataclass
+class Result:
+    case: Case
+    ms: Optional[float] = None
+    peak_mib: Optional[float] = None
+    tflops: Optional[float] = None
+    floor_ratio: Optional[float] = None
+    error: Optional[str] = None
+    times_ms: list[float] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _inputs(case: Case) -> tuple[torch.Tensor, ...]:
+    device = torch.device(case.device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(case.batch, case.dim, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(case.batch, case.dim, generator=g), dim=-1)
+    dt = DTYPES[case.dtype]
+    x = x.to(device=device, dtype=dt).requires_grad_(True)
+    y = y.to(device=device, dtype=dt).requires_grad_(True)
+    scale = torch.tensor(10.0, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    return x, y, scale, bias
+
+
+def loss_fn(case: Case) -> Callable[..., torch.Tensor]:
+    """The forward to time: (x, y, scale, bias) -> loss, for a megabatch backend or a peer."""
+    if case.method in ("torch", "triton", "dense", "auto"):
+        if case.loss == "clip":
+            return lambda x, y, s, b: clip_loss(x, y, s, strategy="local", backend=case.method)
+        return lambda x, y, s, b: siglip_loss(x, y, s, b, strategy="local", backend=case.method)
+    return peers.get(case.method, case.loss)
+
+
+def _step(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> None:
+    for t in inputs:
+        t.grad = None
+    fn(*inputs).backward()
+
+
+def _status_mib(key: str) -> Optional[float]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> float:
+    """Reset the kernel's RSS high-water mark (Linux: clear_refs 5) and return the current RSS in
+    MiB, so the next peak reading belongs to the code that runs in between."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    current = _status_mib("VmRSS")
+    return current if current is not None else _peak_rss_mib()
+
+
+def _peak_rss_mib() -> float:
+    hwm = _status_mib("VmHWM")
+    if hwm is not None:
+        return hwm
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def measure(case: Case) -> Result:
+    """Run one case in this process: peak memory on the first step, then timed repeats."""
+    device = torch.device(case.device)
+    res = Result(case)
+    try:
+        fn = loss_fn(case)
+        inputs = _inputs(case)
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        else:
+            before = _reset_peak_rss()
+        _step(fn, inputs)
+        _sync(device)
+        if device.type == "cuda":
+            res.peak_mib = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        else:
+            res.peak_mib = max(0.0, _peak_rss_mib() - before)
+        for _ in range(case.repeat):
+            t0 = time.perf_counter()
+            _step(fn, inputs)
+            _sync(device)
+            res.times_ms.append((time.perf_counter() - t0) * 1e3)
+        res.ms = statistics.median(res.times_ms)
+        res.tflops = 3 * 2 * case.batch**2 * case.dim / (res.ms * 1e-3) / 1e12
+    except torch.cuda.OutOfMemoryError:
+        res.error = "OOM"
+    except (RuntimeError, ValueError, TypeError, ImportError) as e:
+        res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return res
+
+
+def _worker(case: Case, queue: "mp.Queue[Result]") -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    queue.put(measure(case))
+
+
+def measure_isolated(case: Case) -> Result:
+    """CPU cases run in a fresh process each, so peak RSS belongs to that case alone."""
+    if case.device != "cpu":
+        return measure(case)
+    ctx = mp.get_context("spawn")
+    queue: "mp.Queue[Result]" = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(case, queue))
+    proc.start()
+    try:
+        return queue.get(timeout=3600)
+    finally:
+        proc.join()
+
+
+def gemm_tflops(dim: int, dtype: str, device: str, size: int = 16384) -> float:
+    """Matrix-multiply rate for (n, D) @ (D, n), the shape of one pass (n capped for memory)."""
+    dev = torch.device(device)
+    n = size if dev.type == "cuda" else min(size, 4096)
+    dt = DTYPES[dtype]
+    a = torch.randn(n, dim, device=dev).to(dt)
+    b = torch.randn(dim, n, device=dev).to(dt)
+    for _ in range(2):
+        torch.mm(a, b)
+    _sync(dev)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return 2 * n * n * dim / statistics.median(times) / 1e12
+
+
+def environment(device: str, argv: list[str]) -> dict[str, str]:
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "command": " ".join(["megabatch", "bench", *argv]),
+    }
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+        env["threads"] = str(torch.get_num_threads())
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def format_table(results: list[Result]) -> str:
+    head = f"{'loss':7}{'method':14}{'batch':>9}{'dim':>6}{'dtype':>10}{'ms':>11}{'peak MiB':>11}{'TFLOP/s':>9}{'/floor3':>9}"
+    rows = [head, "-" * len(head)]
+    for r in results:
+        c = r.case
+        if r.error:
+            rows.append(f"{c.loss:7}{c.method:14}{c.batch:>9}{c.dim:>6}{c.dtype:>10}  {r.error}")
+            continue
+        rows.append(
+            f"{c.loss:7}{c.method:14}{c.batch:>9}{c.dim:>6}{c.dtype:>10}{r.ms:>11.2f}{r.peak_mib:>11.1f}"
+            f"{r.tflops:>9.3f}{r.floor_ratio:>9.2f}"
+        )
+    return "\n".join(rows)
+
+
+def plot(results: list[Result], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[str, list[Result]] = {}
+    for r in results:
+        if r.error is None:
+            series.setdefault(f"{r.case.loss} / {r.case.method}", []).append(r)
+    for label, rs in sorted(series.items()):
+        rs.sort(key=lambda r: r.case.batch)
+        xs = [r.case.batch for r in rs]
+        ax_t.plot(xs, [r.ms for r in rs], marker="o", label=label)
+        ax_m.plot(xs, [r.peak_mib for r in rs], marker="o", label=label)
+    for ax, name in ((ax_t, "forward+backward time (ms)"), (ax_m, "peak memory beyond inputs (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("global batch B")
+        ax.set_ylabel(name)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_m.legend(fontsize=8)
+    c = results[0].case
+    fig.suptitle(f"megabatch bench: D={c.dim}, {c.dtype}, {c.device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megabatch bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--loss", nargs="+", choices=["clip", "siglip"], default=["clip", "siglip"])
+    p.add_argument("--backend", nargs="+", default=["auto"], choices=["auto", "torch", "triton", "dense"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1024, 4096])
+    p.add_argument("--dim", nargs="+", type=int, default=[64])
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeat", type=int, default=3, help="timed repeats per case (median reported)")
+    p.add_argument("--peers", action="store_true", help="also run 'plain' PyTorch and installed peer libraries")
+    p.add_argument("--json", help="write results and environment to this JSON file")
+    p.add_argument("--plot", help="write a PNG of time and memory vs batch")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if any(b < 1 for b in args.batch) or any(d < 1 for d in args.dim) or args.repeat < 1:
+        build_parser().error("--batch, --dim and --repeat must be positive")
+    methods = list(args.backend) + (peers.available() if args.peers else [])
+    results = []
+    for dtype in args.dtype:
+        for dim in args.dim:
+            rate = gemm_tflops(dim, dtype, args.device)
+            for loss in args.loss:
+                for method in methods:
+                    if method in peers.PEERS and loss not in peers.PEERS[method]:
+                        continue
+                    for batch in args.batch:
+                        res = measure_isolated(Case(loss, method, batch, dim, dtype, args.device, args.repeat))
+                        if res.ms is not None:
+                            floor3_ms = 3 * 2 * batch**2 * dim / (rate * 1e12) * 1e3
+                            res.floor_ratio = res.ms / floor3_ms
+                        results.append(res)
+                        print(format_table([res]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(results))
+    env = environment(args.device, argv)
+    print("\n" + ", ".join(f"{k}={v}" for k, v in env.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "results": [asdict(r) for r in results]}, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

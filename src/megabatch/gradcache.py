@@ -1,0 +1,342 @@
+"""GradCache: exact gradients of a contrastive loss whose encoder activations do not fit in memory.
+
+Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup". For a
+loss L(F, G, *args) of the features F = f(X), G = g(Y) of per-example encoders f, g:
+
+  1. run f and g over micro-batches without a graph (recording each call's RNG state),
+  2. make the concatenated (B, D) features leaves, compute L once for the whole batch (any backend,
+     any strategy: under torchrun the loss does the cross-rank part) and back-propagate it, which
+     gives dL/dF, dL/dG and the loss arguments' gradients (e.g. logit_scale.exp()),
+  3. re-run each micro-batch with a graph, replaying its RNG state (dropout, stochastic depth), and
+     back-propagate <dL/dF_k, f(X_k)> + <dL/dG_k, g(Y_k)>. By the chain rule these sum to exactly
+     the full-batch dL/dtheta; the loss arguments' own graph is back-propagated once, with the last
+     micro-batch.
+
+Memory: one micro-batch's activations plus the features and their gradients (O(B * D)). Cost: each
+encoder runs forward twice and backward once. Exact only for per-example encoders: batch norm
+(statistics over the micro-batch) computes a different function, and its running statistics are
+updated by both passes. A frozen tower (its output needs no gradient) is re-run only once.
+
+Distributed (DDP): gradients are all-reduced once per call, after the last micro-batch; every
+earlier backward runs under `no_sync()`. DDP synchronises only when its own forward runs, so
+  - an encoder that *is* a DistributedDataParallel wrapper is called as usual;
+  - encoders that are methods of the wrapped model (`ddp.module.encode_image`) need the wrapper in
+    `modules=`: GradCache then runs the last micro-batch of both towers inside the wrapper's forward
+    (by setting the inner module's `forward` for that one call), so DDP prepares its reducer.
+Parameters the loss uses (logit_scale, logit_bias) must reach it through `loss_args`; their graph is
+back-propagated in the synchronised backward, so DDP averages their gradients too when they live in
+a wrapped module. RNG replay covers the CPU generator and the CUDA generators of the devices in use.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+Batch = Union[Tensor, Mapping[str, Any], Sequence[Any]]
+Encoder = Callable[..., Tensor]
+
+
+class GradCache:
+    """Full-batch gradients of ``loss_fn(image_encoder(images), text_encoder(texts), *loss_args)``
+    with encoder activations for only ``micro_batch_size`` examples at a time.
+
+        gc = mb.GradCache(model.encode_image, model.encode_text, mb.clip_loss, micro_batch_size=256)
+        loss = gc(images, texts, model.logit_scale.exp())    # .grad is filled; then optimizer.step()
+
+    Args:
+        image_encoder, text_encoder: callables (nn.Module or e.g. a bound ``encode_image``) mapping a
+            micro-batch to (b_k, D) features. A tensor batch is passed as ``enc(chunk)``, a mapping as
+            ``enc(**chunk)`` (token ids + attention mask), a tuple/list as ``enc(*chunk)``.
+        loss_fn: ``loss_fn(image_features (B, D), text_features (B, D), *loss_args) -> 0-dim loss``,
+            e.g. ``mb.clip_loss``, ``mb.siglip_loss`` or a ``ClipLoss``/``SigLipLoss`` module.
+        micro_batch_size: examples per encoder call (a positive int; need not divide the batch).
+        modules: nn.Module(s) owning the encoders' parameters, for DDP: list any
+            DistributedDataParallel wrapper whose forward the encoders do not call themselves.
+    """
+
+    def __init__(
+        self,
+        image_encoder: Encoder,
+        text_encoder: Encoder,
+        loss_fn: Callable[..., Tensor],
+        micro_batch_size: int,
+        *,
+        modules: Optional[Union[nn.Module, Iterable[nn.Module]]] = None,
+    ):
+        for name, fn in (("image_encoder", image_encoder), ("text_encoder", text_encoder), ("loss_fn", loss_fn)):
+            if not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int):
+            raise TypeError(f"micro_batch_size must be a positive int, got {type(micro_batch_size).__name__}")
+        if micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size}")
+        modules = () if modules is None else (modules,) if isinstance(modules, nn.Module) else tuple(modules)
+        for m in modules:
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"modules must hold nn.Module objects, got {type(m).__name__}")
+        self.image_encoder, self.text_encoder, self.loss_fn = image_encoder, text_encoder, loss_fn
+        self.micro_batch_size = micro_batch_size
+        # DDP wrappers the encoders call (an encoder that is one, or one's bound method) ...
+        owners = [getattr(e, "__self__", e) for e in (image_encoder, text_encoder)]
+        self._called = _unique([o for o in owners if isinstance(o, DDP)])
+        # ... and those GradCache must run the last micro-batch through.
+        self._driven = _unique([m for m in modules if isinstance(m, DDP) and all(m is not c for c in self._called)])
+        self._warned = False
+
+    def __repr__(self) -> str:
+        wrappers = len(self._called) + len(self._driven)
+        return f"GradCache(micro_batch_size={self.micro_batch_size}, ddp_wrappers={wrappers})"
+
+    def __call__(self, images: Batch, texts: Batch, *loss_args: Any) -> Tensor:
+        """Return the (detached) loss; accumulate dL/dtheta into every parameter's ``.grad``.
+
+        Args:
+            images: (B, ...) tensor, or a mapping/tuple of tensors all with B rows.
+            texts: (B, ...) likewise, same B.
+            *loss_args: passed to loss_fn after the features (e.g. ``logit_scale.exp()``, bias).
+        """
+        if not torch.is_grad_enabled():
+            raise RuntimeError("GradCache computes gradients: call it with grad enabled (for eval, call the encoders)")
+        n = _batch_size("images", images)
+        m = _batch_size("texts", texts)
+        if m != n:
+            raise ValueError(f"images and texts must have the same batch size, got {n} and {m}")
+        self._warn_if_unsynced()
+        bounds = [(a, min(a + self.micro_batch_size, n)) for a in range(0, n, self.micro_batch_size)]
+        chunks = [(_slice(images, a, b), _slice(texts, a, b)) for a, b in bounds]
+        devices = _cuda_devices(images, texts)
+        autocast_state = _autocast_state()
+
+        # 1. Features without a graph, recording the RNG state before every encoder call.
+        states: list[list[Any]] = []
+        parts: list[list[Tensor]] = [[], []]
+        with torch.no_grad():
+            for pair, (a, b) in zip(chunks, bounds):
+                states.append([])
+                for t, (encoder, name) in enumerate(self._encoders()):
+                    states[-1].append(_rng_state(devices))
+                    parts[t].append(_encode(encoder, pair[t], name, b - a))
+
+        # 2. The loss once for the whole batch, on leaf features (and leaf copies of the loss args).
+        img, txt = (torch.cat(p).requires_grad_() for p in parts)
+        del parts
+        args = [a.detach().requires_grad_() if _needs_grad(a) else a for a in loss_args]
+        loss = self.loss_fn(img, txt, *args)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError(f"loss_fn must return a 0-dim tensor, got {type(loss).__name__}")
+        if not loss.requires_grad:
+            raise RuntimeError("loss_fn's result does not depend on the features (it has no grad_fn)")
+        loss.backward()
+        feature_grads = [f.grad if f.grad is not None else torch.zeros_like(f) for f in (img, txt)]
+        arg_grads = [(a, c.grad) for a, c in zip(loss_args, args) if _needs_grad(a) and c.grad is not None]
+
+        # 3. Re-run each micro-batch with a graph (replayed RNG, same autocast) and push its slice.
+        with torch.random.fork_rng(devices=devices), _autocast_as(autocast_state):
+            self._replay(chunks, bounds, states, devices, feature_grads, arg_grads)
+        return loss.detach()
+
+    def _encoders(self) -> tuple[tuple[Encoder, str], tuple[Encoder, str]]:
+        return (self.image_encoder, "image_encoder"), (self.text_encoder, "text_encoder")
+
+    def _replay(
+        self,
+        chunks: list[tuple[Batch, Batch]],
+        bounds: list[tuple[int, int]],
+        states: list[list[Any]],
+        devices: list[int],
+        feature_grads: list[Tensor],
+        arg_grads: list[tuple[Tensor, Tensor]],
+    ) -> None:
+        # A tower whose output needs no gradient (frozen, LiT) is re-run once to find out, then skipped.
+        rerun = [_trainable(self.image_encoder), _trainable(self.text_encoder)]
+
+        def step(k: int, pair: tuple[Batch, Batch], *extra: Tensor) -> tuple[tuple[Tensor, ...], list[Tensor]]:
+            a, b = bounds[k]
+            outs: list[Tensor] = []
+            grads: list[Tensor] = []
+            for t, (encoder, name) in enumerate(self._encoders()):
+                if rerun[t]:
+                    _set_rng_state(states[k][t], devices)
+                    out = _encode(encoder, pair[t], name, b - a)
+                    rerun[t] = out.requires_grad
+                    outs.append(out)
+                    grads.append(feature_grads[t][a:b])
+            return (*outs, *extra), grads
+
+        last = len(chunks) - 1
+        for k in range(last):
+            with self._no_sync():
+                _backward(*step(k, chunks[k]))
+        # The loss args' graph goes with the last, synchronised backward. A parameter passed as is
+        # has no grad_fn and DDP's unused-parameter search (from the forward's outputs) would miss it.
+        extra = [a if a.grad_fn is not None else a.view_as(a) for a, _ in arg_grads]
+        outs, grads = _through_ddp(self._driven, functools.partial(step, last), chunks[last], *extra)
+        _backward(outs, grads + [g for _, g in arg_grads])
+
+    @contextlib.contextmanager
+    def _no_sync(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for ddp in self._called + self._driven:
+                stack.enter_context(ddp.no_sync())
+            yield
+
+    def _warn_if_unsynced(self) -> None:
+        if self._warned or self._called or self._driven:
+            return
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._warned = True
+            warnings.warn(
+                "GradCache: torch.distributed is initialised but no DistributedDataParallel wrapper was "
+                "given (as an encoder or in modules=); parameter gradients will not be averaged across ranks",
+                stacklevel=3,
+            )
+
+
+def _unique(items: list[nn.Module]) -> list[nn.Module]:
+    out: list[nn.Module] = []
+    for m in items:
+        if all(m is not o for o in out):
+            out.append(m)
+    return out
+
+
+def _needs_grad(a: Any) -> bool:
+    return isinstance(a, Tensor) and a.requires_grad
+
+
+def _trainable(encoder: Encoder) -> bool:
+    """False only for a module (or a module's method) none of whose parameters needs a gradient."""
+    owner = encoder if isinstance(encoder, nn.Module) else getattr(encoder, "__self__", None)
+    if not isinstance(owner, nn.Module):
+        return True
+    return any(p.requires_grad for p in owner.parameters())
+
+
+def _backward(outs: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+
+def _through_ddp(wrappers: Sequence[DDP], step: Callable[..., tuple], *inputs: Any) -> tuple:
+    """Run ``step(*inputs)`` inside the forward of every wrapper (nested), so each DDP prepares its
+    reducer for the backward that follows. The inner module's ``forward`` is replaced for that call."""
+    if not wrappers:
+        return step(*inputs)
+    ddp, rest = wrappers[0], wrappers[1:]
+    inner = ddp.module
+    active = False
+    box: list[list[Tensor]] = []
+
+    def forward(*args: Any) -> tuple:
+        nonlocal active
+        if active:
+            raise RuntimeError(
+                "an encoder called the DistributedDataParallel wrapper given in modules= itself: pass "
+                "the wrapper as the encoder, or its .module's methods as encoders"
+            )
+        active = True
+        outs, grads = _through_ddp(rest, step, *args)
+        box.append(grads)
+        return outs
+
+    saved = inner.__dict__.get("forward", None)
+    inner.forward = forward  # an instance attribute shadows the class's forward for this one call
+    try:
+        outs = ddp(*inputs)
+    finally:
+        if saved is None:
+            del inner.forward
+        else:
+            inner.forward = saved
+    return tuple(outs), box[0]
+
+
+def _leaves(batch: Batch) -> Iterator[Tensor]:
+    if isinstance(batch, Tensor):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for v in batch.values():
+            yield from _leaves(v)
+    elif isinstance(batch, (tuple, list)):
+        for v in batch:
+            yield from _leaves(v)
+
+
+def _batch_size(name: str, batch: Batch) -> int:
+    if not isinstance(batch, (Tensor, Mapping, tuple, list)):
+        raise TypeError(f"{name} must be a tensor or a mapping/tuple of tensors, got {type(batch).__name__}")
+    sizes = {t.shape[0] if t.dim() > 0 else None for t in _leaves(batch)}
+    if not sizes:
+        raise TypeError(f"{name} holds no tensor")
+    if None in sizes:
+        raise ValueError(f"{name} holds a 0-dim tensor; every tensor needs a leading batch dim")
+    if len(sizes) > 1:
+        raise ValueError(f"{name}'s tensors disagree on the batch size (dim 0): {sorted(sizes)}")
+    n = sizes.pop()
+    if n == 0:
+        raise ValueError(f"{name} is an empty batch")
+    return n
+
+
+def _slice(batch: Any, a: int, b: int) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[a:b]
+    if isinstance(batch, Mapping):
+        return {k: _slice(v, a, b) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_slice(v, a, b) for v in batch)
+    return batch
+
+
+def _encode(encoder: Encoder, chunk: Batch, name: str, rows: int) -> Tensor:
+    if isinstance(chunk, Mapping):
+        out = encoder(**chunk)
+    elif isinstance(chunk, (tuple, list)):
+        out = encoder(*chunk)
+    else:
+        out = encoder(chunk)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name} must return a (batch, dim) tensor, got {type(out).__name__}")
+    if out.dim() == 0 or out.shape[0] != rows:
+        raise ValueError(f"{name} returned shape {tuple(out.shape)} for a micro-batch of {rows}")
+    return out
+
+
+def _cuda_devices(*batches: Batch) -> list[int]:
+    devices = {t.device.index for b in batches for t in _leaves(b) if t.is_cuda}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices.add(torch.cuda.current_device())
+    return sorted(d for d in devices if d is not None)
+
+
+def _rng_state(devices: list[int]) -> tuple[Tensor, list[Tensor]]:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng_state(state: tuple[Tensor, list[Tensor]], devices: list[int]) -> None:
+    torch.set_rng_state(state[0])
+    for d, s in zip(devices, state[1]):
+        torch.cuda.set_rng_state(s, d)
+
+
+def _autocast_state() -> list[tuple[str, bool, torch.dtype, bool]]:
+    kinds = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    cache = torch.is_autocast_cache_enabled()
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d), cache) for d in kinds]
+
+
+@contextlib.contextmanager
+def _autocast_as(state: list[tuple[str, bool, torch.dtype, bool]]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for device, enabled, dtype, cache in state:
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache))
+        yield

@@ -1,0 +1,255 @@
+"""`triton` backend: the block contract of base.py in fused Triton kernels (CUDA; CPU via the interpreter).
+
+The block (b x n) is cut into super-blocks of at most `super_rows` x `super_cols` pairs, visited on
+one stream, rows outer. Per super-block:
+  CLIP stats   clip_stats_kernel: logit tiles -> per-tile (max, sumexp) of rows and of columns,
+               then lse_merge_kernel folds them into running (b,) and (n,) pairs.      1 GEMM
+  CLIP grads   clip_grad_tile_kernel: logit tiles -> G' (input dtype) in a scratch of one
+               super-block; grad_gemm_kernel: gx_I += w G' @ y_J, gy_J += w G'.T @ x_I.  3 GEMMs
+  SigLIP       siglip_tile_kernel: logit tiles -> loss and sum(G') per program slot, and G' unless
+               grads=False; then grad_gemm_kernel as above.                        3 GEMMs (1)
+Logits never leave registers. Extra memory: the fp32 gx, gy the contract returns, one scratch of
+super_rows x super_cols elements in the input dtype (128 MiB in bf16 at the default 8192 x 8192:
+constant in B), and O(b + n) floats. No host sync: scale and bias are read in-kernel. Offsets
+are int32 inside a super-block (super_rows * D and super_rows * super_cols < 2**31).
+Compute: float32 accumulation; bf16/fp16 operands on tensor cores; fp32 operands with
+`fp32_precision` ("tf32" when torch allows TF32 matmuls, else "tf32x3" ~ fp32 accuracy, or "ieee").
+float64 inputs are delegated to the torch backend (Triton has no fast fp64 path): same results.
+The design and its FLOP/byte accounting: benchmarks/triton_notes.md.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from ._triton_gemm import grad_gemm_kernel
+from ._triton_tiles import clip_grad_tile_kernel, clip_stats_kernel, lse_merge_kernel, siglip_tile_kernel
+from .torch_chunked import TorchChunkedKernels
+
+FP16_G_SCALE = 2.0**14  # |G'| <= 2, so 2 * 2**14 < 65504; probabilities ~1e-8 stay normal fp16
+
+
+def _hi_lo(lse: Tensor) -> tuple[Tensor, Tensor]:
+    """A log-sum-exp vector (float64, or float32) as an fp32 pair hi + lo."""
+    hi = lse.to(torch.float32).contiguous()
+    return hi, (lse.double() - hi.double()).to(torch.float32).contiguous()
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """Tile sizes and launch parameters (powers of two >= 16 for the blocks).
+
+    block_m/n/k: the logit tile and its D chunk; gemm_m/d/k: the gradient GEMMs' output tile
+    (rows x D) and K chunk; super_rows/cols: the super-block (the scratch holds one);
+    grad_gemm: "triton" (grad_gemm_kernel) or "cublas" (torch.mm with fp32 output, CUDA only);
+    fp32_precision: None follows torch.get_float32_matmul_precision().
+    """
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    gemm_m: int = 128
+    gemm_d: int = 128
+    gemm_k: int = 64
+    super_rows: int = 8192
+    super_cols: int = 8192
+    num_warps: int = 8
+    num_stages: int = 3
+    gemm_warps: int = 8
+    gemm_stages: int = 3
+    merge_block: int = 1024
+    grad_gemm: str = "triton"
+    fp32_precision: Optional[str] = None
+
+    @staticmethod
+    def default(dtype: torch.dtype) -> "TritonConfig":
+        """The GPU defaults: 128 x 128 tiles; fp32 operands take half the K chunk (shared memory)."""
+        if dtype == torch.float32:
+            return TritonConfig(block_k=32, gemm_k=32)
+        return TritonConfig()
+
+    @staticmethod
+    def interpreter() -> "TritonConfig":
+        """Small blocks for the CPU interpreter (each block step costs milliseconds there)."""
+        return TritonConfig(32, 32, 32, 32, 32, 32, 128, 128, num_warps=4, num_stages=1, gemm_warps=4, gemm_stages=1,
+                            merge_block=128)
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k", "gemm_m", "gemm_d", "gemm_k", "merge_block"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"TritonConfig.{name} must be a power of two >= 16, got {v}")
+        if self.super_rows % self.block_m or self.super_cols % self.block_n:
+            raise ValueError("TritonConfig.super_rows/super_cols must be multiples of block_m/block_n")
+        if self.grad_gemm not in ("triton", "cublas"):
+            raise ValueError(f"TritonConfig.grad_gemm must be 'triton' or 'cublas', got {self.grad_gemm!r}")
+        if self.fp32_precision not in (None, "tf32", "tf32x3", "ieee"):
+            raise ValueError(f"TritonConfig.fp32_precision must be None, tf32, tf32x3 or ieee, got {self.fp32_precision!r}")
+
+
+class _Launch:
+    """One call's launch plan: the config in force, the logit kernels' kwargs, the super-blocks."""
+
+    def __init__(self, cfg: TritonConfig, dtype: torch.dtype):
+        self.cfg = cfg
+        if dtype == torch.float32:
+            self.prec = cfg.fp32_precision or ("tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32")
+        else:
+            self.prec = "tf32"  # ignored for 16-bit operands
+        self.g_scale = FP16_G_SCALE if dtype == torch.float16 else 1.0
+        self.tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=interpreting(),
+                         PRECISION=self.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def blocks(self, b: int, n: int) -> Iterator[tuple[int, int, int, int, tuple[int, int]]]:
+        """(r0, rows, c0, cols, logit-kernel grid) of every super-block, rows outer."""
+        cfg = self.cfg
+        for r0 in range(0, b, cfg.super_rows):
+            for c0 in range(0, n, cfg.super_cols):
+                rows, cols = min(cfg.super_rows, b - r0), min(cfg.super_cols, n - c0)
+                yield r0, rows, c0, cols, (triton.cdiv(rows, cfg.block_m), triton.cdiv(cols, cfg.block_n))
+
+    def scratch(self, x: Tensor, b: int, n: int) -> Tensor:
+        """Room for one super-block of scaled tile gradients G', in the input dtype."""
+        return torch.empty(min(b, self.cfg.super_rows), min(n, self.cfg.super_cols), dtype=x.dtype, device=x.device)
+
+    def grad_gemms(self, g: Tensor, x: Tensor, y: Tensor, gx: Tensor, gy: Tensor, alpha: float) -> None:
+        """gx += alpha * g @ y and gy += alpha * g.T @ x (g: the used (rows, cols) part of the scratch)."""
+        cfg = self.cfg
+        rows, cols = g.shape
+        dim = x.shape[1]
+        if cfg.grad_gemm == "cublas":
+            if x.dtype == torch.float32:
+                gx.addmm_(g, y, alpha=alpha)
+                gy.addmm_(g.T, x, alpha=alpha)
+            else:
+                gx.add_(torch.mm(g, y, out_dtype=torch.float32), alpha=alpha)
+                gy.add_(torch.mm(g.T, x, out_dtype=torch.float32), alpha=alpha)
+            return
+        tiles_d = triton.cdiv(dim, cfg.gemm_d)
+        tiles_x = triton.cdiv(rows, cfg.gemm_m) * tiles_d
+        tiles_y = triton.cdiv(cols, cfg.gemm_m) * tiles_d
+        grad_gemm_kernel[(tiles_x + tiles_y,)](
+            g, x, y, gx, gy, alpha, rows, cols, dim, tiles_x,
+            g.stride(0), x.stride(0), x.stride(1), y.stride(0), y.stride(1), gx.stride(0), gy.stride(0),
+            BLOCK_M=cfg.gemm_m, BLOCK_D=cfg.gemm_d, BLOCK_K=cfg.gemm_k, UPCAST=interpreting(), PRECISION=self.prec,
+            num_warps=cfg.gemm_warps, num_stages=cfg.gemm_stages,
+        )
+
+
+class TritonKernels:
+    """Fused Triton block kernels (see base.py for the contract, this module's header for the plan)."""
+
+    name = "triton"
+
+    def __init__(self, config: Optional[TritonConfig] = None):
+        """config: one TritonConfig for every dtype; None picks TritonConfig.default(dtype) per call
+        (TritonConfig.interpreter() under TRITON_INTERPRET=1)."""
+        self.config = config
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+    def _launch(self, x: Tensor) -> _Launch:
+        cfg = self.config
+        if cfg is None:
+            cfg = TritonConfig.interpreter() if interpreting() else TritonConfig.default(x.dtype)
+        return _Launch(cfg, x.dtype)
+
+    def clip_stats(self, x: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        if x.dtype == torch.float64:
+            return TorchChunkedKernels().clip_stats(x, y, scale)
+        plan = self._launch(x)
+        cfg, b, n = plan.cfg, x.shape[0], y.shape[0]
+        scale = scale.to(torch.float32)
+        run = torch.empty(2, b + n, dtype=torch.float32, device=x.device)  # running (max, sumexp): rows, columns
+        run[0].fill_(float("-inf"))
+        run[1].zero_()
+        row_m, row_l, col_m, col_l = run[0, :b], run[1, :b], run[0, b:], run[1, b:]
+        rowpart = torch.empty(2, triton.cdiv(min(n, cfg.super_cols), cfg.block_n), min(b, cfg.super_rows),
+                              dtype=torch.float32, device=x.device)
+        colpart = torch.empty(2, triton.cdiv(min(b, cfg.super_rows), cfg.block_m), min(n, cfg.super_cols),
+                              dtype=torch.float32, device=x.device)
+        mb = cfg.merge_block
+        for r0, rows, c0, cols, grid in plan.blocks(b, n):
+            xi, yj = x[r0:r0 + rows], y[c0:c0 + cols]
+            clip_stats_kernel[grid](
+                xi, yj, scale, rowpart[0], rowpart[1], colpart[0], colpart[1], rows, cols, x.shape[1],
+                xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), rowpart.stride(1), colpart.stride(1),
+                **plan.tile,
+            )
+            lse_merge_kernel[(triton.cdiv(rows, mb),)](
+                rowpart[0], rowpart[1], row_m[r0:], row_l[r0:], rows, grid[1], rowpart.stride(1), BLOCK=mb)
+            lse_merge_kernel[(triton.cdiv(cols, mb),)](
+                colpart[0], colpart[1], col_m[c0:], col_l[c0:], cols, grid[0], colpart.stride(1), BLOCK=mb)
+        # Rounded once, in float64: exp(S - lse) then keeps fp32 precision where S is near lse
+        # (clip_grads passes lse to the kernel as an fp32 hi + lo pair).
+        lse = run[1].double().log_().add_(run[0].double())
+        return lse[:b], lse[b:]
+
+    def clip_grads(
+        self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float, diagonal: bool
+    ) -> tuple[Tensor, Tensor]:
+        if x.dtype == torch.float64:
+            return TorchChunkedKernels().clip_grads(x, y, scale, row_lse, col_lse, weight=weight, diagonal=diagonal)
+        plan = self._launch(x)
+        b, n, dim = x.shape[0], y.shape[0], x.shape[1]
+        scale = scale.to(torch.float32)
+        row_hi, row_lo = _hi_lo(row_lse)
+        col_hi, col_lo = _hi_lo(col_lse)
+        gx = torch.zeros(b, dim, dtype=torch.float32, device=x.device)
+        gy = torch.zeros(n, dim, dtype=torch.float32, device=x.device)
+        g = plan.scratch(x, b, n)
+        for r0, rows, c0, cols, grid in plan.blocks(b, n):
+            xi, yj = x[r0:r0 + rows], y[c0:c0 + cols]
+            clip_grad_tile_kernel[grid](
+                xi, yj, scale, row_hi[r0:], row_lo[r0:], col_hi[c0:], col_lo[c0:], g, rows, cols, dim, r0 - c0,
+                xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), g.stride(0),
+                G_SCALE=plan.g_scale, DIAGONAL=diagonal and r0 < c0 + cols and c0 < r0 + rows, **plan.tile,
+            )
+            plan.grad_gemms(g[:rows, :cols], xi, yj, gx[r0:r0 + rows], gy[c0:c0 + cols], weight / plan.g_scale)
+        return gx, gy
+
+    def siglip_block(
+        self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, diagonal: bool, grads: bool
+    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        if x.dtype == torch.float64:
+            return TorchChunkedKernels().siglip_block(x, y, scale, bias, weight=weight, diagonal=diagonal, grads=grads)
+        plan = self._launch(x)
+        cfg, b, n, dim = plan.cfg, x.shape[0], y.shape[0], x.shape[1]
+        scale, bias = scale.to(torch.float32), bias.to(torch.float32)
+        # One slot per program of a full super-block: each launch adds its tile sums to its own slots.
+        slots = triton.cdiv(min(b, cfg.super_rows), cfg.block_m) * triton.cdiv(min(n, cfg.super_cols), cfg.block_n)
+        loss = torch.zeros(slots, dtype=torch.float32, device=x.device)
+        gbias = torch.zeros(slots, dtype=torch.float32, device=x.device)
+        if grads:
+            gx = torch.zeros(b, dim, dtype=torch.float32, device=x.device)
+            gy = torch.zeros(n, dim, dtype=torch.float32, device=x.device)
+            g = plan.scratch(x, b, n)
+        else:
+            g = loss  # a placeholder pointer, never written (WRITE_G=False)
+        for r0, rows, c0, cols, grid in plan.blocks(b, n):
+            xi, yj = x[r0:r0 + rows], y[c0:c0 + cols]
+            siglip_tile_kernel[grid](
+                xi, yj, scale, bias, g, loss, gbias, rows, cols, dim, r0 - c0,
+                xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), g.stride(0),
+                G_SCALE=plan.g_scale, DIAGONAL=diagonal and r0 < c0 + cols and c0 < r0 + rows, WRITE_G=grads,
+                **plan.tile,
+            )
+            if grads:
+                plan.grad_gemms(g[:rows, :cols], xi, yj, gx[r0:r0 + rows], gy[c0:c0 + cols], weight / plan.g_scale)
+        total = loss.sum() * weight
+        if not grads:
+            return total, None, None, None
+        return total, gx, gy, gbias.sum() * weight
+
+
+__all__ = ["TritonConfig", "TritonKernels", "interpreting"]

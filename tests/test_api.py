@@ -1,0 +1,153 @@
+"""Contract: the public API's surface — argument validation with errors that name the argument,
+scalar handling (float or 0-dim tensor, gradients shaped like the parameter), dtypes of results,
+NaN propagation, forward-only use, autocast, the nn.Module wrappers' open_clip-compatible forward,
+and backend/strategy selection."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import megabatch as mb
+from megabatch.kernels import DenseKernels, TorchChunkedKernels, get_backend
+
+
+def _xy(b=5, d=4, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(b, d, generator=g, dtype=dtype), torch.randn(b, d, generator=g, dtype=dtype)
+
+
+LOSSES = {
+    "clip": lambda x, y, **kw: mb.clip_loss(x, y, 10.0, **kw),
+    "siglip": lambda x, y, **kw: mb.siglip_loss(x, y, 10.0, -5.0, **kw),
+}
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize(
+    "make,exc,words",
+    [
+        (lambda: (torch.randn(4, 3), torch.randn(5, 3)), ValueError, "same number of pairs"),
+        (lambda: (torch.randn(4, 3), torch.randn(4, 2)), ValueError, "same feature dim"),
+        (lambda: (torch.randn(4), torch.randn(4, 3)), ValueError, "image_features must be 2-D"),
+        (lambda: (torch.randn(4, 3), torch.randn(4, 3, 1)), ValueError, "text_features must be 2-D"),
+        (lambda: (torch.randn(0, 3), torch.randn(0, 3)), ValueError, "empty batch"),
+        (lambda: (torch.randn(3, 0), torch.randn(3, 0)), ValueError, "feature dim 0"),
+        (lambda: (torch.ones(4, 3, dtype=torch.int64), torch.randn(4, 3)), TypeError, "image_features must be float"),
+        (lambda: (torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64)), TypeError, "share a dtype"),
+        (lambda: (torch.randn(4, 3).numpy(), torch.randn(4, 3)), TypeError, "image_features must be a torch.Tensor"),
+        (lambda: (torch.randn(4, 3), torch.randn(4, 3, device="meta")), ValueError, "same device"),
+    ],
+)
+def test_bad_features(kind, make, exc, words):
+    x, y = make()
+    with pytest.raises(exc, match=words):
+        LOSSES[kind](x, y)
+
+
+def test_bad_scalars_and_names():
+    x, y = _xy()
+    with pytest.raises(ValueError, match="logit_scale must be a scalar"):
+        mb.clip_loss(x, y, torch.ones(2))
+    with pytest.raises(TypeError, match="logit_scale must be a float"):
+        mb.clip_loss(x, y, "10")
+    with pytest.raises(TypeError, match="logit_scale must be a floating tensor"):
+        mb.clip_loss(x, y, torch.tensor(10))
+    with pytest.raises(ValueError, match="logit_bias must be a scalar"):
+        mb.siglip_loss(x, y, 10.0, torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="logit_bias is on meta"):
+        mb.siglip_loss(x, y, 10.0, torch.zeros((), device="meta"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mb.clip_loss(x, y, 10.0, backend="cuda")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        mb.siglip_loss(x, y, 10.0, 0.0, strategy="allgather")
+    with pytest.raises(ValueError, match="needs torch.distributed"):
+        mb.clip_loss(x, y, 10.0, strategy="ring")
+    with pytest.raises(TypeError, match="group must be"):
+        mb.clip_loss(x, y, 10.0, group="world")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        mb.ClipLoss(strategy="nope")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mb.SigLipLoss(backend="nope")
+
+
+def test_triton_backend_refused_where_it_cannot_run(monkeypatch):
+    # Without a GPU (and without the interpreter) asking for Triton is a clear error, not a crash.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, y = _xy()
+    with pytest.raises(ValueError, match="backend='triton'"):
+        mb.clip_loss(x, y, 10.0, backend="triton")
+
+
+def test_auto_backend_on_cpu_is_torch_never_dense():
+    assert isinstance(get_backend("auto", torch.device("cpu")), TorchChunkedKernels)
+    assert isinstance(get_backend("dense", torch.device("cpu")), DenseKernels)
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_result_and_gradient_dtypes(kind, dtype):
+    x, y = (t.requires_grad_(True) for t in _xy(dtype=dtype))
+    scale = torch.tensor(5.0, requires_grad=True)  # a float32 parameter, as in open_clip
+    args = (scale,) if kind == "clip" else (scale, torch.tensor([-3.0], requires_grad=True))
+    loss = (mb.clip_loss if kind == "clip" else mb.siglip_loss)(x, y, *args)
+    assert loss.shape == () and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    loss.backward()
+    assert x.grad.dtype == dtype and y.grad.dtype == dtype
+    for p in args:
+        assert p.grad is not None and p.grad.shape == p.shape and p.grad.dtype == p.dtype
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_python_float_scalars_match_tensor_scalars(kind):
+    x, y = _xy()
+    if kind == "clip":
+        a, b = mb.clip_loss(x, y, 7.5), mb.clip_loss(x, y, torch.tensor(7.5))
+    else:
+        a, b = mb.siglip_loss(x, y, 7.5, -2.0), mb.siglip_loss(x, y, torch.tensor(7.5), torch.tensor(-2.0))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_nan_input_gives_nan_loss(kind):
+    x, y = _xy()
+    x[2, 1] = math.nan
+    assert torch.isnan(LOSSES[kind](x, y))
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_forward_only_under_no_grad_builds_no_graph(kind):
+    x, y = (t.requires_grad_(True) for t in _xy())
+    with torch.no_grad():
+        loss = LOSSES[kind](x, y)
+    assert loss.grad_fn is None and not loss.requires_grad
+    assert torch.allclose(loss, LOSSES[kind](x.detach(), y.detach()))
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_autocast_does_not_lower_the_loss_precision(kind):
+    x, y = _xy(b=33, d=16)
+    ref = LOSSES[kind](x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = LOSSES[kind](x, y)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_modules_match_functional_and_output_dict():
+    x, y = _xy(b=9, d=6)
+    s, bias = torch.tensor(4.0), torch.tensor(-2.0)
+    assert torch.equal(mb.ClipLoss()(x, y, s), mb.clip_loss(x, y, s))
+    assert torch.equal(mb.SigLipLoss()(x, y, s, bias), mb.siglip_loss(x, y, s, bias))
+    out = mb.ClipLoss(output_dict=True)(x, y, s)
+    assert set(out) == {"contrastive_loss"} and torch.equal(out["contrastive_loss"], mb.clip_loss(x, y, s))
+    assert torch.is_tensor(mb.SigLipLoss(output_dict=True)(x, y, s, bias, output_dict=False))
+    assert "strategy='auto'" in repr(mb.ClipLoss())
+
+
+def test_clip_loss_of_one_pair_is_zero_and_gradients_finite():
+    x, y = (t.requires_grad_(True) for t in _xy(b=1, d=3))
+    loss = mb.clip_loss(x, y, 100.0)
+    loss.backward()
+    assert abs(float(loss.detach())) < 1e-6 and torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
