@@ -1,7 +1,7 @@
 """Data sources for `megabatch train`: what a training stream and an evaluation set look like.
 
-A training stream serves slices of global batches: `batch(step, start, stop)` returns samples
-[start, stop) of global batch `step` as (images (n, 3, S, S) float32, captions list[str]); rank r of
+A training stream serves slices of global batches: `batch(step, size, start, stop)` returns samples
+[start, stop) of global batch `step` (of `size` samples) as (images (n, 3, S, S) float32, captions list[str]); rank r of
 W reads [r*b, (r+1)*b) with b = B / W. Streams whose samples are a function of (seed, step, index)
 (synthetic, digits) resume from the step alone; file streams also carry a `state_dict()`.
 
@@ -45,7 +45,7 @@ class TrainStream(Protocol):
     name: str
     vocabulary: Optional[list[str]]
 
-    def batch(self, step: int, start: int, stop: int) -> tuple[Tensor, list[str]]: ...
+    def batch(self, step: int, size: int, start: int, stop: int) -> tuple[Tensor, list[str]]: ...
 
     def eval_set(self) -> Optional[EvalData]: ...
 

@@ -52,11 +52,11 @@ class Digits:
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return ((x - 0.3) / 0.4).expand(-1, 3, -1, -1).contiguous()
 
-    def batch(self, step: int, start: int, stop: int) -> tuple[Tensor, list[str]]:
-        """Samples [start, stop) of global batch `step`: images (stop-start, 3, S, S) and captions."""
+    def batch(self, step: int, size: int, start: int, stop: int) -> tuple[Tensor, list[str]]:
+        """Samples [start, stop) of global batch `step` (of `size`): images (stop-start, 3, S, S), captions."""
         rng = np.random.default_rng([self.seed, step])
-        idx = self._train[rng.integers(0, len(self._train), stop)][start:stop]
-        template = rng.integers(0, len(TEMPLATES), stop)[start:stop]
+        idx = self._train[rng.integers(0, len(self._train), size)][start:stop]
+        template = rng.integers(0, len(TEMPLATES), size)[start:stop]
         captions = [TEMPLATES[t].format(NAMES[self._labels[i]]) for i, t in zip(idx, template)]
         return self._images[idx], captions
 

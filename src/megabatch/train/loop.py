@@ -5,8 +5,9 @@ One step over a global contrastive batch B with W ranks (b = B / W per rank):
   2. `mb.GradCache` encodes them in micro-batches without a graph, computes the loss over the whole
      global batch (strategy "auto" resolves to ring under torchrun, local otherwise), then re-runs
      each micro-batch with grad, leaving the full-batch gradient in every parameter;
-  3. one all-reduce averages the gradients (and the per-rank losses, whose mean is the global
-     loss) -- DESIGN.md's convention makes the average exactly dL/dtheta;
+  3. DDP averages the gradients once per step (GradCache drives its last micro-batch through the
+     wrapper) -- DESIGN.md's convention makes that average exactly dL/dtheta; the logged loss is
+     the mean of the ranks' losses, which is the global loss;
   4. AdamW with linear warmup then cosine decay; the logit scale is clamped at log(100).
 Rank 0 logs metrics.jsonl, evaluates, checkpoints, and draws curves.png.
 """
@@ -98,19 +99,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def sync_gradients(params: list[nn.Parameter], loss: Tensor, world: int) -> Tensor:
-    """Average every gradient and the loss over ranks with one all-reduce; returns the mean loss."""
+def mean_over_ranks(value: Tensor, world: int) -> float:
+    """The mean of a scalar over ranks (one tiny all-reduce; used on logging steps only)."""
     if world == 1:
-        return loss
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.reshape(1).float()])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
-        offset += g.numel()
-    return flat[-1]
+        return float(value)
+    t = value.detach().reshape(1).float().clone()
+    dist.all_reduce(t)
+    return float(t) / world
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -155,10 +150,6 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     if model is None:
         model = ContrastiveModel(cfg.model, tokenizer.vocab_size, cfg.loss)
     model.to(rt.device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if rt.world > 1:
-        for p in model.parameters():
-            dist.broadcast(p.data, 0)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.steps))
     start, evals = 0, []
@@ -173,8 +164,13 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
                 stream.load_state_dict(saved["data"][rt.rank])
     loss_fn = functools.partial(mb.siglip_loss if cfg.loss == "siglip" else mb.clip_loss,
                                 strategy=cfg.strategy, backend=cfg.backend)
+    # Under torchrun a DDP wrapper (which broadcasts rank 0's weights) averages the gradients once
+    # per step: GradCache runs the last micro-batch through it and the others under no_sync().
+    ddp = None
+    if rt.world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     gc = mb.GradCache(_Normalized(model, "encode_image"), _Normalized(model, "encode_text"), loss_fn,
-                      cfg.micro_batch_size)
+                      cfg.micro_batch_size, modules=ddp)
     lead = rt.rank == 0
     out = Path(cfg.output)
     log = MetricsLog(out / "metrics.jsonl", keep_until=start) if lead else None
@@ -198,14 +194,13 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
             dist.barrier()
 
     for step in range(start, cfg.steps):
-        images, captions = stream.batch(step, rt.rank * local, (rt.rank + 1) * local)
+        images, captions = stream.batch(step, cfg.batch_size, rt.rank * local, (rt.rank + 1) * local)
         tokens = tokenizer(captions)
         optimizer.zero_grad(set_to_none=True)
         scale = model.logit_scale.exp()
         loss_args = (scale, model.logit_bias) if cfg.loss == "siglip" else (scale,)
         with autocast:
             loss = gc(images.to(rt.device), tokens.to(rt.device), *loss_args)
-        loss = sync_gradients(params, loss, rt.world)
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
@@ -214,7 +209,7 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
         if done % cfg.log_every == 0 or done == cfg.steps:
             now = time.perf_counter()
             with torch.no_grad():
-                record = {"step": done, "loss": float(loss), "logit_scale": float(model.logit_scale.exp()),
+                record = {"step": done, "loss": mean_over_ranks(loss, rt.world), "logit_scale": float(model.logit_scale.exp()),
                           "lr": scheduler.get_last_lr()[0],
                           "samples_per_s": n_window * cfg.batch_size / (now - t_window),
                           "peak_mem_mb": peak_memory_mb(rt.device), "elapsed_s": now - t_run}

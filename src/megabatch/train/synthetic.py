@@ -146,10 +146,10 @@ class SyntheticShapes:
         self.train_combos, self.held_out_combos = split_combinations()
         self.vocabulary = vocabulary()
 
-    def batch(self, step: int, start: int, stop: int) -> tuple[Tensor, list[str]]:
-        """Samples [start, stop) of global training batch `step`: images (stop-start, 3, S, S), captions."""
+    def batch(self, step: int, size: int, start: int, stop: int) -> tuple[Tensor, list[str]]:
+        """Samples [start, stop) of global training batch `step` (of `size`): images (stop-start, 3, S, S), captions."""
         rng = np.random.default_rng([self.seed, step])
-        attrs, (cells, jitter, tint) = sample(rng, self.train_combos, stop, self.image_size)
+        attrs, (cells, jitter, tint) = sample(rng, self.train_combos, size, self.image_size)
         sl = slice(start, stop)
         images = render(attrs[sl], cells[sl], jitter[sl], tint[sl], self.image_size)
         return images, [caption(*a) for a in attrs[sl]]
