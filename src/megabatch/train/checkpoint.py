@@ -23,7 +23,7 @@ from .config import TrainConfig
 _NAME = re.compile(r"step_(\d+)\.pt$")
 # Fields a resumed run may change; anything else would change the run it continues.
 RESUMABLE = {"steps", "output", "resume", "eval_every", "log_every", "ckpt_every", "keep_checkpoints", "progress",
-             "strategy", "backend", "device", "micro_batch_size"}
+             "strategy", "backend", "device", "micro_batch_size", "threads", "eval_data", "eval_size"}
 
 
 def rng_state() -> dict[str, Any]:

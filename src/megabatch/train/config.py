@@ -66,12 +66,15 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     data: str = "synthetic"
+    eval_data: Optional[str] = None
+    eval_size: int = 1000
     output: str = "runs/train"
     strategy: str = "auto"
     backend: str = "auto"
     precision: str = "fp32"
     device: str = "auto"
     seed: int = 0
+    threads: int = 0
     resume: Optional[str] = None
     eval_every: int = 0
     log_every: int = 10
@@ -87,11 +90,11 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        for name in ("batch_size", "micro_batch_size", "steps", "log_every", "keep_checkpoints"):
+        for name in ("batch_size", "micro_batch_size", "steps", "log_every", "keep_checkpoints", "eval_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{_flag(name)} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "seed"):
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "seed", "threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
@@ -101,9 +104,12 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not (self.data in ("synthetic", "digits") or self.data.partition(":")[0] in ("csv", "wds")
-                and self.data.partition(":")[2]):
-            raise ValueError(f"--data must be synthetic, digits, csv:PATH or wds:PATTERN; got {self.data!r}")
+        for name in ("data", "eval_data"):
+            spec = getattr(self, name)
+            kind, _, path = (spec or "").partition(":")
+            if not (spec is None and name == "eval_data" or spec in ("synthetic", "digits")
+                    or kind in ("csv", "wds") and path):
+                raise ValueError(f"{_flag(name)} must be synthetic, digits, csv:PATH or wds:PATTERN; got {spec!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
         self.model.validate()
@@ -119,25 +125,27 @@ class TrainConfig:
         return cls(model=model, **d)
 
 
-_TINY_MODEL = dict(image_size=16, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2, text_width=32,
-                   text_depth=1, text_heads=2, context_length=12, embed_dim=32)
-_DEMO_MODEL = dict(image_size=32, patch_size=8, vision_width=64, vision_depth=2, vision_heads=2, text_width=64,
+_TINY_MODEL = dict(image_size=32, patch_size=8, vision_width=64, vision_depth=1, vision_heads=2, text_width=64,
+                   text_depth=1, text_heads=2, context_length=8, embed_dim=64)
+_DEMO_MODEL = dict(image_size=32, patch_size=8, vision_width=64, vision_depth=1, vision_heads=2, text_width=64,
                    text_depth=1, text_heads=2, context_length=8, embed_dim=64)
 _BASE_MODEL = dict(image_size=64, patch_size=8, vision_width=384, vision_depth=6, vision_heads=6, text_width=384,
                    text_depth=6, text_heads=6, context_length=32, embed_dim=256)
 
 # Each preset sets every run-shape field; flags given on the command line override them.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(batch_size=64, micro_batch_size=32, steps=20, warmup_steps=2, lr=2e-3, log_every=5,
+    "tiny": dict(batch_size=64, micro_batch_size=32, steps=30, warmup_steps=3, lr=1e-3, log_every=5,
                  model=_TINY_MODEL),
-    "demo": dict(batch_size=4096, micro_batch_size=512, steps=120, warmup_steps=10, lr=3e-3, log_every=5,
-                 eval_every=40, model=_DEMO_MODEL),
+    # `make demo`: 150 steps at a contrastive batch of 4,096 in micro-batches of 512 on a 2-core CPU.
+    # One thread: on a shared machine two OpenMP threads wait on each other (3x slower measured).
+    "demo": dict(batch_size=4096, micro_batch_size=512, steps=150, warmup_steps=15, lr=1e-3, log_every=5,
+                 eval_every=50, threads=1, output="runs/demo", model=_DEMO_MODEL),
     "small": dict(batch_size=1024, micro_batch_size=256, steps=500, warmup_steps=25, lr=1e-3, log_every=10,
                   eval_every=100, model={}),
     "base": dict(batch_size=32768, micro_batch_size=512, steps=10000, warmup_steps=500, lr=5e-4, log_every=20,
                  eval_every=1000, ckpt_every=1000, model=_BASE_MODEL),
 }
-_MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "dropout")
+_MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "context_length", "dropout")
 
 
 def from_preset(name: str, **overrides: Any) -> TrainConfig:
@@ -171,12 +179,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--data", help="synthetic (default), digits, csv:PATH or wds:PATTERN")
+    p.add_argument("--eval-data", help="held-out data spec (default: the training data's own held-out split)")
+    p.add_argument("--eval-size", type=int, help="pairs read from --eval-data files (default 1000)")
     p.add_argument("--output", help="run directory (metrics.jsonl, eval.json, curves.png, checkpoints)")
     p.add_argument("--strategy", choices=STRATEGIES)
     p.add_argument("--backend", choices=BACKENDS)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--device", choices=DEVICES)
     p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--resume", help="checkpoint file, or a run directory (its latest checkpoint)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (0: only at the end)")
     p.add_argument("--log-every", type=int)
@@ -184,6 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int)
     p.add_argument("--patch-size", type=int)
     p.add_argument("--embed-dim", type=int)
+    p.add_argument("--context-length", type=int, help="text tokens incl. <cls> (byte tokenizer: ~64)")
     p.add_argument("--dropout", type=float)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     return p

@@ -5,7 +5,9 @@ A training stream serves slices of global batches: `batch(step, size, start, sto
 W reads [r*b, (r+1)*b) with b = B / W. Streams whose samples are a function of (seed, step, index)
 (synthetic, digits) resume from the step alone; file streams also carry a `state_dict()`.
 
-`--data` specs: "synthetic" (default), "digits", "csv:PATH" (also .tsv), "wds:PATTERN".
+`--data` specs: "synthetic" (default), "digits", "csv:PATH" (also .tsv), "wds:PATTERN". The
+evaluation set is the data's own held-out split (synthetic: unseen combinations; digits: 300
+images) unless `--eval-data` names another spec (files: their first `--eval-size` pairs).
 """
 from __future__ import annotations
 
@@ -66,6 +68,18 @@ def build_data(spec: str, image_size: int, seed: int, rank: int = 0, world: int 
 
         return FileStream(kind, path, image_size=image_size, seed=seed, rank=rank, world=world)
     raise ValueError(f"--data must be synthetic, digits, csv:PATH or wds:PATTERN, got {spec!r}")
+
+
+def build_eval(spec: Optional[str], stream: TrainStream, image_size: int, seed: int, limit: int) -> Optional[EvalData]:
+    """The evaluation set: `spec`'s (--eval-data) if given, else the training data's own held-out set."""
+    if spec is None:
+        return stream.eval_set()
+    kind, _, path = spec.partition(":")
+    if kind in ("csv", "wds") and path:
+        from .filestream import file_eval_set
+
+        return file_eval_set(kind, path, image_size, limit)
+    return build_data(spec, image_size, seed).eval_set()
 
 
 def state_of(stream: Any) -> dict[str, Any]:

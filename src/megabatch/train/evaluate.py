@@ -1,6 +1,6 @@
 """Held-out evaluation: zero-shot classification with prompts, and image<->text retrieval R@1/5/10.
 
-Retrieval runs over the evaluation images and their *distinct* captions (several images may share
+Ties rank against the model. Retrieval runs over the evaluation images and their *distinct* captions (several images may share
 one caption). image->text: is the image's caption among the k texts most similar to it? (chance
 k/u for u distinct captions). text->image: is one of the images carrying that caption among the k
 most similar images? (chance 1 - C(n-m, k)/C(n, k) for m such images of n, averaged).
@@ -50,11 +50,12 @@ def evaluate(
         text_feats = _encode(model.encode_text, tokenize(list(texts)), device, batch)
         sims = images @ text_feats.T  # (n, u)
         owner = torch.from_numpy(caption_of.astype(np.int64))
-        correct = sims.gather(1, owner[:, None])
-        i2t_rank = (sims > correct).sum(1)
+        # Ties count against the model: a collapsed model (all similarities equal) ranks last.
         is_owner = owner[:, None] == torch.arange(len(texts))[None, :]  # (n, u)
+        correct = sims.gather(1, owner[:, None])
+        i2t_rank = (sims > correct).sum(1) + ((sims == correct) & ~is_owner).sum(1)
         best = sims.masked_fill(~is_owner, -math.inf).max(0).values
-        t2i_rank = (sims > best[None, :]).sum(0)
+        t2i_rank = (sims > best[None, :]).sum(0) + ((sims == best[None, :]) & ~is_owner).sum(0)
         out: dict[str, Any] = {}
         chance: dict[str, float] = {}
         for k in KS:

@@ -35,7 +35,7 @@ import megabatch as mb
 
 from . import checkpoint
 from .config import TrainConfig
-from .data import build_data, state_of
+from .data import build_data, build_eval, state_of
 from .evaluate import evaluate
 from .plots import plot_curves
 from .report import MetricsLog, summary
@@ -99,13 +99,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def mean_over_ranks(value: Tensor, world: int) -> float:
-    """The mean of a scalar over ranks (one tiny all-reduce; used on logging steps only)."""
+def sum_over_ranks(value: Tensor | float, world: int) -> float:
+    """A scalar summed over ranks (one tiny all-reduce; on logging steps only)."""
     if world == 1:
         return float(value)
-    t = value.detach().reshape(1).float().clone()
+    t = torch.as_tensor(value).detach().reshape(1).double().clone()
     dist.all_reduce(t)
-    return float(t) / world
+    return float(t)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -139,6 +139,8 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     if cfg.batch_size % rt.world:
         raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of ranks ({rt.world})")
     local = cfg.batch_size // rt.world
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -176,7 +178,7 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     log = MetricsLog(out / "metrics.jsonl", keep_until=start) if lead else None
     if lead:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    eval_data = stream.eval_set() if lead else None
+    eval_data = build_eval(cfg.eval_data, stream, cfg.model.image_size, cfg.seed, cfg.eval_size) if lead else None
     autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
     bar = None
@@ -209,12 +211,14 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
         if done % cfg.log_every == 0 or done == cfg.steps:
             now = time.perf_counter()
             with torch.no_grad():
-                record = {"step": done, "loss": mean_over_ranks(loss, rt.world), "logit_scale": float(model.logit_scale.exp()),
+                record = {"step": done, "loss": sum_over_ranks(loss, rt.world) / rt.world, "logit_scale": float(model.logit_scale.exp()),
                           "lr": scheduler.get_last_lr()[0],
                           "samples_per_s": n_window * cfg.batch_size / (now - t_window),
                           "peak_mem_mb": peak_memory_mb(rt.device), "elapsed_s": now - t_run}
                 if cfg.loss == "siglip":
                     record["logit_bias"] = float(model.logit_bias)
+                if hasattr(stream, "skipped"):
+                    record["data_skipped"] = int(sum_over_ranks(float(stream.skipped), rt.world))
             t_window, n_window = now, 0
             if log is not None:
                 log.append(record)

@@ -95,7 +95,7 @@ def render(attrs: np.ndarray, cells: np.ndarray, jitter: np.ndarray, tint: np.nd
         cells: (n, 4) int, a permutation of the quadrant's 2 x 2 cells; object k uses cells[:, k].
         jitter: (n, 4, 2) int in {0, 1}, each object's offset inside its cell.
         tint: (n, 4) float, background level then the object colour's per-channel jitter.
-        size: image side, a multiple of 4 and at least 16.
+        size: image side, a multiple of 4 and at least 24 (sprites of 5 px or more stay distinct).
     Returns:
         (n, 3, size, size) float32.
     """
@@ -124,7 +124,7 @@ def sample(rng: np.random.Generator, combos: np.ndarray, n: int, size: int) -> t
     attrs = combos[rng.integers(0, len(combos), n)]
     cells = np.argsort(rng.random((n, 4)), axis=1)
     jitter = rng.integers(0, 2, (n, 4, 2))  # a sprite is 1 px smaller than its cell
-    tint = np.concatenate([rng.uniform(0, 50, (n, 1)), rng.normal(0, 15, (n, 3))], axis=1).astype(np.float32)
+    tint = np.concatenate([rng.uniform(0, 50, (n, 1)), rng.uniform(-12, 12, (n, 3))], axis=1).astype(np.float32)
     return attrs, (cells, jitter, tint)
 
 
@@ -132,7 +132,7 @@ class SyntheticShapes:
     """Training stream and held-out evaluation set of the embedded dataset.
 
     Args:
-        image_size: side of the square images (multiple of 4, >= 16).
+        image_size: side of the square images (multiple of 4, >= 24).
         seed: the run's seed; batch `step` is drawn from a generator keyed by (seed, step).
         eval_per_combo: held-out images per unseen combination.
     """
@@ -140,8 +140,8 @@ class SyntheticShapes:
     name = "synthetic"
 
     def __init__(self, image_size: int = 32, seed: int = 0, eval_per_combo: int = 8):
-        if image_size % 4 or image_size < 16:
-            raise ValueError(f"image_size must be a multiple of 4 and >= 16 for synthetic data, got {image_size}")
+        if image_size % 4 or image_size < 24:
+            raise ValueError(f"image_size must be a multiple of 4 and >= 24 for synthetic data, got {image_size}")
         self.image_size, self.seed, self.eval_per_combo = image_size, seed, eval_per_combo
         self.train_combos, self.held_out_combos = split_combinations()
         self.vocabulary = vocabulary()
