@@ -41,6 +41,7 @@ class EvalData:
     images: Tensor
     captions: list[str]
     tasks: list[ZeroShotTask]
+    description: str = ""
 
 
 class TrainStream(Protocol):

@@ -64,4 +64,5 @@ class Digits:
         labels = self._labels[self._test]
         prompts = [[t.format(n) for t in TEMPLATES] for n in NAMES]
         task = ZeroShotTask("digit", list(NAMES), prompts, labels)
-        return EvalData(self._images[self._test], [TEMPLATES[0].format(NAMES[y]) for y in labels], [task])
+        captions = [TEMPLATES[0].format(NAMES[y]) for y in labels]
+        return EvalData(self._images[self._test], captions, [task], f"{N_HELD_OUT} held-out digits")

@@ -81,7 +81,8 @@ def evaluate(
             chances.append(major)
         if accs:
             out["zero_shot_top1"], chance["zero_shot_top1"] = float(np.mean(accs)), float(np.mean(chances))
-        out["n_images"], out["n_texts"] = len(images), len(texts)
+        out["n_images"], out["n_texts"], out["eval_set"] = len(images), len(texts), data.description
+        out["zero_shot_classes"] = {task.name: len(task.classes) for task in data.tasks}
         out["chance"] = chance
         return out
     finally:

@@ -95,4 +95,4 @@ def file_eval_set(kind: str, path: str, image_size: int, limit: int) -> EvalData
             break
     if not images:
         raise ValueError(f"--eval-data {kind}:{path} holds no usable image-caption pair")
-    return EvalData(torch.stack(images), captions, [])
+    return EvalData(torch.stack(images), captions, [], f"the first {len(images)} pairs of {kind}:{path}")

@@ -124,23 +124,26 @@ def train(
     """
     cfg.validate()
     rt = init_runtime(cfg.device)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
         result = _train(cfg, rt, model, tokenizer)
         if rt.owns_group:
             dist.barrier()
-            time.sleep(0.05)
+            time.sleep(0.05)  # let gloo drain before teardown
         return result
     finally:
+        torch.set_num_threads(threads)
         if rt.owns_group:
             dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer: Any) -> dict[str, Any]:
+    t_run = time.perf_counter()
     if cfg.batch_size % rt.world:
         raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of ranks ({rt.world})")
     local = cfg.batch_size // rt.world
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -186,7 +189,7 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    t_run, t_window, n_window = time.perf_counter(), time.perf_counter(), 0
+    t_window, n_window = time.perf_counter(), 0
 
     def run_eval(step: int) -> None:
         if eval_data is not None:
@@ -211,8 +214,8 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
         if done % cfg.log_every == 0 or done == cfg.steps:
             now = time.perf_counter()
             with torch.no_grad():
-                record = {"step": done, "loss": sum_over_ranks(loss, rt.world) / rt.world, "logit_scale": float(model.logit_scale.exp()),
-                          "lr": scheduler.get_last_lr()[0],
+                record = {"step": done, "loss": sum_over_ranks(loss, rt.world) / rt.world,
+                          "logit_scale": float(model.logit_scale.exp()), "lr": scheduler.get_last_lr()[0],
                           "samples_per_s": n_window * cfg.batch_size / (now - t_window),
                           "peak_mem_mb": peak_memory_mb(rt.device), "elapsed_s": now - t_run}
                 if cfg.loss == "siglip":

@@ -26,9 +26,11 @@ def plot_curves(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path
         twin.set_ylabel("logit bias")
     axes[1].set(title="temperature (logit scale = 1/T)", xlabel="step")
     ax = axes[2]
-    keys = [k for k in ("zero_shot_top1", "i2t_r1", "t2i_r1", "i2t_r5") if evals and k in evals[-1]]
+    labels = {"zero_shot_top1": "zero-shot top-1", "i2t_r1": "image->text R@1", "t2i_r1": "text->image R@1",
+              "i2t_r5": "image->text R@5"}
+    keys = [k for k in labels if evals and k in evals[-1]]
     for key in keys:
-        line = ax.plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", label=key)[0]
+        line = ax.plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", label=labels[key])[0]
         chance = evals[-1].get("chance", {}).get(key)
         if chance is not None:
             ax.axhline(chance, color=line.get_color(), ls=":", lw=1)

@@ -27,26 +27,31 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-_ROWS = (("zero_shot_top1", "zero-shot top-1 (mean over tasks)"), ("i2t_r1", "image->text R@1"),
-         ("i2t_r5", "image->text R@5"), ("i2t_r10", "image->text R@10"), ("t2i_r1", "text->image R@1"),
-         ("t2i_r5", "text->image R@5"), ("t2i_r10", "text->image R@10"))
+def _row(label: str, value: float, chance: float | None) -> str:
+    against = f"   (chance {100 * chance:5.1f}%)" if chance is not None else ""
+    return f"  {label:<40} {100 * value:6.1f}%{against}"
 
 
 def summary(cfg: TrainConfig, world: int, final: dict[str, Any], seconds: float) -> str:
     """A short table of the final held-out metrics against chance."""
     lines = [
         f"megabatch train: {cfg.steps} steps of {cfg.loss} at global batch {cfg.batch_size} "
-        f"({world} rank(s) x {cfg.batch_size // world}, micro-batch {cfg.micro_batch_size}) on {cfg.data}: "
-        f"{seconds:.0f} s this session",
+        f"({world} rank(s) x {cfg.batch_size // world}, GradCache micro-batch {cfg.micro_batch_size}) on {cfg.data}: "
+        f"{seconds:.0f} s",
     ]
     if final:
-        lines.append(f"held-out eval at step {final['step']} ({final['n_images']} images, {final['n_texts']} "
-                     f"distinct captions):")
         chance = final.get("chance", {})
-        tasks = sorted(k for k in final if k.startswith("zero_shot_") and k != "zero_shot_top1")
-        rows = list(_ROWS) + [(k, f"  zero-shot {k[10:-5]}") for k in tasks]
-        for key, label in rows:
-            if key in final:
-                lines.append(f"  {label:<36} {100 * final[key]:6.1f}%   (chance {100 * chance.get(key, 0):5.1f}%)")
+        lines.append(f"held-out eval at step {final['step']}: {final.get('eval_set') or str(final['n_images']) + ' images'}")
+        for task, classes in final.get("zero_shot_classes", {}).items():
+            key = f"zero_shot_{task}_top1"
+            lines.append(_row(f"zero-shot top-1, {task} ({classes}-way)", final[key], chance.get(key)))
+        attributes = [k for k in final if k.startswith("zero_shot_") and k.endswith("_top1") and k != "zero_shot_top1"
+                      and k[10:-5] not in final.get("zero_shot_classes", {})]
+        for key in sorted(attributes):
+            lines.append(_row(f"  its {key[10:-5]} right", final[key], chance.get(key)))
+        for direction, label in (("i2t", "image->text"), ("t2i", "text->image")):
+            for k in (1, 5, 10):
+                key = f"{direction}_r{k}"
+                lines.append(_row(f"{label} R@{k} ({final['n_texts']} captions)", final[key], chance.get(key)))
     lines.append(f"outputs: {cfg.output}/ (metrics.jsonl, eval.json, curves.png, checkpoints/)")
     return "\n".join(lines)

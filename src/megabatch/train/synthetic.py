@@ -167,4 +167,5 @@ class SyntheticShapes:
         names = [caption(*c) for c in everything]
         attributes = {attr: everything[:, col].copy() for col, attr in enumerate(ATTRIBUTES)}
         tasks = [ZeroShotTask("description", names, [[n] for n in names], labels, attributes)]
-        return EvalData(images, [caption(*c) for c in combos], tasks)
+        about = f"{len(combos)} images of the {len(self.held_out_combos)} combinations never seen in training"
+        return EvalData(images, [caption(*c) for c in combos], tasks, about)
