@@ -9,6 +9,7 @@ the command line prints the summary.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,9 @@ def test_csv_with_bad_rows_and_cli(tmp_path, capsys):
     assert ev["n_images"] == 16 and "i2t_r1" in ev and "zero_shot_top1" not in ev
     printed = capsys.readouterr().out
     assert "image->text R@1" in printed and "chance" in printed
+    bare = tmp_path / "bare"  # no evaluation data: metrics and curves, no eval.json
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["--preset", "tiny", "--data", f"csv:{tmp_path / 'pairs.tsv'}", "--steps", "1", "--batch-size",
+                     "8", "--micro-batch-size", "8", "--output", str(bare), "--no-progress"]) == 0
+    assert (bare / "curves.png").exists() and (bare / "metrics.jsonl").exists() and not (bare / "eval.json").exists()

@@ -23,7 +23,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .config import parse_args
     from .loop import train
 
-    cfg, given = parse_args(argv)
+    cfg, given = parse_args(argv, epilog=__doc__)
     if cfg.resume:
         try:
             cfg = resume_config(cfg.resume, given)

@@ -165,11 +165,13 @@ def from_preset(name: str, **overrides: Any) -> TrainConfig:
     return TrainConfig(**{**preset, **overrides, "preset": name, "model": model}).validate()
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megabatch train",
         description="Train a CLIP/SigLIP image-text model at a huge contrastive batch (GradCache + megabatch "
         "losses). Launch multi-process with: torchrun --nproc_per_node N -m megabatch.train ...",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", choices=tuple(PRESETS), default="small", help="sizes and schedule (default small)")
     p.add_argument("--loss", choices=LOSSES)
@@ -202,12 +204,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[list[str]] = None) -> tuple[TrainConfig, dict[str, Any]]:
+def parse_args(argv: Optional[list[str]] = None, epilog: Optional[str] = None) -> tuple[TrainConfig, dict[str, Any]]:
     """Parse flags into a validated config; also return the flags given explicitly (for --resume).
 
     Bad flags or values exit with status 2 and a usage message naming the flag.
     """
-    parser = _parser()
+    parser = _parser(epilog)
     ns = parser.parse_args(argv)
     given = {k: v for k, v in vars(ns).items() if v is not None and k != "preset"}
     try:

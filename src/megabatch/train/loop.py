@@ -21,6 +21,7 @@ import os
 import random
 import resource
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -139,11 +140,20 @@ def train(
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer: Any) -> dict[str, Any]:
-    t_run = time.perf_counter()
-    if cfg.batch_size % rt.world:
-        raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of ranks ({rt.world})")
-    local = cfg.batch_size // rt.world
+@dataclass
+class _Parts:
+    """What a run is built from (fresh, or restored from a checkpoint)."""
+
+    model: nn.Module
+    tokenizer: Any
+    stream: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    start: int
+    evals: list[dict[str, Any]]
+
+
+def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer: Any) -> _Parts:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -157,71 +167,65 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     model.to(rt.device).train()
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.steps))
-    start, evals = 0, []
+    parts = _Parts(model, tokenizer, stream, optimizer, scheduler, 0, [])
     if saved:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        start, evals = saved["step"], saved["evals"]
+        parts.start, parts.evals = saved["step"], saved["evals"]
         if len(saved["rng"]) == rt.world:
             checkpoint.set_rng_state(saved["rng"][rt.rank])
             if saved["data"][rt.rank] and hasattr(stream, "load_state_dict"):
                 stream.load_state_dict(saved["data"][rt.rank])
+        elif rt.rank == 0:
+            warnings.warn(f"resuming a {len(saved['rng'])}-rank run on {rt.world} rank(s): weights and optimizer "
+                          "are restored, but RNG and file-stream positions are not, so the curve may differ")
+    return parts
+
+
+def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer: Any) -> dict[str, Any]:
+    t_run = time.perf_counter()
+    if cfg.batch_size % rt.world:
+        raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of ranks ({rt.world})")
+    local = cfg.batch_size // rt.world
+    p = _build(cfg, rt, model, tokenizer)
+    model, evals = p.model, p.evals
     loss_fn = functools.partial(mb.siglip_loss if cfg.loss == "siglip" else mb.clip_loss,
                                 strategy=cfg.strategy, backend=cfg.backend)
     # Under torchrun a DDP wrapper (which broadcasts rank 0's weights) averages the gradients once
     # per step: GradCache runs the last micro-batch through it and the others under no_sync().
     ddp = None
     if rt.world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                                  else None)
     gc = mb.GradCache(_Normalized(model, "encode_image"), _Normalized(model, "encode_text"), loss_fn,
                       cfg.micro_batch_size, modules=ddp)
     lead = rt.rank == 0
     out = Path(cfg.output)
-    log = MetricsLog(out / "metrics.jsonl", keep_until=start) if lead else None
+    log = MetricsLog(out / "metrics.jsonl", keep_until=p.start) if lead else None
     if lead:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    eval_data = build_eval(cfg.eval_data, stream, cfg.model.image_size, cfg.seed, cfg.eval_size) if lead else None
+    eval_data = build_eval(cfg.eval_data, p.stream, cfg.model.image_size, cfg.seed, cfg.eval_size) if lead else None
     autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
-    bar = None
-    if lead and cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    bar = _progress(cfg, p.start) if lead else None
     t_window, n_window = time.perf_counter(), 0
-
-    def run_eval(step: int) -> None:
-        if eval_data is not None:
-            evals.append({"step": step, **evaluate(model, tokenizer, eval_data, rt.device)})
-            (out / "eval.json").write_text(json.dumps({**evals[-1], "history": evals}, indent=2))
-        if rt.world > 1:
-            dist.barrier()
-
-    for step in range(start, cfg.steps):
-        images, captions = stream.batch(step, cfg.batch_size, rt.rank * local, (rt.rank + 1) * local)
-        tokens = tokenizer(captions)
-        optimizer.zero_grad(set_to_none=True)
+    for step in range(p.start, cfg.steps):
+        images, captions = p.stream.batch(step, cfg.batch_size, rt.rank * local, (rt.rank + 1) * local)
+        tokens = p.tokenizer(captions)
+        p.optimizer.zero_grad(set_to_none=True)
         scale = model.logit_scale.exp()
         loss_args = (scale, model.logit_bias) if cfg.loss == "siglip" else (scale,)
         with autocast:
             loss = gc(images.to(rt.device), tokens.to(rt.device), *loss_args)
-        optimizer.step()
-        scheduler.step()
+        p.optimizer.step()
+        p.scheduler.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         done, n_window = step + 1, n_window + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             now = time.perf_counter()
-            with torch.no_grad():
-                record = {"step": done, "loss": sum_over_ranks(loss, rt.world) / rt.world,
-                          "logit_scale": float(model.logit_scale.exp()), "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": n_window * cfg.batch_size / (now - t_window),
-                          "peak_mem_mb": peak_memory_mb(rt.device), "elapsed_s": now - t_run}
-                if cfg.loss == "siglip":
-                    record["logit_bias"] = float(model.logit_bias)
-                if hasattr(stream, "skipped"):
-                    record["data_skipped"] = int(sum_over_ranks(float(stream.skipped), rt.world))
+            record = _record(cfg, rt, p, done, loss, n_window * cfg.batch_size / (now - t_window), now - t_run)
             t_window, n_window = now, 0
             if log is not None:
                 log.append(record)
@@ -230,28 +234,55 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
         if bar is not None:
             bar.update(1)
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-            run_eval(done)
+            if eval_data is not None:
+                evals.append({"step": done, **evaluate(model, p.tokenizer, eval_data, rt.device)})
+                (out / "eval.json").write_text(json.dumps({**evals[-1], "history": evals}, indent=2))
+            if rt.world > 1:
+                dist.barrier()
         if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps:
-            _save(cfg, rt, done, model, optimizer, scheduler, tokenizer, stream, evals)
+            _save(cfg, rt, done, p)
     if bar is not None:
         bar.close()
-    if not lead:
+    if log is None:
         return {}
-    if log is not None and evals:
-        plot_curves(log.records, evals, out / "curves.png", title=f"{cfg.loss} | batch {cfg.batch_size} | {cfg.data}")
+    title = f"{cfg.loss} | global batch {cfg.batch_size} over {rt.world} rank(s) | {cfg.data}"
+    plot_curves(log.records, evals, out / "curves.png", title=title)
     final = evals[-1] if evals else {}
     print(summary(cfg, rt.world, final, time.perf_counter() - t_run), flush=True)
     return final
 
 
-def _save(cfg: TrainConfig, rt: Runtime, step: int, model: nn.Module, optimizer: Any, scheduler: Any,
-          tokenizer: Any, stream: Any, evals: list[dict[str, Any]]) -> None:
+def _progress(cfg: TrainConfig, start: int) -> Any:
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+@torch.no_grad()
+def _record(cfg: TrainConfig, rt: Runtime, p: _Parts, step: int, loss: Tensor, samples_per_s: float,
+            elapsed: float) -> dict[str, Any]:
+    """One metrics.jsonl line: the global loss (mean of the ranks'), temperature, lr, throughput
+    (all ranks), peak memory (rank 0: CUDA max allocated, or the process's peak RSS on CPU)."""
+    model = p.model
+    record = {"step": step, "loss": sum_over_ranks(loss, rt.world) / rt.world,
+              "logit_scale": float(model.logit_scale.exp()), "lr": p.scheduler.get_last_lr()[0],
+              "samples_per_s": samples_per_s, "peak_mem_mb": peak_memory_mb(rt.device), "elapsed_s": elapsed}
+    if cfg.loss == "siglip":
+        record["logit_bias"] = float(model.logit_bias)
+    if hasattr(p.stream, "skipped"):
+        record["data_skipped"] = int(sum_over_ranks(float(p.stream.skipped), rt.world))
+    return record
+
+
+def _save(cfg: TrainConfig, rt: Runtime, step: int, p: _Parts) -> None:
     rngs = checkpoint.gathered(checkpoint.rng_state(), rt.world)
-    data = checkpoint.gathered(state_of(stream), rt.world)
+    data = checkpoint.gathered(state_of(p.stream), rt.world)
     if rt.rank != 0:
         return
-    payload = {"step": step, "config": cfg.to_dict(), "model": model.state_dict(),
-               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-               "tokenizer": tokenizer.state_dict() if hasattr(tokenizer, "state_dict") else None,
-               "rng": rngs, "data": data, "evals": evals, "world": rt.world}
+    payload = {"step": step, "config": cfg.to_dict(), "model": p.model.state_dict(),
+               "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
+               "tokenizer": p.tokenizer.state_dict() if hasattr(p.tokenizer, "state_dict") else None,
+               "rng": rngs, "data": data, "evals": p.evals, "world": rt.world}
     checkpoint.save(checkpoint.checkpoint_path(cfg.output, step), payload, cfg.keep_checkpoints)

@@ -34,7 +34,7 @@ def plot_curves(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path
         chance = evals[-1].get("chance", {}).get(key)
         if chance is not None:
             ax.axhline(chance, color=line.get_color(), ls=":", lw=1)
-    ax.set(title="held-out eval (dotted: chance)", xlabel="step", ylim=(0, 1))
+    ax.set(title="held-out eval (dotted: chance)" if keys else "no evaluation data", xlabel="step", ylim=(0, 1))
     if keys:
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
