@@ -62,7 +62,8 @@ def test_loss_goes_down_and_beats_chance(tiny_run):
 
 def test_resume_reproduces_the_uninterrupted_curve(tmp_path):
     full = tmp_path / "full"
-    base = dict(steps=8, warmup_steps=2, log_every=1, ckpt_every=4, keep_checkpoints=3, progress=False)
+    # Dropout makes the curve depend on the RNG state, which the checkpoint must carry.
+    base = dict(steps=8, warmup_steps=2, log_every=1, ckpt_every=4, keep_checkpoints=3, progress=False, dropout=0.1)
     end_full = train(from_preset("tiny", output=str(full), **base))
     resumed = tmp_path / "resumed"
     cfg = resume_config(full / "checkpoints" / "step_000004.pt", {"output": str(resumed)})
@@ -82,6 +83,32 @@ def test_siglip_trains_its_bias(tmp_path):
     logged = records(tmp_path)
     assert all("logit_bias" in r for r in logged) and logged[-1]["logit_bias"] != -10.0
     assert logged[0]["logit_scale"] == pytest.approx(10.0, rel=0.05)
+
+
+class _LinearClip(torch.nn.Module):
+    """A user model: anything with encode_image / encode_text / logit_scale plugs in."""
+
+    def __init__(self):
+        super().__init__()
+        self.image, self.text = torch.nn.Linear(3 * 32 * 32, 16), torch.nn.EmbeddingBag(300, 16)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+    def encode_image(self, images):
+        return self.image(images.flatten(1))
+
+    def encode_text(self, ids):
+        return self.text(ids)
+
+
+def test_user_model_in_bf16(tmp_path):
+    model = _LinearClip()
+    before = model.image.weight.detach().clone()
+    tokenize = lambda texts: torch.tensor([[hash(w) % 300 for w in t.split()][:6] + [0] * (6 - len(t.split()[:6]))  # noqa: E731
+                                           for t in texts])
+    final = train(from_preset("tiny", steps=2, precision="bf16", output=str(tmp_path), progress=False), model=model,
+                  tokenizer=tokenize)
+    assert not torch.equal(model.image.weight, before) and np.isfinite(records(tmp_path)[-1]["loss"])
+    assert 0 <= final["i2t_r1"] <= 1
 
 
 def test_digits(tmp_path):

@@ -70,14 +70,15 @@ def init_runtime(device: str) -> Runtime:
 
 
 class _Normalized(nn.Module):
-    """One tower of `model` (encode_image or encode_text) followed by L2 normalisation."""
+    """One tower of `model` (encode_image or encode_text), L2-normalised, in the features' dtype
+    (bf16 under --precision bf16, where autocast may leave one tower's output in fp32)."""
 
-    def __init__(self, model: nn.Module, method: str):
+    def __init__(self, model: nn.Module, method: str, dtype: torch.dtype):
         super().__init__()
-        self.model, self.method = model, method
+        self.model, self.method, self.dtype = model, method, dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(getattr(self.model, self.method)(x), dim=-1)
+        return F.normalize(getattr(self.model, self.method)(x), dim=-1).to(self.dtype)
 
 
 def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
@@ -198,7 +199,8 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     if rt.world > 1:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
                                                   else None)
-    gc = mb.GradCache(_Normalized(model, "encode_image"), _Normalized(model, "encode_text"), loss_fn,
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    gc = mb.GradCache(_Normalized(model, "encode_image", dtype), _Normalized(model, "encode_text", dtype), loss_fn,
                       cfg.micro_batch_size, modules=ddp)
     lead = rt.rank == 0
     out = Path(cfg.output)
