@@ -15,7 +15,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_features(image_features: object, text_features: object) -> None:
+def check_features(image_features: object, text_features: object, *, allow_empty: bool = False) -> None:
+    """Shapes, dtypes and devices of the feature pair. `allow_empty` lets a distributed strategy
+    report an empty batch itself, on every rank at once (a raise here would leave the others hanging)."""
     for name, t in (("image_features", image_features), ("text_features", text_features)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (batch, dim), got {type(t).__name__}")
@@ -23,7 +25,7 @@ def check_features(image_features: object, text_features: object) -> None:
             raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        if t.shape[0] == 0:
+        if t.shape[0] == 0 and not allow_empty:
             raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)}); need at least one pair")
         if t.shape[1] == 0:
             raise ValueError(f"{name} has feature dim 0 (shape {tuple(t.shape)})")

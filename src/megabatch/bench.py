@@ -2,6 +2,8 @@
 
     megabatch bench --loss clip siglip --backend torch dense --batch 4096 8192 --dim 64
     megabatch bench --batch 32768 65536 --dim 512 --dtype bfloat16 --peers --json out.json --plot out.png
+    torchrun --nproc_per_node 4 -m megabatch.bench --strategy ring gather --batch 2048  # distributed: see
+        bench_distributed.py (--batch is then per rank)
 
 For each (loss, method, batch) it reports the median time of forward+backward with features,
 logit_scale (and logit_bias) requiring grad; the peak memory beyond what was held before the call
@@ -18,6 +20,7 @@ import argparse
 import datetime as _dt
 import json
 import multiprocessing as mp
+import os
 import platform
 import resource
 import statistics
@@ -267,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats per case (median reported)")
     p.add_argument("--peers", action="store_true", help="also run 'plain' PyTorch and installed peer libraries")
+    p.add_argument("--strategy", nargs="+", choices=["ring", "gather", "auto", "local"],
+                   help="distributed mode, under torchrun (default there: ring gather); --batch is per rank")
     p.add_argument("--json", help="write results and environment to this JSON file")
     p.add_argument("--plot", help="write a PNG of time and memory vs batch")
     return p
@@ -277,6 +282,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if any(b < 1 for b in args.batch) or any(d < 1 for d in args.dim) or args.repeat < 1:
         build_parser().error("--batch, --dim and --repeat must be positive")
+    if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:  # launched by torchrun
+        from .bench_distributed import run
+
+        return run(args, argv)
+    if args.strategy:
+        build_parser().error("--strategy needs torchrun: torchrun --nproc_per_node N -m megabatch.bench ...")
     methods = list(args.backend) + (peers.available() if args.peers else [])
     results = []
     for dtype in args.dtype:

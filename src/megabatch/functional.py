@@ -48,10 +48,10 @@ def clip_loss(
         gather_with_grad=True), so DDP's gradient averaging gives exactly dL/dtheta.
         NaN or inf in the inputs propagate to a NaN loss; they are not checked (that would sync).
     """
-    check_features(image_features, text_features)
+    name = strategies.resolve(strategy, group)
+    check_features(image_features, text_features, allow_empty=name != "local")
     scale = as_scalar("logit_scale", logit_scale, image_features)
     kernels = get_backend(backend, image_features.device)
-    name = strategies.resolve(strategy, group)
     return strategies.get(name).clip(image_features, text_features, scale, kernels, group)
 
 
@@ -80,9 +80,9 @@ def siglip_loss(
     Returns:
         0-dim loss, with the same distributed convention as :func:`clip_loss`.
     """
-    check_features(image_features, text_features)
+    name = strategies.resolve(strategy, group)
+    check_features(image_features, text_features, allow_empty=name != "local")
     scale = as_scalar("logit_scale", logit_scale, image_features)
     bias = as_scalar("logit_bias", logit_bias, image_features)
     kernels = get_backend(backend, image_features.device)
-    name = strategies.resolve(strategy, group)
     return strategies.get(name).siglip(image_features, text_features, scale, bias, kernels, group)

@@ -1,0 +1,200 @@
+"""Communication shared by the `gather` and `ring` strategies.
+
+`exchange_layout` is the first thing every distributed loss call does: ONE all_gather of 5 int64
+per rank (local batch b, feature dim D, dtype code, requires-grad flags, backend). Every rank then checks the
+same W x 4 table, so ranks that disagree on D, dtype, backend or which inputs need gradients all raise the
+same ValueError (never a hang, never a gloo abort), and every rank knows every local batch size:
+uneven sizes (6, 2, 5) work exactly. Reading that table on the host (`.tolist()`) is the one host
+sync of a distributed call; it is unavoidable, since receive buffers must be sized before they are
+posted. Collectives use the features' device: CPU tensors need gloo, CUDA tensors NCCL.
+
+The collective wrappers below are the only places the strategies talk to torch.distributed, so
+`count_bytes()` can tally what this rank sends under the usual bandwidth-optimal (ring) cost
+model: all_gather (W-1)*n_local, all_reduce 2(W-1)/W*n, reduce_scatter (W-1)/W*n, send n bytes.
+"""
+from __future__ import annotations
+
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..kernels.base import BlockKernels
+
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+_GRAD_NAMES = ("image_features", "text_features", "logit_scale", "logit_bias")
+
+# Bytes sent by this rank while a `count_bytes()` block is open (None: not counting).
+_sent: Optional[list[int]] = None
+
+# torch >= 2.13 renames the single-tensor collectives; keep the older names working (torch >= 2.4).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Who holds what in a process group, agreed by every rank (see `exchange_layout`)."""
+
+    group: "dist.ProcessGroup"
+    rank: int  # this process's rank inside `group`
+    sizes: tuple[int, ...]  # local batch of every group rank
+    y_grad: bool  # text features need gradients (on every rank, checked)
+
+    @property
+    def world(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def offset(self, rank: int) -> int:
+        return sum(self.sizes[:rank])
+
+    def peer(self, rank: int) -> int:
+        """Global rank of group rank `rank` (taken modulo the world): what p2p calls address."""
+        return dist.get_global_rank(self.group, rank % self.world)
+
+
+def exchange_layout(
+    x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels, group: Optional["dist.ProcessGroup"]
+) -> Layout:
+    """Agree on sizes, D, dtype, backend and requires_grad across `group` (None: the world group).
+
+    x, y: this rank's (b, D) features; extras: logit_scale (and logit_bias), 0-dim. Any
+    disagreement raises the same ValueError on every rank.
+    """
+    pg = group if group is not None else dist.group.WORLD
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    if rank < 0:
+        raise ValueError("this process is not a member of the given process group `group`")
+    grad = torch.is_grad_enabled()
+    flags = sum(1 << k for k, t in enumerate((x, y, *extras)) if grad and t.requires_grad)
+    backend = zlib.crc32(kernels.name.encode()) & 0x7FFFFFFF
+    meta = [x.shape[0], x.shape[1], _DTYPE_CODES[x.dtype], flags, backend]
+    mine = torch.tensor(meta, dtype=torch.int64, device=x.device)
+    table_t = mine.new_empty(world * len(meta))
+    _all_gather_single(table_t, mine, group=pg)
+    _count((world - 1) * _nbytes(mine))
+    table = table_t.view(world, len(meta)).tolist()
+    sizes, dims, codes, grads, backends = (tuple(row[k] for row in table) for k in range(len(meta)))
+    if min(sizes) == 0:
+        empty = [r for r, b in enumerate(sizes) if b == 0]
+        raise ValueError(f"image_features is an empty batch on group rank(s) {empty}; every rank needs at least one pair")
+    if len(set(dims)) > 1:
+        raise ValueError(f"every rank of the group must have the same feature dim D; got D = {list(dims)} on ranks 0..{world - 1}")
+    if len(set(codes)) > 1:
+        names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
+        raise ValueError(
+            f"every rank of the group must pass features of the same dtype; got {[names[c] for c in codes]} "
+            f"on ranks 0..{world - 1}"
+        )
+    if len(set(grads)) > 1:
+        needing = [[n for k, n in enumerate(_GRAD_NAMES) if g >> k & 1] for g in grads]
+        raise ValueError(
+            "every rank of the group must need gradients for the same inputs (the backward pass "
+            f"communicates); requires_grad per rank 0..{world - 1}: {needing}"
+        )
+    if len(set(backends)) > 1:
+        raise ValueError(f"every rank of the group must use the same backend; this rank uses {kernels.name!r}, others differ")
+    return Layout(pg, rank, sizes, bool(flags & 2))
+
+
+@contextmanager
+def count_bytes() -> Iterator[list[int]]:
+    """Count the bytes this rank sends inside the block; yields a 1-element list holding the total."""
+    global _sent
+    outer, _sent = _sent, [0]
+    try:
+        yield _sent
+    finally:
+        if outer is not None:
+            outer[0] += _sent[0]
+        _sent = outer
+
+
+def _count(nbytes: float) -> None:
+    if _sent is not None:
+        _sent[0] += int(nbytes)
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def gather_rows(t: Tensor, lay: Layout) -> Tensor:
+    """All-gather every rank's (b_r, ...) rows into one (B, ...) tensor, in rank order.
+
+    Uneven sizes are padded to the largest b for the collective and the padding is dropped.
+    """
+    bmax, world = max(lay.sizes), lay.world
+    pad = t.contiguous() if t.shape[0] == bmax else torch.cat([t, t.new_zeros(bmax - t.shape[0], *t.shape[1:])])
+    out = t.new_empty(world * bmax, *t.shape[1:])
+    _all_gather_single(out, pad, group=lay.group)
+    _count((world - 1) * _nbytes(pad))
+    if all(b == bmax for b in lay.sizes):
+        return out
+    return torch.cat([out[q * bmax : q * bmax + b] for q, b in enumerate(lay.sizes)])
+
+
+def all_reduce(t: Tensor, lay: Layout, op: "dist.ReduceOp.RedOpType" = dist.ReduceOp.SUM) -> Tensor:
+    """In-place all-reduce of `t` over the group; returns `t`."""
+    dist.all_reduce(t, op=op, group=lay.group)
+    _count(2 * (lay.world - 1) / lay.world * _nbytes(t))
+    return t
+
+
+def all_reduce_lse(part: Tensor, lay: Layout) -> Tensor:
+    """log(sum_r exp(part_r)) elementwise over ranks, max-shifted: two all-reduces of part's size."""
+    shift = all_reduce(part.clone(), lay, dist.ReduceOp.MAX)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    total = all_reduce(torch.exp(part - shift), lay)
+    return shift + torch.log(total)
+
+
+def use_reduce_scatter(t: Tensor, lay: Layout) -> bool:
+    """NCCL reduce-scatters; gloo (whose reduce-scatter older torch lacks) all-reduces instead."""
+    return t.is_cuda and "nccl" in str(dist.get_backend(lay.group))
+
+
+def reduce_rows(t: Tensor, lay: Layout) -> Tensor:
+    """Sum over ranks of a (B, ...) tensor, returning only this rank's rows (b_r, ...).
+
+    NCCL: one reduce-scatter (padded to equal chunks when sizes differ); other backends (gloo,
+    whose reduce-scatter is missing on older torch): all-reduce, then slice.
+    """
+    lo, b = lay.offset(lay.rank), lay.sizes[lay.rank]
+    if not use_reduce_scatter(t, lay):
+        return all_reduce(t, lay)[lo : lo + b]
+    bmax = max(lay.sizes)
+    if any(s != bmax for s in lay.sizes):
+        padded = t.new_zeros(lay.world * bmax, *t.shape[1:])
+        for q, s in enumerate(lay.sizes):
+            padded[q * bmax : q * bmax + s] = t[lay.offset(q) : lay.offset(q) + s]
+        t = padded
+    out = t.new_empty(bmax, *t.shape[1:])
+    _reduce_scatter_single(out, t.contiguous(), group=lay.group)
+    _count((lay.world - 1) / lay.world * _nbytes(t))
+    return out[:b]
+
+
+def start_p2p(sends: Sequence[tuple[Tensor, int, int]], recvs: Sequence[tuple[Tensor, int, int]], lay: Layout) -> list:
+    """Post (tensor, group_rank, tag) sends and receives at once; returns the works to wait on.
+
+    Tags keep gloo's matching unambiguous (NCCL matches by order, which is the same on both ends).
+    """
+    ops = [dist.P2POp(dist.isend, t, lay.peer(p), lay.group, tag) for t, p, tag in sends]
+    ops += [dist.P2POp(dist.irecv, t, lay.peer(p), lay.group, tag) for t, p, tag in recvs]
+    for t, _, _ in sends:
+        _count(_nbytes(t))
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def wait(works: list) -> None:
+    for w in works:
+        w.wait()

@@ -1,0 +1,322 @@
+"""Distributed strategies (`gather`, `ring`) against the float64 reference on the concatenated batch.
+
+Contract (DESIGN.md, issue 3): with W ranks holding b_r pairs each (uneven sizes allowed, B = sum),
+rank r returns L_r with mean_r L_r = L (the loss of the concatenated batch); after L_r.backward()
+its feature gradients are W * dL/d(its features), and the mean over ranks of its logit_scale /
+logit_bias gradients is dL/ds, dL/dbias; for SigLIP each rank's scale/bias gradient is exactly
+dL_r/ds, dL_r/dbias and L_r = W/B * (its rows' terms); for CLIP, L_r = W/(2B) * (its rows' and its
+columns' terms). Checked for W = 1..4, both losses, both strategies, float64 and float32 (and
+bfloat16/float16 at W = 2), the 'torch', 'dense' and (W = 2, interpreted) 'triton' backends,
+gather's NCCL reduce-scatter path (driven on gloo), uneven sizes with a rank of b = 1, no-grad /
+frozen-image / scaled-loss backward, a subgroup (4 ranks in two groups of 2), strategy="auto"
+picking ring, and ranks disagreeing on D, dtype, backend or requires_grad (or one rank with an empty
+batch) all raising ValueError on every rank (and the world still working afterwards).
+Tolerance: tests/_tolerance.py's rule, 2x plain PyTorch's error at the same precision + a floor.
+Each world is spawned once (module-scoped) and runs many cases; results come back through files.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import megabatch as mb
+from _dist_utils import run_world
+from _tolerance import FLOOR, rel_err
+
+STRATEGIES = ("gather", "ring")
+LOSSES = ("clip", "siglip")
+# Two layouts per world size: the first uneven (with b = 1 where W > 1), the second another mix.
+SIZES = {1: [(7,), (1,)], 2: [(5, 1), (4, 4)], 3: [(6, 2, 5), (1, 3, 3)], 4: [(3, 1, 7, 2), (2, 2, 2, 2)]}
+MODES = ("all", "nograd", "frozen_x", "scaled")
+MISMATCHES = ("dim", "dtype", "grad", "backend", "empty")
+
+
+def make_inputs(sizes: tuple[int, ...], dim: int, dtype: torch.dtype, seed: int, big: bool) -> dict[str, Any]:
+    """Deterministic per-rank features (same values in the parent and in every worker)."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(sizes)
+    x = torch.randn(total, dim, generator=gen, dtype=torch.float64)
+    y = x + 1.5 * torch.randn(total, dim, generator=gen, dtype=torch.float64)  # correlated positives
+    if big:  # unnormalised: logits in the hundreds
+        x, y, scale, bias = 3 * x, 3 * y, 7.0, -10.0
+    else:
+        x, y, scale, bias = F.normalize(x, dim=1), F.normalize(y, dim=1), 20.0, -3.0
+    return {"x": x.to(dtype), "y": y.to(dtype), "scale": scale, "bias": bias}
+
+
+def make_cases(world: int) -> list[dict[str, Any]]:
+    cases = []
+    for k, sizes in enumerate(SIZES[world]):
+        dim = (17, 3)[k]
+        for strategy, loss, dtype in itertools.product(STRATEGIES, LOSSES, (torch.float64, torch.float32)):
+            backend = "dense" if (k == 1 and dtype == torch.float64) else "torch"
+            cases.append(dict(sizes=sizes, dim=dim, strategy=strategy, loss=loss, dtype=dtype, backend=backend,
+                              seed=100 * world + 10 * k + len(cases), big=k == 1, mode="all"))
+    if world == 2:  # half precisions travel as they are; accumulation stays float32
+        for strategy, loss, dtype in itertools.product(STRATEGIES, LOSSES, (torch.bfloat16, torch.float16)):
+            cases.append(dict(sizes=(6, 3), dim=17, strategy=strategy, loss=loss, dtype=dtype, backend="torch",
+                              seed=31, big=False, mode="all"))
+        for strategy, loss in itertools.product(STRATEGIES, LOSSES):  # the fused kernels (interpreted on CPU)
+            cases.append(dict(sizes=(5, 2), dim=17, strategy=strategy, loss=loss, dtype=torch.float32,
+                              backend="triton", seed=37, big=True, mode="all"))
+    if world == 3:  # gradient modes that change which collectives run
+        for mode, strategy, loss in itertools.product(MODES[1:], STRATEGIES, LOSSES):
+            cases.append(dict(sizes=(2, 4, 1), dim=5, strategy=strategy, loss=loss, dtype=torch.float64,
+                              backend="torch", seed=7, big=False, mode=mode))
+    return cases
+
+
+def compute(case: dict[str, Any], rank: int, group: Any = None, rows: slice | None = None) -> dict[str, Any]:
+    """One rank's loss and gradients for `case`; `rows` picks this rank's slice of the batch."""
+    data = make_inputs(case["sizes"], case["dim"], case["dtype"], case["seed"], case["big"])
+    if rows is None:
+        lo = sum(case["sizes"][:rank])
+        rows = slice(lo, lo + case["sizes"][rank])
+    mode = case["mode"]
+    x = data["x"][rows].clone().requires_grad_(mode != "frozen_x")
+    y = data["y"][rows].clone().requires_grad_()
+    scale = torch.tensor(data["scale"], dtype=case["dtype"], requires_grad=True)
+    bias = torch.tensor(data["bias"], dtype=case["dtype"], requires_grad=True)
+    kw = dict(strategy=case["strategy"], backend=case["backend"], group=group)
+    with torch.set_grad_enabled(mode != "nograd"):
+        if case["loss"] == "clip":
+            loss = mb.clip_loss(x, y, scale, **kw)
+        else:
+            loss = mb.siglip_loss(x, y, scale, bias, **kw)
+    if mode != "nograd":
+        (3.0 * loss if mode == "scaled" else loss).backward()
+    grad = lambda t: None if t.grad is None else t.grad.double()  # noqa: E731
+    return {"loss": loss.detach().double(), "dx": grad(x), "dy": grad(y), "ds": grad(scale), "db": grad(bias),
+            "dtype": loss.dtype, "grad_dtypes": {t.grad.dtype for t in (x, y, scale, bias) if t.grad is not None}}
+
+
+def loss_terms(loss: str, logits: torch.Tensor, bias: torch.Tensor):
+    """Per-row and per-column loss terms (CLIP) or per-row terms and None (SigLIP) of S = logits."""
+    if loss == "clip":
+        diag = torch.diagonal(logits)
+        return torch.logsumexp(logits, 1) - diag, torch.logsumexp(logits, 0) - diag
+    z = 2 * torch.eye(logits.shape[0], dtype=logits.dtype) - 1
+    return -F.logsigmoid(z * (logits + bias)).sum(1), None
+
+
+def per_rank_losses(case: dict[str, Any], logits: torch.Tensor, bias: torch.Tensor) -> list[torch.Tensor]:
+    """L_r = W/(2B) (rank r's row and column terms) for CLIP, W/B (its row terms) for SigLIP."""
+    sizes, world = case["sizes"], len(case["sizes"])
+    rows, cols = loss_terms(case["loss"], logits, bias)
+    norm = (2 if case["loss"] == "clip" else 1) * sum(sizes)
+    out = []
+    for r in range(world):
+        part = slice(sum(sizes[:r]), sum(sizes[: r + 1]))
+        out.append(world / norm * (rows[part].sum() + (0 if cols is None else cols[part].sum())))
+    return out
+
+
+def reference(case: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """Global and per-rank losses and gradients, computed plainly with autograd in `dtype`."""
+    data = make_inputs(case["sizes"], case["dim"], case["dtype"], case["seed"], case["big"])
+    world = len(case["sizes"])
+    x = data["x"].to(dtype).requires_grad_()
+    y = data["y"].to(dtype).requires_grad_()
+    scale = torch.tensor(data["scale"], dtype=dtype, requires_grad=True)
+    bias = torch.tensor(data["bias"], dtype=dtype, requires_grad=True)
+    per_rank = per_rank_losses(case, scale * x @ y.T, bias)
+    out: dict[str, Any] = {"per_rank": [p.detach().double() for p in per_rank]}
+    if case["loss"] == "siglip":  # each rank's scale/bias gradient is dL_r/ds exactly
+        out["ds_r"] = [torch.autograd.grad(p, scale, retain_graph=True)[0].double() for p in per_rank]
+        out["db_r"] = [torch.autograd.grad(p, bias, retain_graph=True)[0].double() for p in per_rank]
+    total = sum(per_rank) / world
+    total.backward()
+    if dtype == torch.float64:  # the per-rank split sums to the library's own reference loss
+        lib = mb.clip_loss_reference(x, y, scale) if case["loss"] == "clip" else mb.siglip_loss_reference(x, y, scale, bias)
+        assert torch.allclose(total, lib, rtol=1e-12)
+    out.update(loss=total.detach().double(), dx=world * x.grad.double(), dy=world * y.grad.double(),
+               ds=scale.grad.double(), db=None if bias.grad is None else bias.grad.double())
+    return out
+
+
+def error_sizes(case: dict[str, Any]) -> dict[str, Any]:
+    """What each error is measured against (see _tolerance.py): the scalar gradients sum_ij G_ij M_ij
+    (resp. G_ij) can cancel far below their terms, so they are measured against sum |G_ij M_ij|."""
+    data = make_inputs(case["sizes"], case["dim"], torch.float64, case["seed"], case["big"])
+    x, y = data["x"].double(), data["y"].double()
+    m = x @ y.T
+    logits = (data["scale"] * m).requires_grad_()
+    bias = torch.tensor(data["bias"], dtype=torch.float64)
+    per_rank = per_rank_losses(case, logits, bias)
+    (g,) = torch.autograd.grad(sum(per_rank) / len(per_rank), logits)
+    world, bounds = len(per_rank), [sum(case["sizes"][:r]) for r in range(len(per_rank) + 1)]
+    stripe = lambda t, r: world * t[bounds[r] : bounds[r + 1]].abs().sum()  # noqa: E731
+    return {"ds": (g * m).abs().sum(), "db": g.abs().sum(),
+            "ds_r": [stripe(g * m, r) for r in range(world)], "db_r": [stripe(g, r) for r in range(world)],
+            "max_logit": float(abs(data["scale"]) * x.norm(dim=1).max() * y.norm(dim=1).max())}
+
+
+def check_case(case: dict[str, Any], got: list[dict[str, Any]]) -> None:
+    """Compare every rank's result for `case` with the float64 reference under the convention."""
+    dtype, mode, world = case["dtype"], case["mode"], len(got)
+    ref, sizes = reference(case, torch.float64), error_sizes(case)
+    plain = reference(case, dtype) if dtype != torch.float64 else None
+    factor = 3.0 if mode == "scaled" else 1.0
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+    def close(name: str, value: torch.Tensor, key: str, r: int | None = None, factor: float = 1.0) -> None:
+        pick = (lambda d: d[key]) if r is None else (lambda d: d[key][r])  # noqa: E731
+        want = factor * pick(ref)
+        denom = float(want.norm())
+        if key in sizes:
+            denom = max(denom, factor * float(pick(sizes)))
+        bound = FLOOR[dtype] + (2 * rel_err(pick(plain), pick(ref), denom / factor) if plain is not None else 0.0)
+        if case["loss"] == "clip" and key in ("loss", "per_rank"):  # lse stored in fp32: see _tolerance.py
+            bound += 4 * eps * sizes["max_logit"] * (world if key == "per_rank" else 1) / max(denom, 1e-30)
+        err = rel_err(value, want, denom)
+        assert err <= bound, f"{case}: {name} relative error {err:.2e} > {bound:.2e}"
+
+    assert all(g["dtype"] == (torch.float64 if dtype == torch.float64 else torch.float32) for g in got)
+    assert all(g["grad_dtypes"] <= {dtype} for g in got), "gradients must come back in the inputs' dtype"
+    close("mean loss", torch.stack([g["loss"] for g in got]).mean(), "loss")
+    for r, g in enumerate(got):
+        close(f"L_{r}", g["loss"], "per_rank", r)
+    if mode == "nograd":
+        assert all(g[k] is None for g in got for k in ("dx", "dy", "ds", "db"))
+        return
+    if mode == "frozen_x":
+        assert all(g["dx"] is None for g in got)
+    else:
+        close("W * dL/dx", torch.cat([g["dx"] for g in got]), "dx", factor=factor)
+    close("W * dL/dy", torch.cat([g["dy"] for g in got]), "dy", factor=factor)
+    close("mean dL/ds", torch.stack([g["ds"] for g in got]).mean(), "ds", factor=factor)
+    if case["loss"] == "siglip":
+        close("mean dL/dbias", torch.stack([g["db"] for g in got]).mean(), "db", factor=factor)
+        for r, g in enumerate(got):
+            close(f"dL_{r}/ds", g["ds"], "ds_r", r, factor)
+            close(f"dL_{r}/dbias", g["db"], "db_r", r, factor)
+    else:
+        assert all(g["db"] is None for g in got)
+
+
+# ----------------------------------------------------------------------------- worker functions
+
+
+def world_worker(rank: int, world: int) -> dict[str, Any]:
+    """All of a world's cases; worlds 2, 3, 4 also run the auto, mismatch and subgroup checks
+    (process start-up, not the cases, is what costs time on a small machine)."""
+    out: dict[str, Any] = {"cases": [compute(c, rank) for c in make_cases(world)]}
+    if world == 2:  # strategy="auto" must resolve to ring and give ring's exact bits
+        from megabatch import strategies
+
+        case = dict(make_cases(2)[0], strategy="auto", loss="clip")
+        out["auto_name"] = strategies.resolve("auto", None)
+        out["auto"] = compute(case, rank)
+        out["ring"] = compute(dict(case, strategy="ring"), rank)
+    if world >= 3:  # gather's NCCL path (padded reduce-scatter), which gloo also has on torch 2.13
+        from megabatch.strategies import _comm
+
+        default, _comm.use_reduce_scatter = _comm.use_reduce_scatter, lambda t, lay: True
+        out["reduce_scatter"] = [compute(c, rank) for c in make_cases(world) if c["strategy"] == "gather"]
+        _comm.use_reduce_scatter = default
+    if world == 3:
+        out["mismatch"] = mismatch_worker(rank)
+    if world == 4:
+        out["subgroups"] = subgroup_worker(rank)
+    return out
+
+
+def subgroup_worker(rank: int) -> list[dict[str, Any]]:
+    import torch.distributed as dist
+
+    groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]  # every rank creates both
+    mine, pos = groups[rank % 2], rank // 2
+    results = []
+    for case in subgroup_cases(rank % 2):
+        lo = sum(case["sizes"][:pos])
+        results.append(compute(case, rank, group=mine, rows=slice(lo, lo + case["sizes"][pos])))
+    return results
+
+
+def subgroup_cases(which: int) -> list[dict[str, Any]]:
+    sizes = [(3, 5), (1, 4)][which]
+    return [dict(sizes=sizes, dim=17, strategy=s, loss=l, dtype=d, backend="torch", seed=50 + which, big=False,
+                 mode="all") for s, l, d in itertools.product(STRATEGIES, LOSSES, (torch.float64, torch.float32))]
+
+
+def mismatch_worker(rank: int) -> dict[str, Any]:
+    """Every rank records the exception each disagreement raised, then runs one healthy case."""
+    errors = {}
+    for kind, strategy, loss in itertools.product(MISMATCHES, STRATEGIES, LOSSES):
+        dim = 16 if kind == "dim" and rank == 1 else 17
+        dtype = torch.float64 if kind == "dtype" and rank == 2 else torch.float32
+        b = 0 if kind == "empty" and rank == 2 else 2 + rank  # one rank's data ran out
+        x = torch.randn(b, dim, dtype=dtype, requires_grad=not (kind == "grad" and rank == 0))
+        y = torch.randn(b, dim, dtype=dtype, requires_grad=True)
+        kw = dict(strategy=strategy, backend="dense" if kind == "backend" and rank == 1 else "torch")
+        try:
+            mb.clip_loss(x, y, 10.0, **kw) if loss == "clip" else mb.siglip_loss(x, y, 10.0, -5.0, **kw)
+            errors[kind, strategy, loss] = None
+        except Exception as e:  # noqa: BLE001 - the parent checks type and message
+            errors[kind, strategy, loss] = (type(e).__name__, str(e))
+    return {"errors": errors, "healthy": compute(make_cases(3)[0], rank)}
+
+
+# ----------------------------------------------------------------------------- tests
+
+_worlds: dict[int, list[dict[str, Any]]] = {}
+
+
+@pytest.fixture(scope="module")
+def world_results(tmp_path_factory: pytest.TempPathFactory):
+    def get(world: int) -> list[dict[str, Any]]:
+        if world not in _worlds:
+            _worlds[world] = run_world(world_worker, world, tmp_path_factory.mktemp(f"world{world}"))
+        return _worlds[world]
+
+    return get
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_matches_reference(world: int, world_results) -> None:
+    results = world_results(world)
+    cases = make_cases(world)
+    assert all(len(r["cases"]) == len(cases) for r in results)
+    for k, case in enumerate(cases):
+        check_case(case, [r["cases"][k] for r in results])
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_gather_reduce_scatter_path(world: int, world_results) -> None:
+    results = world_results(world)
+    cases = [c for c in make_cases(world) if c["strategy"] == "gather"]
+    assert all(len(r["reduce_scatter"]) == len(cases) > 0 for r in results)
+    for k, case in enumerate(cases):
+        check_case(case, [r["reduce_scatter"][k] for r in results])
+
+
+def test_auto_picks_ring(world_results) -> None:
+    results = world_results(2)
+    assert [r["auto_name"] for r in results] == ["ring", "ring"]
+    for r in results:
+        for key in ("loss", "dx", "dy", "ds"):
+            assert torch.equal(r["auto"][key], r["ring"][key]), key
+
+
+def test_subgroups(world_results) -> None:
+    results = [r["subgroups"] for r in world_results(4)]
+    for which in (0, 1):
+        members = [results[which], results[which + 2]]  # global ranks of group `which`, in group order
+        for k, case in enumerate(subgroup_cases(which)):
+            check_case(case, [m[k] for m in members])
+
+
+def test_disagreeing_ranks_raise_everywhere(world_results) -> None:
+    results = [r["mismatch"] for r in world_results(3)]
+    words = {"dim": "feature dim D", "dtype": "same dtype", "grad": "need gradients", "backend": "same backend",
+             "empty": "empty batch on group rank(s) [2]"}
+    for r, res in enumerate(results):
+        assert len(res["errors"]) == len(MISMATCHES) * len(STRATEGIES) * len(LOSSES)
+        for (kind, strategy, loss), err in res["errors"].items():
+            assert err is not None, f"rank {r}: {kind} mismatch with {strategy}/{loss} did not raise"
+            assert err[0] == "ValueError" and words[kind] in err[1], (r, kind, strategy, loss, err)
+    check_case(make_cases(3)[0], [res["healthy"] for res in results])
