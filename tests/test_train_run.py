@@ -70,7 +70,8 @@ def test_resume_reproduces_the_uninterrupted_curve(tmp_path):
     end_resumed = train(cfg)
     a, b = records(full), records(resumed)
     assert [r["step"] for r in b] == [5, 6, 7, 8]
-    assert [(r["loss"], r["logit_scale"], r["lr"]) for r in a[4:]] == [(r["loss"], r["logit_scale"], r["lr"]) for r in b]
+    curve = lambda rs: [(r["loss"], r["logit_scale"], r["lr"]) for r in rs]  # noqa: E731
+    assert curve(a[4:]) == curve(b)
     assert {k: end_full[k] for k in EVAL_KEYS} == {k: end_resumed[k] for k in EVAL_KEYS}
     # Resuming in place (the run directory itself) keeps the log up to the checkpoint.
     cfg = resume_config(full / "checkpoints" / "step_000004.pt", {})
@@ -103,8 +104,10 @@ class _LinearClip(torch.nn.Module):
 def test_user_model_in_bf16(tmp_path):
     model = _LinearClip()
     before = model.image.weight.detach().clone()
-    tokenize = lambda texts: torch.tensor([[hash(w) % 300 for w in t.split()][:6] + [0] * (6 - len(t.split()[:6]))  # noqa: E731
-                                           for t in texts])
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        ids = [[sum(map(ord, w)) % 300 for w in t.split()][:6] for t in texts]
+        return torch.tensor([row + [0] * (6 - len(row)) for row in ids])
+
     final = train(from_preset("tiny", steps=2, precision="bf16", output=str(tmp_path), progress=False), model=model,
                   tokenizer=tokenize)
     assert not torch.equal(model.image.weight, before) and np.isfinite(records(tmp_path)[-1]["loss"])

@@ -45,7 +45,10 @@ class ModelConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"model.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+            raise ValueError(f"model.image_size ({self.image_size}) must be a multiple of model.patch_size "
+                             f"({self.patch_size})")
+        if self.vision_width % 4:
+            raise ValueError(f"model.vision_width ({self.vision_width}) must be a multiple of 4 (sin-cos positions)")
         for tower in ("vision", "text"):
             width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
             if width % heads:
@@ -99,7 +102,8 @@ class TrainConfig:
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
         if self.micro_batch_size > self.batch_size:
-            raise ValueError(f"--micro-batch-size ({self.micro_batch_size}) must not exceed --batch-size ({self.batch_size})")
+            raise ValueError(f"--micro-batch-size ({self.micro_batch_size}) must not exceed --batch-size "
+                             f"({self.batch_size})")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0:

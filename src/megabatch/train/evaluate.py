@@ -1,9 +1,9 @@
 """Held-out evaluation: zero-shot classification with prompts, and image<->text retrieval R@1/5/10.
 
-Ties rank against the model. Retrieval runs over the evaluation images and their *distinct* captions (several images may share
-one caption). image->text: is the image's caption among the k texts most similar to it? (chance
-k/u for u distinct captions). text->image: is one of the images carrying that caption among the k
-most similar images? (chance 1 - C(n-m, k)/C(n, k) for m such images of n, averaged).
+Retrieval runs over the evaluation images and their *distinct* captions (several images may share
+one caption); ties rank against the model. image->text: is the image's caption among the k texts
+most similar to it? (chance k/u for u distinct captions). text->image: is one of the images
+carrying that caption among the k most similar? (chance 1 - C(n-m, k)/C(n, k) for m of n, averaged).
 Zero-shot: a class's embedding is the normalised mean of its prompts' normalised embeddings;
 top-1 accuracy, with the majority-class rate as chance. `zero_shot_top1` averages the tasks. A
 task may score properties of its classes (zero_shot_<attribute>_top1: the predicted class has the

@@ -41,7 +41,8 @@ def summary(cfg: TrainConfig, world: int, final: dict[str, Any], seconds: float)
     ]
     if final:
         chance = final.get("chance", {})
-        lines.append(f"held-out eval at step {final['step']}: {final.get('eval_set') or str(final['n_images']) + ' images'}")
+        about = final.get("eval_set") or f"{final['n_images']} images"
+        lines.append(f"held-out eval at step {final['step']}: {about}")
         for task, classes in final.get("zero_shot_classes", {}).items():
             key = f"zero_shot_{task}_top1"
             lines.append(_row(f"zero-shot top-1, {task} ({classes}-way)", final[key], chance.get(key)))

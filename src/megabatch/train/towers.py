@@ -6,8 +6,8 @@ parameters `logit_scale` (log of the multiplier; CLIP init log(1/0.07), SigLIP l
 at log(100) after every step) and `logit_bias` (SigLIP, init -10). Any module with those members
 (e.g. an open_clip model) can be trained by `megabatch.train.loop.train(cfg, model=...)`.
 
-Both towers are pre-norm transformers. The ViT (fixed 2-D sin-cos positions) mean-pools its patch tokens; the text tower reads
-the output at <cls> (position 0) and masks <pad> tokens out of attention.
+Both towers are pre-norm transformers. The ViT (fixed 2-D sin-cos positions) mean-pools its patch
+tokens; the text tower reads the output at <cls> (position 0) and masks <pad> out of attention.
 """
 from __future__ import annotations
 
