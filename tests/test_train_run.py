@@ -3,8 +3,9 @@ object per logged step with step, loss, logit_scale, samples_per_s, peak_mem_mb)
 shot top-1 and R@1/5/10 both ways, with chance levels and history), curves.png and a checkpoint;
 the loss goes down and the held-out metrics beat chance; resuming from a mid-run checkpoint
 reproduces the uninterrupted run's loss curve and final evaluation exactly; SigLIP trains its bias;
-digits and a CSV table (with a missing image and an empty caption, skipped and counted) train too;
-the command line prints the summary.
+digits, a CSV table (with a missing image and an empty caption, skipped and counted) and webdataset
+shards train too; a user model with encode_image/encode_text trains in bf16; the command line prints
+the summary.
 """
 from __future__ import annotations
 
@@ -147,3 +148,24 @@ def test_csv_with_bad_rows_and_cli(tmp_path, capsys):
         assert main(["--preset", "tiny", "--data", f"csv:{tmp_path / 'pairs.tsv'}", "--steps", "1", "--batch-size",
                      "8", "--micro-batch-size", "8", "--output", str(bare), "--no-progress"]) == 0
     assert (bare / "curves.png").exists() and (bare / "metrics.jsonl").exists() and not (bare / "eval.json").exists()
+
+
+def test_webdataset_shards(tmp_path):
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(1)
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"shard-{shard}.tar", "w") as tar:
+            for i in range(12):
+                buf = io.BytesIO()
+                Image.fromarray((rng.random((9, 9, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+                for ext, data in (("png", buf.getvalue()), ("txt", f"sample {shard} {i}".encode())):
+                    info = tarfile.TarInfo(f"{shard:02d}{i:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "run"
+    pattern = str(tmp_path / "shard-{0..1}.tar")
+    final = train(from_preset("tiny", data=f"wds:{pattern}", eval_data=f"wds:{pattern}", eval_size=10, steps=2,
+                              batch_size=16, micro_batch_size=8, context_length=16, output=str(out), progress=False))
+    assert final["n_images"] == 10 and len(records(out)) == 1 and records(out)[0]["data_skipped"] == 0
