@@ -1,0 +1,34 @@
+"""megabatch train: a CLIP/SigLIP run at a huge contrastive batch (GradCache + megabatch losses).
+
+Usage:
+    megabatch train --preset demo                       # also: python -m megabatch.train
+    megabatch train --loss siglip --batch-size 8192 --micro-batch-size 512 --steps 300 --output runs/x
+    megabatch train --data csv:pairs.tsv --preset small   # or --data wds:'shards/{000..099}.tar'
+    megabatch train --resume runs/x                      # continue from the newest checkpoint
+    torchrun --nproc_per_node N -m megabatch.train ...   # N ranks (gloo on CPU, nccl on GPU); the
+                                                         # global batch is split N ways, loss is ring
+
+Presets: tiny, demo, small, base (see megabatch.train.config.PRESETS); flags override a preset.
+Outputs in --output: metrics.jsonl, eval.json, curves.png, config.json, checkpoints/step_*.pt.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Parse `argv` (default sys.argv[1:]), train, print the held-out summary. Returns an exit code."""
+    from .checkpoint import resume_config
+    from .config import parse_args
+    from .loop import train
+
+    cfg, given = parse_args(argv, epilog=__doc__)
+    if cfg.resume:
+        try:
+            cfg = resume_config(cfg.resume, given)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"megabatch train: error: {e}", file=sys.stderr)
+            return 2
+    train(cfg)
+    return 0

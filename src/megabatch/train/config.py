@@ -1,0 +1,223 @@
+"""The typed, validated configuration of a training run, its presets, and its command line.
+
+A run is one `TrainConfig` (with a nested `ModelConfig` for the towers). A preset fills every field;
+explicit flags override it; `validate()` rejects inconsistent values with a ValueError that names
+the field (the command line turns it into a usage error). The config travels in checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+LOSSES = ("clip", "siglip")
+STRATEGIES = ("auto", "local", "gather", "ring")
+BACKENDS = ("auto", "torch", "triton", "dense")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the built-in towers: a ViT over image patches and a text transformer."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    vision_width: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 2
+    text_width: int = 64
+    text_depth: int = 2
+    text_heads: int = 2
+    context_length: int = 16
+    embed_dim: int = 64
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        for name in ("image_size", "patch_size", "vision_width", "vision_depth", "vision_heads", "text_width",
+                     "text_depth", "text_heads", "context_length", "embed_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"model.image_size ({self.image_size}) must be a multiple of model.patch_size "
+                             f"({self.patch_size})")
+        if self.vision_width % 4:
+            raise ValueError(f"model.vision_width ({self.vision_width}) must be a multiple of 4 (sin-cos positions)")
+        for tower in ("vision", "text"):
+            width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
+            if width % heads:
+                raise ValueError(f"model.{tower}_width ({width}) must be a multiple of {tower}_heads ({heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. `batch_size` is the global contrastive batch (all ranks)."""
+
+    loss: str = "clip"
+    batch_size: int = 256
+    micro_batch_size: int = 64
+    steps: int = 100
+    warmup_steps: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    data: str = "synthetic"
+    eval_data: Optional[str] = None
+    eval_size: int = 1000
+    output: str = "runs/train"
+    strategy: str = "auto"
+    backend: str = "auto"
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    threads: int = 0
+    resume: Optional[str] = None
+    eval_every: int = 0
+    log_every: int = 10
+    ckpt_every: int = 0
+    keep_checkpoints: int = 2
+    progress: bool = True
+    preset: str = "small"
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> "TrainConfig":
+        choices = {"loss": LOSSES, "strategy": STRATEGIES, "backend": BACKENDS, "precision": PRECISIONS,
+                   "device": DEVICES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for name in ("batch_size", "micro_batch_size", "steps", "log_every", "keep_checkpoints", "eval_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "seed", "threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(f"--micro-batch-size ({self.micro_batch_size}) must not exceed --batch-size "
+                             f"({self.batch_size})")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        for name in ("data", "eval_data"):
+            spec = getattr(self, name)
+            kind, _, path = (spec or "").partition(":")
+            if not (spec is None and name == "eval_data" or spec in ("synthetic", "digits")
+                    or kind in ("csv", "wds") and path):
+                raise ValueError(f"{_flag(name)} must be synthetic, digits, csv:PATH or wds:PATTERN; got {spec!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
+        self.model.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        model = ModelConfig(**d.pop("model", {}))
+        return cls(model=model, **d)
+
+
+_TINY_MODEL = dict(image_size=32, patch_size=8, vision_width=64, vision_depth=1, vision_heads=2, text_width=64,
+                   text_depth=1, text_heads=2, context_length=8, embed_dim=64)
+_DEMO_MODEL = dict(image_size=32, patch_size=8, vision_width=64, vision_depth=1, vision_heads=2, text_width=64,
+                   text_depth=1, text_heads=2, context_length=8, embed_dim=64)
+_BASE_MODEL = dict(image_size=64, patch_size=8, vision_width=384, vision_depth=6, vision_heads=6, text_width=384,
+                   text_depth=6, text_heads=6, context_length=32, embed_dim=256)
+
+# Each preset sets every run-shape field; flags given on the command line override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(batch_size=64, micro_batch_size=32, steps=30, warmup_steps=3, lr=1e-3, log_every=5, threads=1,
+                 model=_TINY_MODEL),
+    # `make demo`: 200 steps at a contrastive batch of 4,096 in micro-batches of 512 on a 2-core CPU,
+    # best as 2 ranks (torchrun). One thread per process: on a shared machine two OpenMP threads wait
+    # on each other (3x slower measured).
+    "demo": dict(batch_size=4096, micro_batch_size=512, steps=200, warmup_steps=15, lr=1e-3, log_every=5,
+                 eval_every=50, threads=1, output="runs/demo", model=_DEMO_MODEL),
+    "small": dict(batch_size=1024, micro_batch_size=256, steps=500, warmup_steps=25, lr=1e-3, log_every=10,
+                  eval_every=100, model={}),
+    "base": dict(batch_size=32768, micro_batch_size=512, steps=10000, warmup_steps=500, lr=5e-4, log_every=20,
+                 eval_every=1000, ckpt_every=1000, model=_BASE_MODEL),
+}
+_MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "context_length", "dropout")
+
+
+def from_preset(name: str, **overrides: Any) -> TrainConfig:
+    """The config of preset `name` with `overrides` (model fields may be given flat or as `model=`)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {name!r}")
+    preset = dict(PRESETS[name])
+    model = ModelConfig(**preset.pop("model"))
+    model_overrides = dict(overrides.pop("model", {}))
+    model_overrides.update({k: overrides.pop(k) for k in list(overrides) if k in _MODEL_FLAGS})
+    model = dataclasses.replace(model, **model_overrides)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
+    return TrainConfig(**{**preset, **overrides, "preset": name, "model": model}).validate()
+
+
+def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megabatch train",
+        description="Train a CLIP/SigLIP image-text model at a huge contrastive batch (GradCache + megabatch "
+        "losses). Launch multi-process with: torchrun --nproc_per_node N -m megabatch.train ...",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", choices=tuple(PRESETS), default="small", help="sizes and schedule (default small)")
+    p.add_argument("--loss", choices=LOSSES)
+    p.add_argument("--batch-size", type=int, help="global contrastive batch over all ranks")
+    p.add_argument("--micro-batch-size", type=int, help="encoder micro-batch per rank (GradCache)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--data", help="synthetic (default), digits, csv:PATH or wds:PATTERN")
+    p.add_argument("--eval-data", help="held-out data spec (default: the training data's own held-out split)")
+    p.add_argument("--eval-size", type=int, help="pairs read from --eval-data files (default 1000)")
+    p.add_argument("--output", help="run directory (metrics.jsonl, eval.json, curves.png, checkpoints)")
+    p.add_argument("--strategy", choices=STRATEGIES)
+    p.add_argument("--backend", choices=BACKENDS)
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads per process (0: torch's default)")
+    p.add_argument("--resume", help="checkpoint file, or a run directory (its latest checkpoint)")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (0: only at the end)")
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--embed-dim", type=int)
+    p.add_argument("--context-length", type=int, help="text tokens incl. <cls> (byte tokenizer: ~64)")
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    return p
+
+
+def parse_args(argv: Optional[list[str]] = None, epilog: Optional[str] = None) -> tuple[TrainConfig, dict[str, Any]]:
+    """Parse flags into a validated config; also return the flags given explicitly (for --resume).
+
+    Bad flags or values exit with status 2 and a usage message naming the flag.
+    """
+    parser = _parser(epilog)
+    ns = parser.parse_args(argv)
+    given = {k: v for k, v in vars(ns).items() if v is not None and k != "preset"}
+    try:
+        return from_preset(ns.preset, **given), given
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+        raise  # unreachable: parser.error exits

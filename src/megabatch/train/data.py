@@ -1,0 +1,89 @@
+"""Data sources for `megabatch train`: what a training stream and an evaluation set look like.
+
+A training stream serves slices of global batches: `batch(step, size, start, stop)` returns samples
+[start, stop) of global batch `step` (of `size` samples) as (images (n, 3, S, S) float32, captions list[str]); rank r of
+W reads [r*b, (r+1)*b) with b = B / W. Streams whose samples are a function of (seed, step, index)
+(synthetic, digits) resume from the step alone; file streams also carry a `state_dict()`.
+
+`--data` specs: "synthetic" (default), "digits", "csv:PATH" (also .tsv), "wds:PATTERN". The
+evaluation set is the data's own held-out split (synthetic: unseen combinations; digits: 300
+images) unless `--eval-data` names another spec (files: their first `--eval-size` pairs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+import numpy as np
+from torch import Tensor
+
+
+@dataclass
+class ZeroShotTask:
+    """Zero-shot classification: class c's text embedding is the mean over prompts[c].
+
+    labels: (n,) int64, the true class of each evaluation image.
+    attributes: optional {name: (num_classes,) int64}, a property of each class (e.g. its shape);
+        the evaluation also reports how often the predicted class has the true class's property.
+    """
+
+    name: str
+    classes: list[str]
+    prompts: list[list[str]]
+    labels: np.ndarray
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class EvalData:
+    """Held-out images (n, 3, S, S) with one caption each, and zero-shot tasks over the same images."""
+
+    images: Tensor
+    captions: list[str]
+    tasks: list[ZeroShotTask]
+    description: str = ""
+
+
+class TrainStream(Protocol):
+    name: str
+    vocabulary: Optional[list[str]]
+
+    def batch(self, step: int, size: int, start: int, stop: int) -> tuple[Tensor, list[str]]: ...
+
+    def eval_set(self) -> Optional[EvalData]: ...
+
+
+def build_data(spec: str, image_size: int, seed: int, rank: int = 0, world: int = 1) -> TrainStream:
+    """Resolve a `--data` spec to a stream (file streams read only this rank's shard)."""
+    if spec == "synthetic":
+        from .synthetic import SyntheticShapes
+
+        return SyntheticShapes(image_size=image_size, seed=seed)
+    if spec == "digits":
+        from .digits import Digits
+
+        return Digits(image_size=image_size, seed=seed)
+    kind, _, path = spec.partition(":")
+    if kind in ("csv", "wds") and path:
+        from .filestream import FileStream
+
+        return FileStream(kind, path, image_size=image_size, seed=seed, rank=rank, world=world)
+    raise ValueError(f"--data must be synthetic, digits, csv:PATH or wds:PATTERN, got {spec!r}")
+
+
+def build_eval(spec: Optional[str], stream: TrainStream, image_size: int, seed: int, limit: int) -> Optional[EvalData]:
+    """The evaluation set: `spec`'s (--eval-data) if given, else the training data's own held-out set."""
+    if spec is None:
+        return stream.eval_set()
+    kind, _, path = spec.partition(":")
+    if kind in ("csv", "wds") and path:
+        from .filestream import file_eval_set
+
+        return file_eval_set(kind, path, image_size, limit)
+    return build_data(spec, image_size, seed).eval_set()
+
+
+def state_of(stream: Any) -> dict[str, Any]:
+    """A stream's resumable position beyond the step (empty for index-addressed streams)."""
+    fn = getattr(stream, "state_dict", None)
+    return fn() if callable(fn) else {}

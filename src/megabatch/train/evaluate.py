@@ -1,0 +1,89 @@
+"""Held-out evaluation: zero-shot classification with prompts, and image<->text retrieval R@1/5/10.
+
+Retrieval runs over the evaluation images and their *distinct* captions (several images may share
+one caption); ties rank against the model. image->text: is the image's caption among the k texts
+most similar to it? (chance k/u for u distinct captions). text->image: is one of the images
+carrying that caption among the k most similar? (chance 1 - C(n-m, k)/C(n, k) for m of n, averaged).
+Zero-shot: a class's embedding is the normalised mean of its prompts' normalised embeddings;
+top-1 accuracy, with the majority-class rate as chance. `zero_shot_top1` averages the tasks. A
+task may score properties of its classes (zero_shot_<attribute>_top1: the predicted class has the
+true class's attribute).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import EvalData
+
+KS = (1, 5, 10)
+
+
+def _encode(fn: Callable[[Tensor], Tensor], inputs: Tensor, device: torch.device, batch: int) -> Tensor:
+    out = [F.normalize(fn(inputs[i : i + batch].to(device)).float(), dim=-1) for i in range(0, len(inputs), batch)]
+    return torch.cat(out).cpu()
+
+
+def _chance_any_in_top_k(n: int, m: np.ndarray, k: int) -> float:
+    """Mean over queries of P(a random ranking of n items puts one of the query's m in the top k)."""
+    if k >= n:
+        return 1.0
+    miss = [math.comb(n - int(mi), k) / math.comb(n, k) for mi in m]
+    return float(1.0 - np.mean(miss))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, tokenize: Callable[[list[str]], Tensor], data: EvalData, device: torch.device, batch: int = 512
+) -> dict[str, Any]:
+    """Metrics of `model` on `data` (floats in [0, 1]) and, under "chance", what guessing scores."""
+    was_training = model.training
+    model.eval()
+    try:
+        images = _encode(model.encode_image, data.images, device, batch)
+        texts, caption_of = np.unique(np.asarray(data.captions, dtype=object), return_inverse=True)
+        text_feats = _encode(model.encode_text, tokenize(list(texts)), device, batch)
+        sims = images @ text_feats.T  # (n, u)
+        owner = torch.from_numpy(caption_of.astype(np.int64))
+        # Ties count against the model: a collapsed model (all similarities equal) ranks last.
+        is_owner = owner[:, None] == torch.arange(len(texts))[None, :]  # (n, u)
+        correct = sims.gather(1, owner[:, None])
+        i2t_rank = (sims > correct).sum(1) + ((sims == correct) & ~is_owner).sum(1)
+        best = sims.masked_fill(~is_owner, -math.inf).max(0).values
+        t2i_rank = (sims > best[None, :]).sum(0) + ((sims == best[None, :]) & ~is_owner).sum(0)
+        out: dict[str, Any] = {}
+        chance: dict[str, float] = {}
+        for k in KS:
+            out[f"i2t_r{k}"] = float((i2t_rank < k).float().mean())
+            out[f"t2i_r{k}"] = float((t2i_rank < k).float().mean())
+            chance[f"i2t_r{k}"] = min(1.0, k / len(texts))
+            chance[f"t2i_r{k}"] = _chance_any_in_top_k(len(images), is_owner.sum(0).numpy(), k)
+        accs, chances = [], []
+        for task in data.tasks:
+            flat = [p for prompts in task.prompts for p in prompts]
+            feats = _encode(model.encode_text, tokenize(flat), device, batch)
+            sizes = torch.tensor([len(p) for p in task.prompts])
+            cls = F.normalize(torch.stack([c.mean(0) for c in feats.split(sizes.tolist())]), dim=-1)
+            pred = (images @ cls.T).argmax(1).numpy()
+            acc = float((pred == task.labels).mean())
+            major = float(np.bincount(task.labels, minlength=len(task.classes)).max() / len(task.labels))
+            out[f"zero_shot_{task.name}_top1"], chance[f"zero_shot_{task.name}_top1"] = acc, major
+            for attr, value in task.attributes.items():
+                key = f"zero_shot_{attr}_top1"
+                out[key] = float((value[pred] == value[task.labels]).mean())
+                chance[key] = float(np.bincount(value[task.labels]).max() / len(task.labels))
+            accs.append(acc)
+            chances.append(major)
+        if accs:
+            out["zero_shot_top1"], chance["zero_shot_top1"] = float(np.mean(accs)), float(np.mean(chances))
+        out["n_images"], out["n_texts"], out["eval_set"] = len(images), len(texts), data.description
+        out["zero_shot_classes"] = {task.name: len(task.classes) for task in data.tasks}
+        out["chance"] = chance
+        return out
+    finally:
+        model.train(was_training)

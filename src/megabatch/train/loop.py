@@ -1,0 +1,290 @@
+"""The training loop: torchrun-aware, GradCache micro-batching, the megabatch loss, exact resume.
+
+One step over a global contrastive batch B with W ranks (b = B / W per rank):
+  1. rank r renders/reads samples [r*b, (r+1)*b) of global batch `step`;
+  2. `mb.GradCache` encodes them in micro-batches without a graph, computes the loss over the whole
+     global batch (strategy "auto" resolves to ring under torchrun, local otherwise), then re-runs
+     each micro-batch with grad, leaving the full-batch gradient in every parameter;
+  3. DDP averages the gradients once per step (GradCache drives its last micro-batch through the
+     wrapper) -- DESIGN.md's convention makes that average exactly dL/dtheta; the logged loss is
+     the mean of the ranks' losses, which is the global loss;
+  4. AdamW with linear warmup then cosine decay; the logit scale is clamped at log(100).
+Rank 0 logs metrics.jsonl, evaluates, checkpoints, and draws curves.png.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import resource
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import megabatch as mb
+
+from . import checkpoint
+from .config import TrainConfig
+from .data import build_data, build_eval, state_of
+from .evaluate import evaluate
+from .plots import plot_curves
+from .report import MetricsLog, summary
+from .tokenizer import Tokenizer
+from .towers import ContrastiveModel
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool
+
+
+def init_runtime(device: str) -> Runtime:
+    """Join the torchrun group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    owns = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        owns = True
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if use_cuda:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    return Runtime(rank, world, dev, owns)
+
+
+class _Normalized(nn.Module):
+    """One tower of `model` (encode_image or encode_text), L2-normalised, in the features' dtype
+    (bf16 under --precision bf16, where autocast may leave one tower's output in fp32)."""
+
+    def __init__(self, model: nn.Module, method: str, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.method, self.dtype = model, method, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(getattr(self.model, self.method)(x), dim=-1).to(self.dtype)
+
+
+def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on gains, biases and the logit scale/bias (tensors of < 2 dims)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def sum_over_ranks(value: Tensor | float, world: int) -> float:
+    """A scalar summed over ranks (one tiny all-reduce; on logging steps only)."""
+    if world == 1:
+        return float(value)
+    t = torch.as_tensor(value).detach().reshape(1).double().clone()
+    dist.all_reduce(t)
+    return float(t)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(
+    cfg: TrainConfig, model: Optional[nn.Module] = None, tokenizer: Optional[Callable[[list[str]], Tensor]] = None
+) -> dict[str, Any]:
+    """Run `cfg` (single process, or one rank under torchrun); returns the final evaluation on rank 0.
+
+    `model` may be any module with encode_image / encode_text / logit_scale (/ logit_bias); then
+    `tokenizer` (list[str] -> (n, L) int64) must match its text tower.
+    """
+    cfg.validate()
+    rt = init_runtime(cfg.device)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        result = _train(cfg, rt, model, tokenizer)
+        if rt.owns_group:
+            dist.barrier()
+            time.sleep(0.05)  # let gloo drain before teardown
+        return result
+    finally:
+        torch.set_num_threads(threads)
+        if rt.owns_group:
+            dist.destroy_process_group()
+
+
+@dataclass
+class _Parts:
+    """What a run is built from (fresh, or restored from a checkpoint)."""
+
+    model: nn.Module
+    tokenizer: Any
+    stream: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    start: int
+    evals: list[dict[str, Any]]
+
+
+def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer: Any) -> _Parts:
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    saved = checkpoint.load(cfg.resume) if cfg.resume else None
+    stream = build_data(cfg.data, cfg.model.image_size, cfg.seed, rt.rank, rt.world)
+    if tokenizer is None:
+        tokenizer = (Tokenizer.from_state_dict(saved["tokenizer"]) if saved
+                     else Tokenizer(cfg.model.context_length, stream.vocabulary))
+    if model is None:
+        model = ContrastiveModel(cfg.model, tokenizer.vocab_size, cfg.loss)
+    model.to(rt.device).train()
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.steps))
+    parts = _Parts(model, tokenizer, stream, optimizer, scheduler, 0, [])
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        parts.start, parts.evals = saved["step"], saved["evals"]
+        if len(saved["rng"]) == rt.world:
+            checkpoint.set_rng_state(saved["rng"][rt.rank])
+            if saved["data"][rt.rank] and hasattr(stream, "load_state_dict"):
+                stream.load_state_dict(saved["data"][rt.rank])
+        elif rt.rank == 0:
+            warnings.warn(f"resuming a {len(saved['rng'])}-rank run on {rt.world} rank(s): weights and optimizer "
+                          "are restored, but RNG and file-stream positions are not, so the curve may differ")
+    return parts
+
+
+def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer: Any) -> dict[str, Any]:
+    t_run = time.perf_counter()
+    if cfg.batch_size % rt.world:
+        raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of ranks ({rt.world})")
+    local = cfg.batch_size // rt.world
+    p = _build(cfg, rt, model, tokenizer)
+    model, evals = p.model, p.evals
+    loss_fn = functools.partial(mb.siglip_loss if cfg.loss == "siglip" else mb.clip_loss,
+                                strategy=cfg.strategy, backend=cfg.backend)
+    # Under torchrun a DDP wrapper (which broadcasts rank 0's weights) averages the gradients once
+    # per step: GradCache runs the last micro-batch through it and the others under no_sync().
+    ddp = None
+    if rt.world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                                  else None)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    gc = mb.GradCache(_Normalized(model, "encode_image", dtype), _Normalized(model, "encode_text", dtype), loss_fn,
+                      cfg.micro_batch_size, modules=ddp)
+    lead = rt.rank == 0
+    out = Path(cfg.output)
+    log = MetricsLog(out / "metrics.jsonl", keep_until=p.start) if lead else None
+    if lead:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    eval_data = build_eval(cfg.eval_data, p.stream, cfg.model.image_size, cfg.seed, cfg.eval_size) if lead else None
+    autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                else contextlib.nullcontext())
+    bar = _progress(cfg, p.start) if lead else None
+    t_window, n_window = time.perf_counter(), 0
+    for step in range(p.start, cfg.steps):
+        images, captions = p.stream.batch(step, cfg.batch_size, rt.rank * local, (rt.rank + 1) * local)
+        tokens = p.tokenizer(captions)
+        p.optimizer.zero_grad(set_to_none=True)
+        scale = model.logit_scale.exp()
+        loss_args = (scale, model.logit_bias) if cfg.loss == "siglip" else (scale,)
+        with autocast:
+            loss = gc(images.to(rt.device), tokens.to(rt.device), *loss_args)
+        p.optimizer.step()
+        p.scheduler.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        done, n_window = step + 1, n_window + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            now = time.perf_counter()
+            record = _record(cfg, rt, p, done, loss, n_window * cfg.batch_size / (now - t_window), now - t_run)
+            t_window, n_window = now, 0
+            if log is not None:
+                log.append(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
+        if bar is not None:
+            bar.update(1)
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            if eval_data is not None:
+                evals.append({"step": done, **evaluate(model, p.tokenizer, eval_data, rt.device)})
+                (out / "eval.json").write_text(json.dumps({**evals[-1], "history": evals}, indent=2))
+            if rt.world > 1:
+                dist.barrier()
+        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps:
+            _save(cfg, rt, done, p)
+    if bar is not None:
+        bar.close()
+    if log is None:
+        return {}
+    title = f"{cfg.loss} | global batch {cfg.batch_size} over {rt.world} rank(s) | {cfg.data}"
+    plot_curves(log.records, evals, out / "curves.png", title=title)
+    final = evals[-1] if evals else {}
+    print(summary(cfg, rt.world, final, time.perf_counter() - t_run), flush=True)
+    return final
+
+
+def _progress(cfg: TrainConfig, start: int) -> Any:
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+@torch.no_grad()
+def _record(cfg: TrainConfig, rt: Runtime, p: _Parts, step: int, loss: Tensor, samples_per_s: float,
+            elapsed: float) -> dict[str, Any]:
+    """One metrics.jsonl line: the global loss (mean of the ranks'), temperature, lr, throughput
+    (all ranks), peak memory (rank 0: CUDA max allocated, or the process's peak RSS on CPU)."""
+    model = p.model
+    record = {"step": step, "loss": sum_over_ranks(loss, rt.world) / rt.world,
+              "logit_scale": float(model.logit_scale.exp()), "lr": p.scheduler.get_last_lr()[0],
+              "samples_per_s": samples_per_s, "peak_mem_mb": peak_memory_mb(rt.device), "elapsed_s": elapsed}
+    if cfg.loss == "siglip":
+        record["logit_bias"] = float(model.logit_bias)
+    if hasattr(p.stream, "skipped"):
+        record["data_skipped"] = int(sum_over_ranks(float(p.stream.skipped), rt.world))
+    return record
+
+
+def _save(cfg: TrainConfig, rt: Runtime, step: int, p: _Parts) -> None:
+    rngs = checkpoint.gathered(checkpoint.rng_state(), rt.world)
+    data = checkpoint.gathered(state_of(p.stream), rt.world)
+    if rt.rank != 0:
+        return
+    payload = {"step": step, "config": cfg.to_dict(), "model": p.model.state_dict(),
+               "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
+               "tokenizer": p.tokenizer.state_dict() if hasattr(p.tokenizer, "state_dict") else None,
+               "rng": rngs, "data": data, "evals": p.evals, "world": rt.world}
+    checkpoint.save(checkpoint.checkpoint_path(cfg.output, step), payload, cfg.keep_checkpoints)

@@ -1,0 +1,123 @@
+"""Built-in towers: a small ViT and a small text transformer joined into a CLIP-like model.
+
+The training loop needs only `encode_image(images (n, 3, S, S)) -> (n, E)`,
+`encode_text(tokens (n, L) int64) -> (n, E)` (unnormalised; the loop normalises), and the scalar
+parameters `logit_scale` (log of the multiplier; CLIP init log(1/0.07), SigLIP log(10); clamped
+at log(100) after every step) and `logit_bias` (SigLIP, init -10). Any module with those members
+(e.g. an open_clip model) can be trained by `megabatch.train.loop.train(cfg, model=...)`.
+
+Both towers are pre-norm transformers. The ViT (fixed 2-D sin-cos positions) mean-pools its patch
+tokens; the text tower reads the output at <cls> (position 0) and masks <pad> out of attention.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .tokenizer import PAD
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block on (n, T, width) with an optional (n, 1, 1, T) bool key mask."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
+        n, t, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(n, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(n, t, w)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+def sincos_2d(grid: int, width: int) -> Tensor:
+    """(1, grid*grid, width) fixed 2-D sine-cosine position embeddings (MAE's), row-major patches.
+
+    Their unit scale matches the patch embeddings'; a small learned table (std 0.02) is drowned by
+    the content and a mean-pooled ViT then learns where things are very slowly.
+    """
+    if width % 4:
+        raise ValueError(f"vision_width must be a multiple of 4 for 2-D sin-cos embeddings, got {width}")
+    freqs = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                            indexing="ij")
+    parts = [f(c.reshape(-1, 1) * freqs) for c in (ys, xs) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1)[None]
+
+
+class VisionTower(nn.Module):
+    """ViT: (n, 3, S, S) -> (n, embed_dim)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        w, tokens = cfg.vision_width, (cfg.image_size // cfg.patch_size) ** 2
+        self.patch = nn.Conv2d(3, w, cfg.patch_size, stride=cfg.patch_size)
+        self.register_buffer("pos", sincos_2d(cfg.image_size // cfg.patch_size, w))
+        self.blocks = nn.ModuleList(Block(w, cfg.vision_heads, cfg.dropout) for _ in range(cfg.vision_depth))
+        self.norm = nn.LayerNorm(w)
+        self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.patch(images).flatten(2).transpose(1, 2) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.norm(x.mean(1)))
+
+
+class TextTower(nn.Module):
+    """Text transformer: (n, L) token ids -> (n, embed_dim), pooled at <cls>."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        w = cfg.text_width
+        self.embed = nn.Embedding(vocab_size, w)
+        self.pos = nn.Parameter(torch.randn(1, cfg.context_length, w) * 0.02)
+        self.blocks = nn.ModuleList(Block(w, cfg.text_heads, cfg.dropout) for _ in range(cfg.text_depth))
+        self.norm = nn.LayerNorm(w)
+        self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens) + self.pos[:, : tokens.shape[1]]
+        key_mask = (tokens != PAD)[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, key_mask)
+        return self.proj(self.norm(x[:, 0]))
+
+
+class ContrastiveModel(nn.Module):
+    """A CLIP-like pair of towers with a learnable temperature (and SigLIP bias)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, loss: str = "clip"):
+        super().__init__()
+        self.visual, self.text = VisionTower(cfg), TextTower(cfg, vocab_size)
+        init_scale = math.log(10.0) if loss == "siglip" else math.log(1 / 0.07)
+        self.logit_scale = nn.Parameter(torch.tensor(init_scale))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0), requires_grad=loss == "siglip")
+        self.apply(_init)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """(n, 3, S, S) float -> (n, embed_dim), unnormalised."""
+        return self.visual(images)
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """(n, L) int64 -> (n, embed_dim), unnormalised."""
+        return self.text(tokens)
+
+
+def _init(m: nn.Module) -> None:
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
