@@ -40,7 +40,7 @@ from torch import Tensor
 from .._checks import compute_dtype
 from ..kernels.base import BlockKernels
 from . import _comm
-from .local import _no_autocast, clip_diagonal, scalar_grad
+from .local import _no_autocast, clip_diagonal, replay_siglip_grads, scalar_grad, stash_siglip_grads
 
 
 def _stripe(yall: Tensor, lo: int, b: int) -> list[tuple[Tensor, int, bool]]:
@@ -125,23 +125,12 @@ class _GatherSiglip(torch.autograd.Function):
             if want:
                 assert gx is not None and gyall is not None
                 dy = (_comm.reduce_rows(gyall, lay) * s).to(y.dtype) if lay.y_grad else gx.new_zeros(0)
-                ctx.save_for_backward((gx * s).to(x.dtype), dy, (x.to(cd) * gx).sum(), gbias)
-                ctx.meta = ((scale.shape, scale.dtype), (bias.shape, bias.dtype))
+                stash_siglip_grads(ctx, x, gx, dy, s, gbias, scale, bias)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        dx, dy, ds, db = ctx.saved_tensors
-        scale_meta, bias_meta = ctx.meta
-        g = grad.to(ds.dtype)
-        return (
-            dx * g.to(dx.dtype) if ctx.needs_input_grad[0] else None,
-            dy * g.to(dy.dtype) if ctx.needs_input_grad[1] else None,
-            scalar_grad(scale_meta, g * ds) if ctx.needs_input_grad[2] else None,
-            scalar_grad(bias_meta, g * db) if ctx.needs_input_grad[3] else None,
-            None,
-            None,
-        )
+        return (*replay_siglip_grads(ctx, grad), None, None)
 
 
 def clip(x: Tensor, y: Tensor, scale: Tensor, kernels: BlockKernels, group: Any = None) -> Tensor:

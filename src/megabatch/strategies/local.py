@@ -35,6 +35,32 @@ def scalar_grad(meta: tuple[torch.Size, torch.dtype], total: Tensor) -> Tensor:
     return total.to(dtype).reshape(shape)
 
 
+def stash_siglip_grads(
+    ctx: Any, x: Tensor, gx: Tensor, dy: Tensor, s: Tensor, gbias: Tensor, scale: Tensor, bias: Tensor
+) -> None:
+    """Save SigLIP's gradients, computed in the forward pass, for `replay_siglip_grads`.
+
+    gx: this rank's unscaled (b, D) row gradient in the compute dtype; dy: the finished text
+    gradient in the features' dtype. The feature gradients are kept in the inputs' dtype (what
+    backward returns anyway) and the scale's as the O(b.D) identity dL/ds = sum(x * gx).
+    """
+    ctx.save_for_backward((gx * s).to(x.dtype), dy, (x.to(gx.dtype) * gx).sum(), gbias)
+    ctx.meta = ((scale.shape, scale.dtype), (bias.shape, bias.dtype))
+
+
+def replay_siglip_grads(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+    """The four input gradients (x, y, scale, bias) saved by `stash_siglip_grads`, times `grad`."""
+    dx, dy, ds, db = ctx.saved_tensors
+    scale_meta, bias_meta = ctx.meta
+    g = grad.to(ds.dtype)
+    return (
+        dx * g.to(dx.dtype) if ctx.needs_input_grad[0] else None,
+        dy * g.to(dy.dtype) if ctx.needs_input_grad[1] else None,
+        scalar_grad(scale_meta, g * ds) if ctx.needs_input_grad[2] else None,
+        scalar_grad(bias_meta, g * db) if ctx.needs_input_grad[3] else None,
+    )
+
+
 class _LocalClip(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, y: Tensor, scale: Tensor, kernels: BlockKernels) -> Tensor:
@@ -75,24 +101,12 @@ class _LocalSiglip(torch.autograd.Function):
             )
             if want:
                 assert gx is not None and gy is not None and gbias is not None
-                # Keep the gradients in the inputs' dtype (what backward returns anyway) and the
-                # scale's gradient as the O(B.D) identity dL/ds = sum(x * gx).
-                ctx.save_for_backward((gx * s).to(x.dtype), (gy * s).to(y.dtype), (x.to(cd) * gx).sum(), gbias)
-                ctx.meta = ((scale.shape, scale.dtype), (bias.shape, bias.dtype))
+                stash_siglip_grads(ctx, x, gx, (gy * s).to(y.dtype), s, gbias, scale, bias)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        dx, dy, ds, db = ctx.saved_tensors
-        scale_meta, bias_meta = ctx.meta
-        g = grad.to(ds.dtype)
-        return (
-            dx * g.to(dx.dtype) if ctx.needs_input_grad[0] else None,
-            dy * g.to(dy.dtype) if ctx.needs_input_grad[1] else None,
-            scalar_grad(scale_meta, g * ds) if ctx.needs_input_grad[2] else None,
-            scalar_grad(bias_meta, g * db) if ctx.needs_input_grad[3] else None,
-            None,
-        )
+        return (*replay_siglip_grads(ctx, grad), None)
 
 
 def clip(x: Tensor, y: Tensor, scale: Tensor, kernels: BlockKernels, group: Any = None) -> Tensor:

@@ -40,7 +40,7 @@ from torch import Tensor
 from .._checks import compute_dtype
 from ..kernels.base import BlockKernels
 from . import _comm
-from .local import _no_autocast, clip_diagonal, scalar_grad
+from .local import _no_autocast, clip_diagonal, replay_siglip_grads, scalar_grad, stash_siglip_grads
 
 # visit(q, block) -> this rank's contribution to block q's accumulator (None when none travels).
 Visit = Callable[[int, list[Tensor]], Optional[Tensor]]
@@ -177,23 +177,12 @@ class _RingSiglip(torch.autograd.Function):
             gy = circulate(lay, [y], visit, combine=_add_into if want and lay.y_grad else None)
             if want:
                 dy = (gy * s).to(y.dtype) if gy is not None else gx.new_zeros(0)
-                ctx.save_for_backward((gx * s).to(x.dtype), dy, (x.to(cd) * gx).sum(), gbias)
-                ctx.meta = ((scale.shape, scale.dtype), (bias.shape, bias.dtype))
+                stash_siglip_grads(ctx, x, gx, dy, s, gbias, scale, bias)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        dx, dy, ds, db = ctx.saved_tensors
-        scale_meta, bias_meta = ctx.meta
-        g = grad.to(ds.dtype)
-        return (
-            dx * g.to(dx.dtype) if ctx.needs_input_grad[0] else None,
-            dy * g.to(dy.dtype) if ctx.needs_input_grad[1] else None,
-            scalar_grad(scale_meta, g * ds) if ctx.needs_input_grad[2] else None,
-            scalar_grad(bias_meta, g * db) if ctx.needs_input_grad[3] else None,
-            None,
-            None,
-        )
+        return (*replay_siglip_grads(ctx, grad), None, None)
 
 
 def clip(x: Tensor, y: Tensor, scale: Tensor, kernels: BlockKernels, group: Any = None) -> Tensor:

@@ -62,7 +62,7 @@ class VisionTower(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        w, tokens = cfg.vision_width, (cfg.image_size // cfg.patch_size) ** 2
+        w = cfg.vision_width
         self.patch = nn.Conv2d(3, w, cfg.patch_size, stride=cfg.patch_size)
         self.register_buffer("pos", sincos_2d(cfg.image_size // cfg.patch_size, w))
         self.blocks = nn.ModuleList(Block(w, cfg.vision_heads, cfg.dropout) for _ in range(cfg.vision_depth))
