@@ -64,17 +64,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _inputs(case: Case) -> tuple[torch.Tensor, ...]:
-    device = torch.device(case.device)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(case.batch, case.dim, generator=g), dim=-1)
-    y = torch.nn.functional.normalize(torch.randn(case.batch, case.dim, generator=g), dim=-1)
-    dt = DTYPES[case.dtype]
+def make_inputs(batch: int, dim: int, dtype: str, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """L2-normalised random (batch, dim) features, scale 10 and bias -10, all requiring grad."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    dt = DTYPES[dtype]
     x = x.to(device=device, dtype=dt).requires_grad_(True)
     y = y.to(device=device, dtype=dt).requires_grad_(True)
     scale = torch.tensor(10.0, device=device, requires_grad=True)
     bias = torch.tensor(-10.0, device=device, requires_grad=True)
     return x, y, scale, bias
+
+
+def _inputs(case: Case) -> tuple[torch.Tensor, ...]:
+    return make_inputs(case.batch, case.dim, case.dtype, torch.device(case.device))
 
 
 def loss_fn(case: Case) -> Callable[..., torch.Tensor]:

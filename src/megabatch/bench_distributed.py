@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .bench import DTYPES, _peak_rss_mib, _reset_peak_rss, _sync, environment
+from .bench import _peak_rss_mib, _reset_peak_rss, _sync, environment, make_inputs
 from .functional import clip_loss, siglip_loss
 from .strategies import _comm
 
@@ -57,15 +57,7 @@ def _fixed_mmap_threshold() -> None:
 
 
 def _inputs(r: RankResult, device: torch.device) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(1000 + r.rank)
-    x = torch.nn.functional.normalize(torch.randn(r.batch, r.dim, generator=g), dim=-1)
-    y = torch.nn.functional.normalize(torch.randn(r.batch, r.dim, generator=g), dim=-1)
-    dt = DTYPES[r.dtype]
-    x = x.to(device=device, dtype=dt).requires_grad_(True)
-    y = y.to(device=device, dtype=dt).requires_grad_(True)
-    scale = torch.tensor(10.0, device=device, requires_grad=True)
-    bias = torch.tensor(-10.0, device=device, requires_grad=True)
-    return x, y, scale, bias
+    return make_inputs(r.batch, r.dim, r.dtype, device, seed=1000 + r.rank)
 
 
 def _step(r: RankResult, inputs: tuple[torch.Tensor, ...]) -> None:
