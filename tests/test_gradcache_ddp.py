@@ -6,10 +6,8 @@ bucket per wrapper), not once per micro-batch. Wirings: one DDP wrapper holding 
 encoders and the wrapper in ``modules=`` (with and without find_unused_parameters), and two wrapped
 towers passed as the encoders. GradCache warns when distributed without any DDP wrapper.
 
-The loss all-gathers the features with autograd (torch.distributed.nn.functional.all_gather) and
-computes the full loss on every rank: the DESIGN.md convention (rank feature gradient = W dL/dx_r).
-TODO: switch to mb.clip_loss / mb.siglip_loss with strategy="ring" (and "gather") once the
-strategies land on main (checked by hand against branch `dist`: all cases pass with both).
+The loss is megabatch's own distributed loss, strategy "ring" and "gather" (the DESIGN.md
+convention: rank feature gradient = W dL/dx_r, mean of the ranks' losses = the global loss).
 """
 from __future__ import annotations
 
@@ -22,7 +20,6 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +31,7 @@ import megabatch as mb
 WORLD, LOCAL, MICRO, DIM = 2, 5, 2, 6
 KINDS = ("clip", "siglip")
 WIRINGS = ("driven", "driven_unused", "called")
+STRATEGIES = ("ring", "gather")
 
 
 class Image(nn.Module):
@@ -85,13 +83,10 @@ def local_loss(kind: str):
     return lambda x, y, s, b: mb.siglip_loss(x, y, s, b, strategy="local")
 
 
-def gathered_loss(kind: str):
-    inner = local_loss(kind)
-
-    def fn(x: torch.Tensor, y: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        return inner(torch.cat(dist_nn.all_gather(x)), torch.cat(dist_nn.all_gather(y)), *args)
-
-    return fn
+def distributed_loss(kind: str, strategy: str):
+    if kind == "clip":
+        return lambda x, y, s: mb.clip_loss(x, y, s, strategy=strategy)
+    return lambda x, y, s, b: mb.siglip_loss(x, y, s, b, strategy=strategy)
 
 
 def loss_args(image: Image) -> tuple:
@@ -110,14 +105,15 @@ def counting(ddp: DDP) -> list[int]:
     return count
 
 
-def run(kind: str, wiring: str, rank: int) -> dict:
+def run(kind: str, wiring: str, strategy: str, rank: int) -> dict:
     model = make_model(kind)
+    loss_fn = distributed_loss(kind, strategy)
     if wiring == "called":
         wrappers = [DDP(model.image, bucket_cap_mb=64), DDP(model.text, bucket_cap_mb=64)]
-        gc = mb.GradCache(wrappers[0], wrappers[1], gathered_loss(kind), MICRO)
+        gc = mb.GradCache(wrappers[0], wrappers[1], loss_fn, MICRO)
     else:
         wrappers = [DDP(model, bucket_cap_mb=64, find_unused_parameters=wiring == "driven_unused")]
-        gc = mb.GradCache(model.encode_image, model.encode_text, gathered_loss(kind), MICRO, modules=wrappers)
+        gc = mb.GradCache(model.encode_image, model.encode_text, loss_fn, MICRO, modules=wrappers)
     counts = [counting(w) for w in wrappers]
     out: dict = {"counts": [], "losses": []}
     for step in range(2):  # the second step checks the reducer is left in a clean state
@@ -132,13 +128,12 @@ def run(kind: str, wiring: str, rank: int) -> dict:
 
 def worker(rank: int, tmp: str) -> None:
     torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
     )
-    results = {(k, w): run(k, w, rank) for k in KINDS for w in WIRINGS}
+    results = {(k, w, st): run(k, w, st, rank) for k in KINDS for w in WIRINGS for st in STRATEGIES}
     model = make_model("clip")
-    gc = mb.GradCache(model.encode_image, model.encode_text, gathered_loss("clip"), MICRO)
+    gc = mb.GradCache(model.encode_image, model.encode_text, distributed_loss("clip", "ring"), MICRO)
     images, texts = (t[rank * LOCAL : (rank + 1) * LOCAL] for t in global_batch(0))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -167,14 +162,15 @@ def reference(kind: str, step: int) -> tuple[torch.Tensor, dict]:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("wiring", WIRINGS)
-def test_ddp_matches_single_process_full_batch(results: list[dict], kind: str, wiring: str) -> None:
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ddp_matches_single_process_full_batch(results: list[dict], kind: str, wiring: str, strategy: str) -> None:
     _, want = reference(kind, step=1)
     assert ("image.logit_bias" in want) == (kind == "siglip")
     for step in range(2):  # the mean of the ranks' losses is the global loss
-        mean = sum(res[(kind, wiring)]["losses"][step] for res in results) / WORLD
+        mean = sum(res[(kind, wiring, strategy)]["losses"][step] for res in results) / WORLD
         assert torch.allclose(mean, reference(kind, step)[0], rtol=1e-12, atol=0), step
     for rank, res in enumerate(results):
-        got = res[(kind, wiring)]
+        got = res[(kind, wiring, strategy)]
         assert got["grads"].keys() == want.keys()
         for name, g in want.items():
             err = ((got["grads"][name] - g).norm() / g.norm()).item()
@@ -183,11 +179,12 @@ def test_ddp_matches_single_process_full_batch(results: list[dict], kind: str, w
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("wiring", WIRINGS)
-def test_ddp_allreduces_once_per_call(results: list[dict], kind: str, wiring: str) -> None:
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ddp_allreduces_once_per_call(results: list[dict], kind: str, wiring: str, strategy: str) -> None:
     wrappers = 2 if wiring == "called" else 1
     assert math.ceil(LOCAL / MICRO) == 3  # three micro-batches per rank, one sync
     for res in results:
-        assert res[(kind, wiring)]["counts"] == [[1] * wrappers, [1] * wrappers]
+        assert res[(kind, wiring, strategy)]["counts"] == [[1] * wrappers, [1] * wrappers]
 
 
 def test_warns_without_ddp_wrapper(results: list[dict]) -> None:
