@@ -10,7 +10,7 @@ bfloat16/float16 at W = 2), the 'torch', 'dense' and (W = 2, interpreted) 'trito
 gather's NCCL reduce-scatter path (driven on gloo), uneven sizes with a rank of b = 1, no-grad /
 frozen-image / scaled-loss backward, a subgroup (4 ranks in two groups of 2), strategy="auto"
 picking ring, and ranks disagreeing on D, dtype, backend or requires_grad (or one rank with an empty
-batch) all raising ValueError on every rank (and the world still working afterwards).
+batch, or one whose own arguments are malformed) all raising ValueError on every rank (and the world still working afterwards).
 Tolerance: tests/_tolerance.py's rule, 2x plain PyTorch's error at the same precision + a floor.
 Each world is spawned once (module-scoped) and runs many cases; results come back through files.
 """
@@ -32,7 +32,7 @@ LOSSES = ("clip", "siglip")
 # Two layouts per world size: the first uneven (with b = 1 where W > 1), the second another mix.
 SIZES = {1: [(7,), (1,)], 2: [(5, 1), (4, 4)], 3: [(6, 2, 5), (1, 3, 3)], 4: [(3, 1, 7, 2), (2, 2, 2, 2)]}
 MODES = ("all", "nograd", "frozen_x", "scaled")
-MISMATCHES = ("dim", "dtype", "grad", "backend", "empty")
+MISMATCHES = ("dim", "dtype", "grad", "backend", "empty", "malformed")
 
 
 def make_inputs(sizes: tuple[int, ...], dim: int, dtype: torch.dtype, seed: int, big: bool) -> dict[str, Any]:
@@ -251,6 +251,8 @@ def mismatch_worker(rank: int) -> dict[str, Any]:
         dtype = torch.float64 if kind == "dtype" and rank == 2 else torch.float32
         b = 0 if kind == "empty" and rank == 2 else 2 + rank  # one rank's data ran out
         x = torch.randn(b, dim, dtype=dtype, requires_grad=not (kind == "grad" and rank == 0))
+        if kind == "malformed" and rank == 1:  # fails this rank's own validation, before any collective
+            x = x[:, 0]
         y = torch.randn(b, dim, dtype=dtype, requires_grad=True)
         kw = dict(strategy=strategy, backend="dense" if kind == "backend" and rank == 1 else "torch")
         try:
@@ -313,10 +315,11 @@ def test_subgroups(world_results) -> None:
 def test_disagreeing_ranks_raise_everywhere(world_results) -> None:
     results = [r["mismatch"] for r in world_results(3)]
     words = {"dim": "feature dim D", "dtype": "same dtype", "grad": "need gradients", "backend": "same backend",
-             "empty": "empty batch on group rank(s) [2]"}
+             "empty": "empty batch on group rank(s) [2]", "malformed": "group rank(s) [1] passed invalid arguments"}
     for r, res in enumerate(results):
         assert len(res["errors"]) == len(MISMATCHES) * len(STRATEGIES) * len(LOSSES)
         for (kind, strategy, loss), err in res["errors"].items():
             assert err is not None, f"rank {r}: {kind} mismatch with {strategy}/{loss} did not raise"
-            assert err[0] == "ValueError" and words[kind] in err[1], (r, kind, strategy, loss, err)
+            expected = "image_features must be 2-D" if kind == "malformed" and r == 1 else words[kind]
+            assert err[0] == "ValueError" and expected in err[1], (r, kind, strategy, loss, err)
     check_case(make_cases(3)[0], [res["healthy"] for res in results])

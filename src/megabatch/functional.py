@@ -49,9 +49,10 @@ def clip_loss(
         NaN or inf in the inputs propagate to a NaN loss; they are not checked (that would sync).
     """
     name = strategies.resolve(strategy, group)
-    check_features(image_features, text_features, allow_empty=name != "local")
-    scale = as_scalar("logit_scale", logit_scale, image_features)
-    kernels = get_backend(backend, image_features.device)
+    with strategies.validating(name, image_features, group):
+        check_features(image_features, text_features, allow_empty=name != "local")
+        scale = as_scalar("logit_scale", logit_scale, image_features)
+        kernels = get_backend(backend, image_features.device)
     return strategies.get(name).clip(image_features, text_features, scale, kernels, group)
 
 
@@ -81,8 +82,9 @@ def siglip_loss(
         0-dim loss, with the same distributed convention as :func:`clip_loss`.
     """
     name = strategies.resolve(strategy, group)
-    check_features(image_features, text_features, allow_empty=name != "local")
-    scale = as_scalar("logit_scale", logit_scale, image_features)
-    bias = as_scalar("logit_bias", logit_bias, image_features)
-    kernels = get_backend(backend, image_features.device)
+    with strategies.validating(name, image_features, group):
+        check_features(image_features, text_features, allow_empty=name != "local")
+        scale = as_scalar("logit_scale", logit_scale, image_features)
+        bias = as_scalar("logit_bias", logit_bias, image_features)
+        kernels = get_backend(backend, image_features.device)
     return strategies.get(name).siglip(image_features, text_features, scale, bias, kernels, group)

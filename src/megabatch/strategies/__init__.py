@@ -5,8 +5,9 @@ returning this rank's loss with autograd attached. It knows nothing of a kernel'
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from types import ModuleType
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch.distributed as dist
 
@@ -40,3 +41,18 @@ def get(name: str) -> ModuleType:
     else:
         from . import ring as module
     return module
+
+
+@contextmanager
+def validating(name: str, features: object, group: Optional["dist.ProcessGroup"]) -> Iterator[None]:
+    """Run argument checks; under a distributed strategy a failure on one rank is first reported
+    to the others (through the layout exchange they are about to enter), so they raise too instead
+    of hanging, then re-raised here."""
+    try:
+        yield
+    except (TypeError, ValueError):
+        if name != "local":
+            from ._comm import report_invalid
+
+            report_invalid(features, group)
+        raise

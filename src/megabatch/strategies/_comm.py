@@ -27,6 +27,8 @@ from ..kernels.base import BlockKernels
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _GRAD_NAMES = ("image_features", "text_features", "logit_scale", "logit_bias")
+_META_LEN = 5  # b, D, dtype code, requires-grad flags, backend
+_INVALID = -1  # a metadata row of this value: that rank's arguments failed validation
 
 # Bytes sent by this rank while a `count_bytes()` block is open (None: not counting).
 _sent: Optional[list[int]] = None
@@ -77,11 +79,18 @@ def exchange_layout(
     flags = sum(1 << k for k, t in enumerate((x, y, *extras)) if grad and t.requires_grad)
     backend = zlib.crc32(kernels.name.encode()) & 0x7FFFFFFF
     meta = [x.shape[0], x.shape[1], _DTYPE_CODES[x.dtype], flags, backend]
+    assert len(meta) == _META_LEN
     mine = torch.tensor(meta, dtype=torch.int64, device=x.device)
     table_t = mine.new_empty(world * len(meta))
     _all_gather_single(table_t, mine, group=pg)
     _count((world - 1) * _nbytes(mine))
     table = table_t.view(world, len(meta)).tolist()
+    invalid = [r for r, row in enumerate(table) if row[0] == _INVALID]
+    if invalid:
+        raise ValueError(
+            f"group rank(s) {invalid} passed invalid arguments to the loss (their own error says which); "
+            "no rank computes this call"
+        )
     sizes, dims, codes, grads, backends = (tuple(row[k] for row in table) for k in range(len(meta)))
     if min(sizes) == 0:
         empty = [r for r, b in enumerate(sizes) if b == 0]
@@ -103,6 +112,22 @@ def exchange_layout(
     if len(set(backends)) > 1:
         raise ValueError(f"every rank of the group must use the same backend; this rank uses {kernels.name!r}, others differ")
     return Layout(pg, rank, sizes, bool(flags & 2))
+
+
+def report_invalid(features: object, group: Optional["dist.ProcessGroup"]) -> None:
+    """Join the layout exchange with an 'invalid arguments' row (this rank's input failed
+    validation), so that the other ranks raise a ValueError instead of waiting for it forever.
+    The caller then raises its own, specific error."""
+    pg = group if group is not None else dist.group.WORLD
+    world = dist.get_world_size(pg)
+    if isinstance(features, Tensor):
+        device = features.device
+    elif dist.get_backend(pg) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    mine = torch.full((_META_LEN,), _INVALID, dtype=torch.int64, device=device)
+    _all_gather_single(mine.new_empty(world * _META_LEN), mine, group=pg)
 
 
 @contextmanager
