@@ -40,7 +40,7 @@ from torch import Tensor
 from .._checks import compute_dtype
 from ..kernels.base import BlockKernels
 from . import _comm
-from .local import _no_autocast, clip_diagonal, replay_siglip_grads, scalar_grad, stash_siglip_grads
+from .local import _no_autocast, clip_diagonal, finish_clip_rows, replay_siglip_grads, stash_siglip_grads
 
 
 def _stripe(yall: Tensor, lo: int, b: int) -> list[tuple[Tensor, int, bool]]:
@@ -91,9 +91,8 @@ class _GatherClip(torch.autograd.Function):
                 gyall[c0 : c0 + n] = gyp
             dy = None
             if lay.y_grad:  # the same on every rank (checked), so every rank joins the reduction
-                dy = (_comm.reduce_rows(gyall.mul_(g), lay) * s).to(yall.dtype)
-            dx = (gx * (g * s)).to(x.dtype) if ctx.needs_input_grad[0] else None
-            ds = scalar_grad((scale.shape, scale.dtype), g * (x.to(cd) * gx).sum()) if ctx.needs_input_grad[2] else None
+                dy = _comm.reduce_rows(gyall.mul_(g), lay).mul_(s).to(yall.dtype)
+            dx, ds = finish_clip_rows(ctx, x, gx, g, s, scale)
         return dx, dy if ctx.needs_input_grad[1] else None, ds, None, None
 
 
@@ -124,7 +123,7 @@ class _GatherSiglip(torch.autograd.Function):
             del yall
             if want:
                 assert gx is not None and gyall is not None
-                dy = (_comm.reduce_rows(gyall, lay) * s).to(y.dtype) if lay.y_grad else gx.new_zeros(0)
+                dy = _comm.reduce_rows(gyall, lay).mul_(s).to(y.dtype) if lay.y_grad else gx.new_zeros(0)
                 stash_siglip_grads(ctx, x, gx, dy, s, gbias, scale, bias)
         return loss
 

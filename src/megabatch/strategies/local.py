@@ -35,16 +35,33 @@ def scalar_grad(meta: tuple[torch.Size, torch.dtype], total: Tensor) -> Tensor:
     return total.to(dtype).reshape(shape)
 
 
+def rowdot(x: Tensor, gx: Tensor, rows: int = 1 << 15) -> Tensor:
+    """sum_i x_i . gx_i in gx's dtype, a chunk of rows at a time: no (b, D) temporary."""
+    total = gx.new_zeros(())
+    for i in range(0, x.shape[0], rows):
+        total = total + (x[i : i + rows].to(gx.dtype) * gx[i : i + rows]).sum()
+    return total
+
+
+def finish_clip_rows(ctx: Any, x: Tensor, gx: Tensor, g: Tensor, s: Tensor, scale: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """CLIP's image-feature and scale gradients (dx, ds) from this rank's accumulated unscaled gx,
+    which is consumed (scaled in place, so no second (b, D) fp32 buffer exists)."""
+    ds = scalar_grad((scale.shape, scale.dtype), g * rowdot(x, gx)) if ctx.needs_input_grad[2] else None
+    dx = gx.mul_(g * s).to(x.dtype) if ctx.needs_input_grad[0] else None
+    return dx, ds
+
+
 def stash_siglip_grads(
     ctx: Any, x: Tensor, gx: Tensor, dy: Tensor, s: Tensor, gbias: Tensor, scale: Tensor, bias: Tensor
 ) -> None:
     """Save SigLIP's gradients, computed in the forward pass, for `replay_siglip_grads`.
 
-    gx: this rank's unscaled (b, D) row gradient in the compute dtype; dy: the finished text
+    gx: this rank's unscaled (b, D) row gradient in the compute dtype (consumed); dy: the finished text
     gradient in the features' dtype. The feature gradients are kept in the inputs' dtype (what
     backward returns anyway) and the scale's as the O(b.D) identity dL/ds = sum(x * gx).
     """
-    ctx.save_for_backward((gx * s).to(x.dtype), dy, (x.to(gx.dtype) * gx).sum(), gbias)
+    ds = rowdot(x, gx)
+    ctx.save_for_backward(gx.mul_(s).to(x.dtype), dy, ds, gbias)
     ctx.meta = ((scale.shape, scale.dtype), (bias.shape, bias.dtype))
 
 
@@ -83,9 +100,8 @@ class _LocalClip(torch.autograd.Function):
             s = scale.detach().to(cd)
             gx, gy = ctx.kernels.clip_grads(x, y, s, row_lse, col_lse, weight=1.0 / (2 * x.shape[0]), diagonal=True)
             g = grad.to(cd)
-            dx = (gx * (g * s)).to(x.dtype) if ctx.needs_input_grad[0] else None
-            dy = (gy * (g * s)).to(y.dtype) if ctx.needs_input_grad[1] else None
-            ds = scalar_grad((scale.shape, scale.dtype), g * (x.to(cd) * gx).sum()) if ctx.needs_input_grad[2] else None
+            dx, ds = finish_clip_rows(ctx, x, gx, g, s, scale)
+            dy = gy.mul_(g * s).to(y.dtype) if ctx.needs_input_grad[1] else None
         return dx, dy, ds, None
 
 
@@ -101,7 +117,7 @@ class _LocalSiglip(torch.autograd.Function):
             )
             if want:
                 assert gx is not None and gy is not None and gbias is not None
-                stash_siglip_grads(ctx, x, gx, (gy * s).to(y.dtype), s, gbias, scale, bias)
+                stash_siglip_grads(ctx, x, gx, gy.mul_(s).to(y.dtype), s, gbias, scale, bias)
         return loss
 
     @staticmethod

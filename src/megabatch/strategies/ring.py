@@ -40,7 +40,7 @@ from torch import Tensor
 from .._checks import compute_dtype
 from ..kernels.base import BlockKernels
 from . import _comm
-from .local import _no_autocast, clip_diagonal, replay_siglip_grads, scalar_grad, stash_siglip_grads
+from .local import _no_autocast, clip_diagonal, finish_clip_rows, replay_siglip_grads, stash_siglip_grads
 
 # visit(q, block) -> this rank's contribution to block q's accumulator (None when none travels).
 Visit = Callable[[int, list[Tensor]], Optional[Tensor]]
@@ -141,9 +141,8 @@ class _RingClip(torch.autograd.Function):
                 return gyp.mul_(g) if lay.y_grad else None
 
             gy = circulate(lay, [y, col_lse], visit, combine=_add_into if lay.y_grad else None)
-            dx = (gx * (g * s)).to(x.dtype) if ctx.needs_input_grad[0] else None
-            dy = (gy * s).to(y.dtype) if gy is not None and ctx.needs_input_grad[1] else None
-            ds = scalar_grad((scale.shape, scale.dtype), g * (x.to(cd) * gx).sum()) if ctx.needs_input_grad[2] else None
+            dx, ds = finish_clip_rows(ctx, x, gx, g, s, scale)
+            dy = gy.mul_(s).to(y.dtype) if gy is not None and ctx.needs_input_grad[1] else None
         return dx, dy, ds, None, None
 
 
@@ -176,7 +175,7 @@ class _RingSiglip(torch.autograd.Function):
 
             gy = circulate(lay, [y], visit, combine=_add_into if want and lay.y_grad else None)
             if want:
-                dy = (gy * s).to(y.dtype) if gy is not None else gx.new_zeros(0)
+                dy = gy.mul_(s).to(y.dtype) if gy is not None else gx.new_zeros(0)
                 stash_siglip_grads(ctx, x, gx, dy, s, gbias, scale, bias)
         return loss
 
