@@ -126,6 +126,30 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+class PeakMemory:
+    """Context manager: peak memory (MiB) allocated inside the block beyond what was held before it.
+    CUDA: max_memory_allocated; CPU: the process's RSS high-water mark (reset on entry)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mib = device, 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        _sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self._before = _reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _sync(self.device)
+        if self.device.type == "cuda":
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20 - self._before
+        else:
+            self.mib = max(0.0, _peak_rss_mib() - self._before)
+
+
 def measure(case: Case) -> Result:
     """Run one case in this process: peak memory on the first step, then timed repeats."""
     device = torch.device(case.device)
@@ -133,18 +157,9 @@ def measure(case: Case) -> Result:
     try:
         fn = loss_fn(case)
         inputs = _inputs(case)
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-        else:
-            before = _reset_peak_rss()
-        _step(fn, inputs)
-        _sync(device)
-        if device.type == "cuda":
-            res.peak_mib = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-        else:
-            res.peak_mib = max(0.0, _peak_rss_mib() - before)
+        with PeakMemory(device) as peak:
+            _step(fn, inputs)
+        res.peak_mib = peak.mib
         for _ in range(case.repeat):
             t0 = time.perf_counter()
             _step(fn, inputs)

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .bench import _peak_rss_mib, _reset_peak_rss, _sync, environment, make_inputs
+from .bench import PeakMemory, _sync, environment, make_inputs
 from .functional import clip_loss, siglip_loss
 from .strategies import _comm
 
@@ -76,18 +76,9 @@ def measure(r: RankResult, device: torch.device, repeat: int) -> RankResult:
         _step(r, inputs)  # warm-up: connections, thread pools, allocator
         _sync(device)
         dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-        else:
-            before = _reset_peak_rss()
-        with _comm.count_bytes() as sent:
+        with PeakMemory(device) as peak, _comm.count_bytes() as sent:
             _step(r, inputs)
-            _sync(device)
-        if device.type == "cuda":
-            r.peak_mib = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-        else:
-            r.peak_mib = max(0.0, _peak_rss_mib() - before)
+        r.peak_mib = peak.mib
         r.sent_mib = sent[0] / 2**20
         times = []
         for _ in range(repeat):
