@@ -39,7 +39,8 @@ def _logit_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """x_I[tile rows] @ y_J[tile cols].T in fp32 (no scale). Rows/cols past the edge give 0."""
+    """(x_I[tile rows] @ y_J[tile cols].T in fp32 (no scale), the tile's row indices, its column
+    indices). Rows/cols past the edge give 0."""
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -55,7 +56,7 @@ def _logit_tile(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_xk
         b_ptrs += BLOCK_K * stride_yk
-    return acc
+    return acc, rm, rn
 
 
 @triton.jit
@@ -84,10 +85,8 @@ def clip_stats_kernel(
     """Per-tile (max, sum exp(S - max)) of each row, at [pid_n, i], and of each column, at [pid_m, j]."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    acc = _logit_tile(x_ptr, y_ptr, stride_xm, stride_xk, stride_yn, stride_yk, rows, cols, dim, pid_m, pid_n,
-                      BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, rm, rn = _logit_tile(x_ptr, y_ptr, stride_xm, stride_xk, stride_yn, stride_yk, rows, cols, dim, pid_m, pid_n,
+                              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
     ok_m = rm < rows
     ok_n = rn < cols
     t = tl.where(ok_m[:, None] & ok_n[None, :], acc * tl.load(scale_ptr).to(tl.float32), float("-inf"))
@@ -132,10 +131,8 @@ def clip_grad_tile_kernel(
     """G'[i, j] = (P_row + P_col - 2[i + diag_offset == j]) * G_SCALE, stored in g_ptr's dtype."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    acc = _logit_tile(x_ptr, y_ptr, stride_xm, stride_xk, stride_yn, stride_yk, rows, cols, dim, pid_m, pid_n,
-                      BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, rm, rn = _logit_tile(x_ptr, y_ptr, stride_xm, stride_xk, stride_yn, stride_yk, rows, cols, dim, pid_m, pid_n,
+                              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
     ok_m = rm < rows
     ok_n = rn < cols
     t = acc * tl.load(scale_ptr).to(tl.float32)
@@ -169,10 +166,8 @@ def siglip_tile_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = pid_m * tl.num_programs(1) + pid_n
-    acc = _logit_tile(x_ptr, y_ptr, stride_xm, stride_xk, stride_yn, stride_yk, rows, cols, dim, pid_m, pid_n,
-                      BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, rm, rn = _logit_tile(x_ptr, y_ptr, stride_xm, stride_xk, stride_yn, stride_yk, rows, cols, dim, pid_m, pid_n,
+                              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
     ok = (rm[:, None] < rows) & (rn[None, :] < cols)
     t = acc * tl.load(scale_ptr).to(tl.float32) + tl.load(bias_ptr).to(tl.float32)
     if DIAGONAL:
