@@ -17,13 +17,24 @@ CLIP (two passes over the block):
 SigLIP (one pass): siglip_block -> (loss, gx, gy, gbias) for the block, all multiplied by `weight`:
   loss = weight * sum_ij softplus(-z_ij (S_ij + bias)), G = -weight * z * sigmoid(-z (S + bias)),
   gx = G @ y, gy = G.T @ x, gbias = sum(G). With grads=False only the loss is computed (the rest None).
+
+Finished rows (`rows`, both gradient calls): when a caller passes a RowSink, the backend hands it gx
+in finished row chunks instead of returning it (gx comes back None): rows(r0, chunk) with chunk
+equal to gx[r0 : r0 + len(chunk)] in the compute dtype, every row exactly once, in any order, and
+no row changes after it was handed over (with grads=False the sink is never called). The chunk may be the backend's reused buffer: the sink
+consumes it before returning and may overwrite it. This is what lets a single-block caller turn gx
+into s * gx in the inputs' dtype as it goes, so no (b, D) compute-dtype accumulator of the row side
+ever exists (only gy's).
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 from torch import Tensor
+
+
+RowSink = Callable[[int, Tensor], None]
 
 
 class BlockKernels(Protocol):
@@ -34,9 +45,11 @@ class BlockKernels(Protocol):
     def clip_stats(self, x: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]: ...
 
     def clip_grads(
-        self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float, diagonal: bool
-    ) -> tuple[Tensor, Tensor]: ...
+        self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float, diagonal: bool,
+        rows: Optional[RowSink] = None,
+    ) -> tuple[Optional[Tensor], Tensor]: ...
 
     def siglip_block(
-        self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, diagonal: bool, grads: bool
+        self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, diagonal: bool, grads: bool,
+        rows: Optional[RowSink] = None,
     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]: ...

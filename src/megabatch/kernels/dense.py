@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import compute_dtype
+from .base import RowSink
 
 
 def _logits(x: Tensor, y: Tensor, scale: Tensor) -> Tensor:
@@ -33,18 +34,20 @@ class DenseKernels:
         return torch.logsumexp(logits, 1), torch.logsumexp(logits, 0)
 
     def clip_grads(
-        self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float, diagonal: bool
-    ) -> tuple[Tensor, Tensor]:
+        self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float, diagonal: bool,
+        rows: Optional[RowSink] = None,
+    ) -> tuple[Optional[Tensor], Tensor]:
         logits = _logits(x, y, scale)
         g = torch.exp(logits - row_lse[:, None]) + torch.exp(logits - col_lse[None, :])
         if diagonal:
             g = g - 2.0 * _eye(*g.shape, g)
         g = weight * g
         cd = logits.dtype
-        return g @ y.to(cd), g.T @ x.to(cd)
+        return _hand_over(g @ y.to(cd), rows), g.T @ x.to(cd)
 
     def siglip_block(
-        self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, diagonal: bool, grads: bool
+        self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, diagonal: bool, grads: bool,
+        rows: Optional[RowSink] = None,
     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         logits = _logits(x, y, scale) + bias.to(compute_dtype(x.dtype))
         z = -torch.ones_like(logits)
@@ -55,4 +58,12 @@ class DenseKernels:
             return loss, None, None, None
         g = -weight * z * torch.sigmoid(-z * logits)
         cd = logits.dtype
-        return loss, g @ y.to(cd), g.T @ x.to(cd), g.sum()
+        return loss, _hand_over(g @ y.to(cd), rows), g.T @ x.to(cd), g.sum()
+
+
+def _hand_over(gx: Tensor, rows: Optional[RowSink]) -> Optional[Tensor]:
+    """gx itself, or (with a sink) all of it as one finished chunk and None."""
+    if rows is None:
+        return gx
+    rows(0, gx)
+    return None

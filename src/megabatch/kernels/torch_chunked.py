@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import compute_dtype
+from .base import RowSink
 
 # Largest tile of logits (elements) kept at once. On CPU 256K floats (1 MiB) keep the half-dozen
 # elementwise passes over a tile in cache (measured fastest at B=4096..8192, D=64, 2 cores); on a
@@ -54,13 +55,14 @@ class TorchChunkedKernels:
         return row_lse, col_lse
 
     def clip_grads(
-        self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float, diagonal: bool
-    ) -> tuple[Tensor, Tensor]:
+        self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float, diagonal: bool,
+        rows: Optional[RowSink] = None,
+    ) -> tuple[Optional[Tensor], Tensor]:
         cd = compute_dtype(x.dtype)
         b, n = x.shape[0], y.shape[0]
         yc = y.to(cd)
         s = scale.to(cd)
-        gx = torch.empty(b, x.shape[1], dtype=cd, device=x.device)
+        gx = torch.empty(b, x.shape[1], dtype=cd, device=x.device) if rows is None else None
         gy = torch.zeros(n, y.shape[1], dtype=cd, device=x.device)
         row_hi, row_lo = _split(row_lse, cd)
         col_hi, col_lo = _split(col_lse, cd)
@@ -74,20 +76,21 @@ class TorchChunkedKernels:
             if diagonal:
                 _sub_diagonal(g, i, n, 2.0)
             g.mul_(weight)
-            gx[i : i + step] = torch.mm(g, yc)
+            _rows_out(gx, rows, i, torch.mm(g, yc))
             gy.addmm_(g.T, xc)
             del logits, g
         return gx, gy
 
     def siglip_block(
-        self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, diagonal: bool, grads: bool
+        self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, diagonal: bool, grads: bool,
+        rows: Optional[RowSink] = None,
     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         cd = compute_dtype(x.dtype)
         b, n = x.shape[0], y.shape[0]
         yc = y.to(cd)
         s, beta = scale.to(cd), bias.to(cd)
         loss = torch.zeros((), dtype=cd, device=x.device)
-        gx = torch.empty(b, x.shape[1], dtype=cd, device=x.device) if grads else None
+        gx = torch.empty(b, x.shape[1], dtype=cd, device=x.device) if grads and rows is None else None
         gy = torch.zeros(n, y.shape[1], dtype=cd, device=x.device) if grads else None
         gbias = torch.zeros((), dtype=cd, device=x.device) if grads else None
         step = self._chunk(b, n, x.device)
@@ -110,10 +113,19 @@ class TorchChunkedKernels:
                 _diagonal(g, i, n).copy_(torch.sigmoid(-d).neg_())
             g.mul_(weight)
             gbias = gbias + g.sum()
-            gx[i : i + step] = torch.mm(g, yc)
+            _rows_out(gx, rows, i, torch.mm(g, yc))
             gy.addmm_(g.T, xc)
             del logits, g
         return loss * weight, gx, gy, gbias
+
+
+def _rows_out(gx: Optional[Tensor], rows: Optional[RowSink], r0: int, chunk: Tensor) -> None:
+    """Finished rows r0.. of gx: stored into gx, or handed to the caller's sink."""
+    if rows is None:
+        assert gx is not None
+        gx[r0 : r0 + chunk.shape[0]] = chunk
+    else:
+        rows(r0, chunk)
 
 
 def _wide_lse(logits: Tensor, dim: int) -> Tensor:

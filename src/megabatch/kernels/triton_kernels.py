@@ -8,9 +8,10 @@ one stream, rows outer. Per super-block:
                super-block; grad_gemm_kernel: gx_I += w G' @ y_J, gy_J += w G'.T @ x_I.  3 GEMMs
   SigLIP       siglip_tile_kernel: logit tiles -> loss and sum(G') per program slot, and G' unless
                grads=False; then grad_gemm_kernel as above.                        3 GEMMs (1)
-Logits never leave registers. Extra memory: the fp32 gx, gy the contract returns, one scratch of
-super_rows x super_cols elements in the input dtype (128 MiB in bf16 at the default 8192 x 8192:
-constant in B), and O(b + n) floats. No host sync: scale and bias are read in-kernel. Offsets
+Logits never leave registers. Extra memory: the fp32 gy and gx the contract returns -- or, when
+the caller takes finished rows (a RowSink, see base.py), one (super_rows, D) fp32 gx buffer in place
+of gx --, one scratch of super_rows x super_cols elements in the input dtype (128 MiB in bf16 at the
+default 8192 x 8192: constant in B), and O(b + n) floats. No host sync: scale and bias are read in-kernel. Offsets
 are int32 inside a super-block (super_rows * D and super_rows * super_cols < 2**31).
 Compute: float32 accumulation; bf16/fp16 operands on tensor cores; fp32 operands with
 `fp32_precision` ("tf32" when torch allows TF32 matmuls, else "tf32x3" ~ fp32 accuracy, or "ieee").
@@ -28,6 +29,7 @@ import triton
 from torch import Tensor
 
 from ._triton_gemm import grad_gemm_kernel
+from .base import RowSink
 from ._triton_tiles import clip_grad_tile_kernel, clip_stats_kernel, lse_merge_kernel, siglip_tile_kernel
 from .torch_chunked import TorchChunkedKernels
 
@@ -145,6 +147,36 @@ class _Launch:
         )
 
 
+class _RowAcc:
+    """Where the gradient GEMMs accumulate gx: the whole (b, D) fp32 gx, or -- with a RowSink -- one
+    (super_rows, D) fp32 buffer per row of super-blocks, handed to the sink when that row is done
+    (rows are visited outermost, so gx_I is final after its last column super-block)."""
+
+    def __init__(self, x: Tensor, b: int, super_rows: int, rows: Optional[RowSink]):
+        self.sink = rows
+        self.gx: Optional[Tensor] = None
+        self.buf: Optional[Tensor] = None
+        if rows is None:
+            self.gx = torch.zeros(b, x.shape[1], dtype=torch.float32, device=x.device)
+        else:
+            self.buf = torch.empty(min(b, super_rows), x.shape[1], dtype=torch.float32, device=x.device)
+
+    def rows(self, r0: int, rows: int, c0: int) -> Tensor:
+        """The accumulator of rows r0 .. r0 + rows, as the first column super-block (c0 = 0) starts."""
+        if self.buf is None:
+            assert self.gx is not None
+            return self.gx[r0:r0 + rows]
+        if c0 == 0:
+            self.buf[:rows].zero_()
+        return self.buf[:rows]
+
+    def done(self, r0: int, rows: int, last: bool) -> None:
+        """After a super-block: hand the row block over if it was its last column super-block."""
+        if self.sink is not None and last:
+            assert self.buf is not None
+            self.sink(r0, self.buf[:rows])
+
+
 class TritonKernels:
     """Fused Triton block kernels (see base.py for the contract, this module's header for the plan)."""
 
@@ -196,33 +228,38 @@ class TritonKernels:
         return lse[:b], lse[b:]
 
     def clip_grads(
-        self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float, diagonal: bool
-    ) -> tuple[Tensor, Tensor]:
+        self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float, diagonal: bool,
+        rows: Optional[RowSink] = None,
+    ) -> tuple[Optional[Tensor], Tensor]:
         if x.dtype == torch.float64:
-            return TorchChunkedKernels().clip_grads(x, y, scale, row_lse, col_lse, weight=weight, diagonal=diagonal)
+            return TorchChunkedKernels().clip_grads(x, y, scale, row_lse, col_lse, weight=weight, diagonal=diagonal,
+                                                    rows=rows)
         plan = self._launch(x)
         b, n, dim = x.shape[0], y.shape[0], x.shape[1]
         scale = scale.to(torch.float32)
         row_hi, row_lo = _hi_lo(row_lse)
         col_hi, col_lo = _hi_lo(col_lse)
-        gx = torch.zeros(b, dim, dtype=torch.float32, device=x.device)
+        acc = _RowAcc(x, b, plan.cfg.super_rows, rows)
         gy = torch.zeros(n, dim, dtype=torch.float32, device=x.device)
         g = plan.scratch(x, b, n)
-        for r0, rows, c0, cols, grid in plan.blocks(b, n):
-            xi, yj = x[r0:r0 + rows], y[c0:c0 + cols]
+        for r0, nr, c0, nc, grid in plan.blocks(b, n):
+            xi, yj = x[r0:r0 + nr], y[c0:c0 + nc]
             clip_grad_tile_kernel[grid](
-                xi, yj, scale, row_hi[r0:], row_lo[r0:], col_hi[c0:], col_lo[c0:], g, rows, cols, dim, r0 - c0,
+                xi, yj, scale, row_hi[r0:], row_lo[r0:], col_hi[c0:], col_lo[c0:], g, nr, nc, dim, r0 - c0,
                 xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), g.stride(0),
-                G_SCALE=plan.g_scale, DIAGONAL=diagonal and r0 < c0 + cols and c0 < r0 + rows, **plan.tile,
+                G_SCALE=plan.g_scale, DIAGONAL=diagonal and r0 < c0 + nc and c0 < r0 + nr, **plan.tile,
             )
-            plan.grad_gemms(g[:rows, :cols], xi, yj, gx[r0:r0 + rows], gy[c0:c0 + cols], weight / plan.g_scale)
-        return gx, gy
+            plan.grad_gemms(g[:nr, :nc], xi, yj, acc.rows(r0, nr, c0), gy[c0:c0 + nc], weight / plan.g_scale)
+            acc.done(r0, nr, c0 + nc == n)
+        return acc.gx, gy
 
     def siglip_block(
-        self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, diagonal: bool, grads: bool
+        self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, diagonal: bool, grads: bool,
+        rows: Optional[RowSink] = None,
     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         if x.dtype == torch.float64:
-            return TorchChunkedKernels().siglip_block(x, y, scale, bias, weight=weight, diagonal=diagonal, grads=grads)
+            return TorchChunkedKernels().siglip_block(x, y, scale, bias, weight=weight, diagonal=diagonal, grads=grads,
+                                                      rows=rows)
         plan = self._launch(x)
         cfg, b, n, dim = plan.cfg, x.shape[0], y.shape[0], x.shape[1]
         scale, bias = scale.to(torch.float32), bias.to(torch.float32)
@@ -231,25 +268,26 @@ class TritonKernels:
         loss = torch.zeros(slots, dtype=torch.float32, device=x.device)
         gbias = torch.zeros(slots, dtype=torch.float32, device=x.device)
         if grads:
-            gx = torch.zeros(b, dim, dtype=torch.float32, device=x.device)
+            acc = _RowAcc(x, b, plan.cfg.super_rows, rows)
             gy = torch.zeros(n, dim, dtype=torch.float32, device=x.device)
             g = plan.scratch(x, b, n)
         else:
             g = loss  # a placeholder pointer, never written (WRITE_G=False)
-        for r0, rows, c0, cols, grid in plan.blocks(b, n):
-            xi, yj = x[r0:r0 + rows], y[c0:c0 + cols]
+        for r0, nr, c0, nc, grid in plan.blocks(b, n):
+            xi, yj = x[r0:r0 + nr], y[c0:c0 + nc]
             siglip_tile_kernel[grid](
-                xi, yj, scale, bias, g, loss, gbias, rows, cols, dim, r0 - c0,
+                xi, yj, scale, bias, g, loss, gbias, nr, nc, dim, r0 - c0,
                 xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), g.stride(0),
-                G_SCALE=plan.g_scale, DIAGONAL=diagonal and r0 < c0 + cols and c0 < r0 + rows, WRITE_G=grads,
+                G_SCALE=plan.g_scale, DIAGONAL=diagonal and r0 < c0 + nc and c0 < r0 + nr, WRITE_G=grads,
                 **plan.tile,
             )
             if grads:
-                plan.grad_gemms(g[:rows, :cols], xi, yj, gx[r0:r0 + rows], gy[c0:c0 + cols], weight / plan.g_scale)
+                plan.grad_gemms(g[:nr, :nc], xi, yj, acc.rows(r0, nr, c0), gy[c0:c0 + nc], weight / plan.g_scale)
+                acc.done(r0, nr, c0 + nc == n)
         total = loss.sum() * weight
         if not grads:
             return total, None, None, None
-        return total, gx, gy, gbias.sum() * weight
+        return total, acc.gx, gy, gbias.sum() * weight
 
 
 __all__ = ["TritonConfig", "TritonKernels", "interpreting"]

@@ -23,10 +23,20 @@ def _no_autocast(t: Tensor) -> Any:
     return torch.autocast(t.device.type, enabled=False)
 
 
+# Rows per chunk of the O(b * D) helpers below: their temporaries are (ROW_CHUNK, D) compute-dtype
+# tensors (64 MiB at D = 512), never (b, D) ones.
+ROW_CHUNK = 1 << 15
+
+
 def clip_diagonal(x: Tensor, y: Tensor, scale: Tensor) -> Tensor:
-    """Positive logits S_ii = s * x_i . y_i in the compute dtype, O(b * D)."""
+    """Positive logits S_ii = s * x_i . y_i in the compute dtype, a chunk of rows at a time (O(b) memory
+    beyond a chunk)."""
     cd = compute_dtype(x.dtype)
-    return scale.to(cd) * (x.to(cd) * y.to(cd)).sum(-1)
+    out = torch.empty(x.shape[0], dtype=cd, device=x.device)
+    for i in range(0, x.shape[0], ROW_CHUNK):
+        rows = slice(i, i + ROW_CHUNK)
+        torch.sum(x[rows].to(cd) * y[rows].to(cd), dim=-1, out=out[rows])
+    return out.mul_(scale.to(cd))
 
 
 def scalar_grad(meta: tuple[torch.Size, torch.dtype], total: Tensor) -> Tensor:
@@ -35,33 +45,71 @@ def scalar_grad(meta: tuple[torch.Size, torch.dtype], total: Tensor) -> Tensor:
     return total.to(dtype).reshape(shape)
 
 
-def rowdot(x: Tensor, gx: Tensor, rows: int = 1 << 15) -> Tensor:
+def rowdot(x: Tensor, gx: Tensor) -> Tensor:
     """sum_i x_i . gx_i in gx's dtype, a chunk of rows at a time: no (b, D) temporary."""
     total = gx.new_zeros(())
-    for i in range(0, x.shape[0], rows):
-        total = total + (x[i : i + rows].to(gx.dtype) * gx[i : i + rows]).sum()
+    for i in range(0, x.shape[0], ROW_CHUNK):
+        rows = slice(i, i + ROW_CHUNK)
+        total = total + (x[rows].to(gx.dtype) * gx[rows]).sum()
     return total
 
 
+class RowFinisher:
+    """Finishes the row side from the unscaled row gradient gx: dx = mult * gx in x's dtype (if
+    wanted) and dot = sum_i x_i . gx_i in the compute dtype (dL/ds is a multiple of it).
+
+    It is a RowSink (kernels/base.py): handed to a single-block kernel call it takes gx in finished
+    row chunks, so no (b, D) compute-dtype gx ever exists, only dx. A strategy that accumulates gx
+    over several blocks calls `whole(gx)` instead."""
+
+    def __init__(self, x: Tensor, mult: Tensor, want_dx: bool):
+        self.x, self.mult, self.want_dx = x, mult, want_dx
+        self.dot = mult.new_zeros(())
+        self._dx: Optional[Tensor] = None
+
+    def __call__(self, r0: int, gx: Tensor) -> None:
+        rows = slice(r0, r0 + gx.shape[0])
+        self.dot = self.dot + rowdot(self.x[rows], gx)
+        if self.want_dx:
+            if self._dx is None:
+                self._dx = torch.zeros(self.x.shape, dtype=self.x.dtype, device=self.x.device)
+            self._dx[rows] = gx.mul_(self.mult)
+
+    def whole(self, gx: Tensor) -> None:
+        """All rows at once; gx is consumed (scaled in place, so no second (b, D) buffer for fp32 inputs)."""
+        self.dot = rowdot(self.x, gx)
+        if self.want_dx:
+            self._dx = gx.mul_(self.mult).to(self.x.dtype)
+
+    @property
+    def dx(self) -> Optional[Tensor]:
+        if self.want_dx and self._dx is None:  # no row was handed over: an empty column block
+            self._dx = torch.zeros(self.x.shape, dtype=self.x.dtype, device=self.x.device)
+        return self._dx
+
+
 def finish_clip_rows(ctx: Any, x: Tensor, gx: Tensor, g: Tensor, s: Tensor, scale: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """CLIP's image-feature and scale gradients (dx, ds) from this rank's accumulated unscaled gx,
-    which is consumed (scaled in place, so no second (b, D) fp32 buffer exists)."""
-    ds = scalar_grad((scale.shape, scale.dtype), g * rowdot(x, gx)) if ctx.needs_input_grad[2] else None
-    dx = gx.mul_(g * s).to(x.dtype) if ctx.needs_input_grad[0] else None
-    return dx, ds
+    """CLIP's image-feature and scale gradients (dx, ds) from this rank's accumulated unscaled gx
+    (consumed), for the strategies that sum gx over several blocks."""
+    fin = RowFinisher(x, g * s, ctx.needs_input_grad[0])
+    fin.whole(gx)
+    return fin.dx, clip_scale_grad(ctx, fin, g, scale)
+
+
+def clip_scale_grad(ctx: Any, fin: RowFinisher, g: Tensor, scale: Tensor) -> Optional[Tensor]:
+    """dL/ds = g * sum_i x_i . gx_i, shaped like logit_scale (None if not wanted)."""
+    return scalar_grad((scale.shape, scale.dtype), g * fin.dot) if ctx.needs_input_grad[2] else None
 
 
 def stash_siglip_grads(
-    ctx: Any, x: Tensor, gx: Tensor, dy: Tensor, s: Tensor, gbias: Tensor, scale: Tensor, bias: Tensor
+    ctx: Any, fin: RowFinisher, dy: Tensor, gbias: Tensor, scale: Tensor, bias: Tensor
 ) -> None:
     """Save SigLIP's gradients, computed in the forward pass, for `replay_siglip_grads`.
 
-    gx: this rank's unscaled (b, D) row gradient in the compute dtype (consumed); dy: the finished text
-    gradient in the features' dtype. The feature gradients are kept in the inputs' dtype (what
-    backward returns anyway) and the scale's as the O(b.D) identity dL/ds = sum(x * gx).
-    """
-    ds = rowdot(x, gx)
-    ctx.save_for_backward(gx.mul_(s).to(x.dtype), dy, ds, gbias)
+    fin: the finished row side (mult = s, dx wanted); dy: the finished text gradient in the features'
+    dtype. The feature gradients are kept in the inputs' dtype (what backward returns anyway) and
+    the scale's as the O(b.D) identity dL/ds = sum(x * gx)."""
+    ctx.save_for_backward(fin.dx, dy, fin.dot, gbias)
     ctx.meta = ((scale.shape, scale.dtype), (bias.shape, bias.dtype))
 
 
@@ -98,11 +146,15 @@ class _LocalClip(torch.autograd.Function):
         with _no_autocast(x):
             cd = compute_dtype(x.dtype)
             s = scale.detach().to(cd)
-            gx, gy = ctx.kernels.clip_grads(x, y, s, row_lse, col_lse, weight=1.0 / (2 * x.shape[0]), diagonal=True)
             g = grad.to(cd)
-            dx, ds = finish_clip_rows(ctx, x, gx, g, s, scale)
+            # The rows are finished as the kernels complete them: no (b, D) fp32 gx, only gy's.
+            fin = RowFinisher(x, g * s, ctx.needs_input_grad[0])
+            _, gy = ctx.kernels.clip_grads(
+                x, y, s, row_lse, col_lse, weight=1.0 / (2 * x.shape[0]), diagonal=True, rows=fin
+            )
             dy = gy.mul_(g * s).to(y.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dy, ds, None
+            del gy
+        return fin.dx, dy, clip_scale_grad(ctx, fin, g, scale), None
 
 
 class _LocalSiglip(torch.autograd.Function):
@@ -112,12 +164,13 @@ class _LocalSiglip(torch.autograd.Function):
         with _no_autocast(x):
             cd = compute_dtype(x.dtype)
             s, beta = scale.detach().to(cd), bias.detach().to(cd)
-            loss, gx, gy, gbias = kernels.siglip_block(
-                x, y, s, beta, weight=1.0 / x.shape[0], diagonal=True, grads=want
+            fin = RowFinisher(x, s, want_dx=True)
+            loss, _, gy, gbias = kernels.siglip_block(
+                x, y, s, beta, weight=1.0 / x.shape[0], diagonal=True, grads=want, rows=fin if want else None
             )
             if want:
-                assert gx is not None and gy is not None and gbias is not None
-                stash_siglip_grads(ctx, x, gx, gy.mul_(s).to(y.dtype), s, gbias, scale, bias)
+                assert gy is not None and gbias is not None
+                stash_siglip_grads(ctx, fin, gy.mul_(s).to(y.dtype), gbias, scale, bias)
         return loss
 
     @staticmethod
