@@ -140,10 +140,11 @@ def empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def cuda_time(fn: Callable, reps: int) -> float:
-    """Median milliseconds of fn() over reps (after one warm-up call); CUDA events on the GPU."""
-    fn()
-    sync()
+def cuda_time(fn: Callable, reps: int, warm: bool = True) -> float:
+    """Median milliseconds of fn() over reps (after one warm-up call if warm); CUDA events on the GPU."""
+    if warm:
+        fn()
+        sync()
     times = []
     for _ in range(reps):
         if DEV == "cuda":
@@ -179,22 +180,31 @@ def run_once(kind: str, x, y, s, b, fn: Callable, backward: bool) -> None:
             fn(x, y, s, b)
 
 
-def timing(kind: str, b: int, d: int, dtype: torch.dtype, fn: Callable, backward: bool, budget: float) -> dict:
+def timing(kind: str, b: int, d: int, dtype: torch.dtype, fn: Callable, backward: bool, budget: float,
+           once: bool = False) -> dict:
+    """Median time of fn's forward(+backward) and its peak memory beyond the inputs (the input
+    gradients included: they are freed before `before` is read). once: a single timed call, no
+    warm-up (B = 4M, where one call is minutes; compilation happened at the smaller sizes)."""
     row: dict[str, Any] = dict(loss=kind, B=b, D=d, dtype=str(dtype).split(".")[-1], backward=backward)
     try:
         x, y = features(b, d, dtype, grad=True)
         s = torch.tensor(30.0, device=DEV, requires_grad=True)
         bias = torch.tensor(-10.0, device=DEV, requires_grad=True)
         sync()
-        t = time.time()
-        run_once(kind, x, y, s, bias, fn, backward)  # warm-up (and compile)
-        sync()
-        first = time.time() - t
-        reps = max(1, min(5, int(left(budget) / 4 / max(first, 1e-3))))
+        reps = 1
+        if not once:
+            t = time.time()
+            run_once(kind, x, y, s, bias, fn, backward)  # warm-up (and compile)
+            sync()
+            first = time.time() - t
+            reps = max(1, min(5, int(left(budget) / 4 / max(first, 1e-3))))
+        for t_ in (x, y, s, bias):
+            t_.grad = None
+        empty_cache()
         if DEV == "cuda":
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        row["ms"] = cuda_time(lambda: run_once(kind, x, y, s, bias, fn, backward), reps)
+        row["ms"] = cuda_time(lambda: run_once(kind, x, y, s, bias, fn, backward), reps, warm=not once)
         row["peak_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30 if DEV == "cuda" else 0.0
         row["reps"] = reps
     except torch.cuda.OutOfMemoryError:
@@ -210,6 +220,8 @@ def timings(args, rates: dict, budget: float) -> list[dict]:
     print("\n== timings (ms; ratio = time / floor3; CLIP's own floor is 1.33) ==")
     plan = [("bf16", 512, args.sizes), ("bf16", 1152, [s for s in args.sizes if s <= args.max_1152]),
             ("fp16", 512, args.sizes[:2]), ("fp32", 512, args.sizes[:2])]
+    if args.huge:  # B = 4M, bf16, D = 512, fwd+bwd, one call each: does it run, and its peak memory
+        plan = [("bf16", 512, args.huge)]
     if DRY:  # the interpreter: no bf16, toy D (the floor's rate is then a CPU number, meaningless)
         plan = [("fp32", 33, args.sizes), ("fp16", 17, args.sizes[:1])]
     rows = []
@@ -217,10 +229,10 @@ def timings(args, rates: dict, budget: float) -> list[dict]:
         dtype = DTYPES[dname]
         for b in sizes:
             for kind in ("siglip", "clip"):
-                for backward in (True, False):
+                for backward in (True,) if args.huge else (True, False):
                     if left(budget) < 0:
                         return rows
-                    row = timing(kind, b, d, dtype, loss_fn(kind), backward, budget)
+                    row = timing(kind, b, d, dtype, loss_fn(kind), backward, budget, once=bool(args.huge))
                     floor3 = 3 * 2 * b * b * d / (rates[(dname, d)] * 1e12) * 1e3
                     row["floor3_ms"] = floor3
                     if row.get("ms") is not None:
@@ -273,6 +285,8 @@ def sweep(budget: float, rate: float) -> list[dict]:
     candidates = {
         "default": base,
         "n64": TritonConfig(block_n=64),
+        "regs128": TritonConfig(max_regs=128),  # 2 CTAs/SM for the tile kernels (small spills)
+        "regs128_s2": TritonConfig(max_regs=128, num_stages=2),
         "k32_s4": TritonConfig(block_k=32, num_stages=4),
         "s4": TritonConfig(num_stages=4),
         "gemm_d256": TritonConfig(gemm_d=256, gemm_k=64, gemm_stages=3),
@@ -313,12 +327,16 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[32768, 65536, 131072, 262144, 1048576])
     p.add_argument("--max-1152", type=int, default=262144, help="largest B timed at D=1152")
     p.add_argument("--skip", nargs="*", default=[], choices=["correctness", "timings", "breakdown", "sweep"])
+    p.add_argument("--huge", type=int, nargs="*", default=[],
+                   help="time these batch sizes only (bf16, D=512, fwd+bwd, one call each, no warm-up), e.g. "
+                        "--huge 4194304 --skip correctness breakdown sweep: about 5 min on an H100")
     p.add_argument("--dry-run", action="store_true", help="CPU + TRITON_INTERPRET=1, toy sizes: tests the script")
     args = p.parse_args()
     global DEV, DRY
     if args.dry_run:
         DEV, DRY = "cpu", True
         args.sizes, args.max_1152 = [24, 40], 24
+        args.huge = [48] if args.huge else []
     import triton
 
     env = dict(gpu=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run)", torch=torch.__version__,

@@ -12,6 +12,7 @@ check: the H100 run (gpu_triton_check.py) measures what the numbers mean.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -31,7 +32,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_like_jit(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int):
+def compile_like_jit(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int, maxnreg=None):
     """args: name -> value; a str value is a pointer's element type ("bf16"), an int/float a scalar."""
     signature, attrs, consts = {}, {}, dict(constexprs)
     for i, name in enumerate(fn.arg_names):
@@ -52,7 +53,10 @@ def compile_like_jit(fn, args: dict, constexprs: dict, num_warps: int, num_stage
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=TARGET, options=options)
 
 
 def resources(kernel) -> str:
@@ -93,8 +97,9 @@ def check(dim: int, dtype: str, cfg: TritonConfig) -> None:
          cfg.gemm_warps, cfg.gemm_stages),
     ]
     for name, fn, args, consts, nw, ns in jobs:
+        cap = cfg.max_regs if name != "grad_gemm" else None  # TritonConfig.max_regs caps the tile kernels
         try:
-            print(f"  {name:<15} {resources(compile_like_jit(fn, args, consts, nw, ns))}")
+            print(f"  {name:<15} {resources(compile_like_jit(fn, args, consts, nw, ns, cap))}")
         except Exception as e:  # a compile failure is the finding
             print(f"  {name:<15} COMPILE FAILED: {type(e).__name__}: {str(e)[:300]}")
 
@@ -103,11 +108,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dim", type=int, nargs="+", default=[512, 1152, 129])
     p.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"])
+    p.add_argument("--max-regs", type=int, default=None, help="TritonConfig.max_regs for the tile kernels")
     a = p.parse_args()
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     print(f"triton {triton.__version__}, target sm_90")
     for dtype in a.dtype:
-        cfg = TritonConfig.default(torch_dtype[dtype])
+        cfg = dataclasses.replace(TritonConfig.default(torch_dtype[dtype]), max_regs=a.max_regs)
         print(f"{dtype}: {cfg}")
         for dim in a.dim:
             print(f" D={dim}")

@@ -17,6 +17,7 @@ The whole file is skipped only when triton cannot be imported.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import pytest
@@ -229,6 +230,21 @@ def test_supports_and_config_validation():
         TritonConfig(grad_gemm="cutlass")
     with pytest.raises(ValueError, match="super_rows"):
         TritonConfig(super_rows=100)
+    with pytest.raises(ValueError, match="max_regs"):
+        TritonConfig(max_regs=512)
+
+
+def test_register_cap_gives_the_same_results():
+    """max_regs is a launch option (ptxas .maxnreg): on the GPU it may spill, never change a result;
+    the interpreter ignores it. Either way the answers equal the uncapped kernels'."""
+    x, y = features(70, 19, torch.float32, seed=4)
+    s, beta = torch.tensor(25.0, device=DEVICE), torch.tensor(-9.0, device=DEVICE)
+    capped = TritonKernels(dataclasses.replace(TILED, max_regs=128))
+    for got, want in [(capped.siglip_block(x, y, s, beta, weight=1.0, diagonal=True, grads=True),
+                       TritonKernels(TILED).siglip_block(x, y, s, beta, weight=1.0, diagonal=True, grads=True)),
+                      (capped.clip_stats(x, y, s), TritonKernels(TILED).clip_stats(x, y, s))]:
+        for o, w in zip(got, want):
+            assert torch.equal(o, w)
 
 
 @needs_gpu

@@ -53,7 +53,11 @@ class TritonConfig:
     block_m/n/k: the logit tile and its D chunk; gemm_m/d/k: the gradient GEMMs' output tile
     (rows x D) and K chunk; super_rows/cols: the super-block (the scratch holds one);
     grad_gemm: "triton" (grad_gemm_kernel) or "cublas" (torch.mm with fp32 output, CUDA only);
-    fp32_precision: None follows torch.get_float32_matmul_precision().
+    fp32_precision: None follows torch.get_float32_matmul_precision();
+    max_regs: a cap on registers per thread for the logit-tile kernels (ptxas .maxnreg; None: the
+    compiler's choice). At the bf16 default the compiler takes 169 (CLIP grads) and 196 (SigLIP),
+    one 256-thread CTA per SM; 128 allows two (ptxas then spills 152 and 56 bytes per thread,
+    static compile: benchmarks/triton_aot_check.py --max-regs 128). The interpreter ignores it.
     """
 
     block_m: int = 128
@@ -71,6 +75,7 @@ class TritonConfig:
     merge_block: int = 1024
     grad_gemm: str = "triton"
     fp32_precision: Optional[str] = None
+    max_regs: Optional[int] = None
 
     @staticmethod
     def default(dtype: torch.dtype) -> "TritonConfig":
@@ -94,6 +99,8 @@ class TritonConfig:
             raise ValueError("TritonConfig.super_rows/super_cols must be multiples of block_m/block_n")
         if self.grad_gemm not in ("triton", "cublas"):
             raise ValueError(f"TritonConfig.grad_gemm must be 'triton' or 'cublas', got {self.grad_gemm!r}")
+        if self.max_regs is not None and not (isinstance(self.max_regs, int) and 24 <= self.max_regs <= 255):
+            raise ValueError(f"TritonConfig.max_regs must be None or an int in [24, 255], got {self.max_regs!r}")
         if self.fp32_precision not in (None, "tf32", "tf32x3", "ieee"):
             raise ValueError(f"TritonConfig.fp32_precision must be None, tf32, tf32x3 or ieee, got {self.fp32_precision!r}")
 
@@ -110,6 +117,8 @@ class _Launch:
         self.g_scale = FP16_G_SCALE if dtype == torch.float16 else 1.0
         self.tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=interpreting(),
                          PRECISION=self.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.max_regs is not None:
+            self.tile["maxnreg"] = cfg.max_regs
 
     def blocks(self, b: int, n: int) -> Iterator[tuple[int, int, int, int, tuple[int, int]]]:
         """(r0, rows, c0, cols, logit-kernel grid) of every super-block, rows outer."""
