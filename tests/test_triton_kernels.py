@@ -6,7 +6,7 @@ Checked here, on the GPU when there is one and otherwise on CPU through Triton's
   gradients of both features, logit_scale and logit_bias equal the float64 reference within
   2x the error plain PyTorch makes at the inputs' precision (plus a small floor) -- or 2x the
   torch backend's error where that is larger (an ill-conditioned dL/ds, see check()) -- and
-  agree with the torch backend to the same tolerance; odd B and D, fp32 and fp16, scale 1..100,
+  agree with the torch backend to the same tolerance; odd B and D (up to 1152), fp32 and fp16, scale 1..100,
   bias -12..0;
 - unnormalised features with logits in the thousands stay finite and accurate;
 - the block kernels directly: rectangular blocks, diagonal=False and True, against the dense
@@ -116,7 +116,8 @@ def tiled(kind: str, config: TritonConfig = TILED) -> Callable:
 
 
 # (B, D, logit_scale, logit_bias): odd sizes, scale 1..100, bias -12..0.
-SHAPES = [(1, 3, 10.0, -10.0), (7, 17, 1.0, 0.0), (37, 64, 100.0, -12.0), (130, 17, 30.0, -3.0)]
+SHAPES = [(1, 3, 10.0, -10.0), (7, 17, 1.0, 0.0), (37, 64, 100.0, -12.0), (130, 17, 30.0, -3.0),
+          (23, 1152, 30.0, -10.0)]  # D = 1152: SigLIP so400m's width
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
