@@ -49,3 +49,28 @@ def test_bad_flags_are_reported(argv, capsys):
         rc = e.code
     assert rc == 2
     assert "megabatch" in capsys.readouterr().err
+
+
+def test_slow_or_out_of_memory_methods_are_not_run_at_larger_batches():
+    from megabatch.bench import Case, Result, skip_reason
+
+    def case(b: int) -> Case:
+        return Case("clip", "inf_cl", b, 512, "bfloat16", "cuda", repeat=3)
+
+    assert skip_reason(None, case(1024), 60) is None
+    fast = Result(case(1024), ms=100.0)
+    assert skip_reason(fast, case(2048), 60) is None  # 0.1 s * 4 * (3 + 1) = 1.6 s
+    assert skip_reason(fast, case(32768), 60) == "skipped: projected 410 s > --max-seconds 60"
+    oom = Result(case(1024), error="OOM")
+    assert skip_reason(oom, case(2048), 60) == "skipped: OOM at B=1024"
+    chained = Result(case(2048), error="skipped: OOM at B=1024")
+    assert skip_reason(chained, case(4096), 60) == "skipped: OOM at B=1024"
+    failed = Result(case(1024), error="RuntimeError: boom")
+    assert skip_reason(failed, case(2048), 60) is None  # a one-off failure is not extrapolated
+
+
+def test_bench_lists_skipped_cases(capsys):
+    rc = main(["bench", "--loss", "siglip", "--backend", "torch", "--batch", "32", "4096", "--dim", "8",
+               "--repeat", "1", "--max-seconds", "0.001"])
+    assert rc == 0
+    assert "skipped: projected" in capsys.readouterr().out

@@ -12,7 +12,10 @@ each other's high-water mark); effective TFLOP/s counting the 3 GEMM-sized passe
 (3 * 2 * B^2 * D); and time / floor3, where floor3 is 3 B x B x D GEMMs at the matrix-multiply
 rate measured in the same run. Methods are megabatch backends plus, with --peers, "plain" (the
 open_clip way: the dense matrix in the inputs' dtype with autograd; always available) and any
-installed peer library. A case that runs out of memory is reported as OOM, not a crash.
+installed peer library. A case that runs out of memory is reported as OOM, not a crash; a method
+is not run at a larger batch once it ran out of memory, nor where its last time scaled by B^2
+projects past --max-seconds for the case (warm-up plus repeats): inf-cl at B = 1M would take
+about 17 minutes. Skipped cases are listed, with the reason.
 """
 from __future__ import annotations
 
@@ -171,7 +174,27 @@ def measure(case: Case) -> Result:
         res.error = "OOM"
     except (RuntimeError, ValueError, TypeError, ImportError) as e:
         res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    finally:
+        if device.type == "cuda":
+            inputs = None
+            torch.cuda.empty_cache()
     return res
+
+
+def skip_reason(prev: Optional[Result], case: Case, max_seconds: float) -> Optional[str]:
+    """Why `case` should not run, given the same method's result at the previous (smaller) batch."""
+    if prev is None:
+        return None
+    if prev.error == "OOM":
+        return f"skipped: OOM at B={prev.case.batch}"
+    if prev.error and prev.error.startswith("skipped"):
+        return prev.error
+    if prev.ms is None:
+        return None
+    projected = prev.ms / 1e3 * (case.batch / prev.case.batch) ** 2 * (case.repeat + 1)
+    if projected > max_seconds:
+        return f"skipped: projected {projected:.0f} s > --max-seconds {max_seconds:g}"
+    return None
 
 
 def _worker(case: Case, queue: "mp.Queue[Result]") -> None:
@@ -291,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", action="store_true", help="also run 'plain' PyTorch and installed peer libraries")
     p.add_argument("--strategy", nargs="+", choices=["ring", "gather", "auto", "local"],
                    help="distributed mode, under torchrun (default there: ring gather); --batch is per rank")
+    p.add_argument("--max-seconds", type=float, default=120.0,
+                   help="skip a case whose projected time (previous batch's, scaled by B^2) exceeds this")
     p.add_argument("--json", help="write results and environment to this JSON file")
     p.add_argument("--plot", help="write a PNG of time and memory vs batch")
     return p
@@ -316,8 +341,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 for method in methods:
                     if method in peers.PEERS and loss not in peers.PEERS[method]:
                         continue
-                    for batch in args.batch:
-                        res = measure_isolated(Case(loss, method, batch, dim, dtype, args.device, args.repeat))
+                    prev: Optional[Result] = None
+                    for batch in sorted(args.batch):
+                        case = Case(loss, method, batch, dim, dtype, args.device, args.repeat)
+                        why = skip_reason(prev, case, args.max_seconds)
+                        res = Result(case, error=why) if why else measure_isolated(case)
+                        prev = res
                         if res.ms is not None:
                             floor3_ms = 3 * 2 * batch**2 * dim / (rate * 1e12) * 1e3
                             res.floor_ratio = res.ms / floor3_ms
