@@ -332,7 +332,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return run(args, argv)
     if args.strategy:
         build_parser().error("--strategy needs torchrun: torchrun --nproc_per_node N -m megabatch.bench ...")
-    methods = list(args.backend) + (peers.available() if args.peers else [])
+    methods = list(args.backend) + (peers.available(args.device) if args.peers else [])
     results = []
     for dtype in args.dtype:
         for dim in args.dim:
