@@ -6,8 +6,11 @@
   a stream sync. (Distributed strategies read the ranks' sizes once by design: not covered here.)
 - torch.compile(fullgraph=True) traces both losses with the torch backend (no graph break) and
   gives the eager values and gradients (backend "aot_eager": dynamo + AOTAutograd, seconds on CPU;
-  inductor was checked by hand, 16 s, same answers). The Triton backend under torch.compile and
-  CUDA graphs needs a GPU: not covered here.
+  inductor was checked by hand, 16 s, same answers).
+- With the triton backend the kernels are opaque to dynamo (torch.compiler.disable): a compiled
+  function calling the loss graph-breaks there and still gives the eager answers (checked through
+  the interpreter on CPU; on a GPU the same code path runs, but it has not been run there).
+  CUDA graphs need a GPU: not covered here.
 """
 from __future__ import annotations
 
@@ -68,14 +71,16 @@ def test_no_host_sync_in_forward_and_backward(kind, backend):
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_torch_compile_fullgraph_matches_eager(kind):
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if "triton" in _backends() else []))
+def test_torch_compile_matches_eager(kind, backend):
     torch._dynamo.reset()
-    fn = _loss(kind)
+    fn = _loss(kind, backend)
     eager = _leaves()
     want = fn(*eager)
     want.backward()
     compiled = _leaves()
-    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*compiled)
+    # fullgraph for the torch backend: any graph break fails the test; triton breaks by design.
+    got = torch.compile(fn, fullgraph=backend == "torch", backend="aot_eager")(*compiled)
     got.backward()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     used = 3 if kind == "clip" else 4

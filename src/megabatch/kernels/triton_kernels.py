@@ -16,6 +16,9 @@ are int32 inside a super-block (super_rows * D and super_rows * super_cols < 2**
 Compute: float32 accumulation; bf16/fp16 operands on tensor cores; fp32 operands with
 `fp32_precision` ("tf32" when torch allows TF32 matmuls, else "tf32x3" ~ fp32 accuracy, or "ieee").
 float64 inputs are delegated to the torch backend (Triton has no fast fp64 path): same results.
+torch.compile: the three entry points are opaque to dynamo (torch.compiler.disable), so a compiled
+model that calls the loss gets one graph break there and runs the kernels as they are (the loss
+has nothing for inductor to fuse); fullgraph=True is therefore not possible with this backend.
 The design and its FLOP/byte accounting: benchmarks/triton_notes.md.
 """
 from __future__ import annotations
@@ -205,6 +208,7 @@ class TritonKernels:
             cfg = TritonConfig.interpreter() if interpreting() else TritonConfig.default(x.dtype)
         return _Launch(cfg, x.dtype)
 
+    @torch.compiler.disable
     def clip_stats(self, x: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
         if x.dtype == torch.float64:
             return TorchChunkedKernels().clip_stats(x, y, scale)
@@ -236,6 +240,7 @@ class TritonKernels:
         lse = run[1].double().log_().add_(run[0].double())
         return lse[:b], lse[b:]
 
+    @torch.compiler.disable
     def clip_grads(
         self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float, diagonal: bool,
         rows: Optional[RowSink] = None,
@@ -262,6 +267,7 @@ class TritonKernels:
             acc.done(r0, nr, c0 + nc == n)
         return acc.gx, gy
 
+    @torch.compiler.disable
     def siglip_block(
         self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, diagonal: bool, grads: bool,
         rows: Optional[RowSink] = None,
