@@ -72,10 +72,12 @@ def resources(kernel) -> str:
             f"pipelined {'yes' if pipelined else 'NO '}  wgmma {'yes' if wgmma else 'no'}")
 
 
-def check(dim: int, dtype: str, cfg: TritonConfig) -> None:
+def check(dim: int, dtype: str, cfg: TritonConfig, even: bool = True) -> None:
     rows = cols = cfg.super_rows
     prec = "tf32" if dtype != "fp32" else "tf32x3"
-    tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=False, PRECISION=prec)
+    # EVEN as at launch: full super-blocks are unmasked when D is a multiple of block_k.
+    tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=False, PRECISION=prec,
+                EVEN=even and dim % cfg.block_k == 0)
     feats = dict(x_ptr=dtype, y_ptr=dtype, scale_ptr="fp32", rows=rows, cols=cols, dim=dim,
                  stride_xm=dim, stride_xk=1, stride_yn=dim, stride_yk=1)
     w, s = cfg.num_warps, cfg.num_stages
@@ -88,7 +90,7 @@ def check(dim: int, dtype: str, cfg: TritonConfig) -> None:
          dict(tile, G_SCALE=1.0, DIAGONAL=True), w, s),
         ("siglip_tile", _triton_tiles.siglip_tile_kernel,
          dict(feats, bias_ptr="fp32", g_ptr=dtype, loss_ptr="fp32", gbias_ptr="fp32", diag_offset=0, stride_g=cols),
-         dict(tile, G_SCALE=1.0, DIAGONAL=True, WRITE_G=True), w, s),
+         dict(tile, G_SCALE=1.0, DIAGONAL=True, WRITE_G=True, PRECISE_LOG1P=dtype == "fp32"), w, s),
         ("grad_gemm", _triton_gemm.grad_gemm_kernel,
          dict(g_ptr=dtype, x_ptr=dtype, y_ptr=dtype, gx_ptr="fp32", gy_ptr="fp32", alpha=0.5, rows=rows, cols=cols,
               dim=dim, tiles_x=1000, stride_g=cols, stride_xm=dim, stride_xk=1, stride_yn=dim, stride_yk=1,

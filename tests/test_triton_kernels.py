@@ -142,6 +142,24 @@ def test_several_partial_super_blocks(kind, dtype):
     check(kind, x, y, [20.0] if kind == "clip" else [20.0, -8.0], tiled(kind))
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_unmasked_and_masked_super_blocks_in_one_call(kind, dtype, monkeypatch):
+    """B = 150, D = 32 with 32-wide tiles and 128-pair super-blocks: the first super-block has no
+    edge tile (launched with EVEN, no masks), the others are ragged (masked); both kinds run in
+    one call and the answers match the reference."""
+    from megabatch.kernels.triton_kernels import _Launch
+
+    seen = []
+    real = _Launch.even
+    monkeypatch.setattr(_Launch, "even", lambda self, *a: seen.append(real(self, *a)) or seen[-1])
+    x, y = features(150, 32, dtype, seed=150)
+    config = TritonConfig(32, 32, 32, 32, 32, 32, 128, 128, num_warps=4, num_stages=1, gemm_warps=4, gemm_stages=1,
+                          merge_block=32)
+    check(kind, x, y, [20.0] if kind == "clip" else [20.0, -8.0], tiled(kind, config))
+    assert set(seen) == {True, False}, seen
+
+
 @pytest.mark.parametrize("diagonal", [False, True])
 @pytest.mark.parametrize("b,n,d", [(37, 70, 17), (70, 37, 3)])
 def test_block_kernels_rectangular(b, n, d, diagonal):

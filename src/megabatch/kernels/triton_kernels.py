@@ -118,10 +118,16 @@ class _Launch:
         else:
             self.prec = "tf32"  # ignored for 16-bit operands
         self.g_scale = FP16_G_SCALE if dtype == torch.float16 else 1.0
+        self.precise_log1p = dtype == torch.float32  # 16-bit inputs: a cheaper log1p (see _triton_tiles)
         self.tile = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=interpreting(),
                          PRECISION=self.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if cfg.max_regs is not None:
             self.tile["maxnreg"] = cfg.max_regs
+
+    def even(self, rows: int, cols: int, dim: int) -> bool:
+        """No edge tile in this super-block: its kernels need no masks."""
+        cfg = self.cfg
+        return rows % cfg.block_m == 0 and cols % cfg.block_n == 0 and dim % cfg.block_k == 0
 
     def blocks(self, b: int, n: int) -> Iterator[tuple[int, int, int, int, tuple[int, int]]]:
         """(r0, rows, c0, cols, logit-kernel grid) of every super-block, rows outer."""
@@ -229,7 +235,7 @@ class TritonKernels:
             clip_stats_kernel[grid](
                 xi, yj, scale, rowpart[0], rowpart[1], colpart[0], colpart[1], rows, cols, x.shape[1],
                 xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), rowpart.stride(1), colpart.stride(1),
-                **plan.tile,
+                EVEN=plan.even(rows, cols, x.shape[1]), **plan.tile,
             )
             lse_merge_kernel[(triton.cdiv(rows, mb),)](
                 rowpart[0], rowpart[1], row_m[r0:], row_l[r0:], rows, grid[1], rowpart.stride(1), BLOCK=mb)
@@ -261,7 +267,8 @@ class TritonKernels:
             clip_grad_tile_kernel[grid](
                 xi, yj, scale, row_hi[r0:], row_lo[r0:], col_hi[c0:], col_lo[c0:], g, nr, nc, dim, r0 - c0,
                 xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), g.stride(0),
-                G_SCALE=plan.g_scale, DIAGONAL=diagonal and r0 < c0 + nc and c0 < r0 + nr, **plan.tile,
+                G_SCALE=plan.g_scale, DIAGONAL=diagonal and r0 < c0 + nc and c0 < r0 + nr, EVEN=plan.even(nr, nc, dim),
+                **plan.tile,
             )
             plan.grad_gemms(g[:nr, :nc], xi, yj, acc.rows(r0, nr, c0), gy[c0:c0 + nc], weight / plan.g_scale)
             acc.done(r0, nr, c0 + nc == n)
@@ -294,7 +301,7 @@ class TritonKernels:
                 xi, yj, scale, bias, g, loss, gbias, nr, nc, dim, r0 - c0,
                 xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), g.stride(0),
                 G_SCALE=plan.g_scale, DIAGONAL=diagonal and r0 < c0 + nc and c0 < r0 + nr, WRITE_G=grads,
-                **plan.tile,
+                EVEN=plan.even(nr, nc, dim), PRECISE_LOG1P=plan.precise_log1p, **plan.tile,
             )
             if grads:
                 plan.grad_gemms(g[:nr, :nc], xi, yj, acc.rows(r0, nr, c0), gy[c0:c0 + nc], weight / plan.g_scale)
