@@ -6,7 +6,7 @@ its feature gradients are W * dL/d(its features), and the mean over ranks of its
 logit_bias gradients is dL/ds, dL/dbias; for SigLIP each rank's scale/bias gradient is exactly
 dL_r/ds, dL_r/dbias and L_r = W/B * (its rows' terms); for CLIP, L_r = W/(2B) * (its rows' and its
 columns' terms). Checked for W = 1..4, both losses, both strategies, float64 and float32 (and
-bfloat16/float16 at W = 2), the 'torch', 'dense' and (W = 2, interpreted) 'triton' backends,
+bfloat16/float16 at W = 2), the 'torch', 'dense' and (W = 2 and 3, interpreted) 'triton' backends,
 gather's NCCL reduce-scatter path (driven on gloo), uneven sizes with a rank of b = 1, no-grad /
 frozen-image / scaled-loss backward, a subgroup (4 ranks in two groups of 2), strategy="auto"
 picking ring, and ranks disagreeing on D, dtype, backend or requires_grad (or one rank with an empty
@@ -63,6 +63,10 @@ def make_cases(world: int) -> list[dict[str, Any]]:
         for strategy, loss in itertools.product(STRATEGIES, LOSSES):  # the fused kernels (interpreted on CPU)
             cases.append(dict(sizes=(5, 2), dim=17, strategy=strategy, loss=loss, dtype=torch.float32,
                               backend="triton", seed=37, big=True, mode="all"))
+    if world == 3:  # the fused kernels with uneven ranks, one of a single pair
+        for strategy, loss in itertools.product(STRATEGIES, LOSSES):
+            cases.append(dict(sizes=(4, 1, 6), dim=19, strategy=strategy, loss=loss, dtype=torch.float32,
+                              backend="triton", seed=41, big=False, mode="all"))
     if world == 3:  # gradient modes that change which collectives run
         for mode, strategy, loss in itertools.product(MODES[1:], STRATEGIES, LOSSES):
             cases.append(dict(sizes=(2, 4, 1), dim=5, strategy=strategy, loss=loss, dtype=torch.float64,
