@@ -21,10 +21,10 @@ SigLIP (one pass): siglip_block -> (loss, gx, gy, gbias) for the block, all mult
 Finished rows (`rows`, both gradient calls): when a caller passes a RowSink, the backend hands it gx
 in finished row chunks instead of returning it (gx comes back None): rows(r0, chunk) with chunk
 equal to gx[r0 : r0 + len(chunk)] in the compute dtype, every row exactly once, in any order, and
-no row changes after it was handed over (with grads=False the sink is never called). The chunk may be the backend's reused buffer: the sink
-consumes it before returning and may overwrite it. This is what lets a single-block caller turn gx
-into s * gx in the inputs' dtype as it goes, so no (b, D) compute-dtype accumulator of the row side
-ever exists (only gy's).
+no row changes after it was handed over (with grads=False the sink is never called). The chunk
+may be the backend's reused buffer: the sink consumes it before returning and may overwrite it.
+This is what lets a single-block caller turn gx into s * gx in the inputs' dtype as it goes, so
+no (b, D) compute-dtype accumulator of the row side ever exists (only gy's).
 """
 from __future__ import annotations
 
