@@ -41,11 +41,15 @@ def _backends() -> list[str]:
     return names
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _leaves(b: int = 37, d: int = 19):
     g = torch.Generator().manual_seed(b)
-    x = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1).requires_grad_()
-    y = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1).requires_grad_()
-    return x, y, torch.tensor(12.0, requires_grad=True), torch.tensor(-6.0, requires_grad=True)
+    x = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1).to(DEVICE).requires_grad_()
+    y = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1).to(DEVICE).requires_grad_()
+    return (x, y, torch.tensor(12.0, device=DEVICE, requires_grad=True),
+            torch.tensor(-6.0, device=DEVICE, requires_grad=True))
 
 
 def _loss(kind: str, backend: str = "torch"):
@@ -57,7 +61,7 @@ def _loss(kind: str, backend: str = "torch"):
 def test_the_guard_catches_item():
     with pytest.raises(AssertionError, match="host read"):
         with _NoHostReads():
-            torch.ones(3).sum().item()
+            torch.ones(3, device=DEVICE).sum().item()
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
