@@ -18,8 +18,9 @@ get multiplied by log2(e) before they cancel):
 G' is stored multiplied by G_SCALE (a power of two: 2**14 for fp16, so that probabilities ~1/B
 stay normal numbers; 1 otherwise) and without the caller's `weight` (applied in the GEMMs).
 log1p(e), e = exp(-|u|) in (0, 1], is a polynomial (degree 9 for fp32 inputs, 5 for 16-bit ones;
-no division, no log near 1: the hardware lg2 has an absolute, not relative, error there). Per logit the SigLIP epilogue costs two
-MUFU operations (ex2, and the reciprocal in sigmoid) and about 25 FP32 ops; CLIP's two ex2.
+no division, no log near 1: the hardware lg2 has an absolute, not relative, error there). Per
+logit the SigLIP epilogue costs two MUFU operations (ex2, and the reciprocal in sigmoid) and
+about 21 FP32 ops at 16 bits (26 for fp32 inputs); CLIP's two ex2.
 
 EVEN (a launch-time constant): rows, cols and D are multiples of the tile, so no load, store or
 reduction is masked (every super-block but the ragged last ones, at the usual sizes).

@@ -9,10 +9,12 @@ one stream, rows outer. Per super-block:
   SigLIP       siglip_tile_kernel: logit tiles -> loss and sum(G') per program slot, and G' unless
                grads=False; then grad_gemm_kernel as above.                        3 GEMMs (1)
 Logits never leave registers. Extra memory: the fp32 gy and gx the contract returns -- or, when
-the caller takes finished rows (a RowSink, see base.py), one (super_rows, D) fp32 gx buffer in place
-of gx --, one scratch of super_rows x super_cols elements in the input dtype (128 MiB in bf16 at the
-default 8192 x 8192: constant in B), and O(b + n) floats. No host sync: scale and bias are read in-kernel. Offsets
-are int32 inside a super-block (super_rows * D and super_rows * super_cols < 2**31).
+the caller takes finished rows (a RowSink, see base.py), one (super_rows, D) fp32 gx buffer in
+place of gx --, one scratch of super_rows x super_cols elements in the input dtype (128 MiB in
+bf16 at the default 8192 x 8192: constant in B), and O(b + n) floats. No host sync: scale and
+bias are read in-kernel. Offsets are int32 inside a super-block (super_rows * D and
+super_rows * super_cols < 2**31). A super-block without edge tiles launches its kernels unmasked
+(EVEN).
 Compute: float32 accumulation; bf16/fp16 operands on tensor cores; fp32 operands with
 `fp32_precision` ("tf32" when torch allows TF32 matmuls, else "tf32x3" ~ fp32 accuracy, or "ieee").
 float64 inputs are delegated to the torch backend (Triton has no fast fp64 path): same results.
@@ -32,8 +34,8 @@ import triton
 from torch import Tensor
 
 from ._triton_gemm import grad_gemm_kernel
-from .base import RowSink
 from ._triton_tiles import clip_grad_tile_kernel, clip_stats_kernel, lse_merge_kernel, siglip_tile_kernel
+from .base import RowSink
 from .torch_chunked import TorchChunkedKernels
 
 FP16_G_SCALE = 2.0**14  # |G'| <= 2, so 2 * 2**14 < 65504; probabilities ~1e-8 stay normal fp16
@@ -58,9 +60,10 @@ class TritonConfig:
     grad_gemm: "triton" (grad_gemm_kernel) or "cublas" (torch.mm with fp32 output, CUDA only);
     fp32_precision: None follows torch.get_float32_matmul_precision();
     max_regs: a cap on registers per thread for the logit-tile kernels (ptxas .maxnreg; None: the
-    compiler's choice). At the bf16 default the compiler takes 169 (CLIP grads) and 196 (SigLIP),
-    one 256-thread CTA per SM; 128 allows two (ptxas then spills 152 and 56 bytes per thread,
-    static compile: benchmarks/triton_aot_check.py --max-regs 128). The interpreter ignores it.
+    compiler's choice). At the bf16 default the compiler takes about 170 (CLIP grads) and 195-232
+    (SigLIP; triton 3.8-3.6): one 256-thread CTA per SM; 128 allows two, at 170-280 bytes of
+    spills per thread (static compile: benchmarks/triton_aot_check.py --max-regs 128). The
+    interpreter ignores it.
     """
 
     block_m: int = 128
@@ -125,7 +128,7 @@ class _Launch:
             self.tile["maxnreg"] = cfg.max_regs
 
     def even(self, rows: int, cols: int, dim: int) -> bool:
-        """No edge tile in this super-block: its kernels need no masks."""
+        """No edge tile in this super-block (and D a multiple of block_k): its kernels need no masks."""
         cfg = self.cfg
         return rows % cfg.block_m == 0 and cols % cfg.block_n == 0 and dim % cfg.block_k == 0
 

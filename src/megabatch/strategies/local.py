@@ -88,7 +88,9 @@ class RowFinisher:
         return self._dx
 
 
-def finish_clip_rows(ctx: Any, x: Tensor, gx: Tensor, g: Tensor, s: Tensor, scale: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def finish_clip_rows(
+    ctx: Any, x: Tensor, gx: Tensor, g: Tensor, s: Tensor, scale: Tensor
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """CLIP's image-feature and scale gradients (dx, ds) from this rank's accumulated unscaled gx
     (consumed), for the strategies that sum gx over several blocks."""
     fin = RowFinisher(x, g * s, ctx.needs_input_grad[0])
