@@ -40,14 +40,7 @@ from torch import Tensor
 from .._checks import compute_dtype
 from ..kernels.base import BlockKernels
 from . import _comm
-from .local import (
-    RowFinisher,
-    _no_autocast,
-    clip_diagonal,
-    finish_clip_rows,
-    replay_siglip_grads,
-    stash_siglip_grads,
-)
+from .local import _no_autocast, clip_diagonal, finish_clip_rows, finish_siglip_rows, replay_siglip_grads
 
 
 def _stripe(yall: Tensor, lo: int, b: int) -> list[tuple[Tensor, int, bool]]:
@@ -131,9 +124,7 @@ class _GatherSiglip(torch.autograd.Function):
             if want:
                 assert gx is not None and gyall is not None
                 dy = _comm.reduce_rows(gyall, lay).mul_(s).to(y.dtype) if lay.y_grad else gx.new_zeros(0)
-                fin = RowFinisher(x, s, want_dx=True)
-                fin.whole(gx)
-                stash_siglip_grads(ctx, fin, dy, gbias, scale, bias)
+                finish_siglip_rows(ctx, x, gx, dy, s, gbias, scale, bias)
         return loss
 
     @staticmethod

@@ -115,6 +115,16 @@ def stash_siglip_grads(
     ctx.meta = ((scale.shape, scale.dtype), (bias.shape, bias.dtype))
 
 
+def finish_siglip_rows(
+    ctx: Any, x: Tensor, gx: Tensor, dy: Tensor, s: Tensor, gbias: Tensor, scale: Tensor, bias: Tensor
+) -> None:
+    """`stash_siglip_grads` from this rank's accumulated unscaled gx (consumed), for the strategies
+    that sum gx over several blocks."""
+    fin = RowFinisher(x, s, want_dx=True)
+    fin.whole(gx)
+    stash_siglip_grads(ctx, fin, dy, gbias, scale, bias)
+
+
 def replay_siglip_grads(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
     """The four input gradients (x, y, scale, bias) saved by `stash_siglip_grads`, times `grad`."""
     dx, dy, ds, db = ctx.saved_tensors

@@ -40,14 +40,7 @@ from torch import Tensor
 from .._checks import compute_dtype
 from ..kernels.base import BlockKernels
 from . import _comm
-from .local import (
-    RowFinisher,
-    _no_autocast,
-    clip_diagonal,
-    finish_clip_rows,
-    replay_siglip_grads,
-    stash_siglip_grads,
-)
+from .local import _no_autocast, clip_diagonal, finish_clip_rows, finish_siglip_rows, replay_siglip_grads
 
 # visit(q, block) -> this rank's contribution to block q's accumulator (None when none travels).
 Visit = Callable[[int, list[Tensor]], Optional[Tensor]]
@@ -183,9 +176,7 @@ class _RingSiglip(torch.autograd.Function):
             gy = circulate(lay, [y], visit, combine=_add_into if want and lay.y_grad else None)
             if want:
                 dy = gy.mul_(s).to(y.dtype) if gy is not None else gx.new_zeros(0)
-                fin = RowFinisher(x, s, want_dx=True)
-                fin.whole(gx)
-                stash_siglip_grads(ctx, fin, dy, gbias, scale, bias)
+                finish_siglip_rows(ctx, x, gx, dy, s, gbias, scale, bias)
         return loss
 
     @staticmethod
