@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from megabatch import peers
+from megabatch.bench import peers
 from megabatch.cli import main
 
 

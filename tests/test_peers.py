@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import megabatch as mb
-from megabatch import peers
+from megabatch.bench import peers
 
 from _tolerance import FLOOR, _scalar_conditions, plain_clip, plain_siglip, rel_err
 

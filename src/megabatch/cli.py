@@ -1,33 +1,37 @@
-"""The `megabatch` command: `megabatch bench ...` and `megabatch train ...`."""
+"""The `megabatch` command: a subcommand name -> the module whose `main(argv)` runs it.
+
+Dispatch is by module name (importlib), so the library itself never imports the training app.
+"""
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Optional
 
-USAGE = """usage: megabatch {bench,train} [options]
+COMMANDS = {
+    "bench": ("megabatch.bench", "time and peak memory of the losses (megabatch backends, and peers with --peers)"),
+    "train": ("megabatch.train.cli", "train a CLIP/SigLIP model (also: torchrun --nproc_per_node N -m megabatch.train ...)"),
+}
 
-  bench   time and peak memory of the losses (megabatch backends, and peers with --peers)
-  train   train a CLIP/SigLIP model (also: torchrun --nproc_per_node N -m megabatch.train ...)
 
-Run `megabatch COMMAND --help` for a command's options."""
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = [f"  {name:<{width}}   {text}" for name, (_, text) in COMMANDS.items()]
+    return (f"usage: megabatch {{{','.join(COMMANDS)}}} [options]\n\n" + "\n".join(lines)
+            + "\n\nRun `megabatch COMMAND --help` for a command's options.")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage())
         return 0 if args else 2
     command, rest = args[0], args[1:]
-    if command == "bench":
-        from .bench import main as bench_main
-
-        return bench_main(rest)
-    if command == "train":
-        from .train.__main__ import main as train_main
-
-        return train_main(rest)
-    print(f"megabatch: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    if command not in COMMANDS:
+        print(f"megabatch: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .bench import PeakMemory, _sync, environment, make_inputs
-from .functional import clip_loss, siglip_loss
-from .strategies import _comm
+from ..functional import clip_loss, siglip_loss
+from ..strategies import _comm
+from .single import PeakMemory, _sync, environment, make_inputs
 
 
 @dataclass

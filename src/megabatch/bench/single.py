@@ -3,7 +3,7 @@
     megabatch bench --loss clip siglip --backend torch dense --batch 4096 8192 --dim 64
     megabatch bench --batch 32768 65536 --dim 512 --dtype bfloat16 --peers --json out.json --plot out.png
     torchrun --nproc_per_node 4 -m megabatch.bench --strategy ring gather --batch 2048  # distributed: see
-        bench_distributed.py (--batch is then per rank)
+        bench/distributed.py (--batch is then per rank)
 
 For each (loss, method, batch) it reports the median time of forward+backward with features,
 logit_scale (and logit_bias) requiring grad; the peak memory beyond what was held before the call
@@ -34,8 +34,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..functional import clip_loss, siglip_loss
 from . import peers
-from .functional import clip_loss, siglip_loss
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -327,7 +327,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if any(b < 1 for b in args.batch) or any(d < 1 for d in args.dim) or args.repeat < 1:
         build_parser().error("--batch, --dim and --repeat must be positive")
     if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:  # launched by torchrun
-        from .bench_distributed import run
+        from .distributed import run
 
         return run(args, argv)
     if args.strategy:
@@ -362,7 +362,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.plot:
         plot(results, args.plot)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
