@@ -5,19 +5,20 @@ looks at values (a NaN feature gives a NaN loss, as documented).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from ._numerics import compute_dtype
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype: float64 for float64 inputs, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+DIRECTION_NAMES = ("both", "image_to_text", "text_to_image")
 
 
 def check_features(image_features: object, text_features: object, *, allow_empty: bool = False) -> None:
-    """Shapes, dtypes and devices of the feature pair. `allow_empty` lets a distributed strategy
-    report an empty batch itself, on every rank at once (a raise here would leave the others hanging)."""
+    """Shapes, dtypes and devices of the two feature blocks: (b, D) images and (n, D) texts, b and n
+    independent. `allow_empty` lets a distributed strategy check the *global* batch itself, on every
+    rank at once (a raise here would leave the others hanging)."""
     for name, t in (("image_features", image_features), ("text_features", text_features)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (batch, dim), got {type(t).__name__}")
@@ -26,15 +27,10 @@ def check_features(image_features: object, text_features: object, *, allow_empty
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
         if t.shape[0] == 0 and not allow_empty:
-            raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)}); need at least one pair")
+            raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)}); need at least one row")
         if t.shape[1] == 0:
             raise ValueError(f"{name} has feature dim 0 (shape {tuple(t.shape)})")
     assert isinstance(image_features, torch.Tensor) and isinstance(text_features, torch.Tensor)
-    if image_features.shape[0] != text_features.shape[0]:
-        raise ValueError(
-            f"image_features and text_features must hold the same number of pairs, got "
-            f"{image_features.shape[0]} and {text_features.shape[0]}"
-        )
     if image_features.shape[1] != text_features.shape[1]:
         raise ValueError(
             f"image_features and text_features must have the same feature dim, got "
@@ -52,6 +48,32 @@ def check_features(image_features: object, text_features: object, *, allow_empty
         )
 
 
+def check_ids(image_ids: object, text_ids: object, image_features: torch.Tensor, text_features: torch.Tensor) -> bool:
+    """Both ids or neither; each an int64 vector with one entry per row of its features, on their
+    device. Returns whether ids are given."""
+    if image_ids is None and text_ids is None:
+        return False
+    if image_ids is None or text_ids is None:
+        missing = "image_ids" if image_ids is None else "text_ids"
+        raise ValueError(f"give both image_ids and text_ids or neither; {missing} is missing")
+    for name, ids, feats in (("image_ids", image_ids, image_features), ("text_ids", text_ids, text_features)):
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"{name} must be an int64 torch.Tensor of shape ({feats.shape[0]},), got {type(ids).__name__}")
+        if ids.dtype != torch.int64:
+            raise ValueError(f"{name} must be int64, got {ids.dtype}")
+        if ids.shape != (feats.shape[0],):
+            which = "image_features" if name == "image_ids" else "text_features"
+            raise ValueError(f"{name} must have shape ({feats.shape[0]},) (one id per row of {which}), got {tuple(ids.shape)}")
+        if ids.device != feats.device:
+            raise ValueError(f"{name} is on {ids.device} but the features are on {feats.device}")
+    return True
+
+
+def check_directions(directions: object) -> None:
+    if not isinstance(directions, str) or directions not in DIRECTION_NAMES:
+        raise ValueError(f"directions must be one of {DIRECTION_NAMES}, got {directions!r}")
+
+
 def as_scalar(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
     """Return `value` as a 0-dim or 1-element tensor on `like`'s device (floats become constants)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
@@ -65,3 +87,8 @@ def as_scalar(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
     return value
+
+
+def optional_ids(ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Ids as the kernels read them (contiguous), or None."""
+    return None if ids is None else ids.contiguous()

@@ -55,8 +55,9 @@ class GradCache:
         image_encoder, text_encoder: callables (nn.Module or e.g. a bound ``encode_image``) mapping a
             micro-batch to (b_k, D) features. A tensor batch is passed as ``enc(chunk)``, a mapping as
             ``enc(**chunk)`` (token ids + attention mask), a tuple/list as ``enc(*chunk)``.
-        loss_fn: ``loss_fn(image_features (B, D), text_features (B, D), *loss_args) -> 0-dim loss``,
-            e.g. ``mb.clip_loss``, ``mb.siglip_loss`` or a ``ClipLoss``/``SigLipLoss`` module.
+        loss_fn: ``loss_fn(image_features (B, D), text_features (N, D), *loss_args) -> 0-dim loss``,
+            e.g. ``mb.clip_loss``, ``mb.siglip_loss`` or a ``ClipLoss``/``SigLipLoss`` module (called
+            with ``image_ids=``/``text_ids=`` keywords too when the call gives them).
         micro_batch_size: examples per encoder call (a positive int; need not divide the batch).
         modules: nn.Module(s) owning the encoders' parameters, for DDP: list any
             DistributedDataParallel wrapper whose forward the encoders do not call themselves.
@@ -95,23 +96,30 @@ class GradCache:
         wrappers = len(self._called) + len(self._driven)
         return f"GradCache(micro_batch_size={self.micro_batch_size}, ddp_wrappers={wrappers})"
 
-    def __call__(self, images: Batch, texts: Batch, *loss_args: Any) -> Tensor:
+    def __call__(self, images: Batch, texts: Batch, *loss_args: Any, image_ids: Optional[Tensor] = None,
+                 text_ids: Optional[Tensor] = None) -> Tensor:
         """Return the (detached) loss; accumulate dL/dtheta into every parameter's ``.grad``.
 
         Args:
             images: (B, ...) tensor, or a mapping/tuple of tensors all with B rows.
-            texts: (B, ...) likewise, same B.
+            texts: (N, ...) likewise; N may exceed B (hard negatives after the positives).
             *loss_args: passed to loss_fn after the features (e.g. ``logit_scale.exp()``, bias).
+            image_ids, text_ids: (B,) and (N,) int64, passed on to loss_fn as keywords when given
+                (positives by ids: see megabatch.clip_loss).
         """
         if not torch.is_grad_enabled():
             raise RuntimeError("GradCache computes gradients: call it with grad enabled (for eval, call the encoders)")
-        n = _batch_size("images", images)
-        m = _batch_size("texts", texts)
-        if m != n:
-            raise ValueError(f"images and texts must have the same batch size, got {n} and {m}")
+        sizes = (_batch_size("images", images), _batch_size("texts", texts))
+        id_kwargs = {k: v for k, v in (("image_ids", image_ids), ("text_ids", text_ids)) if v is not None}
         self._warn_if_unsynced()
-        bounds = [(a, min(a + self.micro_batch_size, n)) for a in range(0, n, self.micro_batch_size)]
-        chunks = [(_slice(images, a, b), _slice(texts, a, b)) for a, b in bounds]
+        mbs = self.micro_batch_size
+        # Micro-batches per tower, right-aligned on a common schedule: the last step runs the last
+        # micro-batch of both towers (the synchronised one under DDP).
+        bounds = [[(a, min(a + mbs, size)) for a in range(0, size, mbs)] for size in sizes]
+        steps = max(len(bounds[0]), len(bounds[1]))
+        schedule = [[None] * (steps - len(bt)) + bt for bt in bounds]
+        batches = (images, texts)
+        chunks = [[None if ab is None else _slice(batches[t], *ab) for ab in schedule[t]] for t in range(2)]
         devices = _cuda_devices(images, texts)
         autocast_state = _autocast_state()
 
@@ -119,17 +127,19 @@ class GradCache:
         states: list[list[Any]] = []
         parts: list[list[Tensor]] = [[], []]
         with torch.no_grad():
-            for pair, (a, b) in zip(chunks, bounds):
+            for k in range(steps):
                 states.append([])
                 for t, (encoder, name) in enumerate(self._encoders()):
                     states[-1].append(_rng_state(devices))
-                    parts[t].append(_encode(encoder, pair[t], name, b - a))
+                    ab = schedule[t][k]
+                    if ab is not None:
+                        parts[t].append(_encode(encoder, chunks[t][k], name, ab[1] - ab[0]))
 
         # 2. The loss once for the whole batch, on leaf features (and leaf copies of the loss args).
         img, txt = (torch.cat(p).requires_grad_() for p in parts)
         del parts
         args = [a.detach().requires_grad_() if _needs_grad(a) else a for a in loss_args]
-        loss = self.loss_fn(img, txt, *args)
+        loss = self.loss_fn(img, txt, *args, **id_kwargs)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_fn must return a 0-dim tensor, got {type(loss).__name__}")
         if not loss.requires_grad:
@@ -140,7 +150,7 @@ class GradCache:
 
         # 3. Re-run each micro-batch with a graph (replayed RNG, same autocast) and push its slice.
         with torch.random.fork_rng(devices=devices), _autocast_as(autocast_state):
-            self._replay(chunks, bounds, states, devices, feature_grads, arg_grads)
+            self._replay(chunks, schedule, states, devices, feature_grads, arg_grads)
         return loss.detach()
 
     def _encoders(self) -> tuple[tuple[Encoder, str], tuple[Encoder, str]]:
@@ -148,8 +158,8 @@ class GradCache:
 
     def _replay(
         self,
-        chunks: list[tuple[Batch, Batch]],
-        bounds: list[tuple[int, int]],
+        chunks: list[list[Optional[Batch]]],
+        schedule: list[list[Optional[tuple[int, int]]]],
         states: list[list[Any]],
         devices: list[int],
         feature_grads: list[Tensor],
@@ -158,27 +168,27 @@ class GradCache:
         # A tower whose output needs no gradient (frozen, LiT) is re-run once to find out, then skipped.
         rerun = [_trainable(self.image_encoder), _trainable(self.text_encoder)]
 
-        def step(k: int, pair: tuple[Batch, Batch], *extra: Tensor) -> tuple[tuple[Tensor, ...], list[Tensor]]:
-            a, b = bounds[k]
+        def step(k: int, pair: tuple[Optional[Batch], Optional[Batch]], *extra: Tensor) -> tuple[tuple[Tensor, ...], list[Tensor]]:
             outs: list[Tensor] = []
             grads: list[Tensor] = []
             for t, (encoder, name) in enumerate(self._encoders()):
-                if rerun[t]:
+                ab = schedule[t][k]
+                if rerun[t] and ab is not None:
                     _set_rng_state(states[k][t], devices)
-                    out = _encode(encoder, pair[t], name, b - a)
+                    out = _encode(encoder, pair[t], name, ab[1] - ab[0])
                     rerun[t] = out.requires_grad
                     outs.append(out)
-                    grads.append(feature_grads[t][a:b])
+                    grads.append(feature_grads[t][ab[0]:ab[1]])
             return (*outs, *extra), grads
 
-        last = len(chunks) - 1
+        last = len(schedule[0]) - 1
         for k in range(last):
             with self._no_sync():
-                _backward(*step(k, chunks[k]))
+                _backward(*step(k, (chunks[0][k], chunks[1][k])))
         # The loss args' graph goes with the last, synchronised backward. A parameter passed as is
         # has no grad_fn and DDP's unused-parameter search (from the forward's outputs) would miss it.
         extra = [a if a.grad_fn is not None else a.view_as(a) for a, _ in arg_grads]
-        outs, grads = _through_ddp(self._driven, functools.partial(step, last), chunks[last], *extra)
+        outs, grads = _through_ddp(self._driven, functools.partial(step, last), (chunks[0][last], chunks[1][last]), *extra)
         _backward(outs, grads + [g for _, g in arg_grads])
 
     @contextlib.contextmanager

@@ -3,7 +3,9 @@
     loss_fn = megabatch.ClipLoss()                 # instead of open_clip.ClipLoss(...)
     loss = loss_fn(image_features, text_features, logit_scale)
 
-Like open_clip, `output_dict=True` returns {"contrastive_loss": loss}. They hold settings only.
+Like open_clip, `output_dict=True` returns {"contrastive_loss": loss}. They hold settings only;
+forward also takes the functional API's `image_ids=` / `text_ids=` keywords (and ClipLoss
+`directions=`, defaulting to the module's own).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import strategies
+from ._checks import check_directions
 from .functional import Scalar, clip_loss, siglip_loss
 from .kernels import BACKENDS
 
@@ -37,23 +40,34 @@ class _ContrastiveLoss(nn.Module):
         return {"contrastive_loss": loss} if self.output_dict else loss
 
     def extra_repr(self) -> str:
-        return f"strategy={self.strategy!r}, backend={self.backend!r}"
+        extra = f", directions={self.directions!r}" if hasattr(self, "directions") else ""
+        return f"strategy={self.strategy!r}, backend={self.backend!r}{extra}"
 
 
 class ClipLoss(_ContrastiveLoss):
-    """CLIP softmax loss; forward(image_features (b, D), text_features (b, D), logit_scale)."""
+    """CLIP softmax loss; forward(image_features (b, D), text_features (n, D), logit_scale, *,
+    image_ids=None, text_ids=None, directions=None (the module's))."""
+
+    def __init__(self, *, directions: str = "both", **kwargs: object):
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        check_directions(directions)
+        self.directions = directions
 
     def forward(
-        self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar, output_dict: Optional[bool] = None
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar, output_dict: Optional[bool] = None,
+        *, image_ids: Optional[Tensor] = None, text_ids: Optional[Tensor] = None, directions: Optional[str] = None,
     ) -> Union[Tensor, dict[str, Tensor]]:
         loss = clip_loss(
-            image_features, text_features, logit_scale, strategy=self.strategy, backend=self.backend, group=self.group
+            image_features, text_features, logit_scale, image_ids=image_ids, text_ids=text_ids,
+            directions=self.directions if directions is None else directions,
+            strategy=self.strategy, backend=self.backend, group=self.group,
         )
         return self._out(loss) if output_dict is None else ({"contrastive_loss": loss} if output_dict else loss)
 
 
 class SigLipLoss(_ContrastiveLoss):
-    """SigLIP sigmoid loss; forward(image_features (b, D), text_features (b, D), logit_scale, logit_bias)."""
+    """SigLIP sigmoid loss; forward(image_features (b, D), text_features (n, D), logit_scale, logit_bias,
+    *, image_ids=None, text_ids=None)."""
 
     def forward(
         self,
@@ -62,12 +76,17 @@ class SigLipLoss(_ContrastiveLoss):
         logit_scale: Scalar,
         logit_bias: Scalar,
         output_dict: Optional[bool] = None,
+        *,
+        image_ids: Optional[Tensor] = None,
+        text_ids: Optional[Tensor] = None,
     ) -> Union[Tensor, dict[str, Tensor]]:
         loss = siglip_loss(
             image_features,
             text_features,
             logit_scale,
             logit_bias,
+            image_ids=image_ids,
+            text_ids=text_ids,
             strategy=self.strategy,
             backend=self.backend,
             group=self.group,

@@ -1,6 +1,8 @@
 """Block-kernel backends and their selection. See base.py for the contract every backend meets."""
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 from .base import BlockKernels
@@ -18,12 +20,17 @@ def _triton_kernels() -> BlockKernels | None:
     return TritonKernels()
 
 
-def get_backend(name: str, device: torch.device) -> BlockKernels:
-    """Resolve a backend name for features on `device`.
+def get_backend(name: Union[str, BlockKernels], device: torch.device) -> BlockKernels:
+    """Resolve a backend name (or a configured backend instance, e.g. ``TritonKernels(TritonConfig(...))``)
+    for features on `device`.
 
     "auto" picks "triton" for CUDA tensors when Triton is importable, else "torch"; it never picks
     "dense". Asking for "triton" where it cannot run raises ValueError.
     """
+    if not isinstance(name, str) and all(hasattr(name, a) for a in ("name", "supports", "clip_stats", "clip_grads", "siglip_block")):
+        if not name.supports(device):
+            raise ValueError(f"backend {name.name!r} cannot run on features on {device}")
+        return name
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "torch":

@@ -12,9 +12,14 @@ differences like S - lse are taken in natural units first, so the large logits' 
 get multiplied by log2(e) before they cancel):
   clip stats   row partial (m_i, l_i) = (max_j S_ij, sum_j exp(S_ij - m_i)) over the tile's columns,
                and the same by column; merged into running pairs; lse = m + log l at the very end
-  clip grads   G'_ij = exp(S_ij - r_i) + exp(S_ij - c_j) - 2[i == j]   (r, c: the full lse vectors,
-               each passed as an fp32 hi + lo pair of the float64 value clip_stats returns)
+               and, for a block with positives, each row's and column's sum of positive logits
+  clip grads   G'_ij = exp(S_ij - r_i) + exp(S_ij - c_j) - pos_ij (rt_i + ct_j)   (r, c: the full lse
+               vectors, each passed as an fp32 hi + lo pair of the float64 value clip_stats returns,
+               +inf where a row or column takes no part; rt + ct a scalar for index positives)
   siglip       u = -z (S + bias),  loss = max(u, 0) + log1p(exp(-|u|)),  G' = -z sigmoid(u)
+Positives (POS, a launch-time constant): 0 none; 1 index, pair (i, i + pos_offset) for
+i < pos_count (super-block coordinates); 2 ids, image_ids[i] == text_ids[j] (two int64 vectors
+loaded per tile, compared in registers).
 G' is stored multiplied by G_SCALE (a power of two: 2**14 for fp16, so that probabilities ~1/B
 stay normal numbers; 1 otherwise) and without the caller's `weight` (applied in the GEMMs).
 log1p(e), e = exp(-|u|) in (0, 1], is a polynomial (degree 9 for fp32 inputs, 5 for 16-bit ones;
@@ -68,6 +73,18 @@ def _logit_tile(
 
 
 @triton.jit
+def _positives(rm, rn, pos_offset, pos_count, xid_ptr, yid_ptr, ok_m, ok_n, POS: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: the positive pairs of the tile (POS 1: index, 2: ids), never past the edge."""
+    if POS == 1:
+        pos = (rm[:, None] + pos_offset == rn[None, :]) & (rm[:, None] < pos_count)
+    else:
+        xid = tl.load(xid_ptr + rm, mask=ok_m, other=0)
+        yid = tl.load(yid_ptr + rn, mask=ok_n, other=0)
+        pos = xid[:, None] == yid[None, :]
+    return pos & ok_m[:, None] & ok_n[None, :]
+
+
+@triton.jit
 def _log1p_unit(e, PRECISE: tl.constexpr):
     """log(1 + e) for 0 <= e <= 1 as e * p(e), p a Chebyshev fit of log1p(e)/e, so neither a
     division nor the hardware log near 1 is needed. PRECISE (fp32 inputs): degree 9, relative error
@@ -94,12 +111,14 @@ def _log1p_unit(e, PRECISE: tl.constexpr):
 
 @triton.jit
 def clip_stats_kernel(
-    x_ptr, y_ptr, scale_ptr, row_m_ptr, row_l_ptr, col_m_ptr, col_l_ptr, rows, cols, dim,
+    x_ptr, y_ptr, scale_ptr, row_m_ptr, row_l_ptr, col_m_ptr, col_l_ptr, row_p_ptr, col_p_ptr, rows, cols, dim,
+    pos_offset, pos_count, xid_ptr, yid_ptr,
     stride_xm, stride_xk, stride_yn, stride_yk, stride_rowpart, stride_colpart,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr, POS: tl.constexpr,
 ):
-    """Per-tile (max, sum exp(S - max)) of each row, at [pid_n, i], and of each column, at [pid_m, j]."""
+    """Per-tile (max, sum exp(S - max)) of each row, at [pid_n, i], and of each column, at [pid_m, j];
+    with POS also the tile's sum of positive logits of each row (row_p) and column (col_p)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     acc, rm, rn = _logit_tile(x_ptr, y_ptr, stride_xm, stride_xk, stride_yn, stride_yk, rows, cols, dim, pid_m, pid_n,
@@ -116,6 +135,10 @@ def clip_stats_kernel(
     m_col = tl.where(ok_n, tl.max(t, axis=0), 0.0)
     tl.store(col_m_ptr + pid_m * stride_colpart + rn, m_col, mask=ok_n)
     tl.store(col_l_ptr + pid_m * stride_colpart + rn, tl.sum(tl.exp2((t - m_col[None, :]) * LOG2E), axis=0), mask=ok_n)
+    if POS != 0:
+        picked = tl.where(_positives(rm, rn, pos_offset, pos_count, xid_ptr, yid_ptr, ok_m, ok_n, POS), t, 0.0)
+        tl.store(row_p_ptr + pid_n * stride_rowpart + rm, tl.sum(picked, axis=1), mask=ok_m)
+        tl.store(col_p_ptr + pid_m * stride_colpart + rn, tl.sum(picked, axis=0), mask=ok_n)
 
 
 @triton.jit
@@ -141,13 +164,15 @@ def lse_merge_kernel(part_m_ptr, part_l_ptr, run_m_ptr, run_l_ptr, length, parts
 
 @triton.jit
 def clip_grad_tile_kernel(
-    x_ptr, y_ptr, scale_ptr, row_hi_ptr, row_lo_ptr, col_hi_ptr, col_lo_ptr, g_ptr, rows, cols, dim, diag_offset,
+    x_ptr, y_ptr, scale_ptr, row_hi_ptr, row_lo_ptr, col_hi_ptr, col_lo_ptr, g_ptr, rows, cols, dim,
+    pos_offset, pos_count, xid_ptr, yid_ptr, pos_value, rt_ptr, ct_ptr,
     stride_xm, stride_xk, stride_yn, stride_yk, stride_g,
-    G_SCALE: tl.constexpr, DIAGONAL: tl.constexpr,
+    G_SCALE: tl.constexpr, POS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr,
 ):
-    """G'[i, j] = (P_row + P_col - 2[i + diag_offset == j]) * G_SCALE, stored in g_ptr's dtype."""
+    """G'[i, j] = (P_row + P_col - pos_ij * target) * G_SCALE, stored in g_ptr's dtype; target =
+    pos_value (POS 1) or rt_i + ct_j (POS 2)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     acc, rm, rn = _logit_tile(x_ptr, y_ptr, stride_xm, stride_xk, stride_yn, stride_yk, rows, cols, dim, pid_m, pid_n,
@@ -162,8 +187,11 @@ def clip_grad_tile_kernel(
     c_hi = tl.load(col_hi_ptr + rn, mask=ok_n, other=0.0)
     c_lo = tl.load(col_lo_ptr + rn, mask=ok_n, other=0.0)
     g = tl.exp2(((t - r_hi[:, None]) - r_lo[:, None]) * LOG2E) + tl.exp2(((t - c_hi[None, :]) - c_lo[None, :]) * LOG2E)
-    if DIAGONAL:
-        g = tl.where(rm[:, None] + diag_offset == rn[None, :], g - 2.0, g)
+    if POS == 1:
+        g = tl.where(_positives(rm, rn, pos_offset, pos_count, xid_ptr, yid_ptr, ok_m, ok_n, POS), g - pos_value, g)
+    elif POS == 2:
+        target = tl.load(rt_ptr + rm, mask=ok_m, other=0.0)[:, None] + tl.load(ct_ptr + rn, mask=ok_n, other=0.0)[None, :]
+        g = tl.where(_positives(rm, rn, pos_offset, pos_count, xid_ptr, yid_ptr, ok_m, ok_n, POS), g - target, g)
     g = (g * G_SCALE).to(g_ptr.dtype.element_ty)
     if EVEN:
         tl.store(g_ptr + rm[:, None] * stride_g + rn[None, :], g)
@@ -173,9 +201,10 @@ def clip_grad_tile_kernel(
 
 @triton.jit
 def siglip_tile_kernel(
-    x_ptr, y_ptr, scale_ptr, bias_ptr, g_ptr, loss_ptr, gbias_ptr, rows, cols, dim, diag_offset,
+    x_ptr, y_ptr, scale_ptr, bias_ptr, g_ptr, loss_ptr, gbias_ptr, rows, cols, dim,
+    pos_offset, pos_count, xid_ptr, yid_ptr,
     stride_xm, stride_xk, stride_yn, stride_yk, stride_g,
-    G_SCALE: tl.constexpr, DIAGONAL: tl.constexpr, WRITE_G: tl.constexpr,
+    G_SCALE: tl.constexpr, POS: tl.constexpr, WRITE_G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr, PRECISE_LOG1P: tl.constexpr,
 ):
@@ -189,10 +218,12 @@ def siglip_tile_kernel(
     slot = pid_m * tl.num_programs(1) + pid_n
     acc, rm, rn = _logit_tile(x_ptr, y_ptr, stride_xm, stride_xk, stride_yn, stride_yk, rows, cols, dim, pid_m, pid_n,
                               BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, EVEN)
-    ok = (rm[:, None] < rows) & (rn[None, :] < cols)
+    ok_m = rm < rows
+    ok_n = rn < cols
+    ok = ok_m[:, None] & ok_n[None, :]
     t = acc * tl.load(scale_ptr).to(tl.float32) + tl.load(bias_ptr).to(tl.float32)
-    if DIAGONAL:
-        pos = rm[:, None] + diag_offset == rn[None, :]
+    if POS != 0:
+        pos = _positives(rm, rn, pos_offset, pos_count, xid_ptr, yid_ptr, ok_m, ok_n, POS)
         u = tl.where(pos, -t, t)
     else:
         u = t
@@ -203,7 +234,7 @@ def siglip_tile_kernel(
     tl.store(loss_ptr + slot, tl.load(loss_ptr + slot) + tl.sum(tl.sum(loss, axis=1), axis=0))
     if WRITE_G:
         sig = tl.where(u >= 0.0, 1.0, e) / (1.0 + e)
-        if DIAGONAL:
+        if POS != 0:
             g = tl.where(pos, -sig, sig)
         else:
             g = sig

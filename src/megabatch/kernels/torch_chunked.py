@@ -3,8 +3,11 @@
 Rows of x are processed `chunk` at a time, so the largest temporary is a (chunk, n) tile of logits
 plus one tile-sized buffer; nothing of size b x n ever exists. Features are upcast to the compute
 dtype (float32, or float64 for float64 inputs) before each product, so logits of magnitude in the
-thousands keep full precision; the log-sum-exp is max-shifted (torch.logsumexp) and the column
-statistics are merged across chunks with logaddexp. softplus is evaluated by torch's stable form.
+thousands keep full precision; the row of x is multiplied by s before the product (as plain
+`s * x @ y.T` does). The log-sum-exp is max-shifted and the column statistics are merged across
+chunks with logaddexp in float64. softplus is evaluated by torch's stable form.
+Positives: index positives are a diagonal band of the tile (a strided view: no mask); ids are
+compared inside each tile (a (chunk, n) bool tile, never b x n).
 Cost: CLIP stats 1 GEMM, CLIP grads 3 GEMMs, SigLIP 3 GEMMs with grads (1 without).
 """
 from __future__ import annotations
@@ -15,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import compute_dtype
-from .base import RowSink
+from .._numerics import compute_dtype
+from .base import ClipStats, Positives, RowSink, Target
 
 # Largest tile of logits (elements) kept at once. On CPU 256K floats (1 MiB) keep the half-dozen
 # elementwise passes over a tile in cache (measured fastest at B=4096..8192, D=64, 2 cores); on a
@@ -39,24 +42,31 @@ class TorchChunkedKernels:
         tile = self.tile_elements or (CPU_TILE_ELEMENTS if device.type == "cpu" else GPU_TILE_ELEMENTS)
         return max(16, min(b, tile // max(n, 1)))
 
-    def clip_stats(self, x: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    def clip_stats(self, x: Tensor, y: Tensor, scale: Tensor, pos: Optional[Positives]) -> ClipStats:
         cd = compute_dtype(x.dtype)
         b, n = x.shape[0], y.shape[0]
-        yc = y.to(cd)
+        yt = y.to(cd).T
         s = scale.to(cd)
         row_lse = torch.empty(b, dtype=torch.float64, device=x.device)
         col_lse = torch.full((n,), float("-inf"), dtype=torch.float64, device=x.device)
+        row_pos = col_pos = None
+        if pos is not None:
+            row_pos = torch.zeros(b, dtype=torch.float64, device=x.device)
+            col_pos = torch.zeros(n, dtype=torch.float64, device=x.device)
         step = self._chunk(b, n, x.device)
         for i in range(0, b, step):
-            logits = torch.mm(x[i : i + step].to(cd), yc.T).mul_(s)
+            logits = torch.mm(x[i : i + step].to(cd) * s, yt)
+            if pos is not None:
+                assert row_pos is not None and col_pos is not None
+                _positive_sums(logits, pos, i, row_pos, col_pos)
             row_lse[i : i + step] = _wide_lse(logits, 1)
             col_lse = torch.logaddexp(col_lse, _wide_lse(logits, 0))
             del logits  # free the tile before the next product allocates another
-        return row_lse, col_lse
+        return ClipStats(row_lse, col_lse, row_pos, col_pos)
 
     def clip_grads(
-        self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float, diagonal: bool,
-        rows: Optional[RowSink] = None,
+        self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float,
+        pos: Optional[Positives], targets: tuple[Target, Target] = (1.0, 1.0), rows: Optional[RowSink] = None,
     ) -> tuple[Optional[Tensor], Tensor]:
         cd = compute_dtype(x.dtype)
         b, n = x.shape[0], y.shape[0]
@@ -66,24 +76,27 @@ class TorchChunkedKernels:
         gy = torch.zeros(n, y.shape[1], dtype=cd, device=x.device)
         row_hi, row_lo = _split(row_lse, cd)
         col_hi, col_lo = _split(col_lse, cd)
+        rt, ct = (t.to(cd) if isinstance(t, Tensor) else t for t in targets)
         step = self._chunk(b, n, x.device)
         for i in range(0, b, step):
             xc = x[i : i + step].to(cd)
-            logits = torch.mm(xc, yc.T).mul_(s)
-            p_col = _exp_minus(logits.clone(), col_hi[None, :], col_lo[None, :])
-            g = _exp_minus(logits, row_hi[i : i + step, None], row_lo[i : i + step, None]).add_(p_col)
+            logits = torch.mm(xc * s, yc.T)
+            p_col = _exp_minus(torch.sub(logits, col_hi[None, :]), col_lo[None, :])
+            g = _exp_minus(logits.sub_(row_hi[i : i + step, None]), row_lo[i : i + step, None]).add_(p_col)
             del p_col
-            if diagonal:
-                _sub_diagonal(g, i, n, 2.0)
-            g.mul_(weight)
-            _rows_out(gx, rows, i, torch.mm(g, yc))
-            gy.addmm_(g.T, xc)
+            if pos is not None:
+                _sub_positives(g, pos, i, rt, ct)
+            gxc = torch.mm(g, yc)
+            if weight != 1.0:
+                gxc.mul_(weight)
+            _rows_out(gx, rows, i, gxc)
+            gy.addmm_(g.T, xc, alpha=weight)
             del logits, g
         return gx, gy
 
     def siglip_block(
-        self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, diagonal: bool, grads: bool,
-        rows: Optional[RowSink] = None,
+        self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, pos: Optional[Positives],
+        grads: bool, rows: Optional[RowSink] = None,
     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         cd = compute_dtype(x.dtype)
         b, n = x.shape[0], y.shape[0]
@@ -96,26 +109,33 @@ class TorchChunkedKernels:
         step = self._chunk(b, n, x.device)
         for i in range(0, b, step):
             xc = x[i : i + step].to(cd)
-            logits = torch.mm(xc, yc.T).mul_(s).add_(beta)
-            # Every pair as a negative: softplus(S); the positives on the diagonal are then swapped
-            # for softplus(-S) and gradient -sigmoid(-S), each computed directly (no 1 - sigmoid).
-            d = _diagonal(logits, i, n).clone() if diagonal else None
+            logits = torch.mm(xc * s, yc.T).add_(beta)
+            # Every pair as a negative: softplus(S); the positives are then swapped for softplus(-S)
+            # and gradient -sigmoid(-S), each computed directly (no 1 - sigmoid, no softplus(S) - S).
+            eq = _id_tile(pos, i, logits.shape[0]) if pos is not None and pos.by_ids else None
+            d = _band(logits, pos, i).clone() if pos is not None and eq is None else None
+            if eq is not None:
+                logits.addcmul_(eq, logits, value=-2.0)  # u = -z (S + bias): the sign flipped on positives
             terms = F.softplus(logits)
             if d is not None:
-                _diagonal(terms, i, n).copy_(F.softplus(-d))
+                _band(terms, pos, i).copy_(F.softplus(-d))
             loss = loss + terms.sum()
             del terms
             if not grads:
                 del logits
                 continue
-            g = torch.sigmoid_(logits)
-            if d is not None:
-                _diagonal(g, i, n).copy_(torch.sigmoid(-d).neg_())
-            g.mul_(weight)
+            g = torch.sigmoid_(logits)  # sigmoid(u); G = -z sigmoid(u)
+            if eq is not None:
+                g.addcmul_(eq, g, value=-2.0)
+            elif d is not None:
+                _band(g, pos, i).copy_(torch.sigmoid(-d).neg_())
             gbias = gbias + g.sum()
-            _rows_out(gx, rows, i, torch.mm(g, yc))
-            gy.addmm_(g.T, xc)
+            gxc = torch.mm(g, yc)
+            _rows_out(gx, rows, i, gxc.mul_(weight))
+            gy.addmm_(g.T, xc, alpha=weight)
             del logits, g
+        if gbias is not None:
+            gbias = gbias * weight
         return loss * weight, gx, gy, gbias
 
 
@@ -132,36 +152,74 @@ def _wide_lse(logits: Tensor, dim: int) -> Tensor:
     """log-sum-exp of a tile along `dim`, returned in float64.
 
     The max and the shifted sum are exact-ish in the tile's dtype; adding them in float64 keeps the
-    result's full precision near the max, which the gradient pass needs (see _exp_minus)."""
+    result's full precision near the max, which the gradient pass needs (see _exp_minus), and makes
+    lse - (a positive logit of the same tile) exact where that logit is the max."""
     m = logits.amax(dim).clamp_min(torch.finfo(logits.dtype).min)  # an all -inf row would give NaN
     total = torch.exp(logits - m.unsqueeze(dim)).sum(dim)
     return m.double() + total.double().log()
 
 
 def _split(lse: Tensor, cd: torch.dtype) -> tuple[Tensor, Tensor]:
-    """A float64 vector as hi + lo in the compute dtype."""
+    """A float64 vector as hi + lo in the compute dtype (+inf stays +inf in hi, 0 in lo)."""
     hi = lse.to(cd)
-    return hi, (lse - hi.double()).to(cd)
+    lo = (lse - hi.double()).to(cd)
+    return hi, torch.nan_to_num(lo, nan=0.0)
 
 
-def _exp_minus(logits: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
-    """exp(S - lse) in place with lse = hi + lo. S - hi is exact where S is near lse (the entries
-    that matter: a softmax weight near 1), so the weights keep full relative precision even when
-    |S| is large, as in plain log_softmax."""
-    return logits.sub_(hi).sub_(lo).exp_()
+def _exp_minus(diff_hi: Tensor, lo: Tensor) -> Tensor:
+    """exp(S - lse) in place, given S - hi with lse = hi + lo. S - hi is exact where S is near lse
+    (the entries that matter: a softmax weight near 1), so the weights keep full relative precision
+    even when |S| is large, as in plain log_softmax."""
+    return diff_hi.sub_(lo).exp_()
 
 
-def _diagonal(tile: Tensor, row0: int, n: int) -> Tensor:
-    """Entries (r, row0 + r) of a tile holding rows row0.. of the block: the positives it contains."""
-    rows = tile.shape[0]
-    lo, hi = row0, min(row0 + rows, n)
+def _band(tile: Tensor, pos: Positives, r0: int) -> Tensor:
+    """The index positives inside a tile holding rows r0.. of the block (a strided view)."""
+    rows, n = tile.shape
+    lo, hi = pos.band(r0, rows, n)
     if hi <= lo:
         return tile.new_zeros(0)
-    return torch.diagonal(tile[: hi - lo, lo:hi])
+    return torch.diagonal(tile[lo - r0 : hi - r0, lo + pos.offset : hi + pos.offset])
 
 
-def _sub_diagonal(tile: Tensor, row0: int, n: int, value: float) -> None:
-    rows = tile.shape[0]
-    lo, hi = row0, min(row0 + rows, n)
+def _id_tile(pos: Positives, r0: int, rows: int) -> Tensor:
+    """(rows, n) bool: image_ids[r0 + r] == text_ids[c], for one tile of rows."""
+    assert pos.image_ids is not None and pos.text_ids is not None
+    return pos.image_ids[r0 : r0 + rows, None] == pos.text_ids[None, :]
+
+
+def _positive_sums(logits: Tensor, pos: Positives, r0: int, row_pos: Tensor, col_pos: Tensor) -> None:
+    """Add the tile's positive logits to the row and column sums (float64)."""
+    rows = logits.shape[0]
+    if pos.by_ids:
+        picked = torch.where(_id_tile(pos, r0, rows), logits, 0.0)
+        row_pos[r0 : r0 + rows] += picked.sum(1, dtype=torch.float64)
+        col_pos += picked.sum(0, dtype=torch.float64)
+        return
+    lo, hi = pos.band(r0, rows, logits.shape[1])
     if hi > lo:
-        torch.diagonal(tile[: hi - lo, lo:hi]).sub_(value)
+        d = _band(logits, pos, r0).double()
+        row_pos[lo:hi] += d
+        col_pos[lo + pos.offset : hi + pos.offset] += d
+
+
+def _sub_positives(g: Tensor, pos: Positives, r0: int, rt: Target, ct: Target) -> None:
+    """g -= pos * (rt_i + ct_j) on one tile of rows r0.. (targets: floats or (b,) / (n,) tensors)."""
+    rows = g.shape[0]
+    if pos.by_ids:
+        eq = _id_tile(pos, r0, rows)
+        if isinstance(rt, Tensor):
+            g.addcmul_(eq, rt[r0 : r0 + rows, None], value=-1)
+        elif rt:
+            g.sub_(eq, alpha=rt)
+        if isinstance(ct, Tensor):
+            g.addcmul_(eq, ct[None, :], value=-1)
+        elif ct:
+            g.sub_(eq, alpha=ct)
+        return
+    lo, hi = pos.band(r0, rows, g.shape[1])
+    if hi <= lo:
+        return
+    d = _band(g, pos, r0)
+    d.sub_(rt[lo:hi] if isinstance(rt, Tensor) else rt)
+    d.sub_(ct[lo + pos.offset : hi + pos.offset] if isinstance(ct, Tensor) else ct)

@@ -35,16 +35,26 @@ from torch import Tensor
 
 from ._triton_gemm import grad_gemm_kernel
 from ._triton_tiles import clip_grad_tile_kernel, clip_stats_kernel, lse_merge_kernel, siglip_tile_kernel
-from .base import RowSink
+from .base import ClipStats, Positives, RowSink, Target
 from .torch_chunked import TorchChunkedKernels
 
 FP16_G_SCALE = 2.0**14  # |G'| <= 2, so 2 * 2**14 < 65504; probabilities ~1e-8 stay normal fp16
 
 
 def _hi_lo(lse: Tensor) -> tuple[Tensor, Tensor]:
-    """A log-sum-exp vector (float64, or float32) as an fp32 pair hi + lo."""
+    """A log-sum-exp vector (float64, or float32) as an fp32 pair hi + lo (+inf: hi +inf, lo 0)."""
     hi = lse.to(torch.float32).contiguous()
-    return hi, (lse.double() - hi.double()).to(torch.float32).contiguous()
+    lo = torch.nan_to_num((lse.double() - hi.double()).to(torch.float32), nan=0.0)
+    return hi, lo.contiguous()
+
+
+def _pos_args(pos: Optional[Positives], like: Tensor) -> tuple[dict, int]:
+    """The logit kernels' positive arguments for one super-block, and its POS mode (0, 1, 2)."""
+    if pos is None:
+        return dict(pos_offset=0, pos_count=0, xid_ptr=like, yid_ptr=like), 0
+    if pos.by_ids:
+        return dict(pos_offset=0, pos_count=0, xid_ptr=pos.image_ids, yid_ptr=pos.text_ids), 2
+    return dict(pos_offset=pos.offset, pos_count=pos.count, xid_ptr=like, yid_ptr=like), 1
 
 
 def interpreting() -> bool:
@@ -218,9 +228,9 @@ class TritonKernels:
         return _Launch(cfg, x.dtype)
 
     @torch.compiler.disable
-    def clip_stats(self, x: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    def clip_stats(self, x: Tensor, y: Tensor, scale: Tensor, pos: Optional[Positives]) -> ClipStats:
         if x.dtype == torch.float64:
-            return TorchChunkedKernels().clip_stats(x, y, scale)
+            return TorchChunkedKernels().clip_stats(x, y, scale, pos)
         plan = self._launch(x)
         cfg, b, n = plan.cfg, x.shape[0], y.shape[0]
         scale = scale.to(torch.float32)
@@ -228,50 +238,75 @@ class TritonKernels:
         run[0].fill_(float("-inf"))
         run[1].zero_()
         row_m, row_l, col_m, col_l = run[0, :b], run[1, :b], run[0, b:], run[1, b:]
-        rowpart = torch.empty(2, triton.cdiv(min(n, cfg.super_cols), cfg.block_n), min(b, cfg.super_rows),
+        # Per-tile partials of one super-block: (max, sumexp, positive-logit sum) of rows and of columns.
+        rowpart = torch.empty(3, triton.cdiv(min(n, cfg.super_cols), cfg.block_n), min(b, cfg.super_rows),
                               dtype=torch.float32, device=x.device)
-        colpart = torch.empty(2, triton.cdiv(min(b, cfg.super_rows), cfg.block_m), min(n, cfg.super_cols),
+        colpart = torch.empty(3, triton.cdiv(min(b, cfg.super_rows), cfg.block_m), min(n, cfg.super_cols),
                               dtype=torch.float32, device=x.device)
+        row_pos = col_pos = None
+        if pos is not None:
+            row_pos = torch.zeros(b, dtype=torch.float64, device=x.device)
+            col_pos = torch.zeros(n, dtype=torch.float64, device=x.device)
         mb = cfg.merge_block
         for r0, rows, c0, cols, grid in plan.blocks(b, n):
             xi, yj = x[r0:r0 + rows], y[c0:c0 + cols]
+            sub = None if pos is None else pos.restrict(r0, rows, c0, cols)
+            args, mode = _pos_args(sub, xi)
             clip_stats_kernel[grid](
-                xi, yj, scale, rowpart[0], rowpart[1], colpart[0], colpart[1], rows, cols, x.shape[1],
+                xi, yj, scale, rowpart[0], rowpart[1], colpart[0], colpart[1], rowpart[2], colpart[2], rows, cols,
+                x.shape[1], *args.values(),
                 xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), rowpart.stride(1), colpart.stride(1),
-                EVEN=plan.even(rows, cols, x.shape[1]), **plan.tile,
+                EVEN=plan.even(rows, cols, x.shape[1]), POS=mode, **plan.tile,
             )
             lse_merge_kernel[(triton.cdiv(rows, mb),)](
                 rowpart[0], rowpart[1], row_m[r0:], row_l[r0:], rows, grid[1], rowpart.stride(1), BLOCK=mb)
             lse_merge_kernel[(triton.cdiv(cols, mb),)](
                 colpart[0], colpart[1], col_m[c0:], col_l[c0:], cols, grid[0], colpart.stride(1), BLOCK=mb)
+            if mode:
+                assert row_pos is not None and col_pos is not None
+                row_pos[r0:r0 + rows] += rowpart[2, :grid[1], :rows].sum(0, dtype=torch.float64)
+                col_pos[c0:c0 + cols] += colpart[2, :grid[0], :cols].sum(0, dtype=torch.float64)
         # Rounded once, in float64: exp(S - lse) then keeps fp32 precision where S is near lse
-        # (clip_grads passes lse to the kernel as an fp32 hi + lo pair).
+        # (clip_grads passes lse to the kernel as an fp32 hi + lo pair), and lse - (a positive logit
+        # of the same tile) is exact where that logit is the max.
         lse = run[1].double().log_().add_(run[0].double())
-        return lse[:b], lse[b:]
+        return ClipStats(lse[:b], lse[b:], row_pos, col_pos)
 
     @torch.compiler.disable
     def clip_grads(
-        self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float, diagonal: bool,
-        rows: Optional[RowSink] = None,
+        self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float,
+        pos: Optional[Positives], targets: tuple[Target, Target] = (1.0, 1.0), rows: Optional[RowSink] = None,
     ) -> tuple[Optional[Tensor], Tensor]:
         if x.dtype == torch.float64:
-            return TorchChunkedKernels().clip_grads(x, y, scale, row_lse, col_lse, weight=weight, diagonal=diagonal,
-                                                    rows=rows)
+            return TorchChunkedKernels().clip_grads(x, y, scale, row_lse, col_lse, weight=weight, pos=pos,
+                                                    targets=targets, rows=rows)
         plan = self._launch(x)
         b, n, dim = x.shape[0], y.shape[0], x.shape[1]
         scale = scale.to(torch.float32)
         row_hi, row_lo = _hi_lo(row_lse)
         col_hi, col_lo = _hi_lo(col_lse)
+        rt, ct = targets
+        by_ids = isinstance(rt, Tensor)
+        if by_ids:
+            assert isinstance(rt, Tensor) and isinstance(ct, Tensor)
+            rt, ct = rt.to(torch.float32).contiguous(), ct.to(torch.float32).contiguous()
+            pos_value = 0.0
+        else:
+            assert not isinstance(ct, Tensor)
+            pos_value = float(rt) + float(ct)
         acc = _RowAcc(x, b, plan.cfg.super_rows, rows)
         gy = torch.zeros(n, dim, dtype=torch.float32, device=x.device)
         g = plan.scratch(x, b, n)
         for r0, nr, c0, nc, grid in plan.blocks(b, n):
             xi, yj = x[r0:r0 + nr], y[c0:c0 + nc]
+            sub = None if pos is None else pos.restrict(r0, nr, c0, nc)
+            args, mode = _pos_args(sub, xi)
+            targets_ij = (rt[r0:], ct[c0:]) if by_ids else (row_hi, row_hi)  # placeholders unless ids
             clip_grad_tile_kernel[grid](
-                xi, yj, scale, row_hi[r0:], row_lo[r0:], col_hi[c0:], col_lo[c0:], g, nr, nc, dim, r0 - c0,
+                xi, yj, scale, row_hi[r0:], row_lo[r0:], col_hi[c0:], col_lo[c0:], g, nr, nc, dim,
+                *args.values(), pos_value, *targets_ij,
                 xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), g.stride(0),
-                G_SCALE=plan.g_scale, DIAGONAL=diagonal and r0 < c0 + nc and c0 < r0 + nr, EVEN=plan.even(nr, nc, dim),
-                **plan.tile,
+                G_SCALE=plan.g_scale, POS=mode, EVEN=plan.even(nr, nc, dim), **plan.tile,
             )
             plan.grad_gemms(g[:nr, :nc], xi, yj, acc.rows(r0, nr, c0), gy[c0:c0 + nc], weight / plan.g_scale)
             acc.done(r0, nr, c0 + nc == n)
@@ -279,11 +314,11 @@ class TritonKernels:
 
     @torch.compiler.disable
     def siglip_block(
-        self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, diagonal: bool, grads: bool,
-        rows: Optional[RowSink] = None,
+        self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, pos: Optional[Positives],
+        grads: bool, rows: Optional[RowSink] = None,
     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         if x.dtype == torch.float64:
-            return TorchChunkedKernels().siglip_block(x, y, scale, bias, weight=weight, diagonal=diagonal, grads=grads,
+            return TorchChunkedKernels().siglip_block(x, y, scale, bias, weight=weight, pos=pos, grads=grads,
                                                       rows=rows)
         plan = self._launch(x)
         cfg, b, n, dim = plan.cfg, x.shape[0], y.shape[0], x.shape[1]
@@ -300,10 +335,12 @@ class TritonKernels:
             g = loss  # a placeholder pointer, never written (WRITE_G=False)
         for r0, nr, c0, nc, grid in plan.blocks(b, n):
             xi, yj = x[r0:r0 + nr], y[c0:c0 + nc]
+            sub = None if pos is None else pos.restrict(r0, nr, c0, nc)
+            args, mode = _pos_args(sub, xi)
             siglip_tile_kernel[grid](
-                xi, yj, scale, bias, g, loss, gbias, nr, nc, dim, r0 - c0,
+                xi, yj, scale, bias, g, loss, gbias, nr, nc, dim, *args.values(),
                 xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), g.stride(0),
-                G_SCALE=plan.g_scale, DIAGONAL=diagonal and r0 < c0 + nc and c0 < r0 + nr, WRITE_G=grads,
+                G_SCALE=plan.g_scale, POS=mode, WRITE_G=grads,
                 EVEN=plan.even(nr, nc, dim), PRECISE_LOG1P=plan.precise_log1p, **plan.tile,
             )
             if grads:

@@ -1,15 +1,21 @@
 """Strategies: how the blocks of a (possibly distributed) contrastive batch meet.
 
-A strategy exposes `clip(x, y, scale, kernels, group)` and `siglip(x, y, scale, bias, kernels, group)`
-returning this rank's loss with autograd attached. It knows nothing of a kernel's insides.
+Every strategy implements one interface (base.py: visit every column block once, combine the
+accumulators that travel with it): `local` (one visit), `gather` (all-gather, one visit, reduce to
+the owners) and `ring` (W visits round the ring). They know nothing of the loss math or of a
+kernel's insides; the loss families (megabatch.losses) drive them.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from types import ModuleType
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
+import torch
 import torch.distributed as dist
+from torch import Tensor
+
+from ..kernels.base import BlockKernels
+from .base import Block, Strategy, Visit
 
 STRATEGIES = ("auto", "local", "gather", "ring")
 
@@ -33,14 +39,26 @@ def resolve(strategy: str, group: Optional["dist.ProcessGroup"]) -> str:
     return strategy
 
 
-def get(name: str) -> ModuleType:
+def create(
+    name: str, x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels,
+    group: Optional["dist.ProcessGroup"], *, ids: bool, directions: int = 0,
+) -> Strategy:
+    """A strategy for one loss call. Distributed ones first agree on the layout with every rank of
+    the group (one all_gather of metadata; see _comm.exchange_layout)."""
     if name == "local":
-        from . import local as module
-    elif name == "gather":
-        from . import gather as module
-    else:
-        from . import ring as module
-    return module
+        from .local import Local
+
+        return Local(x.shape[0], y.shape[0], torch.is_grad_enabled() and y.requires_grad, ids)
+    from ._comm import exchange_layout
+
+    lay = exchange_layout(x, y, extras, kernels, group, ids=ids, directions=directions)
+    if name == "gather":
+        from .gather import Gather
+
+        return Gather(lay)
+    from .ring import Ring
+
+    return Ring(lay)
 
 
 @contextmanager
@@ -56,3 +74,6 @@ def validating(name: str, features: object, group: Optional["dist.ProcessGroup"]
 
             report_invalid(features, group)
         raise
+
+
+__all__ = ["Block", "STRATEGIES", "Strategy", "Visit", "create", "resolve", "validating"]

@@ -1,10 +1,11 @@
 """Communication shared by the `gather` and `ring` strategies.
 
-`exchange_layout` is the first thing every distributed loss call does: ONE all_gather of 5 int64
-per rank (local batch b, feature dim D, dtype code, requires-grad flags, backend). Every rank then checks the
-same W x 4 table, so ranks that disagree on D, dtype, backend or which inputs need gradients all raise the
-same ValueError (never a hang, never a gloo abort), and every rank knows every local batch size:
-uneven sizes (6, 2, 5) work exactly. Reading that table on the host (`.tolist()`) is the one host
+`exchange_layout` is the first thing every distributed loss call does: ONE all_gather of 8 int64
+per rank (image count b, text count n, feature dim D, dtype code, requires-grad flags, backend,
+whether ids are given, the CLIP directions). Every rank then checks the same table, so ranks that
+disagree on D, dtype, backend, ids, directions or which inputs need gradients all raise the same
+ValueError (never a hang, never a gloo abort), and every rank knows every local batch size: uneven
+and rectangular sizes work exactly. Reading that table on the host (`.tolist()`) is the one host
 sync of a distributed call; it is unavoidable, since receive buffers must be sized before they are
 posted. Collectives use the features' device: CPU tensors need gloo, CUDA tensors NCCL.
 
@@ -27,7 +28,7 @@ from ..kernels.base import BlockKernels
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _GRAD_NAMES = ("image_features", "text_features", "logit_scale", "logit_bias")
-_META_LEN = 5  # b, D, dtype code, requires-grad flags, backend
+_META_LEN = 8  # b, n, D, dtype code, requires-grad flags, backend, ids given, directions
 _INVALID = -1  # a metadata row of this value: that rank's arguments failed validation
 
 # Bytes sent by this rank while a `count_bytes()` block is open (None: not counting).
@@ -40,12 +41,15 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 @dataclass(frozen=True)
 class Layout:
-    """Who holds what in a process group, agreed by every rank (see `exchange_layout`)."""
+    """Who holds what in a process group, agreed by every rank (see `exchange_layout`).
+    One process (the local strategy) is a group of one with group=None."""
 
-    group: "dist.ProcessGroup"
+    group: Optional["dist.ProcessGroup"]
     rank: int  # this process's rank inside `group`
-    sizes: tuple[int, ...]  # local batch of every group rank
+    sizes: tuple[int, ...]  # images (rows) of every group rank
+    tsizes: tuple[int, ...]  # texts (columns) of every group rank
     y_grad: bool  # text features need gradients (on every rank, checked)
+    ids: bool = False  # positives given by ids (on every rank, checked)
 
     @property
     def world(self) -> int:
@@ -53,10 +57,19 @@ class Layout:
 
     @property
     def total(self) -> int:
+        """Images in the global batch."""
         return sum(self.sizes)
+
+    @property
+    def ttotal(self) -> int:
+        """Texts in the global batch."""
+        return sum(self.tsizes)
 
     def offset(self, rank: int) -> int:
         return sum(self.sizes[:rank])
+
+    def toffset(self, rank: int) -> int:
+        return sum(self.tsizes[:rank])
 
     def peer(self, rank: int) -> int:
         """Global rank of group rank `rank` (taken modulo the world): what p2p calls address."""
@@ -64,12 +77,14 @@ class Layout:
 
 
 def exchange_layout(
-    x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels, group: Optional["dist.ProcessGroup"]
+    x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels, group: Optional["dist.ProcessGroup"],
+    *, ids: bool = False, directions: int = 0,
 ) -> Layout:
-    """Agree on sizes, D, dtype, backend and requires_grad across `group` (None: the world group).
+    """Agree on sizes, D, dtype, backend, ids, directions and requires_grad across `group` (None:
+    the world group).
 
-    x, y: this rank's (b, D) features; extras: logit_scale (and logit_bias), 0-dim. Any
-    disagreement raises the same ValueError on every rank.
+    x: this rank's (b, D) images, y its (n, D) texts; extras: logit_scale (and logit_bias), 0-dim.
+    Any disagreement raises the same ValueError on every rank.
     """
     pg = group if group is not None else dist.group.WORLD
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
@@ -78,7 +93,7 @@ def exchange_layout(
     grad = torch.is_grad_enabled()
     flags = sum(1 << k for k, t in enumerate((x, y, *extras)) if grad and t.requires_grad)
     backend = zlib.crc32(kernels.name.encode()) & 0x7FFFFFFF
-    meta = [x.shape[0], x.shape[1], _DTYPE_CODES[x.dtype], flags, backend]
+    meta = [x.shape[0], y.shape[0], x.shape[1], _DTYPE_CODES[x.dtype], flags, backend, int(ids), directions]
     assert len(meta) == _META_LEN
     mine = torch.tensor(meta, dtype=torch.int64, device=x.device)
     table_t = mine.new_empty(world * len(meta))
@@ -91,17 +106,19 @@ def exchange_layout(
             f"group rank(s) {invalid} passed invalid arguments to the loss (their own error says which); "
             "no rank computes this call"
         )
-    sizes, dims, codes, grads, backends = (tuple(row[k] for row in table) for k in range(len(meta)))
-    if min(sizes) == 0:
-        empty = [r for r, b in enumerate(sizes) if b == 0]
-        raise ValueError(f"image_features is an empty batch on group rank(s) {empty}; every rank needs at least one pair")
+    sizes, tsizes, dims, codes, grads, backends, idss, dirs = (tuple(row[k] for row in table) for k in range(len(meta)))
+    ranks = f"ranks 0..{world - 1}"
+    if sum(sizes) == 0 or sum(tsizes) == 0:
+        raise ValueError(
+            f"the global batch needs at least one image and one text; images per rank {list(sizes)}, "
+            f"texts per rank {list(tsizes)}"
+        )
     if len(set(dims)) > 1:
-        raise ValueError(f"every rank of the group must have the same feature dim D; got D = {list(dims)} on ranks 0..{world - 1}")
+        raise ValueError(f"every rank of the group must have the same feature dim D; got D = {list(dims)} on {ranks}")
     if len(set(codes)) > 1:
         names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
         raise ValueError(
-            f"every rank of the group must pass features of the same dtype; got {[names[c] for c in codes]} "
-            f"on ranks 0..{world - 1}"
+            f"every rank of the group must pass features of the same dtype; got {[names[c] for c in codes]} on {ranks}"
         )
     if len(set(grads)) > 1:
         needing = [[n for k, n in enumerate(_GRAD_NAMES) if g >> k & 1] for g in grads]
@@ -111,7 +128,14 @@ def exchange_layout(
         )
     if len(set(backends)) > 1:
         raise ValueError(f"every rank of the group must use the same backend; this rank uses {kernels.name!r}, others differ")
-    return Layout(pg, rank, sizes, bool(flags & 2))
+    if len(set(idss)) > 1:
+        raise ValueError(
+            f"image_ids/text_ids must be given on every rank or on none; given per rank 0..{world - 1}: "
+            f"{[bool(v) for v in idss]}"
+        )
+    if len(set(dirs)) > 1:
+        raise ValueError(f"directions must be the same on every rank; got codes {list(dirs)} on {ranks}")
+    return Layout(pg, rank, sizes, tsizes, bool(flags & 2), bool(ids))
 
 
 def report_invalid(features: object, group: Optional["dist.ProcessGroup"]) -> None:
@@ -152,19 +176,19 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def gather_rows(t: Tensor, lay: Layout) -> Tensor:
-    """All-gather every rank's (b_r, ...) rows into one (B, ...) tensor, in rank order.
+def gather_rows(t: Tensor, lay: Layout, sizes: Sequence[int]) -> Tensor:
+    """All-gather every rank's (sizes[r], ...) rows into one (sum(sizes), ...) tensor, in rank order.
 
-    Uneven sizes are padded to the largest b for the collective and the padding is dropped.
+    Uneven sizes are padded to the largest for the collective and the padding is dropped.
     """
-    bmax, world = max(lay.sizes), lay.world
+    bmax, world = max(sizes), lay.world
     pad = t.contiguous() if t.shape[0] == bmax else torch.cat([t, t.new_zeros(bmax - t.shape[0], *t.shape[1:])])
     out = t.new_empty(world * bmax, *t.shape[1:])
     _all_gather_single(out, pad, group=lay.group)
     _count((world - 1) * _nbytes(pad))
-    if all(b == bmax for b in lay.sizes):
+    if all(b == bmax for b in sizes):
         return out
-    return torch.cat([out[q * bmax : q * bmax + b] for q, b in enumerate(lay.sizes)])
+    return torch.cat([out[q * bmax : q * bmax + b] for q, b in enumerate(sizes)])
 
 
 def all_reduce(t: Tensor, lay: Layout, op: "dist.ReduceOp.RedOpType" = dist.ReduceOp.SUM) -> Tensor:
@@ -187,20 +211,21 @@ def use_reduce_scatter(t: Tensor, lay: Layout) -> bool:
     return t.is_cuda and "nccl" in str(dist.get_backend(lay.group))
 
 
-def reduce_rows(t: Tensor, lay: Layout) -> Tensor:
-    """Sum over ranks of a (B, ...) tensor, returning only this rank's rows (b_r, ...).
+def reduce_rows(t: Tensor, lay: Layout, sizes: Sequence[int]) -> Tensor:
+    """Sum over ranks of a (sum(sizes), ...) tensor, returning only this rank's rows (sizes[rank], ...).
 
     NCCL: one reduce-scatter (padded to equal chunks when sizes differ); other backends (gloo,
     whose reduce-scatter is missing on older torch): all-reduce, then slice.
     """
-    lo, b = lay.offset(lay.rank), lay.sizes[lay.rank]
+    lo, b = sum(sizes[: lay.rank]), sizes[lay.rank]
     if not use_reduce_scatter(t, lay):
         return all_reduce(t, lay)[lo : lo + b]
-    bmax = max(lay.sizes)
-    if any(s != bmax for s in lay.sizes):
+    bmax = max(sizes)
+    if any(s != bmax for s in sizes):
         padded = t.new_zeros(lay.world * bmax, *t.shape[1:])
-        for q, s in enumerate(lay.sizes):
-            padded[q * bmax : q * bmax + s] = t[lay.offset(q) : lay.offset(q) + s]
+        for q, s in enumerate(sizes):
+            o = sum(sizes[:q])
+            padded[q * bmax : q * bmax + s] = t[o : o + s]
         t = padded
     out = t.new_empty(bmax, *t.shape[1:])
     _reduce_scatter_single(out, t.contiguous(), group=lay.group)
