@@ -1,7 +1,8 @@
 """Contract: the public API's surface — argument validation with errors that name the argument,
 scalar handling (float or 0-dim tensor, gradients shaped like the parameter), dtypes of results,
 NaN propagation, forward-only use, autocast, the nn.Module wrappers' open_clip-compatible forward,
-and backend/strategy selection."""
+backend/strategy selection, and the positives keywords (ids of the wrong shape, dtype or device,
+only one of the two, an unknown direction; a batch without any positive gives NaN, not an error)."""
 from __future__ import annotations
 
 import math
@@ -28,7 +29,6 @@ LOSSES = {
 @pytest.mark.parametrize(
     "make,exc,words",
     [
-        (lambda: (torch.randn(4, 3), torch.randn(5, 3)), ValueError, "same number of pairs"),
         (lambda: (torch.randn(4, 3), torch.randn(4, 2)), ValueError, "same feature dim"),
         (lambda: (torch.randn(4), torch.randn(4, 3)), ValueError, "image_features must be 2-D"),
         (lambda: (torch.randn(4, 3), torch.randn(4, 3, 1)), ValueError, "text_features must be 2-D"),
@@ -151,3 +151,51 @@ def test_clip_loss_of_one_pair_is_zero_and_gradients_finite():
     loss = mb.clip_loss(x, y, 100.0)
     loss.backward()
     assert abs(float(loss.detach())) < 1e-6 and torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_bad_ids(kind):
+    x, y = torch.randn(4, 3), torch.randn(6, 3)
+    ok_i, ok_t = torch.arange(4), torch.arange(6)
+    cases = [
+        (dict(image_ids=ok_i), "text_ids is missing"),
+        (dict(text_ids=ok_t), "image_ids is missing"),
+        (dict(image_ids=ok_i.int(), text_ids=ok_t), "image_ids must be int64"),
+        (dict(image_ids=ok_i, text_ids=ok_t[:5]), r"text_ids must have shape \(6,\)"),
+        (dict(image_ids=ok_i[None], text_ids=ok_t), r"image_ids must have shape \(4,\)"),
+        (dict(image_ids=[0, 1, 2, 3], text_ids=ok_t), "image_ids must be an int64 torch.Tensor"),
+        (dict(image_ids=ok_i, text_ids=ok_t.to("meta")), "text_ids is on meta"),
+    ]
+    for kw, words in cases:
+        with pytest.raises(ValueError, match=words):
+            LOSSES[kind](x, y, **kw)
+
+
+def test_bad_directions():
+    x, y = _xy()
+    with pytest.raises(ValueError, match="directions must be one of"):
+        mb.clip_loss(x, y, 10.0, directions="i2t")
+    with pytest.raises(ValueError, match="directions must be one of"):
+        mb.ClipLoss(directions="both_ways")
+
+
+@pytest.mark.parametrize("backend", ["torch", "dense"])
+def test_no_positive_pair_is_nan(backend):
+    x, y = torch.randn(4, 3, requires_grad=True), torch.randn(6, 3, requires_grad=True)
+    kw = dict(image_ids=torch.arange(4), text_ids=torch.arange(10, 16), backend=backend)
+    for loss in (mb.clip_loss(x, y, 10.0, **kw), mb.clip_loss(x, y, 10.0, directions="text_to_image", **kw)):
+        assert torch.isnan(loss)
+        (gx,) = torch.autograd.grad(loss, x)
+        assert torch.isnan(gx).all()
+    # SigLIP is defined without positives (every pair a negative): finite.
+    assert torch.isfinite(mb.siglip_loss(x, y, 10.0, -5.0, **kw))
+
+
+def test_modules_take_ids_and_directions():
+    x, y = torch.randn(5, 4), torch.randn(8, 4)
+    ids = dict(image_ids=torch.tensor([0, 1, 2, 0, 1]), text_ids=torch.tensor([0, 1, 2, 3, 4, 5, 0, 1]))
+    want = mb.clip_loss(x, y, 10.0, directions="image_to_text", **ids)
+    assert torch.equal(mb.ClipLoss(directions="image_to_text")(x, y, 10.0, **ids), want)
+    assert torch.equal(mb.ClipLoss()(x, y, 10.0, directions="image_to_text", **ids), want)
+    assert torch.equal(mb.SigLipLoss()(x, y, 10.0, -3.0, **ids), mb.siglip_loss(x, y, 10.0, -3.0, **ids))
+    assert "directions='image_to_text'" in repr(mb.ClipLoss(directions="image_to_text"))

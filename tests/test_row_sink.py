@@ -17,8 +17,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import megabatch as mb
+from megabatch import _numerics
 from megabatch.kernels import DenseKernels, TorchChunkedKernels
-from megabatch.strategies import local
+from megabatch.kernels.base import Positives
 
 
 def _backends() -> dict:
@@ -63,26 +65,32 @@ class _Chunks:
 
 @pytest.mark.parametrize("name", list(BACKENDS))
 @pytest.mark.parametrize("b,n,d", [(70, 45, 19), (1, 1, 5), (33, 70, 8)])
-@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("diagonal", [False, True, "ids"])
 def test_every_row_handed_over_once(name, b, n, d, diagonal):
     kernels = BACKENDS[name]
     x, y = _features(b, d, seed=b), _features(n, d, seed=n + 1)
     s, beta = torch.tensor(14.0, device=DEVICE), torch.tensor(-6.0, device=DEVICE)
-    r, c = kernels.clip_stats(x, y, s)
-    gx, gy = kernels.clip_grads(x, y, s, r, c, weight=0.25, diagonal=diagonal)
+    if diagonal == "ids":
+        g = torch.Generator().manual_seed(b)
+        pos = Positives(image_ids=torch.randint(0, 5, (b,), generator=g).to(DEVICE),
+                        text_ids=torch.randint(0, 5, (n,), generator=g).to(DEVICE))
+    else:
+        pos = Positives.index(0, min(b, n), b, n) if diagonal else None
+    r, c = kernels.clip_stats(x, y, s, pos)[:2]
+    gx, gy = kernels.clip_grads(x, y, s, r, c, weight=0.25, pos=pos)
     sink = _Chunks()
-    none, gy2 = kernels.clip_grads(x, y, s, r, c, weight=0.25, diagonal=diagonal, rows=sink)
+    none, gy2 = kernels.clip_grads(x, y, s, r, c, weight=0.25, pos=pos, rows=sink)
     assert none is None and torch.equal(gy2, gy)
     torch.testing.assert_close(sink.assemble(b, d), gx, rtol=0, atol=0)
 
-    full = kernels.siglip_block(x, y, s, beta, weight=0.5, diagonal=diagonal, grads=True)
+    full = kernels.siglip_block(x, y, s, beta, weight=0.5, pos=pos, grads=True)
     sink = _Chunks()
-    loss, none, gy2, gbias = kernels.siglip_block(x, y, s, beta, weight=0.5, diagonal=diagonal, grads=True, rows=sink)
+    loss, none, gy2, gbias = kernels.siglip_block(x, y, s, beta, weight=0.5, pos=pos, grads=True, rows=sink)
     assert none is None and torch.equal(loss, full[0]) and torch.equal(gy2, full[2]) and torch.equal(gbias, full[3])
     torch.testing.assert_close(sink.assemble(b, d), full[1], rtol=0, atol=0)
 
     sink = _Chunks()
-    assert kernels.siglip_block(x, y, s, beta, weight=0.5, diagonal=diagonal, grads=False, rows=sink)[1:] == (
+    assert kernels.siglip_block(x, y, s, beta, weight=0.5, pos=pos, grads=False, rows=sink)[1:] == (
         None, None, None)
     assert sink.got == [], "the sink was called by a call that computes no gradients"
 
@@ -128,16 +136,16 @@ def test_local_keeps_one_fp32_accumulator(kind, name, monkeypatch):
     products, once per pass: CLIP's two passes and SigLIP's one add 2 and 1.) The row chunks of the
     O(b.D) helpers are shrunk to 64 rows, as at B = 1M they are a small fraction of b."""
     b, d = 300, 24
-    monkeypatch.setattr(local, "ROW_CHUNK", 64)
+    monkeypatch.setattr(_numerics, "ROW_CHUNK", 64)
     x = _features(b, d, seed=1).half().requires_grad_()
     y = _features(b, d, seed=2).half().requires_grad_()
     s = torch.tensor(10.0, device=DEVICE, requires_grad=True)
     beta = torch.tensor(-5.0, device=DEVICE, requires_grad=True)
     with _AllocationCensus() as census:
         if kind == "clip":
-            loss = local.clip(x, y, s, BACKENDS[name])
+            loss = mb.clip_loss(x, y, s, backend=BACKENDS[name], strategy="local")
         else:
-            loss = local.siglip(x, y, s, beta, BACKENDS[name])
+            loss = mb.siglip_loss(x, y, s, beta, backend=BACKENDS[name], strategy="local")
         loss.backward()
     full = census.count(torch.float32, (b, d))
     expected = 1 + (0 if name.startswith("triton") else 2 if kind == "clip" else 1)
@@ -152,8 +160,8 @@ def test_census_sees_a_full_fp32_row_accumulator():
     x, y = _features(b, d, seed=1).half(), _features(b, d, seed=2).half()
     s = torch.tensor(10.0, device=DEVICE)
     kernels = TorchChunkedKernels(tile_elements=1)
-    r, c = kernels.clip_stats(x, y, s)
+    r, c = kernels.clip_stats(x, y, s, None)[:2]
     with _AllocationCensus() as census:
-        kernels.clip_grads(x, y, s, r, c, weight=1.0, diagonal=True)
+        kernels.clip_grads(x, y, s, r, c, weight=1.0, pos=Positives.index(0, x.shape[0], x.shape[0], y.shape[0]))
     assert census.count(torch.float32, (b, d)) == 3  # y upcast, gx, gy
     assert census.count(torch.float32, (b, d + 1)) == 0

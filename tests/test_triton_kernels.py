@@ -9,8 +9,10 @@ Checked here, on the GPU when there is one and otherwise on CPU through Triton's
   agree with the torch backend to the same tolerance; odd B and D (up to 1152), fp32 and fp16, scale 1..100,
   bias -12..0;
 - unnormalised features with logits in the thousands stay finite and accurate;
-- the block kernels directly: rectangular blocks, diagonal=False and True, against the dense
-  kernels in float64; SigLIP grads=False returns the same loss and no gradients;
+- the block kernels directly: rectangular blocks without positives, with index positives and with
+  ids, against the dense kernels in float64; SigLIP grads=False returns the same loss and no gradients;
+- positives by ids, rectangular batches (hard negatives) and one-way CLIP through the public API,
+  across several super-blocks, under the float64 tolerance rule (tests/_tolerance.py);
 - tilings with several (partial) super-blocks give the same answers as one super-block;
 - forward-only use never runs the gradient kernels; float64 inputs are delegated to torch.
 The whole file is skipped only when triton cannot be imported.
@@ -30,7 +32,9 @@ import megabatch as mb  # noqa: E402
 from megabatch.kernels.dense import DenseKernels  # noqa: E402
 from megabatch.kernels.triton_kernels import TritonConfig, TritonKernels  # noqa: E402
 from megabatch.reference import clip_loss_reference, siglip_loss_reference  # noqa: E402
-from megabatch.strategies import local  # noqa: E402
+from megabatch.kernels.base import Positives  # noqa: E402
+
+from _tolerance import check_against_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -95,8 +99,8 @@ def check(kind: str, x, y, scalars, fn: Callable, floor_dtype=None):
         assert torch.isfinite(o).all(), f"{name} is not finite"
         unit = 1.0 if name == "loss" else 1e-6
         err, plain_err, torch_err = rel(o, r, unit), rel(p, r, unit), rel(c, r, unit)
-        # The torch backend shares local.py's formulas (positive logits recomputed by a row-wise dot,
-        # dL/ds = sum(x * gx)), which for an ill-conditioned dL/ds can sit above 2x plain PyTorch; the
+        # The torch backend shares the family's formulas (dL/ds = sum(x * gx)), which for an
+        # ill-conditioned dL/ds can sit above 2x plain PyTorch; the
         # kernel must then be within 2x of it instead: it is the contract's own best answer.
         tol = 2 * max(plain_err, torch_err) + FLOOR[floor_dtype or dtype]
         assert err <= tol, f"{name}: error {err:.3g} vs float64 > {tol:.3g} (plain {plain_err:.3g}, torch {torch_err:.3g})"
@@ -111,8 +115,8 @@ def public(kind: str) -> Callable:
 def tiled(kind: str, config: TritonConfig = TILED) -> Callable:
     kernels = TritonKernels(config)
     if kind == "clip":
-        return lambda x, y, s: local.clip(x, y, s, kernels)
-    return lambda x, y, s, b: local.siglip(x, y, s, b, kernels)
+        return lambda x, y, s, **kw: mb.clip_loss(x, y, s, backend=kernels, strategy="local", **kw)
+    return lambda x, y, s, b, **kw: mb.siglip_loss(x, y, s, b, backend=kernels, strategy="local", **kw)
 
 
 # (B, D, logit_scale, logit_bias): odd sizes, scale 1..100, bias -12..0.
@@ -160,31 +164,66 @@ def test_unmasked_and_masked_super_blocks_in_one_call(kind, dtype, monkeypatch):
     assert set(seen) == {True, False}, seen
 
 
-@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("positives", ["none", "index", "shifted", "ids"])
 @pytest.mark.parametrize("b,n,d", [(37, 70, 17), (70, 37, 3)])
-def test_block_kernels_rectangular(b, n, d, diagonal):
+def test_block_kernels_rectangular(b, n, d, positives):
     x, _ = features(b, d, torch.float32, seed=b + n)
     y, _ = features(n, d, torch.float32, seed=b * n)
     s, beta = torch.tensor(15.0, device=DEVICE), torch.tensor(-6.0, device=DEVICE)
+    g = torch.Generator().manual_seed(b)
+    pos = {"none": None, "index": Positives.index(0, min(b, n), b, n), "shifted": Positives.index(-5, 20, b, n),
+           "ids": Positives(image_ids=torch.randint(0, 6, (b,), generator=g).to(DEVICE),
+                            text_ids=torch.randint(0, 6, (n,), generator=g).to(DEVICE))}[positives]
+    targets = (0.7, 0.4) if positives != "ids" else (torch.rand(b, generator=g).to(DEVICE),
+                                                      torch.rand(n, generator=g).to(DEVICE))
+    targets64 = tuple(t.double() if isinstance(t, torch.Tensor) else t for t in targets)
     dense = DenseKernels()
-    r64, c64 = dense.clip_stats(x.double(), y.double(), s.double())
+    st64 = dense.clip_stats(x.double(), y.double(), s.double(), pos)
     for kernels in (TritonKernels(), TritonKernels(TILED)):
-        r, c = kernels.clip_stats(x, y, s)
+        st = kernels.clip_stats(x, y, s, pos)
         # The log-sum-exps come back in float64 (rounded once; see clip_stats), as from the torch backend.
-        assert r.dtype == c.dtype == torch.float64 and r.shape == (b,) and c.shape == (n,)
-        assert rel(r, r64) < 1e-6 and rel(c, c64) < 1e-6
-        got = kernels.clip_grads(x, y, s, r, c, weight=0.3, diagonal=diagonal)
-        want = dense.clip_grads(x.double(), y.double(), s.double(), r64, c64, weight=0.3, diagonal=diagonal)
+        assert st.row_lse.dtype == st.col_lse.dtype == torch.float64
+        assert st.row_lse.shape == (b,) and st.col_lse.shape == (n,)
+        assert rel(st.row_lse, st64.row_lse) < 1e-6 and rel(st.col_lse, st64.col_lse) < 1e-6
+        if pos is None:
+            assert st.row_pos is None and st.col_pos is None
+        else:
+            assert rel(st.row_pos, st64.row_pos) < 1e-6 and rel(st.col_pos, st64.col_pos) < 1e-6
+        got = kernels.clip_grads(x, y, s, st.row_lse, st.col_lse, weight=0.3, pos=pos, targets=targets)
+        want = dense.clip_grads(x.double(), y.double(), s.double(), st64.row_lse, st64.col_lse, weight=0.3, pos=pos,
+                                targets=targets64)
         for o, w in zip(got, want):
             assert o.dtype == torch.float32 and rel(o, w) < 1e-5
-        got = kernels.siglip_block(x, y, s, beta, weight=0.7, diagonal=diagonal, grads=True)
-        want = dense.siglip_block(x.double(), y.double(), s.double(), beta.double(), weight=0.7, diagonal=diagonal,
-                                  grads=True)
+        got = kernels.siglip_block(x, y, s, beta, weight=0.7, pos=pos, grads=True)
+        want = dense.siglip_block(x.double(), y.double(), s.double(), beta.double(), weight=0.7, pos=pos, grads=True)
         for o, w in zip(got, want):
             assert o.dtype == torch.float32 and rel(o, w) < 1e-5
-        loss_only = kernels.siglip_block(x, y, s, beta, weight=0.7, diagonal=diagonal, grads=False)
+        loss_only = kernels.siglip_block(x, y, s, beta, weight=0.7, pos=pos, grads=False)
         assert loss_only[1:] == (None, None, None)
         assert torch.equal(loss_only[0], got[0])
+
+
+@pytest.mark.parametrize("kind,directions", [("clip", "both"), ("clip", "image_to_text"), ("clip", "text_to_image"),
+                                             ("siglip", "both")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("with_ids", [False, True], ids=["index", "ids"])
+def test_ids_rectangles_and_directions(kind, directions, dtype, with_ids):
+    """70 images, 101 texts (hard negatives after the positives), several partial super-blocks."""
+    x, _ = features(70, 19, torch.float64, seed=21)
+    y, _ = features(101, 19, torch.float64, seed=22)
+    y[:70] = F.normalize(0.6 * x + 0.8 * y[:70], dim=-1)
+    x, y = x.to(dtype), y.to(dtype)
+    g = torch.Generator().manual_seed(3)
+    ids = (torch.randint(0, 30, (70,), generator=g).to(DEVICE), torch.randint(0, 30, (101,), generator=g).to(DEVICE)) \
+        if with_ids else None
+    kw = {} if ids is None else dict(image_ids=ids[0], text_ids=ids[1])
+    s = torch.tensor(20.0, device=DEVICE)
+    if kind == "clip":
+        check_against_reference("clip", lambda *a: tiled("clip")(*a, directions=directions, **kw), x, y, s,
+                                ids=ids, directions=directions)
+    else:
+        check_against_reference("siglip", lambda *a: tiled("siglip")(*a, **kw), x, y, s,
+                                torch.tensor(-6.0, device=DEVICE), ids=ids)
 
 
 def test_strided_features():
@@ -196,9 +235,10 @@ def test_strided_features():
     s, beta = torch.tensor(12.0, device=DEVICE), torch.tensor(-4.0, device=DEVICE)
     kernels = TritonKernels(TILED)
     assert xt.stride() == (1, 37) and not yt.is_contiguous()
-    for got, want in [(kernels.clip_stats(xt, yt, s), kernels.clip_stats(x, y, s)),
-                      (kernels.siglip_block(xt, yt, s, beta, weight=1.0, diagonal=True, grads=True),
-                       kernels.siglip_block(x, y, s, beta, weight=1.0, diagonal=True, grads=True))]:
+    pos = Positives.index(0, 37, 37, 37)
+    for got, want in [(kernels.clip_stats(xt, yt, s, pos), kernels.clip_stats(x, y, s, pos)),
+                      (kernels.siglip_block(xt, yt, s, beta, weight=1.0, pos=pos, grads=True),
+                       kernels.siglip_block(x, y, s, beta, weight=1.0, pos=pos, grads=True))]:
         for o, w in zip(got, want):
             assert torch.allclose(o, w, rtol=1e-5, atol=1e-6)
 
@@ -228,10 +268,10 @@ def test_forward_only_runs_no_gradient_kernels(monkeypatch):
 def test_float64_is_delegated_to_torch():
     x, y = features(7, 5, torch.float64, seed=1)
     s, beta = torch.tensor(4.0, dtype=torch.float64, device=DEVICE), torch.tensor(-2.0, dtype=torch.float64, device=DEVICE)
-    out = TritonKernels().siglip_block(x, y, s, beta, weight=1 / 7, diagonal=True, grads=True)
+    out = TritonKernels().siglip_block(x, y, s, beta, weight=1 / 7, pos=Positives.index(0, 7, 7, 7), grads=True)
     assert all(t.dtype == torch.float64 for t in out)
     assert torch.allclose(out[0], siglip_loss_reference(x, y, s, beta), rtol=1e-12)
-    r, c = TritonKernels().clip_stats(x, y, s)
+    r = TritonKernels().clip_stats(x, y, s, None).row_lse
     assert r.dtype == torch.float64 and torch.allclose(r, torch.logsumexp(s * x @ y.T, 1), rtol=1e-12)
 
 
@@ -259,9 +299,10 @@ def test_register_cap_gives_the_same_results():
     x, y = features(70, 19, torch.float32, seed=4)
     s, beta = torch.tensor(25.0, device=DEVICE), torch.tensor(-9.0, device=DEVICE)
     capped = TritonKernels(dataclasses.replace(TILED, max_regs=128))
-    for got, want in [(capped.siglip_block(x, y, s, beta, weight=1.0, diagonal=True, grads=True),
-                       TritonKernels(TILED).siglip_block(x, y, s, beta, weight=1.0, diagonal=True, grads=True)),
-                      (capped.clip_stats(x, y, s), TritonKernels(TILED).clip_stats(x, y, s))]:
+    pos = Positives.index(0, 70, 70, 70)
+    for got, want in [(capped.siglip_block(x, y, s, beta, weight=1.0, pos=pos, grads=True),
+                       TritonKernels(TILED).siglip_block(x, y, s, beta, weight=1.0, pos=pos, grads=True)),
+                      (capped.clip_stats(x, y, s, pos), TritonKernels(TILED).clip_stats(x, y, s, pos))]:
         for o, w in zip(got, want):
             assert torch.equal(o, w)
 

@@ -167,12 +167,12 @@ def clip_grad_tile_kernel(
     x_ptr, y_ptr, scale_ptr, row_hi_ptr, row_lo_ptr, col_hi_ptr, col_lo_ptr, g_ptr, rows, cols, dim,
     pos_offset, pos_count, xid_ptr, yid_ptr, pos_value, rt_ptr, ct_ptr,
     stride_xm, stride_xk, stride_yn, stride_yk, stride_g,
-    G_SCALE: tl.constexpr, POS: tl.constexpr,
+    G_SCALE: tl.constexpr, POS: tl.constexpr, TARGET_VEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr,
 ):
     """G'[i, j] = (P_row + P_col - pos_ij * target) * G_SCALE, stored in g_ptr's dtype; target =
-    pos_value (POS 1) or rt_i + ct_j (POS 2)."""
+    rt_i + ct_j (TARGET_VEC: two fp32 vectors) or pos_value."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     acc, rm, rn = _logit_tile(x_ptr, y_ptr, stride_xm, stride_xk, stride_yn, stride_yk, rows, cols, dim, pid_m, pid_n,
@@ -187,11 +187,14 @@ def clip_grad_tile_kernel(
     c_hi = tl.load(col_hi_ptr + rn, mask=ok_n, other=0.0)
     c_lo = tl.load(col_lo_ptr + rn, mask=ok_n, other=0.0)
     g = tl.exp2(((t - r_hi[:, None]) - r_lo[:, None]) * LOG2E) + tl.exp2(((t - c_hi[None, :]) - c_lo[None, :]) * LOG2E)
-    if POS == 1:
-        g = tl.where(_positives(rm, rn, pos_offset, pos_count, xid_ptr, yid_ptr, ok_m, ok_n, POS), g - pos_value, g)
-    elif POS == 2:
-        target = tl.load(rt_ptr + rm, mask=ok_m, other=0.0)[:, None] + tl.load(ct_ptr + rn, mask=ok_n, other=0.0)[None, :]
-        g = tl.where(_positives(rm, rn, pos_offset, pos_count, xid_ptr, yid_ptr, ok_m, ok_n, POS), g - target, g)
+    if POS != 0:
+        pos = _positives(rm, rn, pos_offset, pos_count, xid_ptr, yid_ptr, ok_m, ok_n, POS)
+        if TARGET_VEC:
+            rt = tl.load(rt_ptr + rm, mask=ok_m, other=0.0)
+            ct = tl.load(ct_ptr + rn, mask=ok_n, other=0.0)
+            g = tl.where(pos, g - (rt[:, None] + ct[None, :]), g)
+        else:
+            g = tl.where(pos, g - pos_value, g)
     g = (g * G_SCALE).to(g_ptr.dtype.element_ty)
     if EVEN:
         tl.store(g_ptr + rm[:, None] * stride_g + rn[None, :], g)

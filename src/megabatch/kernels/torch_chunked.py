@@ -208,14 +208,13 @@ def _sub_positives(g: Tensor, pos: Positives, r0: int, rt: Target, ct: Target) -
     rows = g.shape[0]
     if pos.by_ids:
         eq = _id_tile(pos, r0, rows)
+        constant = sum(float(t) for t in (rt, ct) if not isinstance(t, Tensor))
+        if constant:
+            g.sub_(eq.to(g.dtype), alpha=constant)
         if isinstance(rt, Tensor):
             g.addcmul_(eq, rt[r0 : r0 + rows, None], value=-1)
-        elif rt:
-            g.sub_(eq, alpha=rt)
         if isinstance(ct, Tensor):
             g.addcmul_(eq, ct[None, :], value=-1)
-        elif ct:
-            g.sub_(eq, alpha=ct)
         return
     lo, hi = pos.band(r0, rows, g.shape[1])
     if hi <= lo:

@@ -286,13 +286,12 @@ class TritonKernels:
         row_hi, row_lo = _hi_lo(row_lse)
         col_hi, col_lo = _hi_lo(col_lse)
         rt, ct = targets
-        by_ids = isinstance(rt, Tensor)
-        if by_ids:
-            assert isinstance(rt, Tensor) and isinstance(ct, Tensor)
-            rt, ct = rt.to(torch.float32).contiguous(), ct.to(torch.float32).contiguous()
-            pos_value = 0.0
+        vec = isinstance(rt, Tensor) or isinstance(ct, Tensor)
+        pos_value = 0.0
+        if vec:  # per-row and per-column targets, as two fp32 vectors
+            rt, ct = (t.to(torch.float32).contiguous() if isinstance(t, Tensor)
+                      else torch.full((k,), float(t), dtype=torch.float32, device=x.device) for t, k in ((rt, b), (ct, n)))
         else:
-            assert not isinstance(ct, Tensor)
             pos_value = float(rt) + float(ct)
         acc = _RowAcc(x, b, plan.cfg.super_rows, rows)
         gy = torch.zeros(n, dim, dtype=torch.float32, device=x.device)
@@ -301,12 +300,12 @@ class TritonKernels:
             xi, yj = x[r0:r0 + nr], y[c0:c0 + nc]
             sub = None if pos is None else pos.restrict(r0, nr, c0, nc)
             args, mode = _pos_args(sub, xi)
-            targets_ij = (rt[r0:], ct[c0:]) if by_ids else (row_hi, row_hi)  # placeholders unless ids
+            targets_ij = (rt[r0:], ct[c0:]) if vec else (row_hi, row_hi)  # placeholders, never read
             clip_grad_tile_kernel[grid](
                 xi, yj, scale, row_hi[r0:], row_lo[r0:], col_hi[c0:], col_lo[c0:], g, nr, nc, dim,
                 *args.values(), pos_value, *targets_ij,
                 xi.stride(0), xi.stride(1), yj.stride(0), yj.stride(1), g.stride(0),
-                G_SCALE=plan.g_scale, POS=mode, EVEN=plan.even(nr, nc, dim), **plan.tile,
+                G_SCALE=plan.g_scale, POS=mode, TARGET_VEC=vec, EVEN=plan.even(nr, nc, dim), **plan.tile,
             )
             plan.grad_gemms(g[:nr, :nc], xi, yj, acc.rows(r0, nr, c0), gy[c0:c0 + nc], weight / plan.g_scale)
             acc.done(r0, nr, c0 + nc == n)
