@@ -1,7 +1,7 @@
 """Contract: `megabatch bench` under torchrun (the distributed mode) runs every strategy on every rank
 and reports, per rank, a time, a peak memory and the bytes sent, which equal the communication
 volume the strategies document (ring cost model, strategies/_comm.py): checked exactly here for
-W = 2 with the 'dense' backend (statistics in float32), plus the 5-int64 metadata exchange."""
+W = 2 with the 'dense' backend (column statistics in float64), plus the 8-int64 metadata exchange."""
 from __future__ import annotations
 
 import json
@@ -18,15 +18,16 @@ W, B_LOCAL, D = 2, 16, 8
 def expected_bytes(loss: str, strategy: str) -> int:
     """Bytes one rank sends for forward+backward with equal local batches, float32 everywhere."""
     e = f = 4
+    st = 8  # column statistics travel as float64 log-sum-exps
     b, total = B_LOCAL, W * B_LOCAL
-    meta = (W - 1) * 5 * 8
+    meta = (W - 1) * 8 * 8
     all_reduce = lambda n: 2 * (W - 1) / W * n  # noqa: E731
     if strategy == "gather":
         sent = (W - 1) * b * D * e + all_reduce(total * D * f)  # gather y; reduce the text gradients
-        if loss == "clip":
-            sent += 2 * all_reduce(total * f)  # column log-sum-exp: max, then sum
+        if loss == "clip":  # column log-sum-exp (max, then sum); backward gathers them with the block
+            sent += 2 * all_reduce(total * st) + (W - 1) * b * st
     elif loss == "clip":  # ring: forward blocks + column stats, backward blocks + stats + gradients
-        sent = (W - 1) * b * D * e + W * b * f + (W - 1) * b * (D * e + f) + W * b * D * f
+        sent = (W - 1) * b * D * e + W * b * st + (W - 1) * b * (D * e + st) + W * b * D * f
     else:
         sent = (W - 1) * b * D * e + W * b * D * f
     return int(sent) + meta

@@ -72,7 +72,7 @@ def check_peer(peer: str, kind: str, fn, x, y, s, b, *, extra: float = 0.0) -> d
     plain.backward()
     plains = [plain.detach()] + [t.grad for t in plain_leaves]
 
-    conditions = _scalar_conditions(kind, [t.cpu() for t in (x, y, s, b)])
+    conditions = _scalar_conditions(kind, [t.cpu() for t in (x, y, s, b)], None, "both")
     names = ["loss", "d_image", "d_text", "d_scale", "d_bias"]
     errors = {}
     for k, name in enumerate(names):
