@@ -17,10 +17,11 @@ benchmarks/gpu.md says how to call it on the device machine (with the peers' whe
                forward+backward at B = 4M, run only if its projection from 1M fits.
   sweep        a per-kernel profile of the default TritonConfig at B = 65536, then the candidates,
                with the time that is left (the list is ordered most promising first).
-The budget is enforced section by section: each section ends by its share of the plan (PLAN,
-counted from the start of the script, so import, compile and warm-up time count) and the later
-ones get what an early section leaves; scale and sweep may use everything left. When time runs out
-a section stops between cases and the script writes what it has. Files, at most 3, in --out (or
+The budget is enforced section by section: correctness and peers end by their share of the plan
+(PLAN, cumulative from the start of the script, so import, compile and warm-up time count; a section
+that finishes early leaves its time to the next); floor, scale and sweep may use everything left
+(scale runs the 4M call only if its projection fits). When time runs out a section stops between
+cases and the script writes what it has. Files, at most 3, in --out (or
 $OUT): gpu_check[_SECTION].json (environment, plan, every row; rewritten after each section and
 each peers case), gpu_check[_SECTION].log (this output) and gpu_check[_SECTION]_peers.png.
 --only SECTION ... runs just those sections (the floor is measured too where ratios need it).
@@ -486,13 +487,15 @@ def main(argv: Optional[list[str]] = None) -> int:
               stem="gpu_check" + ("_" + "_".join(args.only) if args.only else ""))
     if run.dry:  # toy shapes; fp32 (the interpreter's CPU dot has no bf16)
         run = replace(run, dtype="float32", dim=33, sizes=(24, 48), mem_b=48, huge_b=96, sweep_b=40)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill from outside still writes the outputs
+    old_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill from outside still writes
+    old_out, old_err = sys.stdout, sys.stderr
     logf = open(run.path(".log"), "w")
-    sys.stdout, sys.stderr = Tee(sys.__stdout__, logf), Tee(sys.__stderr__, logf)
+    sys.stdout, sys.stderr = Tee(old_out, logf), Tee(old_err, logf)
     try:
         return check(run, args, argv)
     finally:
-        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        sys.stdout, sys.stderr = old_out, old_err
+        signal.signal(signal.SIGTERM, old_term)
         logf.close()
 
 
@@ -512,14 +515,19 @@ def check(run: Run, args: argparse.Namespace, argv: list[str]) -> int:
     failed = None
     for name in todo:
         deadline += planned.get(name, 0.0)
-        end = T0 + run.budget - RESERVE_S if name in ("scale", "sweep") or args.only else deadline
+        # correctness and peers end by their share of the plan; the floor (short, needed by the rest),
+        # scale and sweep may use all that is left
+        end = deadline if name in ("correctness", "peers") and not args.only else T0 + run.budget - RESERVE_S
         if failed:
             run.result["sections"][name] = dict(skipped=failed)
             log(f"\n== {name}: skipped ({failed})")
             continue
-        if time.time() > end:
-            run.result["sections"][name] = dict(skipped="budget spent before it began")
-            log(f"\n== {name}: skipped (budget spent before it began)")
+        why = ("budget spent before it began" if time.time() > end else
+               "needs the floor, which did not run" if name != "correctness" and name != "floor"
+               and "floor_tflops" not in run.result["sections"].get("floor", {}) else None)
+        if why:
+            run.result["sections"][name] = dict(skipped=why)
+            log(f"\n== {name}: skipped ({why})")
             continue
         t = time.time()
         try:

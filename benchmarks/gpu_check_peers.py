@@ -101,11 +101,12 @@ class Worker:
 
     def ask(self, timeout: float) -> dict[str, Any]:
         """The worker's next message, or {"error": ...} on a timeout (the worker is killed) or its end."""
+        timeout = max(timeout, 0.1)
         try:
-            msg = self.lines.get(timeout=max(timeout, 0.1))
+            msg = self.lines.get(timeout=timeout)
         except queue.Empty:
             self.kill()
-            return dict(error=f"timeout: killed after {timeout:.0f} s")
+            return dict(error=f"timeout: killed after {timeout:.1f} s")
         if msg is None:
             rc = self.proc.wait()
             return dict(error=f"worker ended (exit {rc}): {self.stderr_tail()}")
@@ -136,6 +137,9 @@ class Worker:
                 self.proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
                 self.kill()
+        tail = self.stderr_tail(400)
+        if tail.strip():  # warnings (autotuning, deprecations): the end of them, into the log
+            self.log(f"  [{self.method} stderr] ...{tail}")
         self.err.close()
 
 

@@ -9,6 +9,7 @@
   the JSON; the peers run in worker processes and a stalled one is killed at its time limit; at
   most 8 files land in --out; it prints the planned seconds and ends with `planned: N s`, N <= 480.
   `--only` runs one section (with the floor its ratios need) and bad arguments are usage errors.
+- A correctness FAIL skips the timing sections and exits 1.
 - The ids correctness cases (which run once the engine takes image_ids=) work: against a stand-in
   engine that computes the issue's definitions they pass, and against one that ignores the ids
   they FAIL.
@@ -176,3 +177,14 @@ def test_ids_cases_fail_an_engine_that_ignores_ids(bench_modules, monkeypatch):
     for case in [("clip", "fp32", 20, 28, 17, "ids", "both"), ("siglip", "fp32", 20, 28, 17, "ids", "both")]:
         rows = c.one_ids_case(*case, "cpu", 30.0, -10.0)
         assert not all(r["ok"] for r in rows), rows
+
+
+def test_a_correctness_fail_stops_the_timing_sections(bench_modules, monkeypatch, tmp_path):
+    gpu_check, c = bench_modules
+    monkeypatch.setattr(c, "run", lambda *a, **k: dict(rows=[dict(ok=False)], ids="ran", failed=1, stopped=None))
+    rc = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget", "100000", "--wheels", str(tmp_path / "none")])
+    assert rc == 1
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert data["sections"]["correctness"]["failed"] == 1
+    for name in ("floor", "peers", "scale", "sweep"):
+        assert data["sections"][name]["skipped"].startswith("correctness FAILED"), data["sections"][name]
