@@ -247,7 +247,7 @@ def peers_section(run: Run, deadline: float, pip: tuple[Optional[subprocess.Pope
     log(note)
     avail = adapters.available(run.dev)
     methods = ["triton"] + [p for p in avail if p != "plain"] + (["plain"] if "open_clip" not in avail else [])
-    methods.sort(key=PRIORITY.index)
+    methods.sort(key=lambda m: PRIORITY.index(m) if m in PRIORITY else len(PRIORITY))
     if run.dry:
         methods.append("stall")
     if run.dev == "cuda":
@@ -500,7 +500,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def check(run: Run, args: argparse.Namespace, argv: list[str]) -> int:
-    todo = list(args.only or SECTIONS)
+    todo = [s for s in SECTIONS if s in (args.only or SECTIONS)]  # always in the sections' order
     planned = plan(run.budget, args.only)
     run.result = dict(env=environment(run, argv), plan_s=planned, budget_s=run.budget, sections={}, used_s={})
     run.result["used_s"]["setup"] = round(time.time() - T0, 1)
