@@ -23,7 +23,8 @@ that finishes early leaves its time to the next); floor, scale and sweep may use
 (scale runs the 4M call only if its projection fits). When time runs out a section stops between
 cases and the script writes what it has. Files, at most 3, in --out (or
 $OUT): gpu_check[_SECTION].json (environment, plan, every row; rewritten after each section and
-each peers case), gpu_check[_SECTION].log (this output) and gpu_check[_SECTION]_peers.png.
+each peers case), gpu_check[_SECTION].log (this output) and the peers' plot, gpu_check_peers.png
+(gpu_check_SECTION_plot.png under --only).
 --only SECTION ... runs just those sections (the floor is measured too where ratios need it).
 --dry-run runs every section on CPU at toy sizes, the Triton kernels through TRITON_INTERPRET=1
 (fp32/fp16: the interpreter has no bf16 dot), and a "stall" method that checks the per-case kill.
@@ -271,8 +272,9 @@ def peers_section(run: Run, deadline: float, pip: tuple[Optional[subprocess.Pope
     results = [Result(Case(**r["case"]), ms=r.get("ms"), peak_mib=r.get("peak_mib"), error=r.get("error"))
                for r in res["rows"]]
     if any(r.ms is not None for r in results):
-        plot(results, run.path("_peers.png"))
-        res["plot"] = os.path.basename(run.path("_peers.png"))
+        png = run.path("_peers.png" if run.stem == "gpu_check" else "_plot.png")  # no clash with a full run's
+        plot(results, png)
+        res["plot"] = os.path.basename(png)
     return res
 
 
