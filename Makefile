@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 (a local wheel on our machines; a plain `torch` would pull CUDA).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: venv
 # 512, ring loss) on the embedded synthetic data; ~2 minutes on 2 CPU cores. Output in runs/demo/.
 demo: venv
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m megabatch.train --preset demo
+
+# The peers' wheels for the GPU check (benchmarks/gpu.md), carried to the device machine in .whl/
+# (git-ignored; ~1.7 MB, all pure-Python: the device has Python 3.12, torch, triton and numpy, no network).
+GPU_PEERS ?= inf-cl==1.2.1 memeff==0.3.1 siglip-kernel==0.1.2 open-clip-torch==3.3.0
+gpu-wheels: venv
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl $(GPU_PEERS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

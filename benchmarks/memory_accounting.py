@@ -18,7 +18,7 @@ call returns (no Python object of ours holds them; on the GPU they are freed), s
 forward can still be live during the backward; within a phase that only adds constants.
 The O(b * D) helpers' row chunk (strategies/local.py ROW_CHUNK, 32768 rows) is set to 64 here so
 that, as at B = 1M, it is a small part of b. Each case runs in a fresh process. The GPU's own
-number is max_memory_allocated in gpu_triton_check.py.
+number is max_memory_allocated in gpu_check.py (its peers and scale sections).
 """
 from __future__ import annotations
 

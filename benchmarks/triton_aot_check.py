@@ -7,7 +7,7 @@ pipelined (async copies in the TTGIR) and whether it uses wgmma.
 Arguments are specialised the way Triton's JIT does at launch (pointers 16-byte aligned, ints
 divisible by 16 marked so, ints equal to 1 made constants), for the default TritonConfig and a
 full super-block. Needs only the triton wheel (it ships ptxas and cuobjdump). It is a static
-check: the H100 run (gpu_triton_check.py) measures what the numbers mean.
+check: the GPU run (gpu_check.py, see gpu.md) measures what the numbers mean.
 """
 from __future__ import annotations
 

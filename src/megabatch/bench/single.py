@@ -68,10 +68,12 @@ def _sync(device: torch.device) -> None:
 
 
 def make_inputs(batch: int, dim: int, dtype: str, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """L2-normalised random (batch, dim) features, scale 10 and bias -10, all requiring grad."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1)
-    y = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    """L2-normalised random (batch, dim) features, scale 10 and bias -10, all requiring grad. Drawn on
+    `device` itself (seeded there): at B = 1M a CPU draw and copy would take seconds per case."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g, device=device), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g, device=device), dim=-1)
     dt = DTYPES[dtype]
     x = x.to(device=device, dtype=dt).requires_grad_(True)
     y = y.to(device=device, dtype=dt).requires_grad_(True)
