@@ -16,7 +16,7 @@ backward 4 (dx*g and dy*g next to the 4 saved). Either way the peak is 8 b*D: 4 
 D = 512. Why per phase: Triton's interpreter keeps some tensors of its launches alive after the
 call returns (no Python object of ours holds them; on the GPU they are freed), so a buffer of the
 forward can still be live during the backward; within a phase that only adds constants.
-The O(b * D) helpers' row chunk (strategies/local.py ROW_CHUNK, 32768 rows) is set to 64 here so
+The O(b * D) helpers' row chunk (_numerics.py ROW_CHUNK, 32768 rows) is set to 64 here so
 that, as at B = 1M, it is a small part of b. Each case runs in a fresh process. The GPU's own
 number is max_memory_allocated in gpu_check.py (its peers and scale sections).
 """
@@ -34,7 +34,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from megabatch.kernels import TorchChunkedKernels  # noqa: E402
-from megabatch.strategies import local  # noqa: E402
+import megabatch as mb  # noqa: E402
+from megabatch import _numerics  # noqa: E402
 
 
 def peak_live_bytes(fn) -> int:
@@ -63,7 +64,7 @@ def _case(kind: str, backend: str, b: int, dim: int, dtype_name: str, queue) -> 
     from megabatch.kernels.triton_kernels import TritonKernels
 
     torch.set_num_threads(1)
-    local.ROW_CHUNK = 64
+    _numerics.ROW_CHUNK = 64
     dtype = getattr(torch, dtype_name)
     kernels = TritonKernels(config()) if backend == "triton" else TorchChunkedKernels()
     g = torch.Generator().manual_seed(b)
@@ -74,7 +75,8 @@ def _case(kind: str, backend: str, b: int, dim: int, dtype_name: str, queue) -> 
     out = {}
 
     def forward() -> None:
-        out["loss"] = local.clip(x, y, s, kernels) if kind == "clip" else local.siglip(x, y, s, beta, kernels)
+        out["loss"] = (mb.clip_loss(x, y, s, backend=kernels, strategy="local") if kind == "clip"
+                       else mb.siglip_loss(x, y, s, beta, backend=kernels, strategy="local"))
 
     fwd = peak_live_bytes(forward)
     bwd = peak_live_bytes(lambda: out["loss"].backward())

@@ -72,7 +72,7 @@ def resources(kernel) -> str:
             f"pipelined {'yes' if pipelined else 'NO '}  wgmma {'yes' if wgmma else 'no'}")
 
 
-def check(dim: int, dtype: str, cfg: TritonConfig, even: bool = True) -> None:
+def check(dim: int, dtype: str, cfg: TritonConfig, even: bool = True, ids: bool = False) -> None:
     rows = cols = cfg.super_rows
     prec = "tf32" if dtype != "fp32" else "tf32x3"
     # EVEN as at launch: full super-blocks are unmasked when D is a multiple of block_k.
@@ -81,16 +81,20 @@ def check(dim: int, dtype: str, cfg: TritonConfig, even: bool = True) -> None:
     feats = dict(x_ptr=dtype, y_ptr=dtype, scale_ptr="fp32", rows=rows, cols=cols, dim=dim,
                  stride_xm=dim, stride_xk=1, stride_yn=dim, stride_yk=1)
     w, s = cfg.num_warps, cfg.num_stages
+    # Positive arguments: POS 1 (index positives: the diagonal super-blocks, the heavier variant of the
+    # POS 0 most super-blocks run), 2 (ids).
+    pos = dict(pos_offset=0, pos_count=rows, xid_ptr="i64", yid_ptr="i64")
+    grad = dict(feats, **pos, row_hi_ptr="fp32", row_lo_ptr="fp32", col_hi_ptr="fp32", col_lo_ptr="fp32", g_ptr=dtype,
+                pos_value=2.0, rt_ptr="fp32", ct_ptr="fp32", stride_g=cols)
+    stats = dict(feats, **pos, row_m_ptr="fp32", row_l_ptr="fp32", col_m_ptr="fp32", col_l_ptr="fp32",
+                 row_p_ptr="fp32", col_p_ptr="fp32", stride_rowpart=rows, stride_colpart=cols)
+    sig = dict(feats, **pos, bias_ptr="fp32", g_ptr=dtype, loss_ptr="fp32", gbias_ptr="fp32", stride_g=cols)
     jobs = [
-        ("clip_stats", _triton_tiles.clip_stats_kernel,
-         dict(feats, row_m_ptr="fp32", row_l_ptr="fp32", col_m_ptr="fp32", col_l_ptr="fp32",
-              stride_rowpart=rows, stride_colpart=cols), tile, w, s),
-        ("clip_grad_tile", _triton_tiles.clip_grad_tile_kernel,
-         dict(feats, row_hi_ptr="fp32", row_lo_ptr="fp32", col_hi_ptr="fp32", col_lo_ptr="fp32", g_ptr=dtype, diag_offset=0, stride_g=cols),
-         dict(tile, G_SCALE=1.0, DIAGONAL=True), w, s),
-        ("siglip_tile", _triton_tiles.siglip_tile_kernel,
-         dict(feats, bias_ptr="fp32", g_ptr=dtype, loss_ptr="fp32", gbias_ptr="fp32", diag_offset=0, stride_g=cols),
-         dict(tile, G_SCALE=1.0, DIAGONAL=True, WRITE_G=True, PRECISE_LOG1P=dtype == "fp32"), w, s),
+        ("clip_stats", _triton_tiles.clip_stats_kernel, stats, dict(tile, POS=1), w, s),
+        ("clip_grad_tile", _triton_tiles.clip_grad_tile_kernel, grad,
+         dict(tile, G_SCALE=1.0, POS=1, TARGET_VEC=False), w, s),
+        ("siglip_tile", _triton_tiles.siglip_tile_kernel, sig,
+         dict(tile, G_SCALE=1.0, POS=1, WRITE_G=True, PRECISE_LOG1P=dtype == "fp32"), w, s),
         ("grad_gemm", _triton_gemm.grad_gemm_kernel,
          dict(g_ptr=dtype, x_ptr=dtype, y_ptr=dtype, gx_ptr="fp32", gy_ptr="fp32", alpha=0.5, rows=rows, cols=cols,
               dim=dim, tiles_x=1000, stride_g=cols, stride_xm=dim, stride_xk=1, stride_yn=dim, stride_yk=1,
@@ -98,6 +102,14 @@ def check(dim: int, dtype: str, cfg: TritonConfig, even: bool = True) -> None:
          dict(BLOCK_M=cfg.gemm_m, BLOCK_D=cfg.gemm_d, BLOCK_K=cfg.gemm_k, UPCAST=False, PRECISION=prec),
          cfg.gemm_warps, cfg.gemm_stages),
     ]
+    if ids:
+        jobs += [
+            ("clip_stats_ids", _triton_tiles.clip_stats_kernel, stats, dict(tile, POS=2), w, s),
+            ("clip_grad_ids", _triton_tiles.clip_grad_tile_kernel, grad,
+             dict(tile, G_SCALE=1.0, POS=2, TARGET_VEC=True), w, s),
+            ("siglip_tile_ids", _triton_tiles.siglip_tile_kernel, sig,
+             dict(tile, G_SCALE=1.0, POS=2, WRITE_G=True, PRECISE_LOG1P=dtype == "fp32"), w, s),
+        ]
     for name, fn, args, consts, nw, ns in jobs:
         cap = cfg.max_regs if name != "grad_gemm" else None  # TritonConfig.max_regs caps the tile kernels
         try:
@@ -111,6 +123,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, nargs="+", default=[512, 1152, 129])
     p.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"])
     p.add_argument("--max-regs", type=int, default=None, help="TritonConfig.max_regs for the tile kernels")
+    p.add_argument("--ids", action="store_true", help="also the tile kernels' positives-by-ids variants (POS=2)")
     a = p.parse_args()
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     print(f"triton {triton.__version__}, target sm_90")
@@ -119,7 +132,7 @@ def main() -> None:
         print(f"{dtype}: {cfg}")
         for dim in a.dim:
             print(f" D={dim}")
-            check(dim, dtype, cfg)
+            check(dim, dtype, cfg, ids=a.ids)
 
 
 if __name__ == "__main__":
