@@ -112,7 +112,7 @@ def test_tsv_columns_root_and_transform(tmp_path: Path) -> None:
 
 def test_csv_bad_arguments(tmp_path: Path) -> None:
     table = write_table(tmp_path, "p.csv", ["filepath,title", "a.png,x", "b.png,y"])
-    with pytest.raises(ValueError, match="caption_column='caption'.*filepath"):
+    with pytest.raises(ValueError, match="--csv-caption-key 'caption'.*'filepath', 'title'"):
         CsvPairs(table, caption_column="caption")
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         CsvPairs(tmp_path / "nope.csv")
