@@ -165,17 +165,22 @@ class FileStream:
         self.image_size, self.device = image_size, torch.device(device)
         split = opts.eval_split if held_out else 0.0
         self.eval_rows: list[int] = []
-        if kind == "csv":
-            self.table = open_table(path, opts)
-            train_rows, self.eval_rows = split_rows(len(self.table.rows), split, world, path)
-            self.pairs = _reader(kind, path, image_size, opts, table=self.table, rows=train_rows, rank=rank,
-                                 world_size=world, shuffle=True, seed=seed, repeat=True)
-        else:
-            if split >= 1:
-                raise DataError(f"--eval-split {split:g}: shards hold out a fraction of their samples (by key); "
-                                "give a fraction < 1, 0, or --eval-data")
-            self.pairs = _reader(kind, path, image_size, opts, held_out=split, split="train", rank=rank,
-                                 world_size=world, shuffle=True, seed=seed, repeat=True)
+        try:
+            if kind == "csv":
+                self.table = open_table(path, opts)
+                train_rows, self.eval_rows = split_rows(len(self.table.rows), split, world, path)
+                self.pairs = _reader(kind, path, image_size, opts, table=self.table, rows=train_rows, rank=rank,
+                                     world_size=world, shuffle=True, seed=seed, repeat=True)
+            else:
+                if split >= 1:
+                    raise DataError(f"--eval-split {split:g}: shards hold out a fraction of their samples (by key); "
+                                    "give a fraction < 1, 0, or --eval-data")
+                self.pairs = _reader(kind, path, image_size, opts, held_out=split, split="train", rank=rank,
+                                     world_size=world, shuffle=True, seed=seed, repeat=True)
+        except DataError:
+            raise
+        except ValueError as e:  # e.g. fewer rows or shards than ranks
+            raise DataError(f"--data {kind}:{path}: {e}") from None
         self.held_out = split
         self.workers = max(1, min(opts.workers, self.pairs.units_of_rank()))
         self.in_process = opts.workers == 0

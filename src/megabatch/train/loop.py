@@ -163,7 +163,8 @@ def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     if tokenizer is None:
         tokenizer = (Tokenizer.from_state_dict(saved["tokenizer"]) if saved
                      else tokenizer_for(cfg.model.context_length, stream))
-        cfg.model.context_length = tokenizer.context_length  # 0 (csv/wds default) is fitted to the captions
+    # 0 (the csv/wds default) is fitted to the training captions by the tokenizer
+    cfg.model.context_length = getattr(tokenizer, "context_length", cfg.model.context_length)
     if model is None:
         model = ContrastiveModel(cfg.model, tokenizer.vocab_size, cfg.loss)
     model.to(rt.device).train()
