@@ -231,7 +231,8 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p.add_argument("--data", help="synthetic (default), digits, csv:PATH or wds:PATTERN")
     p.add_argument("--eval-data", help="evaluation data spec (default: the training data's own held-out split; "
                    "for csv/wds, --eval-split of it)")
-    p.add_argument("--eval-size", type=int, help="evaluate on at most this many pairs (default 0: all of them)")
+    p.add_argument("--eval-size", type=int, help="evaluate on at most this many pairs of files (default 0: all of "
+                   "them; a cut is stated in the summary)")
     files = p.add_argument_group(
         "your own files (--data csv:PATH or wds:PATTERN)",
         "A csv/tsv table holds an image path (relative to the table's folder) and a caption\n"

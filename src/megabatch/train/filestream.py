@@ -153,7 +153,11 @@ def collate(worker: int, items: list[tuple[tuple[Any, ...], Any]], counts: Optio
 
 
 class FileStream:
-    """This rank's endless, shuffled stream of pairs from a CSV/TSV table or tar shards."""
+    """This rank's endless, shuffled stream of pairs from a CSV/TSV table or tar shards.
+
+    `batch()` serves the training loop; `batch_with_ids()` also returns the pairs' int64 ids (n,)
+    when `--csv-id-key` / `--wds-id-key` is set (else None). `eval_set()` is the held-out split.
+    """
 
     vocabulary: Optional[list[str]] = None
 
@@ -279,6 +283,7 @@ class FileStream:
         self._next, self._left = int(state["next"]), int(state["left"])
         self._carried = torch.tensor([state["skipped"].get(r, 0) for r in REASONS], dtype=torch.int64)
         self._bad.zero_()
+        self.pairs._counts.zero_()  # the workers' cumulative counts start again with the new stream
         self._buf, self._it, self._loader = None, None, None
 
     # -- evaluation ------------------------------------------------------------------------------

@@ -105,8 +105,12 @@ class BpeTokenizer:
     @classmethod
     def train(cls, captions: Sequence[str], context_length: int = 0, vocab_size: int = BPE_VOCAB) -> "BpeTokenizer":
         """Learn merges from `captions`; context_length 0 fits FIT_QUANTILE of them (at most MAX_FIT)."""
-        from tokenizers import Tokenizer as HfTokenizer
-        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+        try:
+            from tokenizers import Tokenizer as HfTokenizer
+            from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+        except ImportError as e:
+            raise ImportError("captions of csv/wds data need the `tokenizers` package: pip install "
+                              "'megabatch[train]' (or pip install tokenizers)") from e
 
         if not captions:
             raise ValueError("no training captions to learn a tokenizer from")
