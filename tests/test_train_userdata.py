@@ -7,7 +7,7 @@ Contract checked here:
 - Every unusable input is a usage error: exit status 2, no traceback, a message naming the file,
   the columns found and the flag to use (missing file, missing column, empty table, header-less
   file read by name, position past the row, mixed names/positions, bad separator, csv flags
-  without csv data, a held-out split that leaves no training rows, no shard).
+  without csv data, a held-out split that leaves no training rows or holds no pair, no shard).
 - Without --eval-data a deterministic split is held out (never in the training stream, nor in the
   tokenizer's training captions) and evaluated, the summary says so; --eval-size cuts are stated;
   the outputs listed are the outputs written.
@@ -79,6 +79,7 @@ def test_error_paths_exit_2_with_file_columns_and_flag(tmp_path, capsys):
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "header_only.csv").write_text("filepath,title\n")
     (tmp_path / "noheader.csv").write_text("img/0.png,a cat\nimg/1.png,a dog\n")
+    shard(tmp_path / "five.tar", range(5))  # no key of these hashes below 0.02
     run = ["--output", str(tmp_path / "run")] + TINY
     cases = [
         (["--data", f"csv:{tmp_path / 'nope.tsv'}"], ["nope.tsv", "does not exist"]),
@@ -105,7 +106,10 @@ def test_error_paths_exit_2_with_file_columns_and_flag(tmp_path, capsys):
         (["--data", f"csv:{table}", "--eval-split", "1.5"], ["--eval-split", "fraction"]),
         (["--data", f"csv:{table}", "--workers", "-1"], ["--workers"]),
         (["--data", f"wds:{tmp_path / 'shards-{0..3}.tar'}"], ["no shard", "shards-0.tar"]),
-        (["--data", f"wds:{tmp_path / '*.tar'}"], ["no shard matches"]),
+        (["--data", f"wds:{tmp_path / '*.tgz'}"], ["no shard matches"]),
+        (["--data", f"wds:{tmp_path / 'five.tar'}", "--batch-size", "4", "--micro-batch-size", "4"],
+         ["five.tar", "no usable", "--eval-split"]),
+        (["--data", f"wds:{tmp_path / 'five.tar'}", "--eval-split", "3"], ["--eval-split 3", "fraction"]),
         (["--context-length", "0"], ["--context-length 0", "csv"]),
     ]
     for args, words in cases:

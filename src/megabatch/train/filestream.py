@@ -291,6 +291,13 @@ class FileStream:
         """The held-out split (None when --eval-split is 0 or --eval-data was given)."""
         if not self.held_out:
             return None
+        try:
+            return self._held_out_set()
+        except DataError as e:
+            raise DataError(f"{e}; hold out more with --eval-split, none with --eval-split 0, or give --eval-data"
+                            ) from None
+
+    def _held_out_set(self) -> EvalData:
         if self.kind == "csv":
             n, rows = len(self.table.rows), self.eval_rows
             share = (f"{percent(self.held_out)} of its {n:,} rows, at most {EVAL_CAP:,}" if self.held_out < 1
