@@ -5,7 +5,9 @@ non-UTF-8 caption, a malformed row, and a shard that is missing, not a tar or cu
 at a member boundary, mid-header), keeping the samples read before the damage; split items over
 ranks then DataLoader workers so that none is yielded twice and none is lost (also shuffled), with
 counts summed over workers; `repeat` streams epochs without spinning on an empty share and fails
-loudly when a whole epoch has nothing usable; shard patterns expand ({000..009}, {a,b}, globs).
+loudly when a whole epoch has nothing usable; shard patterns expand ({000..009}, {a,b}, globs);
+with an id column the items are (image, caption, int64 id): integers as written, other text by a
+stable hash, a blank id skipped and counted.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from megabatch.train.files import REASONS, CsvPairs, TarShards, expand_urls
+from megabatch.train.files import REASONS, CsvPairs, TarShards, expand_urls, parse_id, stable_id
 
 
 def image_bytes(color: tuple[int, int, int], fmt: str = "PNG") -> bytes:
@@ -112,7 +114,7 @@ def test_tsv_columns_root_and_transform(tmp_path: Path) -> None:
 
 def test_csv_bad_arguments(tmp_path: Path) -> None:
     table = write_table(tmp_path, "p.csv", ["filepath,title", "a.png,x", "b.png,y"])
-    with pytest.raises(ValueError, match="caption_column='caption'.*filepath"):
+    with pytest.raises(ValueError, match="--csv-caption-key 'caption'.*'filepath', 'title'"):
         CsvPairs(table, caption_column="caption")
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         CsvPairs(tmp_path / "nope.csv")
@@ -279,3 +281,13 @@ def test_expand_urls(tmp_path: Path) -> None:
         expand_urls("{5..3}.tar")
     with pytest.raises(ValueError, match="urls"):
         expand_urls([])
+
+
+def test_csv_ids(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(image_bytes(color_of(1)))
+    table = write_table(tmp_path, "ids.csv", ["filepath,title,key", "a.png,one,42", "a.png,two,n01440764",
+                                              "a.png,three,  ", "a.png,four,-7"])
+    with pytest.warns(UserWarning, match="bad_id"):
+        items = list(CsvPairs(table, id_column="key"))
+    assert [(c, i) for _, c, i in items] == [("one", 42), ("two", stable_id("n01440764")), ("four", -7)]
+    assert stable_id("n01440764") == stable_id("n01440764") >= 0 and parse_id(str(2**70)) == stable_id(str(2**70))

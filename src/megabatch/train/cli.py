@@ -30,5 +30,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"megabatch train: error: {e}", file=sys.stderr)
             return 2
-    train(cfg)
+    from .files import DataError
+
+    try:
+        train(cfg)
+    except DataError as e:  # users' files or columns that cannot be used as asked: a usage error
+        print(f"megabatch train: error: {e}", file=sys.stderr)
+        return 2
     return 0

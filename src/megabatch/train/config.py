@@ -40,10 +40,14 @@ class ModelConfig:
 
     def validate(self) -> None:
         for name in ("image_size", "patch_size", "vision_width", "vision_depth", "vision_heads", "text_width",
-                     "text_depth", "text_heads", "context_length", "embed_dim"):
+                     "text_depth", "text_heads", "embed_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.context_length, bool) or not isinstance(self.context_length, int) or not (
+                self.context_length == 0 or self.context_length >= 2):
+            raise ValueError(f"model.context_length must be 0 (fit to the captions) or >= 2 (<cls> and a token), "
+                             f"got {self.context_length!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"model.image_size ({self.image_size}) must be a multiple of model.patch_size "
                              f"({self.patch_size})")
@@ -70,7 +74,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     data: str = "synthetic"
     eval_data: Optional[str] = None
-    eval_size: int = 1000
+    eval_size: int = 0
     output: str = "runs/train"
     strategy: str = "auto"
     backend: str = "auto"
@@ -85,6 +89,14 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     preset: str = "small"
+    # Users' files (--data csv:PATH / wds:PATTERN): columns, held-out split, loader workers.
+    csv_img_key: Optional[str] = None  # header name or 0-based position (header-less file); None: "filepath"
+    csv_caption_key: Optional[str] = None  # None: "title"
+    csv_id_key: Optional[str] = None  # a per-pair id column (int64, or a stable hash of its text)
+    csv_separator: Optional[str] = None  # None: tab for .tsv/.tab, comma otherwise
+    wds_id_key: Optional[str] = None  # tar member "<key>.<wds_id_key>" holding the id
+    eval_split: float = 0.02  # held out of files without --eval-data: fraction (< 1; at most 5,000) or count
+    workers: int = 2  # DataLoader worker processes per rank reading files (0: in the training process)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> "TrainConfig":
@@ -93,11 +105,11 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        for name in ("batch_size", "micro_batch_size", "steps", "log_every", "keep_checkpoints", "eval_size"):
+        for name in ("batch_size", "micro_batch_size", "steps", "log_every", "keep_checkpoints"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{_flag(name)} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "seed", "threads"):
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "seed", "threads", "eval_size", "workers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
@@ -114,10 +126,34 @@ class TrainConfig:
             if not (spec is None and name == "eval_data" or spec in ("synthetic", "digits")
                     or kind in ("csv", "wds") and path):
                 raise ValueError(f"{_flag(name)} must be synthetic, digits, csv:PATH or wds:PATTERN; got {spec!r}")
+        self._validate_files()
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
         self.model.validate()
         return self
+
+    def _validate_files(self) -> None:
+        kinds = {(spec or "").partition(":")[0] for spec in (self.data, self.eval_data)}
+        for name, kind in (("csv_img_key", "csv"), ("csv_caption_key", "csv"), ("csv_id_key", "csv"),
+                           ("csv_separator", "csv"), ("wds_id_key", "wds")):
+            value = getattr(self, name)
+            if value is not None and kind not in kinds:
+                raise ValueError(f"{_flag(name)} applies to --data/--eval-data {kind}:...; neither is {kind} data")
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{_flag(name)} must be a non-empty string, got {value!r}")
+        if self.csv_separator is not None and len(self.csv_separator) != 1:
+            raise ValueError(f"--csv-separator must be one character (or 'tab', '\\t'), got {self.csv_separator!r}")
+        keys = [k for k in (self.csv_img_key, self.csv_caption_key, self.csv_id_key) if k is not None]
+        if any(k.isdigit() for k in keys) and not all(k.isdigit() for k in keys) or (
+                keys and keys[0].isdigit() and (self.csv_img_key is None or self.csv_caption_key is None)):
+            raise ValueError("--csv-img-key, --csv-caption-key (and --csv-id-key) must all be header names or all "
+                             f"0-based column positions (a file without a header); got {keys}")
+        if self.model.context_length == 0 and (self.data or "").partition(":")[0] not in ("csv", "wds"):
+            raise ValueError("--context-length 0 (fit to the captions) needs --data csv:... or wds:...")
+        split = self.eval_split
+        if isinstance(split, bool) or not isinstance(split, (int, float)) or not (
+                0 <= split < 1 or split >= 1 and float(split).is_integer()):
+            raise ValueError(f"--eval-split must be a fraction in [0, 1) or a whole number of pairs, got {split!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,7 +202,14 @@ def from_preset(name: str, **overrides: Any) -> TrainConfig:
     unknown = set(overrides) - fields
     if unknown:
         raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
+    data = str(overrides.get("data", preset.get("data", "synthetic")))
+    if data.startswith(("csv:", "wds:")) and "context_length" not in model_overrides:
+        model = dataclasses.replace(model, context_length=0)  # fit to the training captions
     return TrainConfig(**{**preset, **overrides, "preset": name, "model": model}).validate()
+
+
+def _separator(text: str) -> str:
+    return {"tab": "\t", "\\t": "\t", "comma": ","}.get(text, text)
 
 
 def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
@@ -186,8 +229,29 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--data", help="synthetic (default), digits, csv:PATH or wds:PATTERN")
-    p.add_argument("--eval-data", help="held-out data spec (default: the training data's own held-out split)")
-    p.add_argument("--eval-size", type=int, help="pairs read from --eval-data files (default 1000)")
+    p.add_argument("--eval-data", help="evaluation data spec (default: the training data's own held-out split; "
+                   "for csv/wds, --eval-split of it)")
+    p.add_argument("--eval-size", type=int, help="evaluate on at most this many pairs of files (default 0: all of "
+                   "them; a cut is stated in the summary)")
+    files = p.add_argument_group(
+        "your own files (--data csv:PATH or wds:PATTERN)",
+        "A csv/tsv table holds an image path (relative to the table's folder) and a caption\n"
+        "per row; its header names the columns (open_clip's defaults: filepath, title). For a\n"
+        "file without a header give 0-based positions: --csv-img-key 0 --csv-caption-key 1.\n"
+        "--eval-data tables use the same flags. Webdataset shards hold <key>.jpg/.png/.webp and\n"
+        "<key>.txt members. Captions get a BPE tokenizer trained on the training captions, with\n"
+        "a context length that fits 99% of them unless --context-length is given.")
+    files.add_argument("--csv-img-key", help="image path column: header name or 0-based position (default filepath)")
+    files.add_argument("--csv-caption-key", help="caption column: header name or 0-based position (default title)")
+    files.add_argument("--csv-id-key", help="optional per-pair id column (an integer, or any text, hashed)")
+    files.add_argument("--csv-separator", type=_separator,
+                       help="column separator (default: tab for .tsv/.tab files, comma otherwise; 'tab' or '\\t')")
+    files.add_argument("--wds-id-key", help="optional id member of each sample (<key>.<this>)")
+    files.add_argument("--eval-split", type=float, help="held out of --data for evaluation when there is no "
+                       "--eval-data: a fraction (< 1, at most 5,000 pairs) or a number of pairs; 0: none "
+                       "(default 0.02). Training never sees them")
+    files.add_argument("--workers", type=int, help="DataLoader worker processes per rank decoding images "
+                       "(default 2; 0: decode in the training process)")
     p.add_argument("--output", help="run directory (metrics.jsonl, eval.json, curves.png, checkpoints)")
     p.add_argument("--strategy", choices=STRATEGIES)
     p.add_argument("--backend", choices=BACKENDS)
@@ -202,7 +266,8 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int)
     p.add_argument("--patch-size", type=int)
     p.add_argument("--embed-dim", type=int)
-    p.add_argument("--context-length", type=int, help="text tokens incl. <cls> (byte tokenizer: ~64)")
+    p.add_argument("--context-length", type=int, help="text tokens incl. <cls> (0: fit 99%% of the training "
+                   "captions; the default for csv/wds data)")
     p.add_argument("--dropout", type=float)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     return p

@@ -7,7 +7,8 @@ W reads [r*b, (r+1)*b) with b = B / W. Streams whose samples are a function of (
 
 `--data` specs: "synthetic" (default), "digits", "csv:PATH" (also .tsv), "wds:PATTERN". The
 evaluation set is the data's own held-out split (synthetic: unseen combinations; digits: 300
-images) unless `--eval-data` names another spec (files: their first `--eval-size` pairs).
+images; users' files: `--eval-split` of them, which training never sees) unless `--eval-data`
+names another spec (files: all their pairs, or the first `--eval-size`).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class EvalData:
     captions: list[str]
     tasks: list[ZeroShotTask]
     description: str = ""
+    ids: Optional[np.ndarray] = None  # (n,) int64 per-pair ids (users' files with an id column/member)
 
 
 class TrainStream(Protocol):
@@ -53,8 +55,10 @@ class TrainStream(Protocol):
     def eval_set(self) -> Optional[EvalData]: ...
 
 
-def build_data(spec: str, image_size: int, seed: int, rank: int = 0, world: int = 1) -> TrainStream:
-    """Resolve a `--data` spec to a stream (file streams read only this rank's shard)."""
+def build_data(spec: str, image_size: int, seed: int, rank: int = 0, world: int = 1, *, cfg: Any = None,
+               device: Any = "cpu") -> TrainStream:
+    """Resolve a `--data` spec to a stream (file streams read only this rank's shard, with the
+    columns, held-out split and workers of `cfg`, a TrainConfig, and put batches on `device`)."""
     if spec == "synthetic":
         from .synthetic import SyntheticShapes
 
@@ -65,21 +69,27 @@ def build_data(spec: str, image_size: int, seed: int, rank: int = 0, world: int 
         return Digits(image_size=image_size, seed=seed)
     kind, _, path = spec.partition(":")
     if kind in ("csv", "wds") and path:
-        from .filestream import FileStream
+        from .filestream import FileOptions, FileStream
 
-        return FileStream(kind, path, image_size=image_size, seed=seed, rank=rank, world=world)
+        opts = FileOptions.from_config(cfg) if cfg is not None else FileOptions()
+        held_out = cfg is None or cfg.eval_data is None
+        return FileStream(kind, path, image_size, seed, rank, world, opts, device, held_out)
     raise ValueError(f"--data must be synthetic, digits, csv:PATH or wds:PATTERN, got {spec!r}")
 
 
-def build_eval(spec: Optional[str], stream: TrainStream, image_size: int, seed: int, limit: int) -> Optional[EvalData]:
-    """The evaluation set: `spec`'s (--eval-data) if given, else the training data's own held-out set."""
+def build_eval(spec: Optional[str], stream: TrainStream, image_size: int, seed: int, limit: int, *,
+               cfg: Any = None) -> Optional[EvalData]:
+    """The evaluation set: `spec`'s (--eval-data) if given, else the training data's own held-out set.
+    `limit`: at most this many pairs of users' files (0: all)."""
     if spec is None:
         return stream.eval_set()
     kind, _, path = spec.partition(":")
     if kind in ("csv", "wds") and path:
-        from .filestream import file_eval_set
+        from .filestream import FileOptions, file_eval_set
 
-        return file_eval_set(kind, path, image_size, limit)
+        opts = FileOptions.from_config(cfg) if cfg is not None else FileOptions()
+        opts.eval_size = limit
+        return file_eval_set(kind, path, image_size, opts)
     return build_data(spec, image_size, seed).eval_set()
 
 

@@ -39,8 +39,8 @@ from .config import TrainConfig
 from .data import build_data, build_eval, state_of
 from .evaluate import evaluate
 from .plots import plot_curves
-from .report import MetricsLog, summary
-from .tokenizer import Tokenizer
+from .report import MetricsLog, summary, text_notes
+from .tokenizer import Tokenizer, tokenizer_for
 from .towers import ContrastiveModel
 
 
@@ -159,10 +159,12 @@ def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     saved = checkpoint.load(cfg.resume) if cfg.resume else None
-    stream = build_data(cfg.data, cfg.model.image_size, cfg.seed, rt.rank, rt.world)
+    stream = build_data(cfg.data, cfg.model.image_size, cfg.seed, rt.rank, rt.world, cfg=cfg, device=rt.device)
     if tokenizer is None:
         tokenizer = (Tokenizer.from_state_dict(saved["tokenizer"]) if saved
-                     else Tokenizer(cfg.model.context_length, stream.vocabulary))
+                     else tokenizer_for(cfg.model.context_length, stream))
+    # 0 (the csv/wds default) is fitted to the training captions by the tokenizer
+    cfg.model.context_length = getattr(tokenizer, "context_length", cfg.model.context_length)
     if model is None:
         model = ContrastiveModel(cfg.model, tokenizer.vocab_size, cfg.loss)
     model.to(rt.device).train()
@@ -207,7 +209,8 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     log = MetricsLog(out / "metrics.jsonl", keep_until=p.start) if lead else None
     if lead:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    eval_data = build_eval(cfg.eval_data, p.stream, cfg.model.image_size, cfg.seed, cfg.eval_size) if lead else None
+    eval_data = (build_eval(cfg.eval_data, p.stream, cfg.model.image_size, cfg.seed, cfg.eval_size, cfg=cfg)
+                 if lead else None)
     autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
     bar = _progress(cfg, p.start) if lead else None
@@ -250,7 +253,7 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     title = f"{cfg.loss} | global batch {cfg.batch_size} over {rt.world} rank(s) | {cfg.data}"
     plot_curves(log.records, evals, out / "curves.png", title=title)
     final = evals[-1] if evals else {}
-    print(summary(cfg, rt.world, final, time.perf_counter() - t_run), flush=True)
+    print(summary(cfg, rt.world, final, time.perf_counter() - t_run, text_notes(p.tokenizer, eval_data)), flush=True)
     return final
 
 

@@ -1,12 +1,28 @@
 """curves.png: training loss, temperature (logit scale) and held-out evaluation against steps.
 
 Drawn with matplotlib's Agg backend (no display); imported lazily so training never needs it
-until the end of a run.
+until the end of a run. Every axis shows plain numbers (no offset or scientific notation); the
+evaluation panel spans the whole run in steps and 0-100%, labels each point with its value, and
+names the final value and chance in the legend, so one evaluation reads as well as many.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from .report import percent
+
+_EVAL_LABELS = {"zero_shot_top1": "zero-shot top-1", "i2t_r1": "image->text R@1", "t2i_r1": "text->image R@1",
+                "i2t_r5": "image->text R@5"}
+
+
+def _plain(ax: Any) -> None:
+    from matplotlib.ticker import ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        fmt = ScalarFormatter(useOffset=False)
+        fmt.set_scientific(False)
+        axis.set_major_formatter(fmt)
 
 
 def plot_curves(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -15,28 +31,42 @@ def plot_curves(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     steps = [m["step"] for m in metrics]
-    axes[0].plot(steps, [m["loss"] for m in metrics], color="tab:blue")
+    last = max(steps + [e["step"] for e in evals] + [1])
+    marker = "o" if len(steps) < 3 else None
+    axes[0].plot(steps, [m["loss"] for m in metrics], color="tab:blue", marker=marker)
     axes[0].set(title="training loss", xlabel="step")
-    axes[1].plot(steps, [m["logit_scale"] for m in metrics], color="tab:orange", label="logit scale")
+    axes[1].plot(steps, [m["logit_scale"] for m in metrics], color="tab:orange", marker=marker, label="logit scale")
+    axes[1].set(title="temperature (logit scale = 1/T)", xlabel="step")
     if metrics and "logit_bias" in metrics[0]:
         twin = axes[1].twinx()
-        twin.plot(steps, [m["logit_bias"] for m in metrics], color="tab:gray", ls="--", label="logit bias")
-        twin.set_ylabel("logit bias")
-    axes[1].set(title="temperature (logit scale = 1/T)", xlabel="step")
+        twin.plot(steps, [m["logit_bias"] for m in metrics], color="tab:gray", ls="--", marker=marker)
+        twin.set_ylabel("logit bias (dashed)")
+        _plain(twin)
     ax = axes[2]
-    labels = {"zero_shot_top1": "zero-shot top-1", "i2t_r1": "image->text R@1", "t2i_r1": "text->image R@1",
-              "i2t_r5": "image->text R@5"}
-    keys = [k for k in labels if evals and k in evals[-1]]
+    keys = [k for k in _EVAL_LABELS if evals and k in evals[-1]]
     for key in keys:
-        line = ax.plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", label=labels[key])[0]
+        xs, ys = [e["step"] for e in evals], [100 * e[key] for e in evals]
         chance = evals[-1].get("chance", {}).get(key)
+        label = f"{_EVAL_LABELS[key]}: {percent(evals[-1][key])}"
         if chance is not None:
-            ax.axhline(chance, color=line.get_color(), ls=":", lw=1)
-    ax.set(title="held-out eval (dotted: chance)" if keys else "no evaluation data", xlabel="step", ylim=(0, 1))
+            label += f" (chance {percent(chance)})"
+        line = ax.plot(xs, ys, marker="o", label=label)[0]
+        if chance is not None:
+            ax.axhline(100 * chance, color=line.get_color(), ls=":", lw=1)
+        if len(evals) <= 3:
+            for x, y in zip(xs, ys):
+                ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=line.get_color())
+    title_eval = f"held-out eval, {evals[-1].get('n_images', '?')} pairs (dotted: chance)" if keys else \
+        "no evaluation data"
+    ax.set(title=title_eval, xlabel="step", ylabel="%", ylim=(0, 100))
     if keys:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="best")
+    for a in axes:
+        a.set_xlim(0, last * 1.04)
+        _plain(a)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

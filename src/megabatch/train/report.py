@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from .config import TrainConfig
 
@@ -27,18 +28,47 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def _row(label: str, value: float, chance: float | None) -> str:
-    against = f"   (chance {100 * chance:5.1f}%)" if chance is not None else ""
-    return f"  {label:<40} {100 * value:6.1f}%{against}"
+def percent(fraction: float) -> str:
+    """A fraction as a percentage with at least two significant digits: 0.00055 -> "0.055%"."""
+    value = 100 * fraction
+    if value == 0 or not math.isfinite(value):
+        return f"{value:.1f}%"
+    decimals = max(1, 1 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}%"
 
 
-def summary(cfg: TrainConfig, world: int, final: dict[str, Any], seconds: float) -> str:
-    """A short table of the final held-out metrics against chance."""
+def _row(label: str, value: float, chance: Optional[float]) -> str:
+    against = f"   (chance {percent(chance)})" if chance is not None else ""
+    return f"  {label:<40} {percent(value):>7}{against}"
+
+
+def text_notes(tokenizer: Any, eval_data: Any) -> list[str]:
+    """How the captions were tokenized, and how many the context cuts (training, evaluation)."""
+    describe = getattr(tokenizer, "describe", None)
+    if not callable(describe):
+        return []
+    lines = [f"captions: {describe()}"]
+    if eval_data is not None and hasattr(tokenizer, "lengths"):
+        from .tokenizer import truncation
+
+        t = truncation(tokenizer, eval_data.captions)
+        merged = f", {t['merged']:,} distinct ones no longer told apart" if t["merged"] else ""
+        lines.append(f"  evaluation captions truncated: {t['truncated']:,} of {t['captions']:,}{merged}")
+    return lines
+
+
+OUTPUTS = ("metrics.jsonl", "eval.json", "curves.png", "config.json", "checkpoints/")
+
+
+def summary(cfg: TrainConfig, world: int, final: dict[str, Any], seconds: float,
+            notes: Sequence[str] = ()) -> str:
+    """A short table of the final held-out metrics against chance, and the outputs written."""
     lines = [
         f"megabatch train: {cfg.steps} steps of {cfg.loss} at global batch {cfg.batch_size} "
         f"({world} rank(s) x {cfg.batch_size // world}, GradCache micro-batch {cfg.micro_batch_size}) on {cfg.data}: "
         f"{seconds:.0f} s",
     ]
+    lines += list(notes)
     if final:
         chance = final.get("chance", {})
         about = final.get("eval_set") or f"{final['n_images']} images"
@@ -54,5 +84,9 @@ def summary(cfg: TrainConfig, world: int, final: dict[str, Any], seconds: float)
             for k in (1, 5, 10):
                 key = f"{direction}_r{k}"
                 lines.append(_row(f"{label} R@{k} ({final['n_texts']} captions)", final[key], chance.get(key)))
-    lines.append(f"outputs: {cfg.output}/ (metrics.jsonl, eval.json, curves.png, checkpoints/)")
+    else:
+        lines.append("no evaluation: no held-out data (--eval-split 0 and no --eval-data)")
+    out = Path(cfg.output)
+    written = [name for name in OUTPUTS if (out / name.rstrip("/")).exists()]
+    lines.append(f"outputs: {cfg.output}/ ({', '.join(written)})")
     return "\n".join(lines)

@@ -1,0 +1,294 @@
+"""`megabatch train` on users' own files (csv/tsv tables and webdataset shards).
+
+Contract checked here:
+- open_clip's flags name the columns (--csv-img-key, --csv-caption-key, --csv-separator inferred
+  from the extension unless given, --csv-id-key; --wds-id-key for shards); a file without a header
+  takes 0-based positions; per-pair ids come back as int64 (integers as written, other text hashed).
+- Every unusable input is a usage error: exit status 2, no traceback, a message naming the file,
+  the columns found and the flag to use (missing file, missing column, empty table, header-less
+  file read by name, position past the row, mixed names/positions, bad separator, csv flags
+  without csv data, a held-out split that leaves no training rows or holds no pair, no shard).
+- Without --eval-data a deterministic split is held out (never in the training stream, nor in the
+  tokenizer's training captions) and evaluated, the summary says so; --eval-size cuts are stated;
+  the outputs listed are the outputs written.
+- Captions go through a BPE (tokenizers) learnt on training captions only, saved in the
+  checkpoint, with a context fitted to >= 99% of them; truncation is counted.
+- The DataLoader stream (workers > 0) is deterministic for a seed and worker count, covers each
+  row once per epoch, and a resumed stream continues exactly (mid-chunk, across an epoch wrap,
+  tar shards mid-shard) without decoding consumed pairs; a resumed run with workers reproduces
+  the uninterrupted run's metrics, and two runs with the same seed and workers are identical.
+- Summary percentages have >= 2 significant digits; curves.png is drawn with one evaluation.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from megabatch.train import filestream
+from megabatch.train.checkpoint import resume_config
+from megabatch.train.cli import main
+from megabatch.train.config import from_preset
+from megabatch.train.files import stable_id
+from megabatch.train.filestream import FileOptions, FileStream
+from megabatch.train.loop import train
+from megabatch.train.report import percent
+from megabatch.train.tokenizer import BpeTokenizer, fit_context, truncation
+
+WORDS = "red green blue small large round square cat dog bird tree house boat".split()
+
+
+def make_table(folder: Path, n: int, name: str = "pairs.tsv", sep: str = "\t", header: bool = True) -> Path:
+    """n 8x8 PNGs and a table with columns uid, caption, path (a custom header, not open_clip's)."""
+    rng = np.random.default_rng(0)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    lines = [sep.join(["uid", "caption", "path"])] if header else []
+    for i in range(n):
+        Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).save(folder / "img" / f"{i}.png")
+        caption = " ".join(rng.choice(WORDS, 3)) + f" number {i}"
+        lines.append(sep.join([str(1000 + i), caption, f"img/{i}.png"]))
+    path = folder / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cli(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+TINY = ["--preset", "tiny", "--steps", "2", "--batch-size", "16", "--micro-batch-size", "16", "--no-progress"]
+
+
+# --- usage errors ----------------------------------------------------------------------------
+
+
+def test_error_paths_exit_2_with_file_columns_and_flag(tmp_path, capsys):
+    table = make_table(tmp_path, 12)
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header_only.csv").write_text("filepath,title\n")
+    (tmp_path / "noheader.csv").write_text("img/0.png,a cat\nimg/1.png,a dog\n")
+    shard(tmp_path / "five.tar", range(5))  # no key of these hashes below 0.02
+    run = ["--output", str(tmp_path / "run")] + TINY
+    cases = [
+        (["--data", f"csv:{tmp_path / 'nope.tsv'}"], ["nope.tsv", "does not exist"]),
+        (["--data", f"csv:{table}"], ["pairs.tsv", "'filepath'", "'title'", "['uid', 'caption', 'path']",
+                                      "--csv-img-key", "--csv-caption-key"]),
+        (["--data", f"csv:{table}", "--csv-img-key", "path", "--csv-caption-key", "text"],
+         ["pairs.tsv", "--csv-caption-key 'text'", "['uid', 'caption', 'path']"]),
+        (["--data", f"csv:{table}", "--csv-img-key", "path", "--csv-caption-key", "caption", "--csv-id-key", "key"],
+         ["--csv-id-key 'key'", "['uid', 'caption', 'path']"]),
+        (["--data", f"csv:{table}", "--csv-img-key", "path", "--csv-caption-key", "caption", "--csv-separator", ","],
+         ["pairs.tsv", "one column only", "--csv-separator"]),
+        (["--data", f"csv:{tmp_path / 'empty.csv'}"], ["empty.csv", "empty"]),
+        (["--data", f"csv:{tmp_path / 'header_only.csv'}"], ["header_only.csv", "no rows", "['filepath', 'title']"]),
+        (["--data", f"csv:{tmp_path / 'noheader.csv'}"], ["noheader.csv", "['img/0.png', 'a cat']", "0-based"]),
+        (["--data", f"csv:{tmp_path / 'noheader.csv'}", "--csv-img-key", "0", "--csv-caption-key", "2"],
+         ["noheader.csv", "position 2", "2 column(s)", "--csv-caption-key"]),
+        (["--data", f"csv:{table}", "--csv-img-key", "2", "--csv-caption-key", "caption"],
+         ["header names or all 0-based"]),
+        (["--data", f"csv:{table}", "--csv-separator", ";;"], ["--csv-separator", "one character"]),
+        (["--csv-img-key", "path"], ["--csv-img-key", "csv"]),
+        (["--data", f"csv:{table}", "--wds-id-key", "cls"], ["--wds-id-key", "wds"]),
+        (["--data", f"csv:{table}", "--csv-img-key", "path", "--csv-caption-key", "caption", "--eval-split", "12"],
+         ["pairs.tsv", "leaves 0", "--eval-split"]),
+        (["--data", f"csv:{table}", "--eval-split", "1.5"], ["--eval-split", "fraction"]),
+        (["--data", f"csv:{table}", "--workers", "-1"], ["--workers"]),
+        (["--data", f"wds:{tmp_path / 'shards-{0..3}.tar'}"], ["no shard", "shards-0.tar"]),
+        (["--data", f"wds:{tmp_path / '*.tgz'}"], ["no shard matches"]),
+        (["--data", f"wds:{tmp_path / 'five.tar'}", "--batch-size", "4", "--micro-batch-size", "4"],
+         ["five.tar", "no usable", "--eval-split"]),
+        (["--data", f"wds:{tmp_path / 'five.tar'}", "--eval-split", "3"], ["--eval-split 3", "fraction"]),
+        (["--context-length", "0"], ["--context-length 0", "csv"]),
+    ]
+    for args, words in cases:
+        code, out, err = cli(run + args, capsys)
+        assert code == 2, (args, code, err)
+        assert "Traceback" not in err and "error:" in err, (args, err)
+        for word in words:
+            assert word in err, (args, word, err)
+
+
+# --- a whole run through the flags -----------------------------------------------------------
+
+
+def test_csv_custom_header_held_out_split_end_to_end(tmp_path, capsys):
+    table = make_table(tmp_path, 60, name="pairs.txt", sep=";")
+    out = tmp_path / "run"
+    code, printed, err = cli(["--data", f"csv:{table}", "--csv-img-key", "path", "--csv-caption-key", "caption",
+                              "--csv-id-key", "uid", "--csv-separator", ";", "--eval-split", "0.2", "--workers",
+                              "1", "--output", str(out), "--log-every", "1"] + TINY, capsys)
+    assert code == 0, err
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["n_images"] == 12 and "held out of" in ev["eval_set"] and "never trained on" in ev["eval_set"]
+    assert "held-out eval at step 2: 12 pairs held out of" in printed and "20.0% of its 60 rows" in printed
+    assert "byte-level BPE" in printed and "evaluation captions truncated: 0 of 12" in printed
+    listed = printed.splitlines()[-1]
+    assert listed.startswith("outputs:")
+    for name in ("metrics.jsonl", "eval.json", "curves.png", "config.json", "checkpoints/"):
+        assert name in listed and (out / name.rstrip("/")).exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["csv_img_key"] == "path" and config["csv_separator"] == ";" and config["model"]["context_length"] >= 4
+    ckpt = torch.load(next((out / "checkpoints").glob("step_*.pt")), weights_only=False)
+    assert ckpt["tokenizer"]["kind"] == "bpe" and ckpt["data"][0]["consumed"] == 32
+
+    # The split: disjoint, deterministic, and the tokenizer never saw a held-out caption.
+    opts = FileOptions("path", "caption", "uid", ";", eval_split=0.2, workers=0)
+    stream = FileStream("csv", str(table), 8, options=opts)
+    assert set(stream.eval_rows).isdisjoint(stream.pairs._order) and len(stream.eval_rows) == 12
+    assert stream.eval_rows == FileStream("csv", str(table), 8, seed=5, options=opts).eval_rows
+    held = set(stream.table.captions(stream.eval_rows))
+    assert held.isdisjoint(stream.training_captions()) and len(stream.training_captions()) == 48
+    images, captions, ids = stream.batch_with_ids(0, 48, 0, 48)
+    assert images.shape == (48, 3, 8, 8) and images.dtype == torch.float32 and held.isdisjoint(captions)
+    numbers = [int(c.rsplit(" ", 1)[1]) for c in captions]
+    assert ids.dtype == torch.int64 and ids.tolist() == [1000 + i for i in numbers]
+    evald = stream.eval_set()
+    assert sorted(evald.ids.tolist()) == sorted(1000 + r for r in stream.eval_rows)
+
+    # --eval-size cuts, and says so; header-less positions read the same pairs.
+    cut = filestream.load_eval("csv", str(table), 8, FileOptions("path", "caption", None, ";", eval_size=5,
+                                                                 workers=0), "x", table=stream.table,
+                               rows=stream.eval_rows)
+    assert len(cut.captions) == 5 and "cut to the first 5 of 12 by --eval-size" in cut.description
+    bare = make_table(tmp_path / "bare", 10, name="bare.csv", sep=",", header=False)
+    pos = FileStream("csv", str(bare), 8, options=FileOptions(2, 1, 0, eval_split=0, workers=0))
+    assert pos.table.header is None and len(pos.training_captions()) == 10
+    assert pos.batch_with_ids(0, 3, 0, 3)[2].tolist()[0] >= 1000
+
+
+def test_run_resume_and_determinism_with_workers(tmp_path):
+    table = make_table(tmp_path, 80)
+    base = dict(data=f"csv:{table}", csv_img_key="path", csv_caption_key="caption", batch_size=24,
+                micro_batch_size=12, log_every=1, progress=False, workers=2, eval_split=0.1, steps=6)
+
+    def losses(run: Path) -> list[float]:
+        return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    a = train(from_preset("tiny", output=str(tmp_path / "a"), **base))
+    b = train(from_preset("tiny", output=str(tmp_path / "b"), **base))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and a["i2t_r1"] == b["i2t_r1"]
+    assert {k: a[k] for k in a if k != "eval_set"} == {k: b[k] for k in b if k != "eval_set"}
+    train(from_preset("tiny", output=str(tmp_path / "c"), **{**base, "steps": 3}))  # 72 of 72 rows: a wrap next
+    c = train(resume_config(str(tmp_path / "c"), {"steps": 6}))
+    assert losses(tmp_path / "c") == losses(tmp_path / "a") and c["i2t_r1"] == a["i2t_r1"]
+    with pytest.raises(ValueError, match="--workers"):
+        resume_config(str(tmp_path / "c"), {"workers": 1})
+
+
+# --- the stream ------------------------------------------------------------------------------
+
+
+def take(stream: FileStream, n: int) -> list[str]:
+    return stream.batch(0, n, 0, n)[1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_resumes_exactly_without_decoding_consumed_pairs(tmp_path, monkeypatch, workers):
+    table = make_table(tmp_path, 23)
+    monkeypatch.setattr(filestream, "CHUNK", 5)  # chunks end mid-batch; 2 epochs in 40 pairs
+    opts = FileOptions("path", "caption", eval_split=0, workers=workers)
+    whole = take(FileStream("csv", str(table), 8, seed=3, options=opts), 40)
+    every = Counter(FileStream("csv", str(table), 8, options=opts).table.captions())
+    if workers == 0:
+        assert Counter(whole[:23]) == every  # an epoch is a permutation
+    else:  # workers interleave chunks, each going through its own rows epoch by epoch
+        assert set(whole) == set(every) and set(Counter(whole).values()) <= {1, 2}
+    assert whole == take(FileStream("csv", str(table), 8, seed=3, options=opts), 40)  # deterministic
+    for cut in (7, 10, 21, 23, 31):
+        first = FileStream("csv", str(table), 8, seed=3, options=opts)
+        got = take(first, cut)
+        state = first.state_dict()
+        second = FileStream("csv", str(table), 8, seed=3, options=opts)
+        second.load_state_dict(state)
+        decoded = []
+        real = second.pairs._decode
+        monkeypatch.setattr(second.pairs, "_decode", lambda data, where: decoded.append(data) or real(data, where))
+        got += take(second, 40 - cut)
+        assert got == whole, cut
+        if workers == 0:  # (workers decode in their own processes)
+            assert len(decoded) <= 40 - cut + filestream.CHUNK  # the rest of a chunk at most, never the past
+    if workers:  # another worker count is another (valid) order
+        other = take(FileStream("csv", str(table), 8, seed=3, options=FileOptions("path", "caption", eval_split=0,
+                                                                                   workers=1)), 40)
+        assert Counter(other[:23]) == every and other != whole
+
+
+def shard(path: Path, keys: range, with_id: bool = True) -> None:
+    rng = np.random.default_rng(keys.start)
+    with tarfile.open(path, "w") as tar:
+        for k in keys:
+            buf = io.BytesIO()
+            Image.fromarray((rng.random((9, 9, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+            parts = {"png": buf.getvalue(), "txt": f"sample {k}".encode()}
+            if with_id:
+                parts["cls"] = (str(k % 7) if k % 2 else f"label-{k}").encode()
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{k:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_shards_held_out_by_key_ids_and_resume_mid_shard(tmp_path, monkeypatch):
+    for s in range(3):
+        shard(tmp_path / f"s-{s}.tar", range(40 * s, 40 * s + 40))
+    pattern = str(tmp_path / "s-{0..2}.tar")
+    monkeypatch.setattr(filestream, "CHUNK", 7)
+    opts = FileOptions(wds_id="cls", eval_split=0.25, workers=2)
+    stream = FileStream("wds", pattern, 8, options=opts)
+    held = stream.eval_set()
+    train_caps = take(stream, 200)
+    assert 10 < len(held.captions) < 60 and set(held.captions).isdisjoint(train_caps)
+    assert set(train_caps) | set(held.captions) == {f"sample {k}" for k in range(120)}  # all others trained on
+    assert set(held.captions).isdisjoint(stream.training_captions())
+    k = int(held.captions[0].split()[1])
+    assert held.ids[0] == (k % 7 if k % 2 else stable_id(f"label-{k}"))
+    first = FileStream("wds", pattern, 8, options=opts)
+    got = take(first, 45)
+    again = FileStream("wds", pattern, 8, options=opts)
+    again.load_state_dict(first.state_dict())
+    assert got + take(again, 155) == train_caps
+    assert "key hashes below 0.25" in held.description
+
+
+# --- tokenizer and reports -------------------------------------------------------------------
+
+
+def test_bpe_tokenizer_fit_truncation_and_state():
+    captions = [f"a {w} photo of number {i}" for i in range(200) for w in ("cat", "dog")] + ["word " * 60]
+    tok = BpeTokenizer.train(captions)
+    lengths = tok.lengths(captions)
+    assert np.mean(np.array(lengths) <= tok.context_length) >= 0.99 and tok.context_length < 20
+    assert tok.fit == {"captions": 401, "truncated": 1, "fitted": True}
+    ids = tok(["A cat photo", "zebra ünïcode"])
+    assert ids.shape == (2, tok.context_length) and ids[:, 0].eq(1).all() and ids.ge(0).all()
+    assert not ids.eq(2).any()  # byte-level: no <unk>
+    again = BpeTokenizer.from_state_dict(tok.state_dict())
+    assert torch.equal(again(captions[:5]), tok(captions[:5])) and again.fit == tok.fit
+    t = truncation(tok, ["word " * 60 + "a", "word " * 60 + "b", "a cat"])
+    assert t == {"captions": 3, "truncated": 2, "distinct": 3, "merged": 1}
+    assert fit_context([3] * 99 + [50]) == 3 and fit_context([100] * 10) == 77
+
+
+def test_percentages_and_one_evaluation_plot(tmp_path):
+    assert [percent(x) for x in (0.00055, 0.0027, 0.054, 0.813, 1.0, 0.0)] == \
+        ["0.055%", "0.27%", "5.4%", "81.3%", "100.0%", "0.0%"]
+    from megabatch.train.plots import plot_curves
+
+    metrics = [{"step": s, "loss": 3 - s / 100, "logit_scale": 14 + s / 1000, "logit_bias": -10 + s * 1e-5}
+               for s in range(5, 85, 5)]
+    evals = [{"step": 80, "i2t_r1": 0.81, "t2i_r1": 0.79, "chance": {"i2t_r1": 0.00055}, "n_images": 1826}]
+    plot_curves(metrics, evals, tmp_path / "c.png", title="one evaluation")
+    plot_curves(metrics[:1], [], tmp_path / "none.png", title="no evaluation")
+    assert (tmp_path / "c.png").stat().st_size > 10_000 and (tmp_path / "none.png").exists()
