@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 (a local wheel on our machines; a plain `torch` would pull CUDA).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test venv clean gpu-wheels
+.PHONY: demo test venv debs study clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,23 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 venv: $(VENV)/.installed
 
-test: venv
+# Debian packages of the real data sets (--data emoji needs the Noto font, --data fashion-mnist the
+# IDX files): installed when we are root (CI), else the command is printed and their tests skip.
+DEBS := fonts-noto-color-emoji dataset-fashion-mnist
+DEB_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+debs:
+	@if ls $(DEB_FILES) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBS); \
+	else echo "make: the real-data tests need: sudo apt-get install $(DEBS)"; fi
+
+test: venv debs
 	$(PY) -m pytest -q
+
+# "Why 32k?": CLIP and SigLIP held-out retrieval against batch size on real data, and the losses'
+# memory against batch (README "Why 32k?"). Writes benchmarks/study/study.{json,png}.
+study: venv debs
+	$(VENV)/bin/megabatch study --output benchmarks/study
 
 # The main job: CLIP at a contrastive batch of 4,096 (2 ranks x 2,048, GradCache micro-batches of
 # 512, ring loss) on the embedded synthetic data; ~2 minutes on 2 CPU cores. Output in runs/demo/.

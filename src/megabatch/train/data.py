@@ -5,7 +5,7 @@ A training stream serves slices of global batches: `batch(step, size, start, sto
 W reads [r*b, (r+1)*b) with b = B / W. Streams whose samples are a function of (seed, step, index)
 (synthetic, digits) resume from the step alone; file streams also carry a `state_dict()`.
 
-`--data` specs: "synthetic" (default), "digits", "csv:PATH" (also .tsv), "wds:PATTERN". The
+`--data` specs: "synthetic" (default), "digits", "emoji", "fashion-mnist", "csv:PATH" (also .tsv), "wds:PATTERN". The
 evaluation set is the data's own held-out split (synthetic: unseen combinations; digits: 300
 images; users' files: `--eval-split` of them, which training never sees) unless `--eval-data`
 names another spec (files: all their pairs, or the first `--eval-size`).
@@ -26,6 +26,8 @@ class ZeroShotTask:
     labels: (n,) int64, the true class of each evaluation image.
     attributes: optional {name: (num_classes,) int64}, a property of each class (e.g. its shape);
         the evaluation also reports how often the predicted class has the true class's property.
+    rows: optional (n,) int64 indices of the evaluation images the task is about (default: all of
+        them, in order); `labels` then holds one class per listed row.
     """
 
     name: str
@@ -33,6 +35,7 @@ class ZeroShotTask:
     prompts: list[list[str]]
     labels: np.ndarray
     attributes: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -67,6 +70,14 @@ def build_data(spec: str, image_size: int, seed: int, rank: int = 0, world: int 
         from .digits import Digits
 
         return Digits(image_size=image_size, seed=seed)
+    if spec == "emoji":
+        from .emoji import Emoji
+
+        return Emoji(image_size=image_size, seed=seed)
+    if spec == "fashion-mnist":
+        from .fashion import FashionMNIST
+
+        return FashionMNIST(image_size=image_size, seed=seed)
     kind, _, path = spec.partition(":")
     if kind in ("csv", "wds") and path:
         from .filestream import FileOptions, FileStream
@@ -74,7 +85,7 @@ def build_data(spec: str, image_size: int, seed: int, rank: int = 0, world: int 
         opts = FileOptions.from_config(cfg) if cfg is not None else FileOptions()
         held_out = cfg is None or cfg.eval_data is None
         return FileStream(kind, path, image_size, seed, rank, world, opts, device, held_out)
-    raise ValueError(f"--data must be synthetic, digits, csv:PATH or wds:PATTERN, got {spec!r}")
+    raise ValueError(f"--data must be synthetic, digits, emoji, fashion-mnist, csv:PATH or wds:PATTERN, got {spec!r}")
 
 
 def build_eval(spec: Optional[str], stream: TrainStream, image_size: int, seed: int, limit: int, *,

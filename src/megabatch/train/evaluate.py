@@ -69,7 +69,8 @@ def evaluate(
             feats = _encode(model.encode_text, tokenize(flat), device, batch)
             sizes = torch.tensor([len(p) for p in task.prompts])
             cls = F.normalize(torch.stack([c.mean(0) for c in feats.split(sizes.tolist())]), dim=-1)
-            pred = (images @ cls.T).argmax(1).numpy()
+            task_images = images if task.rows is None else images[torch.as_tensor(task.rows, dtype=torch.long)]
+            pred = (task_images @ cls.T).argmax(1).numpy()
             acc = float((pred == task.labels).mean())
             major = float(np.bincount(task.labels, minlength=len(task.classes)).max() / len(task.labels))
             out[f"zero_shot_{task.name}_top1"], chance[f"zero_shot_{task.name}_top1"] = acc, major

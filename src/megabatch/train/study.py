@@ -1,0 +1,271 @@
+"""`megabatch study`: why 32k? Held-out retrieval against the contrastive batch size, CLIP and SigLIP,
+on real data, at the same number of samples seen; and the losses' memory against the batch.
+
+    megabatch study                      # the full study (`make study`; see README "Why 32k?")
+    megabatch study --quick              # a ~1-minute version (the tests run it)
+    megabatch study --batches 16 256 --seeds 0 --samples 8192 --output /tmp/s
+
+Every run trains the small preset's ViT (from scratch) against locked MiniLM-L6 with a trained
+linear head (LiT with the *text* tower locked; `--text-tower minilm --lock-text`) on `--data emoji`:
+two drawing styles of ~1,650 concepts (~3,300 pairs), evaluated by retrieving, for each concept
+drawn in the unseen third style, its name among all ~1,830 names (image->text R@1; chance 0.05%).
+Runs at every batch size see the same number of samples (steps = samples / batch), with the same
+learning rate and a warmup of a tenth of the steps. Positives are by caption where the app has
+`--positives caption`: a concept's two drawings in one batch are both its name's positives,
+not each other's false negatives. The largest batch is bounded by the data (3,292 training pairs),
+not by the loss. One point per loss is also trained with the dense loss (backend dense: the whole
+B x B matrix) to show the tiled loss's curve is the same.
+
+The memory part measures one loss forward+backward's peak live bytes (the torch CPU allocator's
+own events, through the profiler) against the batch, for both losses, dense (backend dense) and
+tiled (backend torch), at D = 256 in float32.
+
+Writes OUTPUT/study.json (rows, environment, command, date) and OUTPUT/study.png.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+FULL = dict(batches=(16, 32, 64, 128, 256, 512, 1024, 2048), seeds=(0, 1), samples=65536, losses=("clip", "siglip"),
+            memory_batches=(1024, 2048, 4096, 8192, 16384), check_batch=256)
+QUICK = dict(batches=(16, 64), seeds=(0,), samples=1024, losses=("clip", "siglip"), memory_batches=(256, 512),
+             check_batch=64)
+LR = 1e-3
+MEMORY_DIM = 256
+# The SigLIP paper (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", Fig. 2),
+# ImageNet zero-shot of SigLiT/LiT-style runs against batch size, read off its figure: sigmoid
+# ahead below ~16k, both saturating near 32k, sigmoid best at 256k, a million no better.
+PAPER = "Zhai et al. 2023, Fig. 2: sigmoid > softmax below ~16k; both saturate ~32k; SigLiT peaks at 256k; 1M no better"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megabatch study", description=__doc__.split("\n")[0],
+                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the short version (2 batch sizes, 1 seed, 1,024 samples)")
+    p.add_argument("--batches", type=int, nargs="+", help="global batch sizes")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds per point")
+    p.add_argument("--samples", type=int, help="samples seen by every run")
+    p.add_argument("--losses", nargs="+", choices=("clip", "siglip"))
+    p.add_argument("--memory-batches", type=int, nargs="*", help="batch sizes of the memory measurement (none: skip)")
+    p.add_argument("--no-check", action="store_true", help="skip the dense-loss runs")
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--output", default="benchmarks/study", help="folder for study.json and study.png")
+    return p
+
+
+def _plan(ns: argparse.Namespace) -> dict[str, Any]:
+    plan = dict(QUICK if ns.quick else FULL)
+    for key in ("batches", "seeds", "samples", "losses", "memory_batches"):
+        if getattr(ns, key) is not None:
+            plan[key] = tuple(getattr(ns, key)) if isinstance(getattr(ns, key), list) else getattr(ns, key)
+    if any(b < 2 for b in plan["batches"]):
+        raise ValueError(f"--batches must all be >= 2, got {plan['batches']}")
+    if plan["samples"] < max(plan["batches"]):
+        raise ValueError(f"--samples ({plan['samples']}) must be at least the largest batch ({max(plan['batches'])})")
+    if any(b < 2 for b in plan["memory_batches"]):
+        raise ValueError(f"--memory-batches must all be >= 2, got {plan['memory_batches']}")
+    if not ns.lr > 0:
+        raise ValueError(f"--lr must be positive, got {ns.lr}")
+    plan["check_batch"] = None if ns.no_check else min(plan["check_batch"], max(plan["batches"]))
+    plan["lr"] = ns.lr
+    return plan
+
+
+def run_config(loss: str, batch: int, seed: int, samples: int, lr: float, output: str, backend: str = "auto") -> Any:
+    """The TrainConfig of one study run."""
+    from .config import TrainConfig, from_preset
+
+    steps = max(1, samples // batch)
+    extra: dict[str, Any] = {}
+    if "positives" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        extra["positives"] = "caption"
+    return from_preset("small", data="emoji", text_tower="minilm", lock_text=True, context_length=16, loss=loss,
+                       batch_size=batch, micro_batch_size=min(batch, 512), steps=steps, lr=lr,
+                       warmup_steps=max(1, steps // 10), eval_every=0, log_every=max(1, steps // 20), seed=seed,
+                       threads=1, progress=False, backend=backend, output=output, keep_checkpoints=1, **extra)
+
+
+def train_point(cfg: Any) -> dict[str, Any]:
+    """Train one study run quietly; its row."""
+    from .loop import train
+
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        final = train(cfg)
+    seconds = time.perf_counter() - t0
+    records = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    return {"loss": cfg.loss, "batch": cfg.batch_size, "seed": cfg.seed, "steps": cfg.steps,
+            "samples": cfg.steps * cfg.batch_size, "backend": cfg.backend,
+            "positives": getattr(cfg, "positives", "index"),
+            "i2t_r1": final["i2t_r1"], "i2t_r5": final["i2t_r5"], "t2i_r1": final["t2i_r1"],
+            "zero_shot_concept_top1": final.get("zero_shot_concept_top1"),
+            "zero_shot_category_top1": final.get("zero_shot_category_top1"),
+            "chance_i2t_r1": final["chance"]["i2t_r1"], "final_loss": last["loss"],
+            "logit_scale": last["logit_scale"], "logit_bias": last.get("logit_bias"),
+            "collapsed": any(r.get("collapsed") for r in records),
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)][:1],
+            "loss_curve": [[r["step"], r["loss"]] for r in records], "seconds": seconds,
+            "peak_rss_mb": last["peak_mem_mb"]}
+
+
+def peak_live_bytes(fn: Any) -> int:
+    """Max over time of bytes allocated minus freed by the torch CPU allocator while fn() runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def loss_memory(loss: str, backend: str, batch: int, dim: int = MEMORY_DIM) -> dict[str, Any]:
+    """Peak live bytes of one forward+backward of `loss` at `batch` x `dim` (float32, CPU), beyond the inputs."""
+    import megabatch as mb
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1).requires_grad_()
+    y = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1).requires_grad_()
+    s, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-5.0, requires_grad=True)
+
+    def step() -> None:
+        out = (mb.clip_loss(x, y, s, strategy="local", backend=backend) if loss == "clip"
+               else mb.siglip_loss(x, y, s, b, strategy="local", backend=backend))
+        out.backward()
+
+    step()  # warm up (lazy initialisation outside the measurement)
+    x.grad = y.grad = s.grad = b.grad = None
+    t0 = time.perf_counter()
+    peak = peak_live_bytes(step)
+    return {"loss": loss, "backend": backend, "batch": batch, "dim": dim, "dtype": "float32",
+            "peak_mib": peak / 2**20, "seconds_profiled": time.perf_counter() - t0,
+            "b_squared_fp32_mib": batch * batch * 4 / 2**20}
+
+
+def environment(argv: list[str]) -> dict[str, Any]:
+    return {"command": "megabatch study " + " ".join(argv), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(
+        timespec="seconds"), "machine": platform.machine(), "processor": platform.processor(),
+        "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "threads_per_run": 1}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, axm) = plt.subplots(1, 2, figsize=(12, 4.2))
+    rows = [r for r in result["rows"] if r["backend"] == "auto"]
+    chance = rows[0]["chance_i2t_r1"] if rows else None
+    for loss, color in (("clip", "tab:blue"), ("siglip", "tab:red")):
+        mine = [r for r in rows if r["loss"] == loss]
+        batches = sorted({r["batch"] for r in mine})
+        if not batches:
+            continue
+        for r in mine:
+            ax.scatter(r["batch"], 100 * r["i2t_r1"], color=color, s=12, alpha=0.5)
+        means = [_mean([100 * r["i2t_r1"] for r in mine if r["batch"] == b]) for b in batches]
+        ax.plot(batches, means, color=color, marker="o", label=f"{loss} (mean of seeds)")
+    if chance is not None:
+        ax.axhline(100 * chance, color="gray", ls=":", lw=1, label="chance")
+    n = result["plan"]["samples"]
+    ax.set(xscale="log", xlabel="global contrastive batch", ylabel="image->text R@1 (%)",
+           title=f"emoji, unseen drawing style; {n:,} samples seen per run")
+    ax.set_xticks(sorted({r["batch"] for r in rows}) or [1])
+    ax.set_xticklabels([str(b) for b in sorted({r["batch"] for r in rows})], rotation=45)
+    ax.legend(fontsize=8)
+    for (loss, backend), style in {("clip", "dense"): ("tab:blue", "--"), ("clip", "torch"): ("tab:blue", "-"),
+                                   ("siglip", "dense"): ("tab:red", "--"),
+                                   ("siglip", "torch"): ("tab:red", "-")}.items():
+        pts = sorted((m["batch"], m["peak_mib"]) for m in result["memory"] if m["loss"] == loss
+                     and m["backend"] == backend)
+        if pts:
+            axm.plot(*zip(*pts), color=style[0], ls=style[1], marker="o",
+                     label=f"{loss} {'dense (B x B)' if backend == 'dense' else 'tiled (megabatch)'}")
+    mem = result["memory"]
+    if mem:
+        bs = sorted({m["batch"] for m in mem})
+        axm.plot(bs, [b * b * 4 / 2**20 for b in bs], color="gray", ls=":", label="one B x B fp32 matrix")
+        axm.set_xticks(bs)
+        axm.set_xticklabels([str(b) for b in bs], rotation=45)
+    axm.set(xscale="log", yscale="log", xlabel="batch", ylabel="peak live MiB (forward+backward)",
+            title=f"loss memory beyond the inputs, D = {MEMORY_DIM}, fp32, CPU")
+    axm.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    ns = parser.parse_args(args)
+    try:
+        plan = _plan(ns)
+    except ValueError as e:
+        parser.error(str(e))
+    from .files import DataError
+
+    out = Path(ns.output)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"environment": environment(args), "plan": plan, "paper": PAPER, "rows": [],
+                              "memory": []}
+    t0 = time.perf_counter()
+    points = [(loss, b, seed, "auto") for b in plan["batches"] for loss in plan["losses"] for seed in plan["seeds"]]
+    if plan["check_batch"]:
+        points += [(loss, plan["check_batch"], plan["seeds"][0], "dense") for loss in plan["losses"]]
+    try:
+        with tempfile.TemporaryDirectory(prefix="megabatch-study-") as tmp:
+            for i, (loss, batch, seed, backend) in enumerate(points):
+                cfg = run_config(loss, batch, seed, plan["samples"], plan["lr"], f"{tmp}/{i}", backend)
+                row = train_point(cfg)
+                result["rows"].append(row)
+                print(f"[{i + 1}/{len(points)}] {loss:6s} batch {batch:5d} seed {seed} {backend:5s}: "
+                      f"i2t R@1 {100 * row['i2t_r1']:5.2f}%  t {row['logit_scale']:6.2f}"
+                      + (f" b {row['logit_bias']:6.2f}" if row["logit_bias"] is not None else "")
+                      + f"  {row['seconds']:.0f} s" + ("  COLLAPSED" if row["collapsed"] else ""), flush=True)
+    except DataError as e:
+        print(f"megabatch study: error: {e}", file=sys.stderr)
+        return 2
+    result["train_seconds"] = time.perf_counter() - t0
+    for loss in plan["losses"]:
+        for backend in ("dense", "torch"):
+            for batch in plan["memory_batches"]:
+                m = loss_memory(loss, backend, batch)
+                result["memory"].append(m)
+                print(f"memory {loss:6s} {backend:5s} batch {batch:6d}: {m['peak_mib']:9.1f} MiB", flush=True)
+    result["seconds"] = time.perf_counter() - t0
+    (out / "study.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / "study.png")
+    print(f"megabatch study: {len(result['rows'])} runs in {result['seconds']:.0f} s; wrote {out / 'study.json'} "
+          f"and {out / 'study.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
