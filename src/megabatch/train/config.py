@@ -14,6 +14,7 @@ from typing import Any, Optional
 LOSSES = ("clip", "siglip")
 STRATEGIES = ("auto", "local", "gather", "ring")
 BACKENDS = ("auto", "torch", "triton", "dense")
+POSITIVES = ("auto", "index", "caption", "id")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -78,6 +79,7 @@ class TrainConfig:
     output: str = "runs/train"
     strategy: str = "auto"
     backend: str = "auto"
+    positives: str = "auto"  # index | caption (identical captions are positives) | id (the data's id column)
     precision: str = "fp32"
     device: str = "auto"
     seed: int = 0
@@ -99,9 +101,15 @@ class TrainConfig:
     workers: int = 2  # DataLoader worker processes per rank reading files (0: in the training process)
     model: ModelConfig = field(default_factory=ModelConfig)
 
+    def resolved_positives(self) -> str:
+        """`positives` with "auto" resolved: id when the data has an id column, else caption."""
+        if self.positives != "auto":
+            return self.positives
+        return "id" if self.csv_id_key or self.wds_id_key else "caption"
+
     def validate(self) -> "TrainConfig":
         choices = {"loss": LOSSES, "strategy": STRATEGIES, "backend": BACKENDS, "precision": PRECISIONS,
-                   "device": DEVICES}
+                   "device": DEVICES, "positives": POSITIVES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -127,6 +135,8 @@ class TrainConfig:
                     or kind in ("csv", "wds") and path):
                 raise ValueError(f"{_flag(name)} must be synthetic, digits, csv:PATH or wds:PATTERN; got {spec!r}")
         self._validate_files()
+        if self.positives == "id" and not (self.csv_id_key or self.wds_id_key):
+            raise ValueError("--positives id needs an id per pair: --csv-id-key COLUMN (csv) or --wds-id-key EXT (wds)")
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
         self.model.validate()
@@ -254,6 +264,10 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
                        "(default 2; 0: decode in the training process)")
     p.add_argument("--output", help="run directory (metrics.jsonl, eval.json, curves.png, checkpoints)")
     p.add_argument("--strategy", choices=STRATEGIES)
+    p.add_argument("--positives", choices=POSITIVES,
+                   help="which pairs of a batch are positives: index (image i <-> caption i only), caption "
+                        "(identical captions are positives of each other's images), id (equal ids from "
+                        "--csv-id-key/--wds-id-key); default auto: id when an id column is given, else caption")
     p.add_argument("--backend", choices=BACKENDS)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--device", choices=DEVICES)
