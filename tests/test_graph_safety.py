@@ -4,6 +4,10 @@
   dense and triton) run no `aten._local_scalar_dense` (what `.item()`, `float(t)`, `if t:` call),
   checked by a TorchDispatchMode that raises on it -- on CPU, so CI checks what on a GPU would be
   a stream sync. (Distributed strategies read the ranks' sizes once by design: not covered here.)
+  With positives by ids too: the tile-compare path (what non-CPU devices run) reads nothing; the
+  torch backend's listed-pairs path, which runs only on CPU tensors, reads the pair count with
+  `.tolist()` (no device there to sync with) and is checked to call no `_local_scalar_dense`.
+- torch.compile(fullgraph=True) traces the ids path too (traced code compares ids in the tiles).
 - torch.compile(fullgraph=True) traces both losses with the torch backend (no graph break) and
   gives the eager values and gradients (backend "aot_eager": dynamo + AOTAutograd, seconds on CPU;
   inductor was checked by hand, 16 s, same answers).
@@ -52,10 +56,23 @@ def _leaves(b: int = 37, d: int = 19):
             torch.tensor(-6.0, device=DEVICE, requires_grad=True))
 
 
-def _loss(kind: str, backend: str = "torch"):
+def _loss(kind: str, backend: str = "torch", ids: bool = False):
+    kw = {}
+    if ids:  # repeated ids, some rows without a positive
+        kw = dict(image_ids=(torch.arange(37, device=DEVICE) % 11), text_ids=(torch.arange(37, device=DEVICE) % 13))
     if kind == "clip":
-        return lambda x, y, s, b: mb.clip_loss(x, y, s, backend=backend, strategy="local")
-    return lambda x, y, s, b: mb.siglip_loss(x, y, s, b, backend=backend, strategy="local")
+        return lambda x, y, s, b: mb.clip_loss(x, y, s, backend=backend, strategy="local", **kw)
+    return lambda x, y, s, b: mb.siglip_loss(x, y, s, b, backend=backend, strategy="local", **kw)
+
+
+@pytest.fixture(params=["index", "ids-listed", "ids-tiles"])
+def positives(request, monkeypatch):
+    """index positives; ids with the torch backend's listed pairs (CPU); ids compared in the tiles."""
+    if request.param == "ids-tiles":
+        from megabatch.kernels import torch_chunked
+
+        monkeypatch.setattr(torch_chunked, "SPARSE_LIMIT", -1)
+    return request.param
 
 
 def test_the_guard_catches_item():
@@ -66,19 +83,20 @@ def test_the_guard_catches_item():
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 @pytest.mark.parametrize("backend", _backends())
-def test_no_host_sync_in_forward_and_backward(kind, backend):
+def test_no_host_sync_in_forward_and_backward(kind, backend, positives):
     leaves = _leaves()
     with _NoHostReads():
-        loss = _loss(kind, backend)(*leaves)
+        loss = _loss(kind, backend, positives != "index")(*leaves)
         loss.backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves[: 3 if kind == "clip" else 4])
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if "triton" in _backends() else []))
-def test_torch_compile_matches_eager(kind, backend):
+@pytest.mark.parametrize("ids", [False, True], ids=["index", "ids"])
+def test_torch_compile_matches_eager(kind, backend, ids):
     torch._dynamo.reset()
-    fn = _loss(kind, backend)
+    fn = _loss(kind, backend, ids)  # with ids, traced code takes the tile-compare path (no host read)
     eager = _leaves()
     want = fn(*eager)
     want.backward()

@@ -168,9 +168,14 @@ def _ids(draw_b: int, n: int, classes: int, seed: int) -> tuple[torch.Tensor, to
 
 
 @pytest.mark.parametrize("kind,directions", [("clip", "both"), ("clip", "image_to_text"), ("siglip", "both")])
-@pytest.mark.parametrize("kernels", ["torch", "torch-tiny-tiles", "dense"])
+@pytest.mark.parametrize("kernels", ["torch", "torch-tiny-tiles", "torch-tiles-compare", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_ids(kind, kernels, dtype, directions):
+def test_ids(kind, kernels, dtype, directions, monkeypatch):
+    if kernels == "torch-tiles-compare":  # the path other devices run: every tile compares the ids
+        from megabatch.kernels import torch_chunked
+
+        monkeypatch.setattr(torch_chunked, "SPARSE_LIMIT", -1)
+        kernels = "torch-tiny-tiles"
     x, y, s, bias = _rect(67, 90, 21, dtype, 25.0, seed=11)
     ids = _ids(67, 90, 23, seed=12)  # repeats on both sides; some rows and columns without a positive
     kw = dict(image_ids=ids[0], text_ids=ids[1])

@@ -85,3 +85,27 @@ def test_tokenizer_word_and_byte():
     raw = Tokenizer(4)
     assert raw.vocab_size == 259 and raw(["ab"])[0].tolist() == [CLS, 3 + 97, 3 + 98, PAD]
     assert tok([]).shape == (0, 6)
+
+
+def test_positives_flag_and_ids():
+    """--positives: index gives no ids; caption gives equal ids exactly for identical captions (stable
+    across processes: a hash, not Python's hash()); id needs an id column, and auto picks it."""
+    from megabatch.train.config import parse_args
+    from megabatch.train.loop import positive_ids
+
+    caps = ["a red dog", "a blue cat", "a red dog", "a red dog "]
+    ids = positive_ids("caption", caps, None)
+    assert ids.dtype == torch.int64 and ids[0] == ids[2] and len({int(i) for i in ids}) == 3
+    assert torch.equal(ids, positive_ids("caption", list(caps), None))
+    assert positive_ids("index", caps, None) is None
+    given = torch.tensor([7, 8, 7, 9])
+    assert torch.equal(positive_ids("id", caps, given), given)
+    with pytest.raises(ValueError, match="no per-pair ids"):
+        positive_ids("id", caps, None)
+    cfg, _ = parse_args(["--preset", "tiny"])
+    assert cfg.positives == "auto" and cfg.resolved_positives() == "caption"
+    cfg, _ = parse_args(["--preset", "tiny", "--data", "csv:x.csv", "--csv-id-key", "group"])
+    assert cfg.resolved_positives() == "id"
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--preset", "tiny", "--positives", "id"])
+    assert exc.value.code == 2

@@ -6,8 +6,12 @@ dtype (float32, or float64 for float64 inputs) before each product, so logits of
 thousands keep full precision; the row of x is multiplied by s before the product (as plain
 `s * x @ y.T` does). The log-sum-exp is max-shifted and the column statistics are merged across
 chunks with logaddexp in float64. softplus is evaluated by torch's stable form.
-Positives: index positives are a diagonal band of the tile (a strided view: no mask); ids are
-compared inside each tile (a (chunk, n) bool tile, never b x n).
+Positives: index positives are a diagonal band of the tile (a strided view: no mask). Ids: on the
+CPU the positive pairs are listed once per call (sort and binary search, O((b + n) log n + pairs);
+their number is read on the host, which on a CPU is no device sync), so a tile touches only its
+positive entries (a gather / scatter of a few values); on other devices, or when the pairs are too
+many to list (more than SPARSE_LIMIT per row or column on average), or under torch.compile, every
+tile compares the ids itself (a (chunk, n) bool tile, never b x n) with no host read at all.
 Cost: CLIP stats 1 GEMM, CLIP grads 3 GEMMs, SigLIP 3 GEMMs with grads (1 without).
 """
 from __future__ import annotations
@@ -26,6 +30,8 @@ from .base import ClipStats, Positives, RowSink, Target
 # GPU 16M floats (64 MiB) amortise the launches.
 CPU_TILE_ELEMENTS = 1 << 18
 GPU_TILE_ELEMENTS = 1 << 24
+# Listed positive pairs (ids, CPU) at most SPARSE_LIMIT * (b + n); beyond, tiles compare the ids.
+SPARSE_LIMIT = 64
 
 
 class TorchChunkedKernels:
@@ -53,12 +59,13 @@ class TorchChunkedKernels:
         if pos is not None:
             row_pos = torch.zeros(b, dtype=torch.float64, device=x.device)
             col_pos = torch.zeros(n, dtype=torch.float64, device=x.device)
+        ids = _IdPairs(pos, b, n) if pos is not None and pos.by_ids else None
         step = self._chunk(b, n, x.device)
         for i in range(0, b, step):
             logits = torch.mm(x[i : i + step].to(cd) * s, yt)
             if pos is not None:
                 assert row_pos is not None and col_pos is not None
-                _positive_sums(logits, pos, i, row_pos, col_pos)
+                _positive_sums(logits, pos, ids, i, row_pos, col_pos)
             row_lse[i : i + step] = _wide_lse(logits, 1)
             col_lse = torch.logaddexp(col_lse, _wide_lse(logits, 0))
             del logits  # free the tile before the next product allocates another
@@ -77,6 +84,7 @@ class TorchChunkedKernels:
         row_hi, row_lo = _split(row_lse, cd)
         col_hi, col_lo = _split(col_lse, cd)
         rt, ct = (t.to(cd) if isinstance(t, Tensor) else t for t in targets)
+        ids = _IdPairs(pos, b, n) if pos is not None and pos.by_ids else None
         step = self._chunk(b, n, x.device)
         for i in range(0, b, step):
             xc = x[i : i + step].to(cd)
@@ -85,7 +93,7 @@ class TorchChunkedKernels:
             g = _exp_minus(logits.sub_(row_hi[i : i + step, None]), row_lo[i : i + step, None]).add_(p_col)
             del p_col
             if pos is not None:
-                _sub_positives(g, pos, i, rt, ct)
+                _sub_positives(g, pos, ids, i, rt, ct)
             gxc = torch.mm(g, yc)
             if weight != 1.0:
                 gxc.mul_(weight)
@@ -106,19 +114,30 @@ class TorchChunkedKernels:
         gx = torch.empty(b, x.shape[1], dtype=cd, device=x.device) if grads and rows is None else None
         gy = torch.zeros(n, y.shape[1], dtype=cd, device=x.device) if grads else None
         gbias = torch.zeros((), dtype=cd, device=x.device) if grads else None
+        ids = _IdPairs(pos, b, n) if pos is not None and pos.by_ids else None
         step = self._chunk(b, n, x.device)
         for i in range(0, b, step):
             xc = x[i : i + step].to(cd)
             logits = torch.mm(xc * s, yc.T).add_(beta)
             # Every pair as a negative: softplus(S); the positives are then swapped for softplus(-S)
-            # and gradient -sigmoid(-S), each computed directly (no 1 - sigmoid, no softplus(S) - S).
-            eq = _id_tile(pos, i, logits.shape[0]) if pos is not None and pos.by_ids else None
-            d = _band(logits, pos, i).clone() if pos is not None and eq is None else None
-            if eq is not None:
-                logits.addcmul_(eq, logits, value=-2.0)  # u = -z (S + bias): the sign flipped on positives
+            # and gradient -sigmoid(-S), each computed directly (no 1 - sigmoid, no softplus(S) - S):
+            # listed positives by a gather and a scatter, index positives on the diagonal band, and
+            # otherwise (ids on a GPU) by flipping the sign of the positives' logits in place.
+            eq = flat = None
+            d: Optional[Tensor] = None
+            if pos is not None and pos.by_ids:
+                assert ids is not None
+                flat = ids.flat(i, logits.shape[0], n)
+                if flat is None:
+                    eq = _id_tile(pos, i, logits.shape[0])
+                    logits.addcmul_(eq, logits, value=-2.0)  # u = -z (S + bias)
+                else:
+                    d = logits.view(-1)[flat]
+            elif pos is not None:
+                d = _band(logits, pos, i).clone()
             terms = F.softplus(logits)
             if d is not None:
-                _band(terms, pos, i).copy_(F.softplus(-d))
+                _put(terms, pos, flat, i, F.softplus(-d))
             loss = loss + terms.sum()
             del terms
             if not grads:
@@ -128,7 +147,7 @@ class TorchChunkedKernels:
             if eq is not None:
                 g.addcmul_(eq, g, value=-2.0)
             elif d is not None:
-                _band(g, pos, i).copy_(torch.sigmoid(-d).neg_())
+                _put(g, pos, flat, i, torch.sigmoid(-d).neg_())
             gbias = gbias + g.sum()
             gxc = torch.mm(g, yc)
             _rows_out(gx, rows, i, gxc.mul_(weight))
@@ -188,25 +207,88 @@ def _id_tile(pos: Positives, r0: int, rows: int) -> Tensor:
     return pos.image_ids[r0 : r0 + rows, None] == pos.text_ids[None, :]
 
 
-def _positive_sums(logits: Tensor, pos: Positives, r0: int, row_pos: Tensor, col_pos: Tensor) -> None:
+class _IdPairs:
+    """Positives by ids, prepared once per kernel call: on the CPU the list of positive pairs, in row
+    order (rows, cols and where each row's pairs start); elsewhere, or past SPARSE_LIMIT, nothing
+    (the tiles compare the ids themselves)."""
+
+    def __init__(self, pos: Positives, b: int, n: int):
+        self.listed = False
+        xid, yid = pos.image_ids, pos.text_ids
+        assert xid is not None and yid is not None
+        if xid.device.type != "cpu" or SPARSE_LIMIT < 0 or torch.compiler.is_compiling():
+            return  # traced code (torch.compile) takes the tile-compare path too: no host read to break it
+        sorted_y, perm = torch.sort(yid)
+        lo = torch.searchsorted(sorted_y, xid)
+        count = torch.searchsorted(sorted_y, xid, right=True) - lo
+        ends = torch.cumsum(count, 0)
+        self.offsets = [0] + ends.tolist()  # a host read of a CPU tensor: no device to sync with
+        total = self.offsets[-1]
+        if total > SPARSE_LIMIT * (b + n):
+            return
+        self.rows = torch.repeat_interleave(torch.arange(b), count, output_size=total)
+        within = torch.arange(total) - (ends - count)[self.rows]
+        self.cols = perm[lo[self.rows] + within]
+        self.listed, self.n = True, n
+
+    def pairs(self, r0: int, rows: int) -> Optional[tuple[Tensor, Tensor]]:
+        """(rows, cols) of the listed pairs with a row in r0 .. r0 + rows (None: not listed)."""
+        if not self.listed:
+            return None
+        a, z = self.offsets[r0], self.offsets[min(r0 + rows, len(self.offsets) - 1)]
+        return self.rows[a:z], self.cols[a:z]
+
+    def flat(self, r0: int, rows: int, n: int) -> Optional[Tensor]:
+        """Their flat indices in a (rows, n) tile of rows r0.. (None: not listed)."""
+        got = self.pairs(r0, rows)
+        return None if got is None else (got[0] - r0) * n + got[1]
+
+
+def _put(tile: Tensor, pos: Optional[Positives], flat: Optional[Tensor], r0: int, values: Tensor) -> None:
+    """Write `values` at the tile's positives: listed (flat indices) or the index band."""
+    if flat is not None:
+        tile.view(-1)[flat] = values
+    else:
+        assert pos is not None
+        _band(tile, pos, r0).copy_(values)
+
+
+def _positive_sums(logits: Tensor, pos: Positives, ids: Optional[_IdPairs], r0: int, row_pos: Tensor,
+                   col_pos: Tensor) -> None:
     """Add the tile's positive logits to the row and column sums (float64)."""
-    rows = logits.shape[0]
+    rows, n = logits.shape
     if pos.by_ids:
+        assert ids is not None
+        got = ids.pairs(r0, rows)
+        if got is not None:
+            r, c = got
+            vals = logits.view(-1)[(r - r0) * n + c].double()
+            row_pos.index_add_(0, r, vals)
+            col_pos.index_add_(0, c, vals)
+            return
         picked = torch.where(_id_tile(pos, r0, rows), logits, 0.0)
         row_pos[r0 : r0 + rows] += picked.sum(1, dtype=torch.float64)
         col_pos += picked.sum(0, dtype=torch.float64)
         return
-    lo, hi = pos.band(r0, rows, logits.shape[1])
+    lo, hi = pos.band(r0, rows, n)
     if hi > lo:
         d = _band(logits, pos, r0).double()
         row_pos[lo:hi] += d
         col_pos[lo + pos.offset : hi + pos.offset] += d
 
 
-def _sub_positives(g: Tensor, pos: Positives, r0: int, rt: Target, ct: Target) -> None:
+def _sub_positives(g: Tensor, pos: Positives, ids: Optional[_IdPairs], r0: int, rt: Target, ct: Target) -> None:
     """g -= pos * (rt_i + ct_j) on one tile of rows r0.. (targets: floats or (b,) / (n,) tensors)."""
-    rows = g.shape[0]
+    rows, n = g.shape
     if pos.by_ids:
+        assert ids is not None
+        got = ids.pairs(r0, rows)
+        if got is not None:
+            r, c = got
+            target = (rt[r] if isinstance(rt, Tensor) else rt) + (ct[c] if isinstance(ct, Tensor) else ct)
+            target = target if isinstance(target, Tensor) else torch.full_like(r, target, dtype=g.dtype)
+            g.view(-1).index_add_(0, (r - r0) * n + c, target.to(g.dtype), alpha=-1)
+            return
         eq = _id_tile(pos, r0, rows)
         constant = sum(float(t) for t in (rt, ct) if not isinstance(t, Tensor))
         if constant:
@@ -216,7 +298,7 @@ def _sub_positives(g: Tensor, pos: Positives, r0: int, rt: Target, ct: Target) -
         if isinstance(ct, Tensor):
             g.addcmul_(eq, ct[None, :], value=-1)
         return
-    lo, hi = pos.band(r0, rows, g.shape[1])
+    lo, hi = pos.band(r0, rows, n)
     if hi <= lo:
         return
     d = _band(g, pos, r0)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 LOSSES = ("clip", "siglip")
 STRATEGIES = ("auto", "local", "gather", "ring")
 BACKENDS = ("auto", "torch", "triton", "dense")
+POSITIVES = ("auto", "index", "caption", "id")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 TEXT_TOWERS = ("builtin", "minilm")
@@ -89,6 +90,7 @@ class TrainConfig:
     output: str = "runs/train"
     strategy: str = "auto"
     backend: str = "auto"
+    positives: str = "auto"  # index | caption (identical captions are positives) | id (the data's id column)
     precision: str = "fp32"
     device: str = "auto"
     seed: int = 0
@@ -112,9 +114,15 @@ class TrainConfig:
     logit_bias_init: Optional[float] = None  # SigLIP's initial bias; None: -ln(B - 1) for the global batch B
     model: ModelConfig = field(default_factory=ModelConfig)
 
+    def resolved_positives(self) -> str:
+        """`positives` with "auto" resolved: id when the data has an id column, else caption."""
+        if self.positives != "auto":
+            return self.positives
+        return "id" if self.csv_id_key or self.wds_id_key else "caption"
+
     def validate(self) -> "TrainConfig":
         choices = {"loss": LOSSES, "strategy": STRATEGIES, "backend": BACKENDS, "precision": PRECISIONS,
-                   "device": DEVICES}
+                   "device": DEVICES, "positives": POSITIVES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -144,6 +152,8 @@ class TrainConfig:
                 raise ValueError(f"{_flag(name)} must be {', '.join(BUILT_IN_DATA)}, csv:PATH or wds:PATTERN; "
                                  f"got {spec!r}")
         self._validate_files()
+        if self.positives == "id" and not (self.csv_id_key or self.wds_id_key):
+            raise ValueError("--positives id needs an id per pair: --csv-id-key COLUMN (csv) or --wds-id-key EXT (wds)")
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
         self.model.validate()
@@ -278,6 +288,10 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
                    "is that value near B = 22k)")
     p.add_argument("--output", help="run directory (metrics.jsonl, eval.json, curves.png, checkpoints)")
     p.add_argument("--strategy", choices=STRATEGIES)
+    p.add_argument("--positives", choices=POSITIVES,
+                   help="which pairs of a batch are positives: index (image i <-> caption i only), caption "
+                        "(identical captions are positives of each other's images), id (equal ids from "
+                        "--csv-id-key/--wds-id-key); default auto: id when an id column is given, else caption")
     p.add_argument("--backend", choices=BACKENDS)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--device", choices=DEVICES)

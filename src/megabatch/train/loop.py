@@ -38,6 +38,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .data import build_data, build_eval, state_of
 from .evaluate import evaluate
+from .files import stable_id
 from .health import balanced_bias, collapse_warning, embedding_stats
 from .plots import plot_curves
 from .report import MetricsLog, summary, text_notes
@@ -212,6 +213,7 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     gc = mb.GradCache(_Normalized(model, "encode_image", dtype), _Normalized(model, "encode_text", dtype), loss_fn,
                       cfg.micro_batch_size, modules=ddp)
+    positives = cfg.resolved_positives()
     lead = rt.rank == 0
     out = Path(cfg.output)
     log = MetricsLog(out / "metrics.jsonl", keep_until=p.start) if lead else None
@@ -225,15 +227,17 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     t_window, n_window = time.perf_counter(), 0
     warned: list[str] = []
     for step in range(p.start, cfg.steps):
-        images, captions = p.stream.batch(step, cfg.batch_size, rt.rank * local, (rt.rank + 1) * local)
+        images, captions, ids = _batch(p.stream, step, cfg.batch_size, rt.rank * local, (rt.rank + 1) * local)
         tokens = p.tokenizer(captions)
         if step == 0 and cfg.loss == "siglip" and cfg.logit_bias_init is None:
             _balance_bias(rt, model, images.to(rt.device), tokens.to(rt.device), cfg.batch_size)
+        pos = positive_ids(positives, captions, ids)
+        id_kwargs = {} if pos is None else {"image_ids": pos.to(rt.device), "text_ids": pos.to(rt.device)}
         p.optimizer.zero_grad(set_to_none=True)
         scale = model.logit_scale.exp()
         loss_args = (scale, model.logit_bias) if cfg.loss == "siglip" else (scale,)
         with autocast:
-            loss = gc(images.to(rt.device), tokens.to(rt.device), *loss_args)
+            loss = gc(images.to(rt.device), tokens.to(rt.device), *loss_args, **id_kwargs)
         p.optimizer.step()
         p.scheduler.step()
         with torch.no_grad():
@@ -302,6 +306,27 @@ def _check_health(cfg: TrainConfig, model: nn.Module, images: Tensor, tokens: Te
         if not warned:
             warned.append(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+def _batch(stream: Any, step: int, size: int, start: int, stop: int) -> tuple[Tensor, list[str], Optional[Tensor]]:
+    """This rank's pairs of global batch `step`, with the data's per-pair ids where it has them."""
+    if hasattr(stream, "batch_with_ids"):
+        return stream.batch_with_ids(step, size, start, stop)
+    images, captions = stream.batch(step, size, start, stop)
+    return images, captions, None
+
+
+def positive_ids(mode: str, captions: list[str], ids: Optional[Tensor]) -> Optional[Tensor]:
+    """The int64 ids that make pairs positive for the loss (the same for images and texts, since
+    each pair is one image and its caption), or None for index positives (image i <-> caption i).
+    caption: a stable 63-bit hash of the caption, so identical captions anywhere in the global
+    batch are positives of each other's images instead of negatives; id: the data's own ids."""
+    if mode == "index":
+        return None
+    if mode == "id":
+        if ids is None:
+            raise ValueError("--positives id: this data has no per-pair ids (--csv-id-key / --wds-id-key)")
+        return ids
+    return torch.tensor([stable_id(c) for c in captions], dtype=torch.int64)
 
 
 def _progress(cfg: TrainConfig, start: int) -> Any:

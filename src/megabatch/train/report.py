@@ -65,8 +65,8 @@ def summary(cfg: TrainConfig, world: int, final: dict[str, Any], seconds: float,
     """A short table of the final held-out metrics against chance, and the outputs written."""
     lines = [
         f"megabatch train: {cfg.steps} steps of {cfg.loss} at global batch {cfg.batch_size} "
-        f"({world} rank(s) x {cfg.batch_size // world}, GradCache micro-batch {cfg.micro_batch_size}) on {cfg.data}: "
-        f"{seconds:.0f} s",
+        f"({world} rank(s) x {cfg.batch_size // world}, GradCache micro-batch {cfg.micro_batch_size}) on {cfg.data}, "
+        f"{cfg.resolved_positives()} positives: {seconds:.0f} s",
     ]
     lines += list(notes)
     if final:
