@@ -81,7 +81,8 @@ def test_resume_reproduces_the_uninterrupted_curve(tmp_path):
 
 
 def test_siglip_trains_its_bias(tmp_path):
-    train(from_preset("tiny", loss="siglip", steps=4, log_every=2, output=str(tmp_path), progress=False))
+    train(from_preset("tiny", loss="siglip", steps=4, log_every=2, logit_bias_init=-10.0, output=str(tmp_path),
+                      progress=False))
     logged = records(tmp_path)
     assert all("logit_bias" in r for r in logged) and logged[-1]["logit_bias"] != -10.0
     assert logged[0]["logit_scale"] == pytest.approx(10.0, rel=0.05)

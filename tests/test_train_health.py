@@ -1,0 +1,85 @@
+"""Run health and SigLIP's starting bias.
+
+Contracts:
+  * `collapse_warning` names both measured collapses -- image-image and text-text cosines near 1,
+    and every pair at one cosine (the spread of the pair cosines near 0, e.g. sd 0.005 around
+    0.31) -- with a likely cause (for SigLIP the bias against -ln(B-1)), and stays silent for a
+    healthy run and before the warmup and a tenth of the run are over;
+  * `embedding_stats` measures those numbers on a probe of the batch and leaves the model's mode;
+  * `balanced_bias(B)` = -ln(B-1) (0 for B <= 2), the paper's -10 near B = 22k;
+  * a SigLIP run that collapses says so while it runs (a RuntimeWarning and "collapsed" in its
+    metrics), and a fresh SigLIP run starts with its bias balanced on the first batch unless
+    --logit-bias-init is given.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from megabatch.train import from_preset, train
+from megabatch.train.health import balanced_bias, collapse_warning, embedding_stats
+
+HEALTHY = {"cos_image_image": 0.06, "cos_text_text": 0.06, "cos_pairs_mean": 0.05, "cos_pairs_sd": 0.43}
+
+
+def test_balanced_bias():
+    assert balanced_bias(2) == 0.0 and balanced_bias(1024) == pytest.approx(-math.log(1023))
+    assert -10.2 < balanced_bias(22_000) < -9.9
+
+
+def test_warning_names_both_collapses():
+    one_way = {**HEALTHY, "cos_image_image": 0.99, "cos_text_text": 0.998}
+    msg = collapse_warning(one_way, 40, 60, 25, "clip", 1024, 14.3, None)
+    assert "points one way" in msg and "learning rate" in msg
+    flat = {**HEALTHY, "cos_pairs_mean": 0.31, "cos_pairs_sd": 0.005}
+    msg = collapse_warning(flat, 40, 60, 25, "siglip", 1024, 10.0, -10.0)
+    assert "0.310" in msg and "sd 0.0050" in msg and "-ln(B-1) = -6.93" in msg and "c = 0.307" in msg
+    assert collapse_warning(HEALTHY, 40, 60, 25, "siglip", 1024, 10.0, -6.9) is None
+    assert collapse_warning(flat, 20, 60, 25, "siglip", 1024, 10.0, -10.0) is None  # still warming up
+
+
+class _Constant(nn.Module):
+    """Towers whose outputs are one vector plus tiny noise (a collapsed model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(8))
+
+    def encode_image(self, x):
+        return self.w + 1e-4 * x.flatten(1)[:, :8]
+
+    def encode_text(self, t):
+        return self.w + 1e-4 * t[:, :8].float()
+
+
+def test_embedding_stats():
+    model = _Constant().train()
+    stats = embedding_stats(model, torch.randn(300, 3, 4, 4), torch.randint(0, 9, (300, 8)))
+    assert model.training
+    assert stats["cos_image_image"] > 0.999 and stats["cos_text_text"] > 0.999 and stats["cos_pairs_sd"] < 1e-3
+
+
+def test_collapsing_siglip_run_says_so(tmp_path):
+    # The paper's bias at batch 64 (-10 against -ln 63 = -4.1) collapses the tiny preset's towers.
+    cfg = from_preset("tiny", loss="siglip", steps=12, warmup_steps=2, log_every=4, logit_bias_init=-10.0,
+                      output=str(tmp_path), progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("embeddings collapsed" in m for m in messages), messages
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged[0]["logit_bias"] == pytest.approx(-10.0, abs=0.05) and logged[-1].get("collapsed")
+    assert {"cos_image_image", "cos_text_text", "cos_pairs_mean", "cos_pairs_sd"} <= set(logged[-1])
+
+
+def test_fresh_siglip_bias_is_balanced_on_the_first_batch(tmp_path):
+    cfg = from_preset("tiny", loss="siglip", steps=1, log_every=1, output=str(tmp_path), progress=False)
+    train(cfg)
+    b = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["logit_bias"]
+    assert b != pytest.approx(balanced_bias(64), abs=1e-3) and -8 < b < 0  # -ln 63 - t * c0, moved by c0
