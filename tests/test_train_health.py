@@ -8,8 +8,10 @@ Contracts:
   * `embedding_stats` measures those numbers on a probe of the batch and leaves the model's mode;
   * `balanced_bias(B)` = -ln(B-1) (0 for B <= 2), the paper's -10 near B = 22k;
   * a SigLIP run that collapses says so while it runs (a RuntimeWarning and "collapsed" in its
-    metrics), and a fresh SigLIP run starts with its bias balanced on the first batch unless
-    --logit-bias-init is given.
+    metrics); a fresh SigLIP run's bias starts at -ln(B-1) with centred towers, balanced on the
+    first batch without them, and at --logit-bias-init when given;
+  * `Center` subtracts the batch mean in training (gradient through it), a running mean in
+    evaluation; SigLIP's towers are centred by default, CLIP's not, and the flags override it.
 """
 from __future__ import annotations
 
@@ -65,9 +67,9 @@ def test_embedding_stats():
 
 
 def test_collapsing_siglip_run_says_so(tmp_path):
-    # The paper's bias at batch 64 (-10 against -ln 63 = -4.1) collapses the tiny preset's towers.
+    # The paper's bias at batch 64 (-10 against -ln 63 = -4.1) collapses the tiny preset's uncentred towers.
     cfg = from_preset("tiny", loss="siglip", steps=12, warmup_steps=2, log_every=4, logit_bias_init=-10.0,
-                      output=str(tmp_path), progress=False)
+                      center=False, output=str(tmp_path), progress=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(cfg)
@@ -78,8 +80,32 @@ def test_collapsing_siglip_run_says_so(tmp_path):
     assert {"cos_image_image", "cos_text_text", "cos_pairs_mean", "cos_pairs_sd"} <= set(logged[-1])
 
 
-def test_fresh_siglip_bias_is_balanced_on_the_first_batch(tmp_path):
-    cfg = from_preset("tiny", loss="siglip", steps=1, log_every=1, output=str(tmp_path), progress=False)
-    train(cfg)
-    b = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["logit_bias"]
-    assert b != pytest.approx(balanced_bias(64), abs=1e-3) and -8 < b < 0  # -ln 63 - t * c0, moved by c0
+def _first_bias(tmp_path, **kw) -> float:
+    train(from_preset("tiny", loss="siglip", steps=1, log_every=1, lr=1e-9, output=str(tmp_path), progress=False,
+                      **kw))
+    return json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["logit_bias"]
+
+
+def test_fresh_siglip_bias_starts_balanced(tmp_path):
+    assert _first_bias(tmp_path / "c") == pytest.approx(balanced_bias(64), abs=1e-4)  # centred: -ln 63
+    b = _first_bias(tmp_path / "u", center=False)  # uncentred: -ln 63 - t * c0, c0 measured on the first batch
+    assert b != pytest.approx(balanced_bias(64), abs=1e-3) and -8 < b < 0
+    assert _first_bias(tmp_path / "g", logit_bias_init=-3.0) == pytest.approx(-3.0, abs=1e-4)
+
+
+def test_center():
+    from megabatch.train.towers import Center, ContrastiveModel
+
+    c = Center(3, momentum=0.5).train()
+    x = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], requires_grad=True)
+    out = c(x)
+    assert torch.allclose(out.sum(0), torch.zeros(3)) and torch.allclose(c.running_mean, torch.tensor([1.0, 1.0, 1.0]))
+    out[0, 0].backward()
+    assert torch.allclose(x.grad[:, 0], torch.tensor([0.5, -0.5]))  # through the mean
+    c.eval()
+    assert torch.allclose(c(x.detach()), x.detach() - 1.0)
+    model_cfg = from_preset("tiny").model
+    assert isinstance(ContrastiveModel(model_cfg, 50, "siglip").image_center, Center)
+    assert isinstance(ContrastiveModel(model_cfg, 50, "clip").image_center, nn.Identity)
+    model_cfg.center = True
+    assert isinstance(ContrastiveModel(model_cfg, 50, "clip").text_center, Center)

@@ -11,15 +11,21 @@ Randomly initialised towers look collapsed too (cosines ~0.95 at step 0 here), s
 given only once the warmup is over and a tenth of the run is done: an embedding that has not left
 that state by then is not learning.
 
-Why SigLIP stalls at small batches. Per pair the sigmoid loss's gradient on the logit is
-sigma(z) - y. At init all logits are ~b: each positive pulls with 1 - sigma(b), the B - 1
-negatives of a row push with (B - 1) sigma(b) together. The paper's b = -10 balances them only at
-B ~ e^10 ~ 22k (its 32k batches); at B = 1,024 the negatives' push is ~0.05 of the positives'
-pull, so the towers raise every cosine at once (the collapse above) instead of separating pairs.
-Adam moves the scalar b by ~lr a step, far too slowly to fix the balance itself (3 units at
-lr 1e-3 take thousands of steps), and at the collapse point its gradient is zero. Hence the app's
-default b0 = -ln(B - 1): the positives' pull and the negatives' push balance at the start, at any
-global batch B (it equals the paper's -10 near B = 22k).
+Why SigLIP stalled in short runs (preset small, synthetic, batch 1,024, 60 steps; README "SigLIP
+in short runs" has the numbers). Per pair the sigmoid loss's gradient on the logit is
+sigma(z) - y. (1) With the paper's t = 10, b = -10, at B = 1,024 a row's B - 1 negatives push
+with ~0.05 of its positive's pull, so the towers raise every cosine until t*c + b = -ln(B - 1)
+(c = 0.31), where b's gradient is zero. Starting b at -ln(B - 1) (`balanced_bias`; the paper's -10
+is that value near B = 22k) removes that point, but not the collapse: (2) randomly initialised
+towers start nearly collapsed (image-image cosines ~0.97): every embedding is a large common
+vector plus a small deviation. The sigmoid loss charges each row's and column's logit offset
+exponentially (sum of e^z over the negatives), and at the start most of a sample's difference from
+the others is such an offset (its deviation along the other tower's common vector), not agreement
+with its own partner; the cheapest descent shrinks the deviations, and both towers collapse. A
+softmax (CLIP) is blind to a row's offset, so it never feels that force. Hence the towers'
+`Center` (towers.py, the default for SigLIP): the batch mean is subtracted before normalising,
+with the gradient through it, so the common vector and the offsets it makes are gone from the
+loss and its gradient.
 """
 from __future__ import annotations
 
