@@ -7,11 +7,13 @@ used. A linear head (384 -> embed_dim, trained) maps it into the joint space. Wi
 the BERT weights are frozen (a locked-*text* variant of LiT; the SigLIP paper's SigLiT locks the
 image tower instead) and every caption is embedded once: the tower keeps each distinct caption's
 384-d embedding, so a step costs the head only. A locked BERT is not part of the model's
-parameters (it is not trained, broadcast or checkpointed; it is reloaded from the package).
+parameters (it is not trained, broadcast or checkpointed; it is reloaded from the package), and one
+frozen copy and its caption embeddings serve every locked tower of a process.
 HF_HUB_OFFLINE=1 is set before transformers is imported: nothing is downloaded.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,15 @@ def load_bert() -> nn.Module:
             transformers.logging.enable_progress_bar()
 
 
+_CAPTIONS: dict[bytes, Tensor] = {}  # token ids -> locked MiniLM's 384-d embedding
+
+
+@functools.lru_cache(maxsize=1)
+def _frozen_bert() -> nn.Module:
+    """One frozen BertModel per process, shared by every locked tower (runs of a study)."""
+    return load_bert().requires_grad_(False)
+
+
 def sentence_embedding(bert: nn.Module, tokens: Tensor) -> Tensor:
     """all-MiniLM-L6-v2's sentence embedding: the mean of the real tokens' last hidden states, L2-normalised."""
     mask = (tokens != PAD_ID).to(torch.float32)
@@ -116,13 +127,11 @@ class MiniLMText(nn.Module):
     def __init__(self, embed_dim: int, locked: bool):
         super().__init__()
         self.locked = locked
-        bert = load_bert()
         if locked:
-            bert.requires_grad_(False)
-            self._frozen = [bert]  # kept out of the module tree: no parameters, no checkpoint
-            self._cache: dict[bytes, Tensor] = {}
+            self._frozen = [_frozen_bert()]  # kept out of the module tree: no parameters, no checkpoint
+            self._cache = _CAPTIONS  # the frozen tower's embeddings, shared by every locked tower of the process
         else:
-            self.bert = bert
+            self.bert = load_bert()
         self.head = nn.Linear(WIDTH, embed_dim, bias=False)
         nn.init.normal_(self.head.weight, std=WIDTH ** -0.5)
 
