@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--losses", nargs="+", choices=("clip", "siglip"))
     p.add_argument("--memory-batches", type=int, nargs="*", help="batch sizes of the memory measurement (none: skip)")
     p.add_argument("--no-check", action="store_true", help="skip the dense-loss runs")
+    p.add_argument("--no-training", action="store_true", help="only the memory measurement")
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--output", default="benchmarks/study", help="folder for study.json and study.png")
     return p
@@ -154,12 +155,16 @@ def loss_memory(loss: str, backend: str, batch: int, dim: int = MEMORY_DIM) -> d
         out.backward()
 
     step()  # warm up (lazy initialisation outside the measurement)
+    times = []
+    for _ in range(3):
+        x.grad = y.grad = s.grad = b.grad = None
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
     x.grad = y.grad = s.grad = b.grad = None
-    t0 = time.perf_counter()
     peak = peak_live_bytes(step)
     return {"loss": loss, "backend": backend, "batch": batch, "dim": dim, "dtype": "float32",
-            "peak_mib": peak / 2**20, "seconds_profiled": time.perf_counter() - t0,
-            "b_squared_fp32_mib": batch * batch * 4 / 2**20}
+            "peak_mib": peak / 2**20, "ms": 1000 * sorted(times)[1], "b_squared_fp32_mib": batch * batch * 4 / 2**20}
 
 
 def environment(argv: list[str]) -> dict[str, Any]:
@@ -171,6 +176,20 @@ def environment(argv: list[str]) -> dict[str, Any]:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (loss, batch, backend): the seeds' mean, min and max image->text R@1, steps, mean seconds."""
+    out = []
+    for key in sorted({(r["loss"], r["batch"], r["backend"]) for r in rows}):
+        mine = [r for r in rows if (r["loss"], r["batch"], r["backend"]) == key]
+        r1 = [r["i2t_r1"] for r in mine]
+        out.append({"loss": key[0], "batch": key[1], "backend": key[2], "seeds": len(mine), "steps": mine[0]["steps"],
+                    "i2t_r1_mean": _mean(r1), "i2t_r1_min": min(r1), "i2t_r1_max": max(r1),
+                    "i2t_r5_mean": _mean([r["i2t_r5"] for r in mine]),
+                    "seconds_mean": _mean([r["seconds"] for r in mine]),
+                    "collapsed": sum(bool(r["collapsed"]) for r in mine)})
+    return out
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -198,7 +217,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
            title=f"emoji, unseen drawing style; {n:,} samples seen per run")
     ax.set_xticks(sorted({r["batch"] for r in rows}) or [1])
     ax.set_xticklabels([str(b) for b in sorted({r["batch"] for r in rows})], rotation=45)
-    ax.legend(fontsize=8)
+    if rows:
+        ax.legend(fontsize=8)
     for (loss, backend), style in {("clip", "dense"): ("tab:blue", "--"), ("clip", "torch"): ("tab:blue", "-"),
                                    ("siglip", "dense"): ("tab:red", "--"),
                                    ("siglip", "torch"): ("tab:red", "-")}.items():
@@ -237,7 +257,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                               "memory": []}
     t0 = time.perf_counter()
     points = [(loss, b, seed, "auto") for b in plan["batches"] for loss in plan["losses"] for seed in plan["seeds"]]
-    if plan["check_batch"]:
+    if ns.no_training:
+        points = []
+    elif plan["check_batch"]:
         points += [(loss, plan["check_batch"], plan["seeds"][0], "dense") for loss in plan["losses"]]
     try:
         with tempfile.TemporaryDirectory(prefix="megabatch-study-") as tmp:
@@ -260,6 +282,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 result["memory"].append(m)
                 print(f"memory {loss:6s} {backend:5s} batch {batch:6d}: {m['peak_mib']:9.1f} MiB", flush=True)
     result["seconds"] = time.perf_counter() - t0
+    result["summary"] = summarize(result["rows"])
     (out / "study.json").write_text(json.dumps(result, indent=1))
     plot(result, out / "study.png")
     print(f"megabatch study: {len(result['rows'])} runs in {result['seconds']:.0f} s; wrote {out / 'study.json'} "
