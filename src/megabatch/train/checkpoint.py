@@ -121,8 +121,8 @@ def read(path: Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, a forbidden global: all unusable
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    if not isinstance(payload, dict) or "step" not in payload or "config" not in payload:
-        raise CheckpointError(f"checkpoint {path} is not a megabatch checkpoint (no step/config)")
+    if not isinstance(payload, dict) or "config" not in payload:
+        raise CheckpointError(f"checkpoint {path} is not a megabatch checkpoint (no config)")
     return payload
 
 

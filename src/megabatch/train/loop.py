@@ -346,7 +346,7 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
             if in_a_row >= cfg.max_bad_steps:
                 raise NonFiniteError(
                     f"stopping at step {done}: {in_a_row} non-finite steps in a row (--max-bad-steps "
-                    f"{cfg.max_bad_steps}); last global loss {global_loss:.4g}, logit scale {float(scale):.4g}, "
+                    f"{cfg.max_bad_steps}); last global loss {global_loss:.4g}, logit scale {float(scale.detach()):.4g}, "
                     f"lr {p.scheduler.get_last_lr()[0]:.3g}. The newest checkpoint is from before; try a lower "
                     "--lr, more --warmup-steps or --precision fp32")
             p.optimizer.zero_grad(set_to_none=True)
