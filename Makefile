@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 (a local wheel on our machines; a plain `torch` would pull CUDA).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean fault-drill plan-check
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,15 @@ test: venv
 # 512, ring loss) on the embedded synthetic data; ~2 minutes on 2 CPU cores. Output in runs/demo/.
 demo: venv
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m megabatch.train --preset demo
+
+# Longer fault and planner drills (minutes; not part of `make test`): SIGKILL a rank of a
+# `torchrun --max-restarts 1` run 5 times, and check `megabatch plan` against the allocator, W = 1..4.
+fault-drill: venv
+	$(PY) benchmarks/restart_drill.py --tries 5 --kill-rank 1
+	$(PY) benchmarks/restart_drill.py --tries 3 --kill-rank 0
+
+plan-check: venv
+	$(PY) benchmarks/plan_check.py --world 1 2 3 4 --batch 4096 8192
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

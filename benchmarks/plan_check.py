@@ -4,20 +4,23 @@ torch CPU allocator's own events) and bytes sent, on W gloo processes, next to t
     python benchmarks/plan_check.py [--world 1 2 3 4] [--batch 4096 8192] [--dim 256] [--json out.json]
 
 Each W runs one world of W spawned processes (one thread each, a file rendezvous) that goes
-through every (loss, strategy, B) case; for each, every rank runs one warm-up step, then one profiled step: the peak of the running sum of the
-allocator's [memory] events (as benchmarks/memory_accounting.py does, so Python's and gloo's own
-memory do not blur it) is the loss's forward+backward beyond its inputs, and `_comm.count_bytes()`
-gives the bytes the rank sends (the ring cost model the planner predicts). The largest rank is
-compared with the planner's peak_bytes and sent_bytes; the check passes within --tolerance.
-B is rounded up to a multiple of W (the planner takes even splits).
+through every (loss, strategy, B) case; for each, every rank runs one warm-up step, then one
+profiled step: the peak of the running sum of the allocator's [memory] events (as
+benchmarks/memory_accounting.py does, so Python's and gloo's own memory do not blur it) is the
+loss's forward+backward beyond its inputs, and `_comm.count_bytes()` gives the bytes the rank
+sends (the ring cost model the planner predicts). The largest rank is compared with the planner's
+peak_bytes and sent_bytes; the check passes within --tolerance. B is rounded up to a multiple of
+W (the planner takes even splits).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import sys
 import tempfile
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -142,7 +145,9 @@ def main() -> None:
                   f"{100 * r['sent_error']:>7.1f}%{'' if ok else '  <-- off'}", flush=True)
     print(f"{len(rows) - bad}/{len(rows)} within {100 * args.tolerance:.0f}%")
     if args.json:
-        Path(args.json).write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+        env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+               "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+        Path(args.json).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     sys.exit(1 if bad else 0)
 
 

@@ -20,15 +20,19 @@ tile, U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
     text row wherever a text block travels (ids go with their blocks);
   * memory, torch backend, read off the code and checked on CPU against the allocator's own events
     (benchmarks/plan_check.py, float32, D = 256, B = 4096 and 8192, W = 1..4):
-      local CLIP    gx + gy + 2 tiles + 16 bytes of statistics per row  = U_x + U_y + 2T + 16(b+n)
-      local SigLIP  max(forward U_x + U_y + 2T, backward 2(E_x + E_y))  (saved dx, dy and the scaled copies)
+      local         rows finished chunk by chunk into dx: the kernels' compute-dtype copy of the
+                    texts (16-bit only, U_y), gy, dx and 2 tiles = [U_y] + U_y + E_x + 2T; CLIP
+                    adds 16 bytes of statistics per row; SigLIP's backward holds the saved dx, dy
+                    and their scaled copies, 2(E_x + E_y), which is its peak in float32
       ring          per visit: the block held and (W >= 3) the next one arriving (E_y each), the
                     accumulator sent and the one received (U_y each), gx and this visit's gx and
                     gy parts (2 U_x + U_y), 2 tiles; CLIP adds 8 bytes per row per lse travelling
-      gather        3 text-side (N, D) buffers (the gathered texts, the text-gradient stripe and
-                    the largest part's gradient, counted) + 3 (b, D) ones + 2 tiles
-    16-bit features add the kernels' compute-dtype copy of the text block (U_y) and their
-    16-bit outputs: not measured (CPU runs fp32), so marked predicted;
+      gather        the gathered texts (N*D*e), two (N, D) compute-dtype buffers (the text-gradient
+                    stripe and the largest part's gradient), three (b, D) ones (gx and its part
+                    read off the code; the third is fitted to the allocator) + 2 tiles
+                    (16-bit: plus the compute copy of the largest stripe part, (N - n)*D*c)
+    bfloat16 on CPU (W = 1, 2, 4, B = 4096) is within 3%, but 16-bit rows stay marked predicted (a GPU
+    has other kernels and allocator);
   * triton backend: benchmarks/memory_accounting.py's measured slopes (CLIP backward and SigLIP
     forward 8 bytes per b*D for 16-bit features: dx 2 + fp32 gy 4 + dy 2) plus the super-block
     scratch (8192 x 8192 in the input dtype); distributed triton rows follow the torch
@@ -42,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -110,12 +113,15 @@ def _memory(loss: str, strategy: str, backend: str, world: int, b: int, n: int, 
                     "gx + gy part": ux + uy, "super-block scratch": scratch, "statistics": 48 * max(b, n)}
         return {"gathered texts": N * dim * e + N * idb, "text gradients": 2 * vy, "gx + dx": ux + ex,
                 "super-block scratch": scratch}
-    if strategy == "local":
+    if strategy == "local":  # the row side is finished chunk by chunk into dx (a row sink): no (b, D) gx
+        during = conv + uy + ex + tiles  # the text block's compute copy, gy, dx, 2 tiles
         if loss == "clip":
-            return {"gx + gy": ux + uy + conv, "tiles": tiles, "statistics": 16 * (b + n),
-                    "16-bit outputs": (ex + ey) if e != c else 0}
-        forward, backward = ux + uy + conv + tiles, 2 * (ex + ey)
-        return {"forward gx + gy + tiles" if forward >= backward else "saved and scaled dx, dy": max(forward, backward)}
+            after = uy + ex + (ey if e != c else 0)  # gy, dx and (16-bit) dy
+            return {"conv copy + gy + dx + tiles" if during >= after else "gy + dx + dy": max(during, after),
+                    "statistics": 16 * (b + n)}
+        backward = 2 * (ex + ey)  # the saved dx, dy and their scaled copies
+        return {"forward: conv copy + gy + dx + tiles" if during >= backward else "saved and scaled dx, dy":
+                max(during, backward)}
     if strategy == "ring":
         blocks = (2 if world >= 3 else 1) * (ey + n * idb)
         terms = {"text blocks in flight": blocks, "accumulators sent and received": 2 * uy,
@@ -123,7 +129,9 @@ def _memory(loss: str, strategy: str, backend: str, world: int, b: int, n: int, 
         if loss == "clip":
             terms["statistics"] = LSE_BYTES * (2 * b + 2 * n + (2 if world >= 3 else 1) * n)
         return terms
-    terms = {"3 text-side (N, D) buffers": 3 * vy + N * idb + conv, "3 (b, D) buffers": 3 * ux, "tiles": tiles}
+    terms = {"gathered texts": N * dim * e + N * idb, "2 (N, D) text-gradient buffers": 2 * vy,
+             "3 (b, D) buffers": 3 * ux, "the kernels' compute copy of the largest part":
+             (N - n) * dim * c if e != c else 0, "tiles": tiles}
     if loss == "clip":
         terms["statistics"] = 2 * LSE_BYTES * N + LSE_BYTES * b
     return terms
@@ -146,7 +154,8 @@ def _sent(loss: str, strategy: str, world: int, b: int, n: int, N: int, dim: int
             sent += (w - 1) * block + w * n * dim * c
         return int(sent)
     sent += (w - 1) * block  # all_gather of the texts (and their ids)
-    reduce = N * dim * c * ((w - 1) / w if device == "cuda" else 2 * (w - 1) / w)  # NCCL reduce-scatter, gloo all-reduce
+    # the text gradients back to their owners: NCCL reduce-scatters, gloo all-reduces
+    reduce = N * dim * c * ((w - 1) / w if device == "cuda" else 2 * (w - 1) / w)
     if loss == "clip":
         sent += 2 * (2 * (w - 1) / w * N * LSE_BYTES)  # the column lse: max and sum all-reduces
     return int(sent + reduce)
@@ -213,7 +222,8 @@ def _fmt(n: float) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megabatch plan", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loss", choices=LOSSES, default="clip")
     p.add_argument("--strategy", choices=("auto",) + STRATEGIES, default="auto",
                    help="auto: ring when --world > 1, local otherwise (as the losses pick)")
@@ -252,11 +262,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(str(e))
     fits = None if gpu_mem is None else chosen.total_bytes <= gpu_mem
     if a.json:
-        out: dict[str, Any] = {**asdict(chosen), "gpu_mem_bytes": gpu_mem, "fits": fits,
-                               "options": [{k: getattr(o, k) for k in ("strategy", "backend", "peak_bytes", "sent_bytes",
-                                                                       "total_bytes", "status")}
-                                           | {"fits": None if gpu_mem is None else o.total_bytes <= gpu_mem}
-                                           for o in options]}
+        keys = ("strategy", "backend", "peak_bytes", "sent_bytes", "total_bytes", "status")
+        rows = [{**{k: getattr(o, k) for k in keys}, "fits": None if gpu_mem is None else o.total_bytes <= gpu_mem}
+                for o in options]
+        out: dict[str, Any] = {**asdict(chosen), "gpu_mem_bytes": gpu_mem, "fits": fits, "options": rows}
         print(json.dumps(out, indent=1))
         return 0
     print(f"{a.loss}, {a.world} rank(s), B = {a.batch} images, N = {chosen.texts} texts (b = {a.batch // a.world}, "

@@ -166,7 +166,8 @@ def _differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
         if f.name in RESUMABLE or f.name == "model":
             continue
         if getattr(saved, f.name) != getattr(cfg, f.name):
-            diffs.append(f"--{f.name.replace('_', '-')} (saved {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r})")
+            flag = "--" + f.name.replace("_", "-")
+            diffs.append(f"{flag} (saved {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r})")
     for f in dataclasses.fields(saved.model):
         if getattr(saved.model, f.name) != getattr(cfg.model, f.name):
             diffs.append(f"model.{f.name} (saved {getattr(saved.model, f.name)!r}, now {getattr(cfg.model, f.name)!r})")

@@ -216,13 +216,14 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     ops = p.add_argument_group("restarts and faults")
-    ops.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept in OUTPUT/checkpoints (default 2)")
+    ops.add_argument("--keep-checkpoints", type=int, metavar="K",
+                     help="newest checkpoints kept in OUTPUT/checkpoints (default 2)")
     ops.add_argument("--fresh", action="store_true", default=None,
                      help="start over although --output holds checkpoints of this run: they are deleted (first "
                      "attempt only; a torchrun restart of the same command resumes)")
-    ops.add_argument("--dist-timeout", type=float,
+    ops.add_argument("--dist-timeout", type=float, metavar="SECONDS",
                      help="seconds a collective may wait for the other ranks before the run fails (default 1800)")
-    ops.add_argument("--max-bad-steps", type=int,
+    ops.add_argument("--max-bad-steps", type=int, metavar="N",
                      help="stop after this many non-finite steps in a row; each is skipped on every rank (default 10)")
     return p
 

@@ -346,7 +346,8 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
             if in_a_row >= cfg.max_bad_steps:
                 raise NonFiniteError(
                     f"stopping at step {done}: {in_a_row} non-finite steps in a row (--max-bad-steps "
-                    f"{cfg.max_bad_steps}); last global loss {global_loss:.4g}, logit scale {float(scale.detach()):.4g}, "
+                    f"{cfg.max_bad_steps}); last global loss {global_loss:.4g}, "
+                    f"logit scale {float(scale.detach()):.4g}, "
                     f"lr {p.scheduler.get_last_lr()[0]:.3g}. The newest checkpoint is from before; try a lower "
                     "--lr, more --warmup-steps or --precision fp32")
             p.optimizer.zero_grad(set_to_none=True)
@@ -402,12 +403,14 @@ def _progress(cfg: TrainConfig, start: int) -> Any:
 def _nonfinite_ranks(loss: Tensor, model: nn.Module, world: int) -> tuple[int, float]:
     """(ranks whose loss or gradients hold a NaN/inf, the mean of the ranks' losses): one all_reduce,
     so every rank takes the same decision."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
-    t = torch.tensor([0.0 if finite else 1.0, float(loss)], dtype=torch.float64)
+    loss = loss.detach().double().reshape(())
+    checks = [torch.isfinite(loss)] + [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    bad = (~torch.stack(checks).all()).double()
+    t = torch.stack([bad, loss])  # on the loss's device (NCCL needs CUDA tensors); one host sync below
     if world > 1:
         dist.all_reduce(t)
-    return int(t[0]), float(t[1]) / world
+    n_bad, total = t.tolist()
+    return int(n_bad), total / world
 
 
 @torch.no_grad()
