@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import time
 import warnings
@@ -66,18 +67,23 @@ def _elastic_store(timeout: timedelta) -> Optional[dist.Store]:
     workers (TORCHELASTIC_USE_AGENT_STORE=True), and the same server serves every restart.
     init_process_group keys the ranks' gloo addresses (and NCCL's unique id) by group name only,
     so a restarted rank can read the address a killed peer published in the previous attempt
-    before the restarted peer overwrites it, and gloo's connectFullMesh fails with "Connection
-    refused" (measured: 5 of 6 restarts of a bare 2-rank gloo script; 6 of 6 succeed with the
-    namespace, as with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives each attempt a fresh
-    store). The restart count is the same for every worker of one agent, so this holds for
-    single-node runs; with several nodes each agent counts its own restarts, and restarts need
+    before the restarted peer overwrites it, and gloo's connectFullMesh fails ("Connection
+    refused", or "Connect timeout"). Measured with benchmarks/gloo_restart_repro.py (a bare
+    2-rank gloo script, rank 1 SIGKILLed): 8 of 10 restarts failed so; 10 of 10 succeed with this
+    namespace, 8 of 8 with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store each attempt).
+    The restart count is the same for every worker of one agent, so this holds on one node; with
+    several nodes each agent counts its own restarts, and restarts need
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment (README, Limits).
     Returns None (let init_process_group use env://) when the agent's store is not shared.
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     if os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE"):
-        return None  # several agents: their restart counts disagree (see above)
+        if os.environ.get("RANK") == "0":  # several agents: their restart counts disagree (see above)
+            warnings.warn("torchrun shares one TCPStore with the workers of every attempt: with several nodes, "
+                          "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment or restarts may fail "
+                          "in gloo's connectFullMesh / NCCL's init", stacklevel=2)
+        return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
                           is_master=False, timeout=timeout)
     return dist.PrefixStore(f"megabatch/attempt_{restart_count()}", store)
@@ -199,6 +205,11 @@ class CollectiveError(RuntimeError):
     """A collective failed: a peer stopped calling it (timeout) or died (connection closed)."""
 
 
+# What gloo and NCCL say when a peer stopped (timeout) or died (closed connection); gloo raises
+# plain RuntimeErrors, so the text is all there is to go by.
+_PEER_FAILURE = re.compile(r"timed out|timeout|connection|closed|reset by peer|read error|gloo|nccl", re.IGNORECASE)
+
+
 @contextlib.contextmanager
 def _collective(what: str, cfg: TrainConfig, world: int) -> Any:
     """Name the collective in the error when `what` fails for want of a peer."""
@@ -208,6 +219,8 @@ def _collective(what: str, cfg: TrainConfig, world: int) -> Any:
     try:
         yield
     except RuntimeError as e:
+        if not (isinstance(e, dist.DistError) or _PEER_FAILURE.search(str(e))):
+            raise  # not a communication failure: keep the error as it is
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CollectiveError(f"{what} failed (waited up to --dist-timeout {cfg.dist_timeout:g} s for the other "
                               f"ranks; a rank stopped calling it or died): {first}") from e
@@ -378,8 +391,7 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
                 with _collective(f"step {done}: the barrier after rank 0's evaluation", cfg, rt.world):
                     dist.barrier()
         if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps:
-            with _collective(f"step {done}: the checkpoint's all_gather_object of RNG and data states", cfg, rt.world):
-                _save(cfg, rt, done, p)
+            _save(cfg, rt, done, p)
     if bar is not None:
         bar.close()
     if log is None:
@@ -431,8 +443,9 @@ def _record(cfg: TrainConfig, rt: Runtime, p: _Parts, step: int, loss: Tensor, s
 
 
 def _save(cfg: TrainConfig, rt: Runtime, step: int, p: _Parts) -> None:
-    rngs = checkpoint.gathered(checkpoint.rng_state(), rt.world)
-    data = checkpoint.gathered(state_of(p.stream), rt.world)
+    with _collective(f"step {step}: the checkpoint's all_gather_object of RNG and data states", cfg, rt.world):
+        rngs = checkpoint.gathered(checkpoint.rng_state(), rt.world)
+        data = checkpoint.gathered(state_of(p.stream), rt.world)
     if rt.rank != 0:
         return
     payload = {"step": step, "config": cfg.to_dict(), "model": p.model.state_dict(),
