@@ -64,6 +64,7 @@ def test_texts_and_ids_add_what_travels():
 @pytest.mark.parametrize("args, flag", [
     (["--batch", "100", "--dim", "64", "--world", "3"], "divisible by world"),
     (["--batch", "96", "--dim", "0"], "dim must be a positive integer"),
+    (["--batch", "96", "--dim", "64", "--strategy", "ring"], "world must be >= 2"),
     (["--batch", "96", "--dim", "64", "--gpu-mem", "lots"], "expected a size such as 80GiB"),
     (["--batch", "96", "--dim", "64", "--texts", "100", "--world", "8"], "texts (100) must be divisible"),
     (["--batch", "96", "--dim", "64", "--device", "cpu", "--backend", "triton"], "backend triton runs on cuda"),

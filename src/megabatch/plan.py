@@ -184,6 +184,8 @@ def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: in
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     if strategy == "local" and world != 1:
         raise ValueError(f"strategy local is one process: world must be 1, got {world}")
+    if strategy != "local" and world == 1:
+        raise ValueError(f"strategy {strategy} spreads the batch over ranks: world must be >= 2 (one process: local)")
     if batch % world or texts % world:
         raise ValueError(f"batch ({batch}) and texts ({texts}) must be divisible by world ({world})")
     if backend == "triton" and device == "cpu":
