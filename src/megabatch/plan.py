@@ -16,8 +16,10 @@ Where the formulas come from (B images and N texts in all, b = B/W and n = N/W p
 feature element size, c the compute element size (4; 8 for float64), T the torch backend's logit
 tile, U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
   * bytes sent: the README's communication table and the strategies' docstrings, term by term,
-    plus the 5-int64 layout exchange (40 bytes to each of W-1 peers) and, with --ids, 8 bytes per
-    text row wherever a text block travels (ids go with their blocks);
+    plus the 8-int64 layout exchange (64 bytes to each of W-1 peers) and, with --ids, 8 bytes per
+    text row wherever a text block travels (ids go with their blocks), and for CLIP the positive
+    counts and logit sums (16 bytes per text) with the forward's statistics, the column targets
+    (8 more) with the backward's, and an all-reduce of two float64 (rows and columns with a positive);
   * memory, torch backend, read off the code and checked on CPU against the allocator's own events
     (benchmarks/plan_check.py, float32, D = 256, B = 4096 and 8192, W = 1..4):
       local         rows finished chunk by chunk into dx: the kernels' compute-dtype copy of the
@@ -27,10 +29,10 @@ tile, U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
       ring          per visit: the block held and (W >= 3) the next one arriving (E_y each), the
                     accumulator sent and the one received (U_y each), gx and this visit's gx and
                     gy parts (2 U_x + U_y), 2 tiles; CLIP adds 8 bytes per row per lse travelling
-      gather        the gathered texts (N*D*e), two (N, D) compute-dtype buffers (the text-gradient
-                    stripe and the largest part's gradient), three (b, D) ones (gx and its part
-                    read off the code; the third is fitted to the allocator) + 2 tiles
-                    (16-bit: plus the compute copy of the largest stripe part, (N - n)*D*c)
+      gather        one visit of all N texts (the row side finished chunk by chunk, as local): the
+                    gathered texts (N*D*e, kept from forward to backward), the (N, D) compute-dtype
+                    text-gradient accumulator, dx and 2 tiles (16-bit: plus the kernels' compute
+                    copy of the gathered texts, N*D*c)
     bfloat16 on CPU (W = 1, 2, 4, B = 4096) is within 3%, but 16-bit rows stay marked predicted (a GPU
     has other kernels and allocator);
   * triton backend: benchmarks/memory_accounting.py's measured slopes (CLIP backward and SigLIP
@@ -60,7 +62,7 @@ CPU_TILE_ELEMENTS = 1 << 18  # kernels/torch_chunked.py
 GPU_TILE_ELEMENTS = 1 << 24
 TRITON_SUPER_BLOCK = 8192 * 8192  # kernels/triton_kernels.py default super-block (pairs)
 LSE_BYTES = 8  # the torch backend's float64 log-sum-exps
-META_BYTES = 5 * 8  # exchange_layout: 5 int64 per rank
+META_BYTES = 8 * 8  # exchange_layout: 8 int64 per rank
 ID_BYTES = 8
 
 
@@ -111,8 +113,9 @@ def _memory(loss: str, strategy: str, backend: str, world: int, b: int, n: int, 
             blocks = (2 if world >= 3 else 1) * (ey + n * idb)
             return {"text blocks in flight": blocks, "accumulators sent and received": 2 * uy,
                     "gx + gy part": ux + uy, "super-block scratch": scratch, "statistics": 48 * max(b, n)}
-        return {"gathered texts": N * dim * e + N * idb, "text gradients": 2 * vy, "gx + dx": ux + ex,
-                "super-block scratch": scratch}
+        # one visit: the row side is finished one row of super-blocks at a time (a (8192, D) fp32 buffer)
+        return {"gathered texts": N * dim * e + N * idb, "fp32 text-gradient accumulator": vy,
+                "dx + one row of super-blocks' fp32 gx": ex + min(b, 8192) * dim * 4, "super-block scratch": scratch}
     if strategy == "local":  # the row side is finished chunk by chunk into dx (a row sink): no (b, D) gx
         during = conv + uy + ex + tiles  # the text block's compute copy, gy, dx, 2 tiles
         if loss == "clip":
@@ -129,9 +132,8 @@ def _memory(loss: str, strategy: str, backend: str, world: int, b: int, n: int, 
         if loss == "clip":
             terms["statistics"] = LSE_BYTES * (2 * b + 2 * n + (2 if world >= 3 else 1) * n)
         return terms
-    terms = {"gathered texts": N * dim * e + N * idb, "2 (N, D) text-gradient buffers": 2 * vy,
-             "3 (b, D) buffers": 3 * ux, "the kernels' compute copy of the largest part":
-             (N - n) * dim * c if e != c else 0, "tiles": tiles}
+    terms = {"gathered texts": N * dim * e + N * idb, "(N, D) text-gradient accumulator": vy, "dx": ex,
+             "the kernels' compute copy of the gathered texts": N * dim * c if e != c else 0, "tiles": tiles}
     if loss == "clip":
         terms["statistics"] = 2 * LSE_BYTES * N + LSE_BYTES * b
     return terms
@@ -146,18 +148,25 @@ def _sent(loss: str, strategy: str, world: int, b: int, n: int, N: int, dim: int
     idb = ID_BYTES if ids else 0
     block = n * (dim * e + idb)
     sent = (w - 1) * META_BYTES
+    pos_sums = 16 if ids and loss == "clip" else 0  # with ids: each column's positive count and logit sum
+    target = 8 if ids and loss == "clip" else 0  # with ids: each column's positive target, in the backward
+    if ids and loss == "clip":
+        sent += 2 * (w - 1) / w * 16  # all-reduce of (rows, columns) with a positive
     if strategy == "ring":
         if loss == "clip":
-            sent += (w - 1) * block + w * n * LSE_BYTES  # forward: blocks, column lse accumulators
-            sent += (w - 1) * (block + n * LSE_BYTES) + w * n * dim * c  # backward: blocks + lse, text grads
+            sent += (w - 1) * block + w * n * (LSE_BYTES + pos_sums)  # forward: blocks, column statistics
+            sent += (w - 1) * (block + n * (LSE_BYTES + target)) + w * n * dim * c  # backward: blocks + stats, grads
         else:
             sent += (w - 1) * block + w * n * dim * c
         return int(sent)
-    sent += (w - 1) * block  # all_gather of the texts (and their ids)
+    sent += (w - 1) * block  # all_gather of the texts (and their ids), kept for the backward
     # the text gradients back to their owners: NCCL reduce-scatters, gloo all-reduces
-    reduce = N * dim * c * ((w - 1) / w if device == "cuda" else 2 * (w - 1) / w)
+    share = (w - 1) / w if device == "cuda" else 2 * (w - 1) / w
+    reduce = N * dim * c * share
     if loss == "clip":
         sent += 2 * (2 * (w - 1) / w * N * LSE_BYTES)  # the column lse: max and sum all-reduces
+        sent += N * pos_sums * share  # with ids: the positive sums reduced to their owners
+        sent += (w - 1) * n * (LSE_BYTES + target)  # backward: the column statistics gathered again
     return int(sent + reduce)
 
 
