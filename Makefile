@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 (a local wheel on our machines; a plain `torch` would pull CUDA).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test venv debs study clean gpu-wheels
+.PHONY: demo test venv debs study clean gpu-wheels fault-drill plan-check
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,15 @@ demo: venv
 GPU_PEERS ?= inf-cl==1.2.1 memeff==0.3.1 siglip-kernel==0.1.2 open-clip-torch==3.3.0
 gpu-wheels: venv
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl $(GPU_PEERS)
+
+# Longer fault and planner drills (minutes; not part of `make test`): SIGKILL a rank of a
+# `torchrun --max-restarts 1` run 5 times, and check `megabatch plan` against the allocator, W = 1..4.
+fault-drill: venv
+	$(PY) benchmarks/restart_drill.py --tries 5 --kill-rank 1
+	$(PY) benchmarks/restart_drill.py --tries 3 --kill-rank 0
+
+plan-check: venv
+	$(PY) benchmarks/plan_check.py --world 1 2 3 4 --batch 4096 8192
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -1,6 +1,8 @@
 """What positives by ids cost on the torch backend (CPU): forward+backward with ids against ids=None,
 and ids=None against an older megabatch (e.g. main before the engine redesign), interleaved in ONE
 process so that this machine's several-fold timing swings hit every case alike (median of --repeat).
+Each case is timed in wall-clock and in CPU seconds of the process (one torch thread by default:
+CPU time then barely depends on what else the machine runs, which wall time on 2 shared cores does).
 
     git worktree add /tmp/mb-base <commit>      # the baseline's sources (optional)
     PYTHONPATH=src python benchmarks/ids_overhead.py --baseline-src /tmp/mb-base/src --json out.json
@@ -59,8 +61,10 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=9)
     p.add_argument("--repeats-per-id", type=int, default=8)
     p.add_argument("--baseline-src", help="a megabatch src/ tree to compare ids=None against")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is a stable measure)")
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args()
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     B, D = a.batch, a.dim
     x = torch.nn.functional.normalize(torch.randn(B, D), dim=-1)
@@ -89,20 +93,25 @@ def main() -> None:
             cases[f"{kind} baseline"] = case(base, kind, False)
     for fn in cases.values():  # warm-up
         fn()
-    times: dict[str, list[float]] = {k: [] for k in cases}
+    wall: dict[str, list[float]] = {k: [] for k in cases}
+    cpu: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(a.repeat):
         for name, fn in cases.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     rows = []
     for name, fn in cases.items():
         kind = name.split()[0]
-        med = statistics.median(times[name]) * 1e3
-        ref = statistics.median(times[f"{kind} ids=None"]) * 1e3
-        rows.append(dict(case=name, median_ms=round(med, 1), ratio_to_ids_none=round(med / ref, 3),
-                         all_ms=[round(t * 1e3, 1) for t in times[name]], peak_mib=round(peak_live_bytes(fn) / 2**20, 2)))
-        print(f"{name:<18} {med:8.1f} ms   x{med / ref:5.3f} of ids=None   peak {rows[-1]['peak_mib']:7.2f} MiB")
+        med, cmed = statistics.median(wall[name]) * 1e3, statistics.median(cpu[name]) * 1e3
+        ref, cref = (statistics.median(t[f"{kind} ids=None"]) * 1e3 for t in (wall, cpu))
+        rows.append(dict(case=name, cpu_median_ms=round(cmed, 1), cpu_ratio_to_ids_none=round(cmed / cref, 3),
+                         wall_median_ms=round(med, 1), wall_ratio_to_ids_none=round(med / ref, 3),
+                         cpu_ms=[round(t * 1e3, 1) for t in cpu[name]], wall_ms=[round(t * 1e3, 1) for t in wall[name]],
+                         peak_mib=round(peak_live_bytes(fn) / 2**20, 2)))
+        print(f"{name:<18} cpu {cmed:8.1f} ms  x{cmed / cref:5.3f}   wall {med:8.1f} ms  x{med / ref:5.3f}   "
+              f"peak {rows[-1]['peak_mib']:7.2f} MiB", flush=True)
     env = dict(date=datetime.date.today().isoformat(), machine=platform.machine(), cpus=os.cpu_count(),
                torch=torch.__version__, threads=torch.get_num_threads(), command=" ".join(sys.argv),
                batch=B, dim=D, repeat=a.repeat, repeats_per_id=a.repeats_per_id)

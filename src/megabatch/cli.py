@@ -10,6 +10,7 @@ from typing import Optional
 
 COMMANDS = {
     "bench": ("megabatch.bench", "time and peak memory of the losses (megabatch backends, and peers with --peers)"),
+    "plan": ("megabatch.plan", "per-rank peak memory and bytes sent of a loss step; which strategies/backends fit --gpu-mem"),
     "train": ("megabatch.train.cli", "train a CLIP/SigLIP model (also: torchrun --nproc_per_node N -m megabatch.train ...)"),
     "study": ("megabatch.train.study", "why 32k? held-out retrieval against batch size, CLIP vs SigLIP, on real data"),
 }

@@ -1,10 +1,21 @@
 """Checkpoints that resume a run exactly: the same loss curve as if it had never stopped.
 
-A checkpoint (`<output>/checkpoints/step_000123.pt`, written by rank 0, atomically) holds the
-completed step, the config, model / optimizer / scheduler state, the tokenizer, the evaluation
-history, and for every rank its RNG states (python, numpy, torch CPU and CUDA) and its data
-stream's position. Synthetic and digits streams are addressed by (seed, step, index), so the step
-is their position; file streams add their own state.
+A checkpoint (`<output>/checkpoints/step_000123.pt`, written by rank 0) holds the completed step,
+the config, model / optimizer / scheduler state, the tokenizer, the evaluation history, the count
+of skipped non-finite steps, and for every rank its RNG states (python, numpy, torch CPU and CUDA)
+and its data stream's position. Synthetic and digits streams are addressed by (seed, step, index),
+so the step is their position; file streams add their own state.
+
+Safety and atomicity:
+  * written to a hidden temp file in the same folder, flushed and fsync'ed, renamed over the final
+    name, then the folder is fsync'ed: a crash leaves either the old set or the new file, never a
+    half-written `step_*.pt`; temp files a crash left behind are deleted by the next save/start;
+  * loaded with `torch.load(weights_only=True)`: only tensors and plain containers unpickle, so a
+    checkpoint cannot run code. The RNG states are stored as tensors and plain tuples for that
+    reason (numpy's state array travels as an int64 tensor);
+  * a newest checkpoint that does not load (truncated, corrupt) is skipped with a warning and the
+    previous one is used, when a run directory is given; an explicit file that does not load is an
+    error.
 """
 from __future__ import annotations
 
@@ -12,6 +23,7 @@ import dataclasses
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,14 +32,26 @@ import torch
 
 from .config import TrainConfig
 
-_NAME = re.compile(r"step_(\d+)\.pt$")
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+_TMP = re.compile(r"^\.step_\d+\.pt\..*\.tmp$")
 # Fields a resumed run may change; anything else would change the run it continues.
 RESUMABLE = {"steps", "output", "resume", "eval_every", "log_every", "ckpt_every", "keep_checkpoints", "progress",
-             "strategy", "backend", "device", "micro_batch_size", "threads", "eval_data", "eval_size"}
+             "strategy", "backend", "device", "micro_batch_size", "threads", "eval_data", "eval_size", "fresh",
+             "dist_timeout", "max_bad_steps"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, or of a run with other settings."""
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain tuples (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -35,37 +59,130 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete temp files an interrupted save left in `folder` (only rank 0 writes checkpoints, so
+    any temp file present when rank 0 starts or saves is stale). Returns what was deleted."""
+    gone = [p for p in folder.iterdir() if _TMP.match(p.name)] if folder.is_dir() else []
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
 def save(path: Path, payload: dict[str, Any], keep: int) -> None:
-    """Write `payload` to `path` atomically, then delete all but the newest `keep` checkpoints."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    old = sorted(p for p in path.parent.iterdir() if _NAME.search(p.name))
-    for p in old[:-keep]:
+    """Write `payload` to `path` atomically and durably, then keep only the newest `keep` checkpoints."""
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(folder)
+    for p in checkpoints(folder)[:-keep]:
         p.unlink()
 
 
-def latest(path: str | Path) -> Path:
-    """A checkpoint file as given, or the newest checkpoint of a run directory."""
+def checkpoints(folder: Path) -> list[Path]:
+    """The `step_*.pt` files of `folder`, oldest first (by step)."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
+
+
+def _folder(path: str | Path) -> Path:
+    p = Path(path)
+    return p / "checkpoints" if (p / "checkpoints").is_dir() else p
+
+
+def read(path: Path) -> dict[str, Any]:
+    """One checkpoint file, unpickled with weights_only=True. Raises CheckpointError if unreadable."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, a forbidden global: all unusable
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    if not isinstance(payload, dict) or "config" not in payload:
+        raise CheckpointError(f"checkpoint {path} is not a megabatch checkpoint (no config)")
+    return payload
+
+
+def load_latest(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint file as given, or the newest loadable checkpoint of a run directory.
+
+    In a directory, a newest checkpoint that does not load is skipped with a warning (a crash
+    during a save on a filesystem without atomic rename, a truncated copy) and the one before is
+    used. Raises FileNotFoundError when there is none, CheckpointError when none loads.
+    """
     p = Path(path)
     if p.is_file():
-        return p
-    folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    found = sorted(q for q in folder.glob("step_*.pt") if _NAME.search(q.name)) if folder.is_dir() else []
+        return p, read(p)
+    found = checkpoints(_folder(p))
     if not found:
-        raise FileNotFoundError(f"--resume: no checkpoint at {path} (expected a step_*.pt file or a run directory)")
-    return found[-1]
+        raise FileNotFoundError(f"no checkpoint at {path} (expected a step_*.pt file or a run directory)")
+    errors = []
+    for candidate in reversed(found):
+        try:
+            payload = read(candidate)
+        except CheckpointError as e:
+            warnings.warn(f"skipping {e}; trying the previous checkpoint", stacklevel=2)
+            errors.append(str(e))
+            continue
+        return candidate, payload
+    raise CheckpointError("no checkpoint loads: " + "; ".join(errors))
+
+
+def latest(path: str | Path) -> Path:
+    """The path of the checkpoint `load_latest` would use."""
+    return load_latest(path)[0]
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    return torch.load(latest(path), map_location="cpu", weights_only=False)
+    return load_latest(path)[1]
+
+
+def _differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    diffs = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in RESUMABLE or f.name == "model":
+            continue
+        if getattr(saved, f.name) != getattr(cfg, f.name):
+            flag = "--" + f.name.replace("_", "-")
+            diffs.append(f"{flag} (saved {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r})")
+    for f in dataclasses.fields(saved.model):
+        if getattr(saved.model, f.name) != getattr(cfg.model, f.name):
+            diffs.append(f"model.{f.name} (saved {getattr(saved.model, f.name)!r}, now {getattr(cfg.model, f.name)!r})")
+    return diffs
+
+
+def check_same_run(payload: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    """Raise CheckpointError if `path` (holding `payload`) belongs to a run with other settings."""
+    saved = TrainConfig.from_dict(payload["config"])
+    diffs = _differences(saved, cfg)
+    if diffs:
+        raise CheckpointError(
+            f"{cfg.output} holds checkpoints of another run ({path.name}); these settings differ: {', '.join(diffs)}. "
+            "Use the same settings to resume it, --fresh to start over (its checkpoints are deleted), "
+            "or another --output")
 
 
 def resume_config(path: str | Path, given: dict[str, Any]) -> TrainConfig:

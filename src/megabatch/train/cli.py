@@ -5,8 +5,17 @@ Usage:
     megabatch train --loss siglip --batch-size 8192 --micro-batch-size 512 --steps 300 --output runs/x
     megabatch train --data csv:pairs.tsv --preset small   # or --data wds:'shards/{000..099}.tar'
     megabatch train --resume runs/x                      # continue from the newest checkpoint
+    megabatch train --preset demo                        # again: resumes from runs/demo/checkpoints
+    torchrun --max-restarts 3 --nproc_per_node N -m megabatch.train --ckpt-every 50 ...
+                                                         # a killed rank: the workers restart and resume
     torchrun --nproc_per_node N -m megabatch.train ...   # N ranks (gloo on CPU, nccl on GPU); the
                                                          # global batch is split N ways, loss is ring
+
+A run whose --output holds checkpoints of the same settings resumes from the newest loadable one
+(different settings: an error; --fresh deletes them and starts over). A non-finite loss or gradient
+on any rank skips that update on every rank (counted as skipped_steps in metrics.jsonl); after
+--max-bad-steps in a row the run stops. A collective that waits --dist-timeout seconds for a peer
+fails with the collective's name.
 
 Presets: tiny, demo, small, base (see megabatch.train.config.PRESETS); flags override a preset.
 Outputs in --output: metrics.jsonl, eval.json, curves.png, config.json, checkpoints/step_*.pt.
@@ -19,9 +28,9 @@ from typing import Optional
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Parse `argv` (default sys.argv[1:]), train, print the held-out summary. Returns an exit code."""
-    from .checkpoint import resume_config
+    from .checkpoint import CheckpointError, resume_config
     from .config import parse_args
-    from .loop import train
+    from .loop import CollectiveError, NonFiniteError, train
 
     cfg, given = parse_args(argv, epilog=__doc__)
     if cfg.resume:
@@ -34,7 +43,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         train(cfg)
-    except DataError as e:  # users' files or columns that cannot be used as asked: a usage error
+    except (DataError, CheckpointError) as e:  # files, columns or checkpoints that cannot be used as asked
         print(f"megabatch train: error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteError, CollectiveError) as e:
+        print(f"megabatch train: error: {e}", file=sys.stderr)
+        return 1
     return 0

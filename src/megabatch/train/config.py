@@ -112,6 +112,10 @@ class TrainConfig:
     eval_split: float = 0.02  # held out of files without --eval-data: fraction (< 1; at most 5,000) or count
     workers: int = 2  # DataLoader worker processes per rank reading files (0: in the training process)
     logit_bias_init: Optional[float] = None  # SigLIP's initial bias; None: -ln(B - 1) for the global batch B
+    # operations (issue 11): restarts, hung collectives, non-finite steps
+    fresh: bool = False
+    dist_timeout: float = 1800.0
+    max_bad_steps: int = 10
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def resolved_positives(self) -> str:
@@ -134,6 +138,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
+        if not (isinstance(self.dist_timeout, (int, float)) and self.dist_timeout > 0):
+            raise ValueError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout!r}")
+        if not isinstance(self.max_bad_steps, int) or self.max_bad_steps < 1:
+            raise ValueError(f"--max-bad-steps must be a positive integer, got {self.max_bad_steps!r}")
+        if self.fresh and self.resume:
+            raise ValueError("--fresh starts over and --resume continues a run: give one of them")
         if self.micro_batch_size > self.batch_size:
             raise ValueError(f"--micro-batch-size ({self.micro_batch_size}) must not exceed --batch-size "
                              f"({self.batch_size})")
@@ -189,7 +199,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         d = dict(d)
         model_dict = dict(d.pop("model", {}))
-        model_dict.setdefault("center", False)  # checkpoints from before centring had none
+        model_dict.setdefault("center", False if d.get("loss") == "siglip" else None)  # saved before centring
         model = ModelConfig(**model_dict)
         return cls(model=model, **d)
 
@@ -317,6 +327,16 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p.add_argument("--lock-text", action="store_true", default=None, help="with --text-tower minilm: freeze "
                    "MiniLM and embed each caption once (LiT with a locked text tower)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    ops = p.add_argument_group("restarts and faults")
+    ops.add_argument("--keep-checkpoints", type=int, metavar="K",
+                     help="newest checkpoints kept in OUTPUT/checkpoints (default 2)")
+    ops.add_argument("--fresh", action="store_true", default=None,
+                     help="start over although --output holds checkpoints of this run: they are deleted (first "
+                     "attempt only; a torchrun restart of the same command resumes)")
+    ops.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                     help="seconds a collective may wait for the other ranks before the run fails (default 1800)")
+    ops.add_argument("--max-bad-steps", type=int, metavar="N",
+                     help="stop after this many non-finite steps in a row; each is skipped on every rank (default 10)")
     return p
 
 

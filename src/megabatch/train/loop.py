@@ -19,10 +19,12 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -38,6 +40,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .data import build_data, build_eval, state_of
 from .evaluate import evaluate
+from .faults import Injector
 from .files import stable_id
 from .health import balanced_bias, collapse_warning, embedding_stats
 from .plots import plot_curves
@@ -54,14 +57,53 @@ class Runtime:
     owns_group: bool
 
 
-def init_runtime(device: str) -> Runtime:
-    """Join the torchrun group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
+def restart_count() -> int:
+    """torchrun's count of this worker group's restarts (0 on the first attempt, and without torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def _elastic_store(timeout: timedelta) -> Optional[dist.Store]:
+    """The store for init_process_group under torchrun, its keys namespaced by the restart.
+
+    Why: torchrun's c10d rendezvous shares one TCPStore server, hosted by the agent, with its
+    workers (TORCHELASTIC_USE_AGENT_STORE=True), and the same server serves every restart.
+    init_process_group keys the ranks' gloo addresses (and NCCL's unique id) by group name only,
+    so a restarted rank can read the address a killed peer published in the previous attempt
+    before the restarted peer overwrites it, and gloo's connectFullMesh fails ("Connection
+    refused", or "Connect timeout"). Measured with benchmarks/gloo_restart_repro.py (a bare
+    2-rank gloo script, rank 1 SIGKILLed): 8 of 10 restarts failed so; 10 of 10 succeed with this
+    namespace, 8 of 8 with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store each attempt).
+    The restart count is the same for every worker of one agent, so this holds on one node; with
+    several nodes each agent counts its own restarts, and restarts need
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment (README, Limits).
+    Returns None (let init_process_group use env://) when the agent's store is not shared.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE"):
+        if os.environ.get("RANK") == "0":  # several agents: their restart counts disagree (see above)
+            warnings.warn("torchrun shares one TCPStore with the workers of every attempt: with several nodes, "
+                          "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment or restarts may fail "
+                          "in gloo's connectFullMesh / NCCL's init", stacklevel=2)
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"megabatch/attempt_{restart_count()}", store)
+
+
+def init_runtime(device: str, timeout_s: float = 1800.0) -> Runtime:
+    """Join the torchrun group if launched by torchrun (gloo on CPU, nccl on CUDA); collectives
+    that wait longer than `timeout_s` seconds for a peer fail instead of hanging."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     owns = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        timeout = timedelta(seconds=timeout_s)
+        store = _elastic_store(timeout)
+        kwargs: dict[str, Any] = {} if store is None else dict(
+            store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, **kwargs)
         owns = True
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if use_cuda:
@@ -127,7 +169,7 @@ def train(
     `tokenizer` (list[str] -> (n, L) int64) must match its text tower.
     """
     cfg.validate()
-    rt = init_runtime(cfg.device)
+    rt = init_runtime(cfg.device, cfg.dist_timeout)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -154,13 +196,96 @@ class _Parts:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     start: int
     evals: list[dict[str, Any]]
+    skipped: int = 0  # non-finite steps skipped so far (all attempts)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row: the run stops rather than train on garbage."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: a peer stopped calling it (timeout) or died (connection closed)."""
+
+
+# What gloo and NCCL say when a peer stopped (timeout) or died (closed connection); gloo raises
+# plain RuntimeErrors, so the text is all there is to go by.
+_PEER_FAILURE = re.compile(r"timed out|timeout|connection|closed|reset by peer|read error|gloo|nccl", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _collective(what: str, cfg: TrainConfig, world: int) -> Any:
+    """Name the collective in the error when `what` fails for want of a peer."""
+    if world == 1:
+        yield
+        return
+    try:
+        yield
+    except RuntimeError as e:
+        if not (isinstance(e, dist.DistError) or _PEER_FAILURE.search(str(e))):
+            raise  # not a communication failure: keep the error as it is
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CollectiveError(f"{what} failed (waited up to --dist-timeout {cfg.dist_timeout:g} s for the other "
+                              f"ranks; a rank stopped calling it or died): {first}") from e
+
+
+def _loss_collectives(cfg: TrainConfig, world: int) -> str:
+    strategy = cfg.strategy if cfg.strategy != "auto" else ("ring" if world > 1 else "local")
+    ops = {"ring": "send/recv around the ring", "gather": "all_gather", "local": "no collective"}[strategy]
+    return f"the {cfg.loss} loss (strategy {strategy}: {ops}) and DDP's gradient all_reduce"
+
+
+def _choose_checkpoint(cfg: TrainConfig, rt: Runtime) -> Optional[dict[str, Any]]:
+    """The checkpoint this run continues from: rank 0 decides, every rank loads the same file.
+
+    `--resume PATH` names it; otherwise the newest loadable checkpoint in OUTPUT/checkpoints whose
+    config matches (a mismatch is a CheckpointError), unless `--fresh` deletes them on the first
+    attempt. Rank 0 also deletes temp files an interrupted save left behind.
+    """
+    decision: list[Any] = [None]
+    if rt.rank == 0:
+        try:
+            decision[0] = ("ok", _decide(cfg))
+        except (checkpoint.CheckpointError, FileNotFoundError) as e:
+            decision[0] = ("error", str(e))
+    if rt.world > 1:
+        with _collective("choosing the checkpoint (broadcast from rank 0)", cfg, rt.world):
+            dist.broadcast_object_list(decision, src=0)
+    status, path = decision[0]
+    if status == "error":
+        raise checkpoint.CheckpointError(path)
+    return checkpoint.read(Path(path)) if path else None
+
+
+def _decide(cfg: TrainConfig) -> Optional[str]:
+    folder = Path(cfg.output) / "checkpoints"
+    for stale in checkpoint.remove_stale_temps(folder):
+        print(f"megabatch train: deleted {stale.name}, left by an interrupted checkpoint save", flush=True)
+    if cfg.resume:
+        path, payload = checkpoint.load_latest(cfg.resume)
+        print(f"megabatch train: resuming from {path} (step {payload['step']}, --resume)", flush=True)
+        return str(path)
+    found = checkpoint.checkpoints(folder)
+    if cfg.fresh and restart_count() == 0:
+        for old in found:
+            old.unlink()
+        if found:
+            print(f"megabatch train: --fresh: deleted {len(found)} checkpoint(s) of the previous run in {folder}",
+                  flush=True)
+        return None
+    if not found:
+        return None
+    path, payload = checkpoint.load_latest(folder)
+    checkpoint.check_same_run(payload, cfg, path)
+    print(f"megabatch train: resuming from {path} (step {payload['step']}): {cfg.output} holds this run's "
+          f"checkpoints (attempt {restart_count()}; --fresh starts over)", flush=True)
+    return str(path)
 
 
 def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer: Any) -> _Parts:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    saved = checkpoint.load(cfg.resume) if cfg.resume else None
+    saved = _choose_checkpoint(cfg, rt)
     stream = build_data(cfg.data, cfg.model.image_size, cfg.seed, rt.rank, rt.world, cfg=cfg, device=rt.device)
     if tokenizer is None:
         tokenizer = (Tokenizer.from_state_dict(saved["tokenizer"]) if saved
@@ -178,7 +303,7 @@ def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        parts.start, parts.evals = saved["step"], saved["evals"]
+        parts.start, parts.evals, parts.skipped = saved["step"], saved["evals"], saved.get("skipped_steps", 0)
         if len(saved["rng"]) == rt.world:
             checkpoint.set_rng_state(saved["rng"][rt.rank])
             if saved["data"][rt.rank] and hasattr(stream, "load_state_dict"):
@@ -220,7 +345,9 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     bar = _progress(cfg, p.start) if lead else None
     t_window, n_window = time.perf_counter(), 0
     warned: list[str] = []
+    faults, in_a_row, what = Injector(rt.rank), 0, _loss_collectives(cfg, rt.world)
     for step in range(p.start, cfg.steps):
+        done = step + 1
         images, captions, ids = _batch(p.stream, step, cfg.batch_size, rt.rank * local, (rt.rank + 1) * local)
         tokens = p.tokenizer(captions)
         if step == 0 and cfg.loss == "siglip" and cfg.logit_bias_init is None:
@@ -230,16 +357,37 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
         p.optimizer.zero_grad(set_to_none=True)
         scale = model.logit_scale.exp()
         loss_args = (scale, model.logit_bias) if cfg.loss == "siglip" else (scale,)
-        with autocast:
+        faults.before_loss(done)
+        with autocast, _collective(f"step {done}: {what}", cfg, rt.world):
             loss = gc(images.to(rt.device), tokens.to(rt.device), *loss_args, **id_kwargs)
-        p.optimizer.step()
+        faults.after_backward(done, model)
+        with _collective(f"step {done}: the non-finite check's all_reduce", cfg, rt.world):
+            bad_ranks, global_loss = _nonfinite_ranks(loss, model, rt.world)
+        if bad_ranks:
+            p.skipped, in_a_row = p.skipped + 1, in_a_row + 1
+            if rt.rank == 0:
+                warnings.warn(f"step {done}: non-finite loss or gradient on {bad_ranks} rank(s) (global loss "
+                              f"{global_loss:.4g}): update skipped on every rank ({in_a_row} in a row)", stacklevel=1)
+            if in_a_row >= cfg.max_bad_steps:
+                raise NonFiniteError(
+                    f"stopping at step {done}: {in_a_row} non-finite steps in a row (--max-bad-steps "
+                    f"{cfg.max_bad_steps}); last global loss {global_loss:.4g}, "
+                    f"logit scale {float(scale.detach()):.4g}, "
+                    f"lr {p.scheduler.get_last_lr()[0]:.3g}. The newest checkpoint is from before; try a lower "
+                    "--lr, more --warmup-steps or --precision fp32")
+            p.optimizer.zero_grad(set_to_none=True)
+        else:
+            in_a_row = 0
+            p.optimizer.step()
         p.scheduler.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        done, n_window = step + 1, n_window + 1
+        faults.after_update(done)
+        n_window += 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             now = time.perf_counter()
-            record = _record(cfg, rt, p, done, loss, n_window * cfg.batch_size / (now - t_window), now - t_run)
+            with _collective(f"step {done}: the metrics' all_reduce", cfg, rt.world):
+                record = _record(cfg, rt, p, done, loss, n_window * cfg.batch_size / (now - t_window), now - t_run)
             t_window, n_window = now, 0
             if log is not None:
                 _check_health(cfg, model, images.to(rt.device), tokens.to(rt.device), record, warned)
@@ -253,7 +401,8 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
                 evals.append({"step": done, **evaluate(model, p.tokenizer, eval_data, rt.device)})
                 (out / "eval.json").write_text(json.dumps({**evals[-1], "history": evals}, indent=2))
             if rt.world > 1:
-                dist.barrier()
+                with _collective(f"step {done}: the barrier after rank 0's evaluation", cfg, rt.world):
+                    dist.barrier()
         if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps:
             _save(cfg, rt, done, p)
     if bar is not None:
@@ -333,6 +482,20 @@ def _progress(cfg: TrainConfig, start: int) -> Any:
 
 
 @torch.no_grad()
+def _nonfinite_ranks(loss: Tensor, model: nn.Module, world: int) -> tuple[int, float]:
+    """(ranks whose loss or gradients hold a NaN/inf, the mean of the ranks' losses): one all_reduce,
+    so every rank takes the same decision."""
+    loss = loss.detach().double().reshape(())
+    checks = [torch.isfinite(loss)] + [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    bad = (~torch.stack(checks).all()).double()
+    t = torch.stack([bad, loss])  # on the loss's device (NCCL needs CUDA tensors); one host sync below
+    if world > 1:
+        dist.all_reduce(t)
+    n_bad, total = t.tolist()
+    return int(n_bad), total / world
+
+
+@torch.no_grad()
 def _record(cfg: TrainConfig, rt: Runtime, p: _Parts, step: int, loss: Tensor, samples_per_s: float,
             elapsed: float) -> dict[str, Any]:
     """One metrics.jsonl line: the global loss (mean of the ranks'), temperature, lr, throughput
@@ -340,7 +503,8 @@ def _record(cfg: TrainConfig, rt: Runtime, p: _Parts, step: int, loss: Tensor, s
     model = p.model
     record = {"step": step, "loss": sum_over_ranks(loss, rt.world) / rt.world,
               "logit_scale": float(model.logit_scale.exp()), "lr": p.scheduler.get_last_lr()[0],
-              "samples_per_s": samples_per_s, "peak_mem_mb": peak_memory_mb(rt.device), "elapsed_s": elapsed}
+              "samples_per_s": samples_per_s, "peak_mem_mb": peak_memory_mb(rt.device), "elapsed_s": elapsed,
+              "skipped_steps": p.skipped}
     if cfg.loss == "siglip":
         record["logit_bias"] = float(model.logit_bias)
     if hasattr(p.stream, "skipped"):
@@ -349,12 +513,13 @@ def _record(cfg: TrainConfig, rt: Runtime, p: _Parts, step: int, loss: Tensor, s
 
 
 def _save(cfg: TrainConfig, rt: Runtime, step: int, p: _Parts) -> None:
-    rngs = checkpoint.gathered(checkpoint.rng_state(), rt.world)
-    data = checkpoint.gathered(state_of(p.stream), rt.world)
+    with _collective(f"step {step}: the checkpoint's all_gather_object of RNG and data states", cfg, rt.world):
+        rngs = checkpoint.gathered(checkpoint.rng_state(), rt.world)
+        data = checkpoint.gathered(state_of(p.stream), rt.world)
     if rt.rank != 0:
         return
     payload = {"step": step, "config": cfg.to_dict(), "model": p.model.state_dict(),
                "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
                "tokenizer": p.tokenizer.state_dict() if hasattr(p.tokenizer, "state_dict") else None,
-               "rng": rngs, "data": data, "evals": p.evals, "world": rt.world}
+               "rng": rngs, "data": data, "evals": p.evals, "world": rt.world, "skipped_steps": p.skipped}
     checkpoint.save(checkpoint.checkpoint_path(cfg.output, step), payload, cfg.keep_checkpoints)

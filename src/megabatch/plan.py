@@ -1,0 +1,297 @@
+"""`megabatch plan`: per-rank peak memory and bytes sent of one loss step, before renting GPUs.
+
+    megabatch plan --loss siglip --strategy ring --backend triton --world 64 --batch 1048576 --dim 512 \\
+        --dtype bfloat16 --gpu-mem 80GiB
+    megabatch plan ... --json          # one object: peak_bytes, sent_bytes, total_bytes, fits, status, options
+
+peak_bytes is what the loss's forward + backward allocates on one rank beyond its inputs (the
+(b, D) image and (n, D) text features), at its highest; sent_bytes what one rank sends per step
+under the ring cost model of strategies/_comm.py (all_gather (W-1)*n_local, all_reduce
+2(W-1)/W*n, reduce_scatter (W-1)/W*n, a point-to-point send n bytes), the count `megabatch bench`
+reports. With --act-bytes (the towers' activation bytes per sample) and --micro-batch, total_bytes
+adds the GradCache step around the loss: the features of the rank's batch and one micro-batch's
+activations (parameters and optimizer state are the user's to add).
+
+Where the formulas come from (B images and N texts in all, b = B/W and n = N/W per rank, D, e the
+feature element size, c the compute element size (4; 8 for float64), T the torch backend's logit
+tile, U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
+  * bytes sent: the README's communication table and the strategies' docstrings, term by term,
+    plus the 8-int64 layout exchange (64 bytes to each of W-1 peers) and, with --ids, 8 bytes per
+    text row wherever a text block travels (ids go with their blocks), and for CLIP the positive
+    counts and logit sums (16 bytes per text) with the forward's statistics, the column targets
+    (8 more) with the backward's, and an all-reduce of two float64 (rows and columns with a positive);
+  * memory, torch backend, read off the code and checked on CPU against the allocator's own events
+    (benchmarks/plan_check.py, float32, D = 256, B = 4096 and 8192, W = 1..4):
+      local         rows finished chunk by chunk into dx: the kernels' compute-dtype copy of the
+                    texts (16-bit only, U_y), gy, dx and 2 tiles = [U_y] + U_y + E_x + 2T; CLIP
+                    adds 16 bytes of statistics per row; SigLIP's backward holds the saved dx, dy
+                    and their scaled copies, 2(E_x + E_y), which is its peak in float32
+      ring          per visit: the block held and (W >= 3) the next one arriving (E_y each), the
+                    accumulator sent and the one received (U_y each), gx and this visit's gx and
+                    gy parts (2 U_x + U_y), 2 tiles; CLIP adds 8 bytes per row per lse travelling
+      gather        one visit of all N texts (the row side finished chunk by chunk, as local): the
+                    gathered texts (N*D*e, kept from forward to backward), the (N, D) compute-dtype
+                    text-gradient accumulator, dx and 2 tiles (16-bit: plus the kernels' compute
+                    copy of the gathered texts, N*D*c)
+    bfloat16 on CPU (W = 1, 2, 4, B = 4096) is within 3%, but 16-bit rows stay marked predicted (a GPU
+    has other kernels and allocator);
+  * triton backend: benchmarks/memory_accounting.py's measured slopes (CLIP backward and SigLIP
+    forward 8 bytes per b*D for 16-bit features: dx 2 + fp32 gy 4 + dy 2) plus the super-block
+    scratch (8192 x 8192 in the input dtype); distributed triton rows follow the torch
+    structure without the per-visit gx part (the kernels accumulate in place): predicted;
+  * dense backend: the (b, n) logits and their gradient, 4 (CLIP) or 5 (SigLIP) logit-sized
+    buffers (the README's measured dense rows): predicted.
+Every row that a GPU has not measured is marked "predicted"; float32 torch-backend rows on CPU are
+"checked on CPU" (within 10% at B >= 4096, D = 256).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+LOSSES = ("clip", "siglip")
+STRATEGIES = ("local", "ring", "gather")
+BACKENDS = ("torch", "triton", "dense")
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+DEVICES = ("cuda", "cpu")
+CPU_TILE_ELEMENTS = 1 << 18  # kernels/torch_chunked.py
+GPU_TILE_ELEMENTS = 1 << 24
+TRITON_SUPER_BLOCK = 8192 * 8192  # kernels/triton_kernels.py default super-block (pairs)
+LSE_BYTES = 8  # the torch backend's float64 log-sum-exps
+META_BYTES = 8 * 8  # exchange_layout: 8 int64 per rank
+ID_BYTES = 8
+
+
+@dataclass
+class Plan:
+    """One configuration's per-rank numbers (bytes)."""
+
+    loss: str
+    strategy: str
+    backend: str
+    world: int
+    batch: int
+    texts: int
+    dim: int
+    dtype: str
+    device: str
+    ids: bool
+    peak_bytes: int
+    sent_bytes: int
+    inputs_bytes: int
+    activation_bytes: int
+    total_bytes: int
+    status: str
+    terms: dict[str, int] = field(default_factory=dict)
+
+
+def _tile(backend: str, device: str, c: int) -> int:
+    if backend != "torch":
+        return 0
+    return (CPU_TILE_ELEMENTS if device == "cpu" else GPU_TILE_ELEMENTS) * c
+
+
+def _memory(loss: str, strategy: str, backend: str, world: int, b: int, n: int, N: int, dim: int, e: int,
+            c: int, device: str, ids: bool) -> dict[str, int]:
+    """Named terms of the peak (bytes); their sum is peak_bytes."""
+    ux, uy, ex, ey, vy = b * dim * c, n * dim * c, b * dim * e, n * dim * e, N * dim * c
+    conv = uy if e != c else 0  # the kernels' compute-dtype copy of a 16-bit text block
+    tiles = 2 * _tile(backend, device, c)
+    idb = ID_BYTES if ids else 0
+    if backend == "dense":
+        return {"logit-sized buffers": (4 if loss == "clip" else 5) * b * (N if strategy == "gather" else n) * c,
+                "gradients": ex + ey}
+    if backend == "triton":
+        scratch = TRITON_SUPER_BLOCK * e
+        if strategy == "local":
+            return {"dx + fp32 gy + dy": ex + uy + ey, "super-block scratch": scratch, "statistics": 16 * (b + n)}
+        if strategy == "ring":
+            blocks = (2 if world >= 3 else 1) * (ey + n * idb)
+            return {"text blocks in flight": blocks, "accumulators sent and received": 2 * uy,
+                    "gx + gy part": ux + uy, "super-block scratch": scratch, "statistics": 48 * max(b, n)}
+        # one visit: the row side is finished one row of super-blocks at a time (a (8192, D) fp32 buffer)
+        return {"gathered texts": N * dim * e + N * idb, "fp32 text-gradient accumulator": vy,
+                "dx + one row of super-blocks' fp32 gx": ex + min(b, 8192) * dim * 4, "super-block scratch": scratch}
+    if strategy == "local":  # the row side is finished chunk by chunk into dx (a row sink): no (b, D) gx
+        during = conv + uy + ex + tiles  # the text block's compute copy, gy, dx, 2 tiles
+        if loss == "clip":
+            after = uy + ex + (ey if e != c else 0)  # gy, dx and (16-bit) dy
+            return {"conv copy + gy + dx + tiles" if during >= after else "gy + dx + dy": max(during, after),
+                    "statistics": 16 * (b + n)}
+        backward = 2 * (ex + ey)  # the saved dx, dy and their scaled copies
+        return {"forward: conv copy + gy + dx + tiles" if during >= backward else "saved and scaled dx, dy":
+                max(during, backward)}
+    if strategy == "ring":
+        blocks = (2 if world >= 3 else 1) * (ey + n * idb)
+        terms = {"text blocks in flight": blocks, "accumulators sent and received": 2 * uy,
+                 "gx, its part and the gy part": 2 * ux + uy + conv, "tiles": tiles}
+        if loss == "clip":
+            terms["statistics"] = LSE_BYTES * (2 * b + 2 * n + (2 if world >= 3 else 1) * n)
+        return terms
+    terms = {"gathered texts": N * dim * e + N * idb, "(N, D) text-gradient accumulator": vy, "dx": ex,
+             "the kernels' compute copy of the gathered texts": N * dim * c if e != c else 0, "tiles": tiles}
+    if loss == "clip":
+        terms["statistics"] = 2 * LSE_BYTES * N + LSE_BYTES * b
+    return terms
+
+
+def _sent(loss: str, strategy: str, world: int, b: int, n: int, N: int, dim: int, e: int, c: int, device: str,
+          ids: bool) -> int:
+    """Bytes one rank sends per step (forward + backward) under _comm's ring cost model."""
+    if strategy == "local" or world == 1:
+        return 0
+    w = world
+    idb = ID_BYTES if ids else 0
+    block = n * (dim * e + idb)
+    sent = (w - 1) * META_BYTES
+    pos_sums = 16 if ids and loss == "clip" else 0  # with ids: each column's positive count and logit sum
+    target = 8 if ids and loss == "clip" else 0  # with ids: each column's positive target, in the backward
+    if ids and loss == "clip":
+        sent += 2 * (w - 1) / w * 16  # all-reduce of (rows, columns) with a positive
+    if strategy == "ring":
+        if loss == "clip":
+            sent += (w - 1) * block + w * n * (LSE_BYTES + pos_sums)  # forward: blocks, column statistics
+            sent += (w - 1) * (block + n * (LSE_BYTES + target)) + w * n * dim * c  # backward: blocks + stats, grads
+        else:
+            sent += (w - 1) * block + w * n * dim * c
+        return int(sent)
+    sent += (w - 1) * block  # all_gather of the texts (and their ids), kept for the backward
+    # the text gradients back to their owners: NCCL reduce-scatters, gloo all-reduces
+    share = (w - 1) / w if device == "cuda" else 2 * (w - 1) / w
+    reduce = N * dim * c * share
+    if loss == "clip":
+        sent += 2 * (2 * (w - 1) / w * N * LSE_BYTES)  # the column lse: max and sum all-reduces
+        sent += N * pos_sums * share  # with ids: the positive sums reduced to their owners
+        sent += (w - 1) * n * (LSE_BYTES + target)  # backward: the column statistics gathered again
+    return int(sent + reduce)
+
+
+def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: int, dtype: str, *,
+         texts: Optional[int] = None, device: str = "cuda", ids: bool = False, act_bytes: int = 0,
+         micro_batch: int = 0) -> Plan:
+    """The per-rank numbers of one configuration (see the module docstring). ValueError on bad input."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}; got {loss!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+    texts = batch if texts is None else texts
+    for name, value in (("world", world), ("batch", batch), ("texts", texts), ("dim", dim)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("act_bytes", act_bytes), ("micro_batch", micro_batch)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if strategy == "local" and world != 1:
+        raise ValueError(f"strategy local is one process: world must be 1, got {world}")
+    if strategy != "local" and world == 1:
+        raise ValueError(f"strategy {strategy} spreads the batch over ranks: world must be >= 2 (one process: local)")
+    if batch % world or texts % world:
+        raise ValueError(f"batch ({batch}) and texts ({texts}) must be divisible by world ({world})")
+    if backend == "triton" and device == "cpu":
+        raise ValueError("backend triton runs on cuda (on CPU only through Triton's interpreter): use --device cuda")
+    e, c = DTYPES[dtype], 8 if dtype == "float64" else 4
+    b, n = batch // world, texts // world
+    terms = _memory(loss, strategy, backend, world, b, n, texts, dim, e, c, device, ids)
+    peak = int(sum(terms.values()))
+    sent = _sent(loss, strategy, world, b, n, texts, dim, e, c, device, ids)
+    inputs = (b + n) * dim * e + (b + n) * (ID_BYTES if ids else 0)
+    activations = act_bytes * micro_batch
+    checked = device == "cpu" and backend == "torch" and dtype == "float32" and not ids and texts == batch
+    status = "checked on CPU" if checked else "predicted"
+    return Plan(loss, strategy, backend, world, batch, texts, dim, dtype, device, ids, peak, sent, inputs,
+                activations, peak + inputs + activations, status, terms)
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80 GB', '1.5e9' -> bytes. ValueError naming the value otherwise."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"expected a size such as 80GiB, 40GB or 1e9, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _fmt(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megabatch plan", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--loss", choices=LOSSES, default="clip")
+    p.add_argument("--strategy", choices=("auto",) + STRATEGIES, default="auto",
+                   help="auto: ring when --world > 1, local otherwise (as the losses pick)")
+    p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
+                   help="auto: triton on cuda, torch on cpu (as the losses pick)")
+    p.add_argument("--world", type=int, default=1, help="ranks W")
+    p.add_argument("--batch", type=int, required=True, help="GLOBAL image count B (all ranks)")
+    p.add_argument("--texts", type=int, help="global text count N (default: --batch; SigLIP may have more)")
+    p.add_argument("--dim", type=int, required=True, help="feature dimension D")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="feature dtype")
+    p.add_argument("--device", choices=DEVICES, default="cuda")
+    p.add_argument("--ids", action="store_true", help="image/text ids (int64) travel with the features")
+    p.add_argument("--act-bytes", type=int, default=0, help="the towers' activation bytes per sample (GradCache)")
+    p.add_argument("--micro-batch", type=int, default=0, help="GradCache micro-batch per rank")
+    p.add_argument("--gpu-mem", help="memory per rank, e.g. 80GiB: also list which strategies/backends fit")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = _parser()
+    a = parser.parse_args(argv)
+    strategy = a.strategy if a.strategy != "auto" else ("ring" if a.world > 1 else "local")
+    backend = a.backend if a.backend != "auto" else ("triton" if a.device == "cuda" else "torch")
+    common = dict(texts=a.texts, device=a.device, ids=a.ids, act_bytes=a.act_bytes, micro_batch=a.micro_batch)
+    try:
+        gpu_mem = parse_bytes(a.gpu_mem) if a.gpu_mem is not None else None
+        chosen = plan(a.loss, strategy, backend, a.world, a.batch, a.dim, a.dtype, **common)
+        options = []
+        for st in (("local",) if a.world == 1 else ("ring", "gather")):
+            for be in BACKENDS:
+                if be == "triton" and a.device == "cpu":
+                    continue
+                options.append(plan(a.loss, st, be, a.world, a.batch, a.dim, a.dtype, **common))
+    except ValueError as e:
+        parser.error(str(e))
+    fits = None if gpu_mem is None else chosen.total_bytes <= gpu_mem
+    if a.json:
+        keys = ("strategy", "backend", "peak_bytes", "sent_bytes", "total_bytes", "status")
+        rows = [{**{k: getattr(o, k) for k in keys}, "fits": None if gpu_mem is None else o.total_bytes <= gpu_mem}
+                for o in options]
+        out: dict[str, Any] = {**asdict(chosen), "gpu_mem_bytes": gpu_mem, "fits": fits, "options": rows}
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"{a.loss}, {a.world} rank(s), B = {a.batch} images, N = {chosen.texts} texts (b = {a.batch // a.world}, "
+          f"n = {chosen.texts // a.world} per rank), D = {a.dim}, {a.dtype} on {a.device}{', ids' if a.ids else ''}")
+    print(f"{'strategy':9}{'backend':8}{'peak':>12}{'sent/step':>12}{'total':>12}  {'fits' if gpu_mem else ''}")
+    for o in options:
+        mark = "" if gpu_mem is None else ("yes" if o.total_bytes <= gpu_mem else "no")
+        star = " <-" if (o.strategy, o.backend) == (chosen.strategy, chosen.backend) else ""
+        print(f"{o.strategy:9}{o.backend:8}{_fmt(o.peak_bytes):>12}{_fmt(o.sent_bytes):>12}{_fmt(o.total_bytes):>12}"
+              f"  {mark:4}{o.status}{star}")
+    print("peak: the loss's forward+backward beyond its inputs; total adds the features"
+          + (" and one micro-batch's activations" if a.act_bytes and a.micro_batch else "")
+          + "; sent: bytes per rank per step (ring cost model)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

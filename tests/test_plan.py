@@ -1,0 +1,88 @@
+"""`megabatch plan`: its per-rank peak memory is within 10% of the peak the torch CPU allocator's own
+events show for one loss forward+backward, and its bytes sent equal `_comm.count_bytes()`'s count
+exactly (torch backend, float32, D = 256, B = 4096, W = 1 and 2, CLIP and SigLIP, ring and gather;
+W = 3, 4 and B = 8192: `python benchmarks/plan_check.py`); the command prints a table or one JSON
+object with peak_bytes and sent_bytes, marks rows no machine measured as predicted, says which
+options fit --gpu-mem, and turns bad input into a usage error naming the flag; the library module
+does not import the training app.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megabatch import plan
+from megabatch.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_within_ten_percent_of_the_allocator(tmp_path):
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "plan_check.py"), "--world", "1", "2", "--batch", "4096",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6  # clip, siglip x (local W=1, ring and gather W=2)
+    for r in rows:
+        assert abs(r["peak_error"]) <= 0.10, r
+        assert r["measured_sent_bytes"] == r["predicted_sent_bytes"], r
+        assert r["measured_peak_bytes"] > 8 * 2**20  # a peak of several MiB: allocator noise is far below 10%
+
+
+def test_json_and_fit(capsys):
+    args = ["plan", "--loss", "siglip", "--world", "64", "--batch", "1048576", "--dim", "512", "--dtype", "bfloat16",
+            "--gpu-mem", "80GiB", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    b, dim = 1048576 // 64, 512
+    assert out["strategy"] == "ring" and out["backend"] == "triton" and out["status"] == "predicted"
+    # SigLIP ring: (W-1) bf16 blocks + W fp32 text-gradient accumulators + the layout exchange
+    assert out["sent_bytes"] == 63 * b * dim * 2 + 64 * b * dim * 4 + 63 * 64  # + the 8-int64 layout rows
+    assert 0 < out["peak_bytes"] < out["total_bytes"] <= 80 * 2**30 and out["fits"] is True
+    fits = {(o["strategy"], o["backend"]): o["fits"] for o in out["options"]}
+    assert fits[("gather", "dense")] is False and fits[("ring", "torch")] is True
+
+
+def test_texts_and_ids_add_what_travels():
+    base = plan.plan("siglip", "ring", "torch", 4, 4096, 256, "float32", device="cpu")
+    assert base.status == "checked on CPU"
+    more = plan.plan("siglip", "ring", "torch", 4, 4096, 256, "float32", device="cpu", texts=8192, ids=True)
+    n = 8192 // 4
+    assert more.sent_bytes == 3 * n * (256 * 4 + 8) + 4 * n * 256 * 4 + 3 * 64
+    assert more.peak_bytes > base.peak_bytes and more.status == "predicted"
+    gather = plan.plan("clip", "gather", "torch", 2, 4096, 256, "float32", device="cpu")
+    # the texts gathered, the column lse (max and sum all-reduces), gathered again for the backward,
+    # the text gradients all-reduced (gloo), the layout rows
+    assert gather.sent_bytes == 2048 * 256 * 4 + 2 * 4096 * 8 + 2048 * 8 + 4096 * 256 * 4 + 64
+    assert plan.plan("clip", "gather", "torch", 2, 4096, 256, "float32", device="cuda").sent_bytes < gather.sent_bytes
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--batch", "100", "--dim", "64", "--world", "3"], "divisible by world"),
+    (["--batch", "96", "--dim", "0"], "dim must be a positive integer"),
+    (["--batch", "96", "--dim", "64", "--strategy", "ring"], "world must be >= 2"),
+    (["--batch", "96", "--dim", "64", "--gpu-mem", "lots"], "expected a size such as 80GiB"),
+    (["--batch", "96", "--dim", "64", "--texts", "100", "--world", "8"], "texts (100) must be divisible"),
+    (["--batch", "96", "--dim", "64", "--device", "cpu", "--backend", "triton"], "backend triton runs on cuda"),
+])
+def test_usage_errors(capsys, args, flag):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", *args])
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_library_does_not_import_the_training_app():
+    code = "import sys, megabatch.plan; assert not [m for m in sys.modules if m.startswith('megabatch.train')]"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_parse_bytes():
+    assert plan.parse_bytes("80GiB") == 80 * 2**30 and plan.parse_bytes("40 GB") == 40 * 10**9
+    assert plan.parse_bytes("1e9") == 10**9

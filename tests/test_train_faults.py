@@ -1,0 +1,191 @@
+"""Faults in `megabatch train`, each bounded in time and leaving no process behind:
+
+* kill: under `torchrun --max-restarts 1` (2 ranks), a rank SIGKILLed after step 6 is restarted,
+  the run resumes from its checkpoint at step 4 (>= 6 - ckpt_every; not from 0), and ends with the
+  same final loss and evaluation as an uninterrupted run (same seed and world) -- for rank 0 (which
+  writes the checkpoints) and rank 1;
+* NaN: a NaN gradient on one of 2 ranks skips that update on both (their weights stay identical),
+  the schedule moves on, metrics.jsonl counts it; N in a row stop the run with step, loss, scale;
+* checkpoints: loaded with weights_only=True (a pickle that would run code is refused, the code does
+  not run); a truncated newest is skipped with a warning and the previous one used; stale temp
+  files are deleted; --keep-checkpoints keeps that many; a run directory holding checkpoints of
+  other settings is a usage error (exit 2), --fresh starts over;
+* hung rank: a rank that stops calling the loss makes the other fail within --dist-timeout with
+  a message naming the collective.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _dist_utils import run_world
+from megabatch.train import from_preset, train
+from megabatch.train import checkpoint
+from megabatch.train.cli import main
+from megabatch.train.faults import parse
+from megabatch.train.loop import NonFiniteError, cosine_with_warmup
+
+TINY = ["--preset", "tiny", "--log-every", "1", "--no-progress"]
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def torchrun(args: list[str], fault: str = "", restarts: int = 0, timeout: float = 120) -> tuple[int, str, float]:
+    """Run `torchrun --standalone --nproc_per_node 2 -m megabatch.train ARGS` in its own session;
+    return (exit code, output, seconds). Asserts that no process of the session outlives it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGABATCH_FAULT": fault}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", str(restarts), "-m", "megabatch.train", *args]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout} s:\n{out[-3000:]}")
+    seconds = time.monotonic() - t0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("a worker outlived torchrun")
+    return proc.returncode, out, seconds
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    rc, log, _ = torchrun([*TINY, "--steps", "10", "--ckpt-every", "4", "--output", str(out)])
+    assert rc == 0, log[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_killed_rank_restarts_and_resumes(tmp_path, uninterrupted, rank):
+    rc, log, _ = torchrun([*TINY, "--steps", "10", "--ckpt-every", "4", "--output", str(tmp_path)],
+                          fault=f"kill@6:{rank}", restarts=1)
+    assert rc == 0, log[-3000:]
+    assert "Connection refused" not in log
+    resumed = [line for line in log.splitlines() if "resuming from" in line]
+    assert len(resumed) == 1 and "step_000004.pt (step 4)" in resumed[0] and "attempt 1" in resumed[0], log[-3000:]
+    got, want = records(tmp_path), records(uninterrupted)
+    assert [r["step"] for r in got] == list(range(1, 11))
+    assert got[-1]["loss"] == pytest.approx(want[-1]["loss"], rel=1e-6, abs=0)
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    reference = json.loads((uninterrupted / "eval.json").read_text())
+    for key in ("zero_shot_top1", "i2t_r1", "t2i_r1", "i2t_r5"):
+        assert evaluation[key] == reference[key], key
+
+
+def test_hung_rank_fails_within_the_timeout(tmp_path):
+    rc, log, seconds = torchrun([*TINY, "--steps", "6", "--dist-timeout", "3", "--output", str(tmp_path)],
+                                fault="hang@3:1")
+    assert rc != 0
+    assert "step 3: the clip loss (strategy ring: send/recv around the ring)" in log, log[-3000:]
+    assert "--dist-timeout 3 s" in log
+    assert seconds < 60
+
+
+def _nan_worker(rank: int, world: int, out: str) -> list[torch.Tensor]:
+    os.environ["MEGABATCH_FAULT"] = "nan@3:1"
+    cfg = from_preset("tiny", steps=5, log_every=1, output=out, progress=False, strategy="gather")
+    model_box = {}
+
+    import megabatch.train.loop as loop
+
+    original = loop.ContrastiveModel
+
+    def keep(*a, **k):
+        model_box["m"] = original(*a, **k)
+        return model_box["m"]
+
+    loop.ContrastiveModel = keep
+    train(cfg)
+    return [p.detach().clone() for p in model_box["m"].parameters()]
+
+
+def test_nan_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    weights = run_world(_nan_worker, 2, tmp_path / "world", str(tmp_path / "run"), timeout=120)
+    for a, b in zip(*weights):
+        assert torch.equal(a, b)
+    recs = records(tmp_path / "run")
+    assert [r["skipped_steps"] for r in recs] == [0, 0, 1, 1, 1]
+    factor = cosine_with_warmup(3, 5)  # the tiny preset's warmup; the schedule moved on at step 3
+    assert [r["lr"] for r in recs] == pytest.approx([1e-3 * factor(k) for k in range(1, 6)])
+
+
+def test_nan_in_a_row_stops_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGABATCH_FAULT", "nan@2-9")
+    cfg = from_preset("tiny", steps=9, log_every=1, output=str(tmp_path), progress=False, max_bad_steps=3)
+    with pytest.warns(UserWarning, match="update skipped on every rank"), \
+            pytest.raises(NonFiniteError, match=r"stopping at step 4: 3 non-finite steps in a row .*logit scale"):
+        train(cfg)
+
+
+def test_fault_spec_errors():
+    assert parse("kill@6:1,nan@2-4") == [parse("kill@6:1")[0], parse("nan@2-4")[0]]
+    for bad in ("boom@3", "nan@x", "nan@0", "nan@5-2", "hang"):
+        with pytest.raises(ValueError, match="MEGABATCH_FAULT"):
+            parse(bad)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['EVIL_MARK']}",))
+
+
+def test_checkpoint_cannot_run_code(tmp_path, monkeypatch):
+    mark = tmp_path / "ran"
+    monkeypatch.setenv("EVIL_MARK", str(mark))
+    path = tmp_path / "step_000001.pt"
+    torch.save({"step": 1, "config": {}, "x": _Evil()}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be loaded safely"):
+        checkpoint.read(path)
+    assert not mark.exists()
+
+
+def test_corrupt_newest_is_skipped_and_temps_cleaned(tmp_path):
+    flags = ["--steps", "6", "--ckpt-every", "2", "--keep-checkpoints", "3", "--output", str(tmp_path)]
+    assert main([*TINY, *flags]) == 0
+    folder = tmp_path / "checkpoints"
+    assert [p.name for p in checkpoint.checkpoints(folder)] == ["step_000002.pt", "step_000004.pt", "step_000006.pt"]
+    want = records(tmp_path)[-1]["loss"]
+    payload = checkpoint.read(folder / "step_000004.pt")
+    assert isinstance(payload["rng"][0]["numpy"][1], torch.Tensor)  # no numpy object in the pickle
+    newest = folder / "step_000006.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated by a crash
+    (folder / ".step_000008.pt.123.tmp").write_bytes(b"half a checkpoint")
+    with pytest.warns(UserWarning, match="skipping checkpoint .*step_000006.pt"):
+        assert main([*TINY, *flags]) == 0
+    assert not list(folder.glob(".*.tmp"))
+    assert records(tmp_path)[-1]["loss"] == want  # resumed at 4, same steps 5 and 6
+
+
+def test_other_settings_are_refused_and_fresh_starts_over(tmp_path, capsys):
+    flags = ["--steps", "2", "--ckpt-every", "1", "--output", str(tmp_path)]
+    assert main([*TINY, *flags]) == 0
+    assert main([*TINY, *flags, "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "holds checkpoints of another run" in err and "--lr (saved 0.001, now 0.01)" in err
+    assert main([*TINY, *flags, "--lr", "0.01", "--fresh"]) == 0
+    assert "--fresh: deleted 2 checkpoint(s)" in capsys.readouterr().out
+    assert checkpoint.read(checkpoint.checkpoint_path(tmp_path, 2))["config"]["lr"] == 0.01
+    with pytest.raises(SystemExit):
+        main([*TINY, *flags, "--fresh", "--resume", str(tmp_path)])
