@@ -51,7 +51,7 @@ MEMORY_DIM = 256
 # The SigLIP paper (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", Fig. 2),
 # ImageNet zero-shot of SigLiT/LiT-style runs against batch size, read off its figure: sigmoid
 # ahead below ~16k, both saturating near 32k, sigmoid best at 256k, a million no better.
-PAPER = "Zhai et al. 2023, Fig. 2: sigmoid > softmax below ~16k; both saturate ~32k; SigLiT peaks at 256k; 1M no better"
+PAPER = "Zhai et al. 2023 (arXiv 2303.15343), Fig. 2 and abstract: sigmoid > softmax below ~16k; both saturate ~32k; SigLiT peaks at 256k; 1M no better"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -216,6 +216,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     n = result["plan"]["samples"]
     ax.set(xscale="log", xlabel="global contrastive batch", ylabel="image->text R@1 (%)",
            title=f"emoji, unseen drawing style; {n:,} samples seen per run")
+    ax.minorticks_off()
     ax.set_xticks(sorted({r["batch"] for r in rows}) or [1])
     ax.set_xticklabels([str(b) for b in sorted({r["batch"] for r in rows})], rotation=45)
     if rows:
@@ -229,13 +230,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
             axm.plot(*zip(*pts), color=style[0], ls=style[1], marker="o",
                      label=f"{loss} {'dense (B x B)' if backend == 'dense' else 'tiled (megabatch)'}")
     mem = result["memory"]
+    axm.set(xscale="log", yscale="log", xlabel="batch", ylabel="peak live MiB (forward+backward)",
+            title=f"loss memory beyond the inputs, D = {MEMORY_DIM}, fp32, CPU")
     if mem:
         bs = sorted({m["batch"] for m in mem})
         axm.plot(bs, [b * b * 4 / 2**20 for b in bs], color="gray", ls=":", label="one B x B fp32 matrix")
+        axm.minorticks_off()
         axm.set_xticks(bs)
         axm.set_xticklabels([str(b) for b in bs], rotation=45)
-    axm.set(xscale="log", yscale="log", xlabel="batch", ylabel="peak live MiB (forward+backward)",
-            title=f"loss memory beyond the inputs, D = {MEMORY_DIM}, fp32, CPU")
     axm.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
