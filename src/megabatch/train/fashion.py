@@ -32,18 +32,19 @@ class FashionUnavailable(DataError):
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzipped or not) as a uint8 array of its declared shape. ValueError if malformed."""
+    """An IDX file (gzipped or not) as a uint8 array of its declared shape. DataError (a ValueError;
+    a usage error on the command line) naming the file if it is malformed."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path}: not an IDX file of unsigned bytes")
+        raise DataError(f"{path}: not an IDX file of unsigned bytes")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: {body.size} bytes of data for shape {shape}")
-    return body.reshape(shape)
+        raise DataError(f"{path}: {body.size} bytes of data for shape {shape}")
+    return body.reshape(shape).copy()  # writable, for torch
 
 
 def load(split: str, folder: Path = FOLDER) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +55,7 @@ def load(split: str, folder: Path = FOLDER) -> tuple[np.ndarray, np.ndarray]:
         raise FashionUnavailable(f"--data fashion-mnist needs {', '.join(missing)}: {INSTALL}")
     images, labels = (read_idx(p) for p in paths)
     if len(images) != len(labels):
-        raise ValueError(f"{folder}: {len(images)} {split} images but {len(labels)} labels")
+        raise DataError(f"{folder}: {len(images)} {split} images but {len(labels)} labels")
     return images, labels.astype(np.int64)
 
 
