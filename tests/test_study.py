@@ -32,8 +32,8 @@ def test_bad_arguments(argv, capsys):
 
 @needs_emoji
 @needs_minilm
-def test_quick_study(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEGABATCH_CACHE", str(tmp_path / "cache"))
+def test_quick_study(tmp_path, monkeypatch, emoji_cache):
+    monkeypatch.setenv("MEGABATCH_CACHE", str(emoji_cache))
     out = tmp_path / "study"
     assert main(["study", "--quick", "--memory-batches", "256", "2048", "--output", str(out)]) == 0
     result = json.loads((out / "study.json").read_text())
@@ -42,7 +42,7 @@ def test_quick_study(tmp_path, monkeypatch):
     assert env["command"].startswith("megabatch study --quick") and env["date"] and env["machine"]
     rows = [r for r in result["rows"] if r["backend"] == "auto"]
     assert {(r["loss"], r["batch"]) for r in rows} == {(loss, b) for loss in ("clip", "siglip") for b in (16, 64)}
-    assert {r["samples"] for r in rows} == {1024} and {r["positives"] for r in rows} == {"caption"}
+    assert {r["samples"] for r in rows} == {512} and {r["positives"] for r in rows} == {"caption"}
     for r in rows:
         assert 0 <= r["i2t_r1"] <= 1 and r["chance_i2t_r1"] < 0.001 and r["seconds"] > 0
         assert (r["logit_bias"] is None) == (r["loss"] == "clip")

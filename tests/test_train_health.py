@@ -109,3 +109,27 @@ def test_center():
     assert isinstance(ContrastiveModel(model_cfg, 50, "clip").image_center, nn.Identity)
     model_cfg.center = True
     assert isinstance(ContrastiveModel(model_cfg, 50, "clip").text_center, Center)
+
+
+class _Random(_Constant):
+    """Towers whose outputs are unrelated random vectors (no collapse)."""
+
+    def encode_image(self, x):
+        return torch.randn(len(x), 8, generator=torch.Generator().manual_seed(1))
+
+    def encode_text(self, t):
+        return torch.randn(len(t), 8, generator=torch.Generator().manual_seed(2))
+
+
+def test_collapse_then_recovery_is_said_once_each(capsys):
+    from megabatch.train.loop import _check_health
+
+    cfg = from_preset("tiny", steps=30, warmup_steps=3)
+    images, tokens = torch.randn(64, 3, 4, 4), torch.randint(0, 9, (64, 8))
+    warned: list[str] = []
+    with pytest.warns(RuntimeWarning, match="embeddings collapsed at step 10"):
+        _check_health(cfg, _Constant(), images, tokens, {"step": 10, "logit_scale": 14.3}, warned)
+    record = {"step": 20, "logit_scale": 14.3}
+    _check_health(cfg, _Random(), images, tokens, record, warned)
+    _check_health(cfg, _Random(), images, tokens, {"step": 25, "logit_scale": 14.3}, warned)
+    assert "collapsed" not in record and capsys.readouterr().err.count("embeddings recovered by step 20") == 1

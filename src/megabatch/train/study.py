@@ -2,7 +2,7 @@
 on real data, at the same number of samples seen; and the losses' memory against the batch.
 
     megabatch study                      # the full study (`make study`; see README "Why 32k?")
-    megabatch study --quick              # a ~1-minute version (the tests run it)
+    megabatch study --quick              # a ~1-minute version (the tests run it; 512 samples a run)
     megabatch study --batches 16 256 --seeds 0 --samples 8192 --output /tmp/s
 
 Every run trains the small preset's ViT (from scratch) against locked MiniLM-L6 with a trained
@@ -44,7 +44,7 @@ import torch
 # Powers of 4 from 16, and 2,048: the data's limit (3,292 training pairs; a batch of 4,096 would hold pairs twice).
 FULL = dict(batches=(16, 64, 256, 1024, 2048), seeds=(0, 1), samples=65536, losses=("clip", "siglip"),
             memory_batches=(1024, 2048, 4096, 8192, 16384), check_batch=256)
-QUICK = dict(batches=(16, 64), seeds=(0,), samples=1024, losses=("clip", "siglip"), memory_batches=(256, 512),
+QUICK = dict(batches=(16, 64), seeds=(0,), samples=512, losses=("clip", "siglip"), memory_batches=(256, 512),
              check_batch=64)
 LR = 1e-3
 MEMORY_DIM = 256
@@ -57,7 +57,7 @@ PAPER = "Zhai et al. 2023 (arXiv 2303.15343), Fig. 2 and abstract: sigmoid > sof
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megabatch study", description=__doc__.split("\n")[0],
                                 epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the short version (2 batch sizes, 1 seed, 1,024 samples)")
+    p.add_argument("--quick", action="store_true", help="the short version (2 batch sizes, 1 seed, 512 samples)")
     p.add_argument("--batches", type=int, nargs="+", help="global batch sizes")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds per point")
     p.add_argument("--samples", type=int, help="samples seen by every run")
