@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import megabatch as mb  # noqa: E402
+from megabatch.bench.allocator import peak_live_bytes  # noqa: E402
 
 
 def load_baseline(src: str) -> Any:
@@ -42,16 +42,6 @@ def load_baseline(src: str) -> Any:
     spec.loader.exec_module(module)
     return module
 
-
-def peak_live_bytes(fn: Callable[[], None]) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def main() -> None:

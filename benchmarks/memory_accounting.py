@@ -30,26 +30,13 @@ import sys
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's kernels are imported
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from megabatch.kernels import TorchChunkedKernels  # noqa: E402
 import megabatch as mb  # noqa: E402
 from megabatch import _numerics  # noqa: E402
+from megabatch.bench.allocator import peak_live_bytes  # noqa: E402
 
-
-def peak_live_bytes(fn) -> int:
-    """Max over time of (bytes allocated - bytes freed) by the torch CPU allocator while fn() runs,
-    counted from zero when fn starts."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def config():

@@ -28,24 +28,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from megabatch import plan  # noqa: E402
+from megabatch.bench.allocator import peak_live_bytes  # noqa: E402
 from megabatch.bench.single import make_inputs  # noqa: E402
 
-
-def peak_live_bytes(fn: Any) -> int:
-    """Max over time of (bytes allocated - bytes freed) by the torch CPU allocator while fn() runs."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def _rank(rank: int, world: int, init: str, cases: list[dict[str, Any]], queue: Any) -> None:

@@ -92,6 +92,12 @@ def make_cases(world: int) -> list[dict[str, Any]]:
         for strategy, loss, dtype in itertools.product(STRATEGIES, LOSSES, (torch.bfloat16, torch.float16)):
             cases.append(dict(sizes=(6, 3), dim=17, strategy=strategy, loss=loss, dtype=dtype, backend="torch",
                               seed=31, big=False, mode="all"))
+        for strategy, loss in itertools.product(STRATEGIES, LOSSES):  # ids: in bfloat16, and the dense oracle
+            cases.append(dict(sizes=(6, 3), tsizes=(8, 2), ids=4, dim=17, strategy=strategy, loss=loss,
+                              dtype=torch.bfloat16, backend="torch", seed=33, big=False, mode="all"))
+            cases.append(dict(sizes=(4, 3), tsizes=(5, 2), ids=3, directions="image_to_text", dim=9,
+                              strategy=strategy, loss=loss, dtype=torch.float64, backend="dense", seed=35, big=True,
+                              mode="all"))
         for strategy, loss in itertools.product(STRATEGIES, LOSSES):  # the fused kernels (interpreted on CPU)
             if TRITON_ON_CPU:
                 cases.append(dict(sizes=(5, 2), dim=17, strategy=strategy, loss=loss, dtype=torch.float32,
