@@ -21,29 +21,23 @@ PAD, CLS, UNK = 0, 1, 2
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
-class Tokenizer:
-    """Word-level when `vocabulary` is given, else byte-level (UTF-8)."""
+class _Padded:
+    """What every tokenizer here shares: <cls> + the text's tokens, cut or padded with <pad> to a
+    fixed context, cached per text. Subclasses say how a text becomes tokens (`_body`)."""
 
-    def __init__(self, context_length: int, vocabulary: Optional[list[str]] = None):
+    def __init__(self, context_length: int):
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2 (<cls> plus one token), got {context_length}")
         self.context_length = context_length
-        self.vocabulary = None if vocabulary is None else list(vocabulary)
-        self._ids = None if vocabulary is None else {w: i + 3 for i, w in enumerate(self.vocabulary)}
         self._cache: dict[str, list[int]] = {}
 
-    @property
-    def vocab_size(self) -> int:
-        return 3 + (256 if self._ids is None else len(self._ids))
+    def _body(self, text: str) -> list[int]:
+        raise NotImplementedError(f"{type(self).__name__} must say how a text becomes tokens")
 
     def _encode(self, text: str) -> list[int]:
         ids = self._cache.get(text)
         if ids is None:
-            if self._ids is None:
-                body = [3 + b for b in text.encode("utf-8")]
-            else:
-                body = [self._ids.get(w, UNK) for w in _WORD.findall(text.lower())]
-            ids = [CLS] + body[: self.context_length - 1]
+            ids = [CLS] + self._body(text)[: self.context_length - 1]
             ids += [PAD] * (self.context_length - len(ids))
             if len(self._cache) < 100_000:
                 self._cache[text] = ids
@@ -54,6 +48,24 @@ class Tokenizer:
         if not texts:
             return torch.zeros(0, self.context_length, dtype=torch.long)
         return torch.tensor([self._encode(t) for t in texts], dtype=torch.long)
+
+
+class Tokenizer(_Padded):
+    """Word-level when `vocabulary` is given, else byte-level (UTF-8)."""
+
+    def __init__(self, context_length: int, vocabulary: Optional[list[str]] = None):
+        super().__init__(context_length)
+        self.vocabulary = None if vocabulary is None else list(vocabulary)
+        self._ids = None if vocabulary is None else {w: i + 3 for i, w in enumerate(self.vocabulary)}
+
+    @property
+    def vocab_size(self) -> int:
+        return 3 + (256 if self._ids is None else len(self._ids))
+
+    def _body(self, text: str) -> list[int]:
+        if self._ids is None:
+            return [3 + b for b in text.encode("utf-8")]
+        return [self._ids.get(w, UNK) for w in _WORD.findall(text.lower())]
 
     def state_dict(self) -> dict[str, Any]:
         return {"context_length": self.context_length, "vocabulary": self.vocabulary}
@@ -96,15 +108,13 @@ def _serial_tokenizers() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-class BpeTokenizer:
+class BpeTokenizer(_Padded):
     """Byte-level BPE (`tokenizers`) with our <pad>=0, <cls>=1, <unk>=2 and a fixed context."""
 
     def __init__(self, context_length: int, model: Any):
-        if context_length < 2:
-            raise ValueError(f"context_length must be >= 2 (<cls> plus one token), got {context_length}")
-        self.context_length, self.model = context_length, model
+        super().__init__(context_length)
+        self.model = model
         self.fit: dict[str, Any] = {}  # training captions: how many, how many truncated, context fitted?
-        self._cache: dict[str, list[int]] = {}
 
     @classmethod
     def train(cls, captions: Sequence[str], context_length: int = 0, vocab_size: int = BPE_VOCAB) -> "BpeTokenizer":
@@ -144,22 +154,9 @@ class BpeTokenizer:
         with _serial_tokenizers():
             return [1 + len(e.ids) for e in self.model.encode_batch(list(texts))]
 
-    def _encode(self, text: str) -> list[int]:
-        ids = self._cache.get(text)
-        if ids is None:
-            with _serial_tokenizers():
-                body = self.model.encode(text).ids
-            ids = [CLS] + body[: self.context_length - 1]
-            ids += [PAD] * (self.context_length - len(ids))
-            if len(self._cache) < 100_000:
-                self._cache[text] = ids
-        return ids
-
-    def __call__(self, texts: list[str]) -> Tensor:
-        """(n, context_length) int64 token ids for n texts."""
-        if not texts:
-            return torch.zeros(0, self.context_length, dtype=torch.long)
-        return torch.tensor([self._encode(t) for t in texts], dtype=torch.long)
+    def _body(self, text: str) -> list[int]:
+        with _serial_tokenizers():
+            return list(self.model.encode(text).ids)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "bpe", "context_length": self.context_length, "json": self.model.to_str(), "fit": self.fit}
