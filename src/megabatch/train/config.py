@@ -44,6 +44,8 @@ class ModelConfig:
     text_tower: str = "builtin"  # or "minilm": pretrained MiniLM-L6 (offline) and a linear head
     lock_text: bool = False  # minilm only: freeze MiniLM, embed each caption once (LiT with a locked text tower)
     center: Optional[bool] = None  # subtract each tower's batch mean embedding (None: for SigLIP; health.py)
+    source: str = "builtin"  # or "hf:PATH": a Hugging Face dual encoder (pretrained directory or config JSON)
+    tokenizer: Optional[str] = None  # with hf: a local tokenizer directory, or "app" (default: the model's own)
 
     def validate(self) -> None:
         for name in ("image_size", "patch_size", "vision_width", "vision_depth", "vision_heads", "text_width",
@@ -72,6 +74,14 @@ class ModelConfig:
             raise ValueError("--lock-text needs a pretrained text tower: --text-tower minilm")
         if self.text_tower == "minilm" and self.context_length == 0:
             raise ValueError("--text-tower minilm needs --context-length >= 3 (0 fits a BPE tokenizer)")
+        if self.source != "builtin":
+            if not self.source.startswith("hf:") or len(self.source) == 3:
+                raise ValueError(f"--model must be builtin or hf:PATH (a pretrained directory or a config JSON); "
+                                 f"got {self.source!r}")
+            if self.text_tower != "builtin" or self.center:
+                raise ValueError("--model hf:... brings its own towers: --text-tower and --center do not apply")
+        elif self.tokenizer is not None:
+            raise ValueError("--tokenizer names the tokenizer of a --model hf:... (the built-in towers choose their own)")
 
 
 @dataclass
@@ -226,7 +236,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  eval_every=1000, ckpt_every=1000, model=_BASE_MODEL),
 }
 _MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "context_length", "dropout", "text_tower", "lock_text",
-                "center")
+                "center", "source", "tokenizer")
 
 
 def from_preset(name: str, **overrides: Any) -> TrainConfig:
@@ -326,6 +336,12 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
                    "short runs; not for CLIP)")
     p.add_argument("--lock-text", action="store_true", default=None, help="with --text-tower minilm: freeze "
                    "MiniLM and embed each caption once (LiT with a locked text tower)")
+    hf = p.add_argument_group("Hugging Face models")
+    hf.add_argument("--model", dest="source", metavar="hf:PATH", help="train a Hugging Face CLIP/SigLIP-like dual "
+                    "encoder instead of the built-in towers: hf:DIR (a local save_pretrained directory, with its "
+                    "tokenizer) or hf:CONFIG.json (random init; then give --tokenizer). Offline; needs the [hf] extra")
+    hf.add_argument("--tokenizer", help="with --model hf:...: a local Hugging Face tokenizer directory, or 'app' "
+                    "(the app's own word/BPE tokenizer plus an end token; config JSON only)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     ops = p.add_argument_group("restarts and faults")
     ops.add_argument("--keep-checkpoints", type=int, metavar="K",

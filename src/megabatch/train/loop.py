@@ -37,12 +37,12 @@ from torch import Tensor, nn
 
 import megabatch as mb
 
-from . import checkpoint
+from . import checkpoint, hf_model
 from .config import TrainConfig
 from .data import build_data, build_eval, state_of
 from .evaluate import evaluate
 from .faults import Injector
-from .files import stable_id
+from .files import DataError, stable_id
 from .health import balanced_bias, collapse_warning, embedding_stats
 from .plots import plot_curves
 from .report import MetricsLog, summary, text_notes
@@ -287,7 +287,24 @@ def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     saved = _choose_checkpoint(cfg, rt)
-    stream = build_data(cfg.data, cfg.model.image_size, cfg.seed, rt.rank, rt.world, cfg=cfg, device=rt.device)
+    hf = model is None and hf_model.is_hf(cfg.model.source)
+    if hf:
+        cfg.model.image_size = hf_model.image_size(cfg.model.source)  # the data renders at the model's size
+    try:
+        stream = build_data(cfg.data, cfg.model.image_size, cfg.seed, rt.rank, rt.world, cfg=cfg, device=rt.device)
+    except ValueError as e:
+        if not hf:
+            raise
+        raise DataError(f"--model {cfg.model.source} takes {cfg.model.image_size}-pixel images: {e}") from e
+    if hf:
+        def app_tokenizer(s: Any) -> Any:
+            inner = (saved or {}).get("tokenizer") or {}
+            return (Tokenizer.from_state_dict(inner["inner"]) if inner.get("inner")
+                    else tokenizer_for(cfg.model.context_length, s, "builtin"))
+
+        model, hf_tokenizer = hf_model.build(cfg.model.source, cfg.model.tokenizer, cfg.model.context_length, stream,
+                                             cfg.loss, app_tokenizer)
+        tokenizer = tokenizer or hf_tokenizer
     if tokenizer is None:
         tokenizer = (Tokenizer.from_state_dict(saved["tokenizer"]) if saved
                      else tokenizer_for(cfg.model.context_length, stream, cfg.model.text_tower))
@@ -421,7 +438,7 @@ def _init_logit_bias(cfg: TrainConfig, model: nn.Module) -> None:
     """A fresh SigLIP run's bias: --logit-bias-init, else -ln(B - 1) for the global batch B until
     the first step balances it on the first batch (_balance_bias; health.py says why)."""
     bias = getattr(model, "logit_bias", None)
-    if cfg.loss == "siglip" and isinstance(bias, Tensor):
+    if cfg.loss == "siglip" and isinstance(bias, Tensor) and not getattr(model, "pretrained", False):
         value = cfg.logit_bias_init if cfg.logit_bias_init is not None else balanced_bias(cfg.batch_size)
         with torch.no_grad():
             bias.fill_(value)
@@ -432,6 +449,8 @@ def _balance_bias(rt: Runtime, model: nn.Module, images: Tensor, tokens: Tensor,
     with c0 the mean image-text cosine of the towers as initialised (on a probe of each rank's first batch,
     averaged over ranks), so that a row's positive pull and its negatives' push balance at the start."""
     bias = getattr(model, "logit_bias", None)
+    if getattr(model, "pretrained", False):
+        return  # a pretrained model's bias is its own
     if not isinstance(bias, Tensor) or isinstance(getattr(model, "image_center", None), Center):
         return  # centred towers: the mean pair cosine is ~0 by construction, -ln(B - 1) is balanced
     c0 = sum_over_ranks(embedding_stats(model, images, tokens)["cos_pairs_mean"], rt.world) / rt.world

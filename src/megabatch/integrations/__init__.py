@@ -1,0 +1,6 @@
+"""Adapters between megabatch's losses and the frameworks users bring.
+
+- ``megabatch.integrations.hf``: Hugging Face dual encoders (CLIPModel, SiglipModel, Siglip2Model, ...)
+  and ``transformers.Trainer``. Needs the ``[hf]`` extra; importing this package imports nothing
+  from transformers (only the ``hf`` submodule does, on first use).
+"""
