@@ -118,7 +118,19 @@ def text_features(model: nn.Module, **text_inputs: Any) -> Tensor:
 def logit_params(model: nn.Module, family: str) -> tuple[Tensor, ...]:
     """The loss's scalar arguments: (logit_scale.exp(),) for CLIP, (logit_scale.exp(), logit_bias) for SigLIP."""
     scale = model.logit_scale.exp()
-    return (scale,) if family == "clip" else (scale, model.logit_bias.view_as(model.logit_bias))  # a view: DDP's unused search needs a grad_fn
+    # a copy, not the leaf: DDP's unused-parameter search needs a grad_fn (and FSDP2 warns of views)
+    return (scale,) if family == "clip" else (scale, model.logit_bias.clone())
+
+
+def shardable(model: nn.Module) -> nn.Module:
+    """Make every 0-dim parameter (CLIPModel's logit_scale) a 1-element one, in place, so that FSDP2's
+    ``fully_shard`` accepts the model ("fully_shard doesn't support scalar parameters"); the
+    models' forward and megabatch's losses broadcast it alike. Returns the model."""
+    for module in list(unwrap(model).modules()):
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.dim() == 0:
+                setattr(module, name, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+    return model
 
 
 class ContrastiveLoss:
