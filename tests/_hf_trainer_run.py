@@ -45,14 +45,18 @@ def train(out: str, kind: str, micro: int) -> None:
     args = TrainingArguments(
         output_dir=os.path.join(out, f"trainer-{kind}-{micro}"), per_device_train_batch_size=PER_RANK, max_steps=1,
         learning_rate=1e-3, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", report_to="none",
-        save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        save_strategy="no", logging_steps=1, per_device_eval_batch_size=PER_RANK, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0,
     )
     grab = Grab(model)
     trainer = hf.ContrastiveTrainer(model=model, args=args, train_dataset=rows, callbacks=[grab],
                                     micro_batch_size=micro or None)
     trainer.train()
+    logged = trainer.state.log_history[0]["loss"]
+    evaluated = trainer.evaluate(eval_dataset=rows)["eval_loss"]  # 4 per rank: one global batch of 12
+    with torch.no_grad():
+        after = model(**inputs, return_loss=True).loss.item()  # HF's loss of the trained model, all 12
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save({"grads": grab.grads, "loss": trainer.state.log_history[0]["loss"],
+        torch.save({"grads": grab.grads, "loss": logged, "eval_loss": evaluated, "hf_eval_loss": after,
                     "world": int(os.environ.get("WORLD_SIZE", "1"))}, os.path.join(out, f"{kind}-{micro}.pt"))
 
 

@@ -4,7 +4,8 @@ torchrun starts 3 CPU processes (gloo); each rank's Trainer takes 4 of 12 exampl
 ids in the dataset (kept through Trainer's column removal). The gradient the optimiser sees on rank 0
 (after DDP's averaging) equals Hugging Face's own ``return_loss=True`` gradient on all 12 examples,
 for every parameter, and the logged training loss (Trainer's mean over ranks) is HF's loss: CLIP through GradCache
-(micro_batch_size=2) and SigLIP without it. gradient_accumulation_steps > 1 is refused (it would
+(micro_batch_size=2) and SigLIP without it. After the step, ``evaluate()`` (4 per rank: one global
+batch) reports HF's loss of the trained model on all 12 as eval_loss. gradient_accumulation_steps > 1 is refused (it would
 split the contrastive batch), and so is a model without the feature methods.
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ def test_trainer_under_torchrun_matches_hf_full_batch(tmp_path: Path) -> None:
         want_loss, want = H.reference(H.build(kind), H.batch(kind, 12, seed=5))
         assert got["loss"] == pytest.approx(want_loss.item(), abs=1e-4)  # Trainer logs 4 digits
         assert_grads_equal(got["grads"], want)
+        assert got["eval_loss"] == pytest.approx(got["hf_eval_loss"], rel=1e-9)
 
 
 def test_trainer_refuses_what_would_change_the_loss(tmp_path: Path) -> None:

@@ -296,6 +296,7 @@ class ContrastiveTrainer(Trainer):
         if micro_batch_size is not None and self.args.fp16:
             raise ValueError("micro_batch_size (GradCache) back-propagates itself, without fp16's loss scaling: use bf16")
         loss_family(self.model, loss)  # a clear error now, not at the first step
+        self.can_return_loss = True  # evaluate() reports eval_loss without labels (our loss needs none)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
