@@ -10,8 +10,9 @@ triton backend and every strategy, and runs forward and backward through AOTAuto
   forward op and whose backward graph -- made by AOTAutograd -- calls the backward op (CLIP) or
   scales the saved gradients (SigLIP); loss and every gradient equal the eager call (same kernels,
   to 1e-6) and meet the float64 reference under tests/_tolerance.py's rule. Also: a configured
-  backend instance (TritonKernels(TritonConfig(16 ...))), logit_scale and logit_bias as floats, and
-  no-grad calls (the inference graph).
+  backend instance (TritonKernels(TritonConfig(16 ...))), logit_scale and logit_bias as floats,
+  no-grad calls (the inference graph), a changing batch size (one recompile, dynamic), and the
+  README's example (with aot_eager for inductor).
 - strategies gather and ring on W = 3 gloo processes, uneven and rectangular local batches, triton
   and torch backends, index positives and ids: one graph per rank, and each rank's loss and
   gradients equal its eager call and, together, the single-process float64 reference under the
@@ -23,6 +24,7 @@ GPU; the distributed ops read sizes on the host and cannot be captured anyway).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
@@ -167,6 +169,34 @@ def test_local_scalars_as_floats_and_no_grad():
     mb.clip_loss(xe, y, 10.0, backend="triton").backward()
     assert rec.dynamo == 1
     torch.testing.assert_close(xg.grad, xe.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_batch_size_change_recompiles_once_with_a_dynamic_size():
+    fast, rec = compiled(lambda x, y, s: mb.clip_loss(x, y, s, backend="triton"))
+    for b in (37, 41, 45):
+        x, y = _features(b, b, 24, b)
+        s = torch.tensor(9.0, device=DEVICE)
+        got = [t.clone().requires_grad_() for t in (x, y, s)]
+        fast(*got).backward()
+        want = [t.clone().requires_grad_() for t in (x, y, s)]
+        mb.clip_loss(*want, backend="triton").backward()
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g.grad, e.grad, rtol=1e-6, atol=1e-7)
+    assert rec.dynamo == 2, "37, then one dynamic graph for 41 and 45"
+
+
+def test_readme_example():
+    """The README's torch.compile example, run as printed, with the aot_eager backend instead of
+    inductor (CI time; inductor was run by hand)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("### torch.compile"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 9)]
+    assert code.count("@torch.compile(fullgraph=True)") == 1
+    torch._dynamo.reset()
+    scope: dict[str, Any] = {}
+    exec(code.replace("@torch.compile(fullgraph=True)", "@torch.compile(fullgraph=True, backend='aot_eager')"), scope)
+    assert scope["image_tower"].weight.grad is not None and scope["logit_scale"].grad is not None
+    assert torch.isfinite(scope["loss"])
 
 
 def test_bad_arguments_under_fullgraph():
