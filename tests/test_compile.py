@@ -13,7 +13,8 @@ triton backend and every strategy, and runs forward and backward through AOTAuto
   backend instance (TritonKernels(TritonConfig(16 ...))), logit_scale and logit_bias as floats,
   no-grad calls (the inference graph), a changing batch size (one recompile, dynamic), and the
   README's example (with aot_eager for inductor).
-- strategies gather and ring on W = 3 gloo processes, uneven and rectangular local batches, triton
+- strategies gather and ring on W = 3 gloo processes, uneven and rectangular local batches (one case
+  with a rank without images and another without texts), triton
   and torch backends, index positives and ids: one graph per rank, and each rank's loss and
   gradients equal its eager call and, together, the single-process float64 reference under the
   distributed convention (tests/test_distributed.py's check_case); an explicit process group too.
@@ -209,6 +210,7 @@ def test_bad_arguments_under_fullgraph():
 # ----------------------------------------------------------------------------- gather and ring
 
 SIZES, TSIZES = (5, 1, 7), (4, 3, 6)
+EMPTY = 2  # this case has a rank without images and one without texts
 DIST = [  # (strategy, loss, backend, ids, directions)
     ("gather", "clip", "triton", None, "both"),
     ("ring", "clip", "triton", None, "both"),
@@ -223,7 +225,8 @@ DIST = [  # (strategy, loss, backend, ids, directions)
 
 def _dist_case(k: int) -> dict[str, Any]:
     strategy, loss, backend, ids, directions = DIST[k]
-    case = dict(sizes=SIZES, tsizes=TSIZES, dim=24, strategy=strategy, loss=loss, dtype=torch.float32,
+    sizes, tsizes = ((4, 0, 3), (2, 5, 0)) if k == EMPTY else (SIZES, TSIZES)
+    case = dict(sizes=sizes, tsizes=tsizes, dim=24, strategy=strategy, loss=loss, dtype=torch.float32,
                 backend=backend, seed=90 + k, big=False, mode="all", ids=ids)
     if directions is not None:
         case["directions"] = directions
