@@ -4,6 +4,10 @@ Both validate their arguments (shapes, dtypes, devices only: no device sync), re
 (block kernels) and the strategy (how blocks meet across ranks), and hand them to the loss family
 (megabatch.losses). They return a 0-dim loss in the compute dtype (float32 for float16/bfloat16/
 float32 inputs, float64 for float64 inputs).
+
+Under torch.compile the checks are traced; the loss itself is traced too on one process with the
+torch/dense kernels, and otherwise (Triton, gather, ring) runs as a torch.library custom op
+(megabatch.losses.ops): no graph break either way.
 """
 from __future__ import annotations
 
