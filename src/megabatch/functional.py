@@ -4,19 +4,38 @@ Both validate their arguments (shapes, dtypes, devices only: no device sync), re
 (block kernels) and the strategy (how blocks meet across ranks), and hand them to the loss family
 (megabatch.losses). They return a 0-dim loss in the compute dtype (float32 for float16/bfloat16/
 float32 inputs, float64 for float64 inputs).
+
+Under torch.compile the checks are traced; the loss itself is traced too on one process with the
+torch/dense kernels, and otherwise (Triton, gather, ring) runs as a torch.library custom op
+(megabatch.losses.ops): no graph break either way.
 """
 from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from . import losses, strategies
 from ._checks import as_scalar, check_directions, check_features, check_ids, optional_ids
-from .kernels import get_backend
+from .kernels import BlockKernels, DenseKernels, TorchChunkedKernels, get_backend
 
 Scalar = Union[float, Tensor]
+
+
+def _opaque(strategy: str, kernels: BlockKernels) -> bool:
+    """While dynamo traces: whether the loss must run as a custom op (megabatch.losses.ops) rather
+    than be traced -- distributed strategies (host reads, collectives) and kernels other than the
+    torch/dense ones (Triton). Eager calls always take the direct path."""
+    if not torch.compiler.is_compiling():
+        return False
+    return strategy != "local" or not isinstance(kernels, (TorchChunkedKernels, DenseKernels))
+
+
+def _key(backend: Union[str, BlockKernels], kernels: BlockKernels) -> str:
+    """How the custom op names the backend: by name, or a key for an instance the caller passed."""
+    return kernels.name if isinstance(backend, str) else losses.ops.backend_key(backend)
 
 
 def clip_loss(
@@ -73,6 +92,9 @@ def clip_loss(
         scale = as_scalar("logit_scale", logit_scale, image_features)
         kernels = get_backend(backend, image_features.device)
     direction = losses.DIRECTIONS[directions]
+    if _opaque(name, kernels):
+        return losses.ops.clip(image_features, text_features, scale, optional_ids(image_ids), optional_ids(text_ids),
+                               direction, name, group, _key(backend, kernels))
     strat = strategies.create(name, image_features, text_features, (scale,), kernels, group, ids=ids,
                               directions=direction)
     return losses.clip(image_features, text_features, scale, strat, kernels, optional_ids(image_ids),
@@ -113,6 +135,9 @@ def siglip_loss(
         scale = as_scalar("logit_scale", logit_scale, image_features)
         bias = as_scalar("logit_bias", logit_bias, image_features)
         kernels = get_backend(backend, image_features.device)
+    if _opaque(name, kernels):
+        return losses.ops.siglip(image_features, text_features, scale, bias, optional_ids(image_ids),
+                                 optional_ids(text_ids), name, group, _key(backend, kernels))
     strat = strategies.create(name, image_features, text_features, (scale, bias), kernels, group, ids=ids)
     return losses.siglip(image_features, text_features, scale, bias, strat, kernels, optional_ids(image_ids),
                          optional_ids(text_ids))

@@ -18,9 +18,11 @@ super_rows * super_cols < 2**31). A super-block without edge tiles launches its 
 Compute: float32 accumulation; bf16/fp16 operands on tensor cores; fp32 operands with
 `fp32_precision` ("tf32" when torch allows TF32 matmuls, else "tf32x3" ~ fp32 accuracy, or "ieee").
 float64 inputs are delegated to the torch backend (Triton has no fast fp64 path): same results.
-torch.compile: the three entry points are opaque to dynamo (torch.compiler.disable), so a compiled
-model that calls the loss gets one graph break there and runs the kernels as they are (the loss
-has nothing for inductor to fuse); fullgraph=True is therefore not possible with this backend.
+torch.compile: the losses reach these kernels through torch.library custom ops while dynamo traces
+(megabatch/losses/ops.py), so a compiled model that calls the loss with this backend has no graph
+break (fullgraph=True works) and the kernels run as they are (the loss has nothing for inductor to
+fuse). The three entry points stay torch.compiler.disable'd: code that calls them directly under
+torch.compile gets a graph break there rather than a failed trace.
 The design and its FLOP/byte accounting: benchmarks/triton_notes.md.
 """
 from __future__ import annotations

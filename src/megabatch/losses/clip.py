@@ -23,7 +23,7 @@ A global batch without any positive pair gives NaN (R = 0): checking would sync 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -58,120 +58,148 @@ def _shifted(lse: Tensor, cnt: Tensor, factor: Weight) -> Tensor:
     return torch.where((cnt > 0) & (factor > 0), lse - torch.log(factor), math.inf)
 
 
+class ClipSaved(NamedTuple):
+    """What the backward pass needs from the forward: this rank's statistics, all local-sized
+    (row_lse, row_cnt (b,), col_lse, col_cnt (n,), float64) and the weights (w_r, w_c)."""
+
+    row_lse: Tensor
+    col_lse: Tensor
+    row_cnt: Tensor
+    col_cnt: Tensor
+    weights: tuple[Weight, Weight]
+
+
+def clip_forward(x: Tensor, y: Tensor, scale: Tensor, strat: Strategy, kernels: BlockKernels,
+                 xid: Optional[Tensor], yid: Optional[Tensor], direction: int) -> tuple[Tensor, ClipSaved]:
+    """This rank's loss L_r (compute dtype, 0-dim) and what `clip_backward` needs."""
+    lay = strat.lay
+    b, n = x.shape[0], y.shape[0]
+    ids = xid is not None
+    with no_autocast(x):
+        cd = compute_dtype(x.dtype)
+        s = scale.detach().to(cd)
+        f64 = dict(dtype=torch.float64, device=x.device)
+        row_lse = torch.full((b,), -math.inf, **f64)
+        row_pos = torch.zeros(b, **f64)
+        row_cnt = torch.zeros(b, **f64) if ids else None
+
+        def visit(blk: Block) -> list[Tensor]:
+            nonlocal row_lse
+            col_lse = torch.full((blk.n,), -math.inf, **f64)
+            col_sums = torch.zeros(blk.n, 2, **f64) if ids else None  # positive count, logit sum
+            if b and blk.n:
+                st = kernels.clip_stats(x, blk.tensors[0], s, block_positives(strat, b, xid, blk))
+                row_lse = torch.logaddexp(row_lse, st.row_lse.to(torch.float64))
+                col_lse = st.col_lse.to(torch.float64)
+                if st.row_pos is not None:
+                    row_pos.add_(st.row_pos)
+                if ids:
+                    assert row_cnt is not None and col_sums is not None and xid is not None
+                    rc, cc = id_counts(xid, blk.tensors[1])
+                    row_cnt.add_(rc)
+                    col_sums[:, 0] = cc
+                    if st.col_pos is not None:
+                        col_sums[:, 1] = st.col_pos
+            return [col_lse] if col_sums is None else [col_lse, col_sums]
+
+        fixed = [y] if yid is None else [y, yid]
+        accs = ["lse", "sum"] if ids else ["lse"]
+        col = strat.circulate(fixed, [], visit, accs)
+        col_lse = col[0]
+        if ids:
+            assert row_cnt is not None
+            col_cnt, col_pos = col[1][:, 0], col[1][:, 1]
+            counts = strat.all_sum(torch.stack([(row_cnt > 0).sum(), (col_cnt > 0).sum()]).to(torch.float64))
+            rows_with, cols_with = counts[0], counts[1]
+        else:  # index positives: row i and column i of this rank, i < m, one positive each
+            m = min(b, n)
+            row_cnt = (torch.arange(b, device=x.device) < m).to(torch.float64)
+            col_cnt = (torch.arange(n, device=x.device) < m).to(torch.float64)
+            col_pos = torch.zeros(n, **f64)
+            col_pos[:m] = row_pos[:m]
+            rows_with = cols_with = sum(min(p, q) for p, q in zip(lay.sizes, lay.tsizes))
+        w_r, w_c = _weights(direction, rows_with, cols_with)
+        # Term by term, lse - mean(positive logits), both from the same tiles: exact near 0.
+        loss = torch.zeros((), **f64)
+        if direction != DIRECTIONS["text_to_image"]:
+            has = row_cnt > 0
+            loss = loss + w_r * torch.where(has, row_lse - row_pos / row_cnt.clamp_min(1), 0.0).sum()
+        if direction != DIRECTIONS["image_to_text"]:
+            has = col_cnt > 0
+            loss = loss + w_c * torch.where(has, col_lse - col_pos / col_cnt.clamp_min(1), 0.0).sum()
+        loss = (lay.world * loss).to(cd)
+    return loss, ClipSaved(row_lse, col_lse, row_cnt, col_cnt, (w_r, w_c))
+
+
+def clip_backward(x: Tensor, y: Tensor, scale: Tensor, strat: Strategy, kernels: BlockKernels,
+                  xid: Optional[Tensor], yid: Optional[Tensor], direction: int, saved: ClipSaved, grad: Tensor,
+                  needs: Sequence[bool]) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(dx, dy, dscale) for the upstream `grad` (None where `needs` (x, y, scale) says not wanted)."""
+    row_lse, col_lse, row_cnt, col_cnt = saved.row_lse, saved.col_lse, saved.row_cnt, saved.col_cnt
+    lay = strat.lay
+    b, ids = x.shape[0], xid is not None
+    with no_autocast(x):
+        cd = compute_dtype(x.dtype)
+        s, g = scale.detach().to(cd), grad.to(cd)
+        # The kernels see G / alpha with alpha = max(w_r, w_c), so |G| <= 2 (fp16 scratch); the
+        # row and column factors fr, fc <= 1 shift the log-sum-exps (+inf: that side takes no
+        # part) and scale the positive targets.
+        w_r, w_c = (torch.as_tensor(w, dtype=torch.float64, device=x.device) for w in saved.weights)
+        alpha = torch.maximum(w_r, w_c)
+        if ids:
+            fr, fc = w_r / alpha, w_c / alpha
+            rt: Target = torch.where(row_cnt > 0, fr / row_cnt.clamp_min(1), 0.0)
+            ct: Target = torch.where(col_cnt > 0, fc / col_cnt.clamp_min(1), 0.0)
+        else:  # R = C: the factors are 0 or 1
+            fr = 1.0 if direction != DIRECTIONS["text_to_image"] else 0.0
+            fc = 1.0 if direction != DIRECTIONS["image_to_text"] else 0.0
+            rt, ct = fr, fc
+        row_shift, col_shift = _shifted(row_lse, row_cnt, fr), _shifted(col_lse, col_cnt, fc)
+        mult = g * lay.world * alpha.to(cd)
+        fin = RowFinisher(x, mult * s, needs[0])
+        gx = None if strat.visits_once else torch.zeros(b, x.shape[1], dtype=cd, device=x.device)
+
+        def visit(blk: Block) -> list[Tensor]:
+            cols = blk.tensors[1 + ids]
+            if not (b and blk.n):
+                return [torch.zeros(blk.n, x.shape[1], dtype=cd, device=x.device)] if lay.y_grad else []
+            pos = block_positives(strat, b, xid, blk)
+            gxp, gyp = kernels.clip_grads(
+                x, blk.tensors[0], s, row_shift, cols, weight=1.0, pos=pos,
+                targets=(rt, blk.tensors[2 + ids]) if ids else (rt, ct), rows=fin if gx is None else None,
+            )
+            if gx is not None:
+                assert gxp is not None
+                gx.add_(gxp)
+            return [gyp] if lay.y_grad else []
+
+        fixed = [y] if yid is None else [y, yid]
+        travel = [col_shift] + ([ct] if ids else [])
+        home = strat.circulate(fixed, travel, visit, ["sum"] if lay.y_grad else [])
+        strat.release()
+        if gx is not None:
+            fin.whole(gx)
+        dy = home[0].mul_(mult * s).to(y.dtype) if home and needs[1] else None
+        ds = scalar_grad((scale.shape, scale.dtype), mult * fin.dot) if needs[2] else None
+    return fin.dx, dy, ds
+
+
 class _Clip(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, y: Tensor, scale: Tensor, strat: Strategy, kernels: BlockKernels,
                 xid: Optional[Tensor], yid: Optional[Tensor], direction: int) -> Tensor:
-        lay = strat.lay
-        b, n = x.shape[0], y.shape[0]
-        ids = xid is not None
-        with no_autocast(x):
-            cd = compute_dtype(x.dtype)
-            s = scale.detach().to(cd)
-            f64 = dict(dtype=torch.float64, device=x.device)
-            row_lse = torch.full((b,), -math.inf, **f64)
-            row_pos = torch.zeros(b, **f64)
-            row_cnt = torch.zeros(b, **f64) if ids else None
-
-            def visit(blk: Block) -> list[Tensor]:
-                nonlocal row_lse
-                col_lse = torch.full((blk.n,), -math.inf, **f64)
-                col_sums = torch.zeros(blk.n, 2, **f64) if ids else None  # positive count, logit sum
-                if b and blk.n:
-                    st = kernels.clip_stats(x, blk.tensors[0], s, block_positives(strat, b, xid, blk))
-                    row_lse = torch.logaddexp(row_lse, st.row_lse.to(torch.float64))
-                    col_lse = st.col_lse.to(torch.float64)
-                    if st.row_pos is not None:
-                        row_pos.add_(st.row_pos)
-                    if ids:
-                        assert row_cnt is not None and col_sums is not None and xid is not None
-                        rc, cc = id_counts(xid, blk.tensors[1])
-                        row_cnt.add_(rc)
-                        col_sums[:, 0] = cc
-                        if st.col_pos is not None:
-                            col_sums[:, 1] = st.col_pos
-                return [col_lse] if col_sums is None else [col_lse, col_sums]
-
-            fixed = [y] if yid is None else [y, yid]
-            accs = ["lse", "sum"] if ids else ["lse"]
-            col = strat.circulate(fixed, [], visit, accs)
-            col_lse = col[0]
-            if ids:
-                assert row_cnt is not None
-                col_cnt, col_pos = col[1][:, 0], col[1][:, 1]
-                counts = strat.all_sum(torch.stack([(row_cnt > 0).sum(), (col_cnt > 0).sum()]).to(torch.float64))
-                rows_with, cols_with = counts[0], counts[1]
-            else:  # index positives: row i and column i of this rank, i < m, one positive each
-                m = min(b, n)
-                row_cnt = (torch.arange(b, device=x.device) < m).to(torch.float64)
-                col_cnt = (torch.arange(n, device=x.device) < m).to(torch.float64)
-                col_pos = torch.zeros(n, **f64)
-                col_pos[:m] = row_pos[:m]
-                rows_with = cols_with = sum(min(p, q) for p, q in zip(lay.sizes, lay.tsizes))
-            w_r, w_c = _weights(direction, rows_with, cols_with)
-            # Term by term, lse - mean(positive logits), both from the same tiles: exact near 0.
-            loss = torch.zeros((), **f64)
-            if direction != DIRECTIONS["text_to_image"]:
-                has = row_cnt > 0
-                loss = loss + w_r * torch.where(has, row_lse - row_pos / row_cnt.clamp_min(1), 0.0).sum()
-            if direction != DIRECTIONS["image_to_text"]:
-                has = col_cnt > 0
-                loss = loss + w_c * torch.where(has, col_lse - col_pos / col_cnt.clamp_min(1), 0.0).sum()
-            loss = (lay.world * loss).to(cd)
-        ctx.strat, ctx.kernels, ctx.direction, ctx.weights = strat, kernels, direction, (w_r, w_c)
-        ctx.save_for_backward(x, y, scale, xid, yid, row_lse, col_lse, row_cnt, col_cnt)
+        loss, saved = clip_forward(x, y, scale, strat, kernels, xid, yid, direction)
+        ctx.strat, ctx.kernels, ctx.direction, ctx.weights = strat, kernels, direction, saved.weights
+        ctx.save_for_backward(x, y, scale, xid, yid, saved.row_lse, saved.col_lse, saved.row_cnt, saved.col_cnt)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         x, y, scale, xid, yid, row_lse, col_lse, row_cnt, col_cnt = ctx.saved_tensors
-        strat: Strategy = ctx.strat
-        lay, kernels = strat.lay, ctx.kernels
-        b, ids = x.shape[0], xid is not None
-        with no_autocast(x):
-            cd = compute_dtype(x.dtype)
-            s, g = scale.detach().to(cd), grad.to(cd)
-            # The kernels see G / alpha with alpha = max(w_r, w_c), so |G| <= 2 (fp16 scratch); the
-            # row and column factors fr, fc <= 1 shift the log-sum-exps (+inf: that side takes no
-            # part) and scale the positive targets.
-            w_r, w_c = (torch.as_tensor(w, dtype=torch.float64, device=x.device) for w in ctx.weights)
-            alpha = torch.maximum(w_r, w_c)
-            if ids:
-                fr, fc = w_r / alpha, w_c / alpha
-                rt: Target = torch.where(row_cnt > 0, fr / row_cnt.clamp_min(1), 0.0)
-                ct: Target = torch.where(col_cnt > 0, fc / col_cnt.clamp_min(1), 0.0)
-            else:  # R = C: the factors are 0 or 1
-                fr = 1.0 if ctx.direction != DIRECTIONS["text_to_image"] else 0.0
-                fc = 1.0 if ctx.direction != DIRECTIONS["image_to_text"] else 0.0
-                rt, ct = fr, fc
-            row_shift, col_shift = _shifted(row_lse, row_cnt, fr), _shifted(col_lse, col_cnt, fc)
-            mult = g * lay.world * alpha.to(cd)
-            fin = RowFinisher(x, mult * s, ctx.needs_input_grad[0])
-            gx = None if strat.visits_once else torch.zeros(b, x.shape[1], dtype=cd, device=x.device)
-
-            def visit(blk: Block) -> list[Tensor]:
-                cols = blk.tensors[1 + ids]
-                if not (b and blk.n):
-                    return [torch.zeros(blk.n, x.shape[1], dtype=cd, device=x.device)] if lay.y_grad else []
-                pos = block_positives(strat, b, xid, blk)
-                gxp, gyp = kernels.clip_grads(
-                    x, blk.tensors[0], s, row_shift, cols, weight=1.0, pos=pos,
-                    targets=(rt, blk.tensors[2 + ids]) if ids else (rt, ct), rows=fin if gx is None else None,
-                )
-                if gx is not None:
-                    assert gxp is not None
-                    gx.add_(gxp)
-                return [gyp] if lay.y_grad else []
-
-            fixed = [y] if yid is None else [y, yid]
-            travel = [col_shift] + ([ct] if ids else [])
-            home = strat.circulate(fixed, travel, visit, ["sum"] if lay.y_grad else [])
-            strat.release()
-            if gx is not None:
-                fin.whole(gx)
-            dy = home[0].mul_(mult * s).to(y.dtype) if home and ctx.needs_input_grad[1] else None
-            ds = scalar_grad((scale.shape, scale.dtype), mult * fin.dot) if ctx.needs_input_grad[2] else None
-        return fin.dx, dy, ds, None, None, None, None, None
+        saved = ClipSaved(row_lse, col_lse, row_cnt, col_cnt, ctx.weights)
+        dx, dy, ds = clip_backward(x, y, scale, ctx.strat, ctx.kernels, xid, yid, ctx.direction, saved, grad,
+                                   ctx.needs_input_grad[:3])
+        return dx, dy, ds, None, None, None, None, None
 
 
 def clip(x: Tensor, y: Tensor, scale: Tensor, strat: Strategy, kernels: BlockKernels,

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..kernels.base import BlockKernels
+from ._comm import Layout
 from .base import Block, Strategy, Visit
 
 STRATEGIES = ("auto", "local", "gather", "ring")
@@ -42,16 +43,32 @@ def resolve(strategy: str, group: Optional["dist.ProcessGroup"]) -> str:
 def create(
     name: str, x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels,
     group: Optional["dist.ProcessGroup"], *, ids: bool, directions: int = 0,
+    needs: Optional[Sequence[bool]] = None,
 ) -> Strategy:
     """A strategy for one loss call. Distributed ones first agree on the layout with every rank of
-    the group (one all_gather of metadata; see _comm.exchange_layout)."""
+    the group (one all_gather of metadata; see _comm.exchange_layout).
+
+    needs: which of (x, y, *extras) need gradients; None reads grad mode and requires_grad (the
+    compiled path passes them, since inside a custom op the tensors no longer carry them)."""
+    if needs is None:
+        needs = [torch.is_grad_enabled() and t.requires_grad for t in (x, y, *extras)]
     if name == "local":
         from .local import Local
 
-        return Local(x.shape[0], y.shape[0], torch.is_grad_enabled() and y.requires_grad, ids)
+        return Local(x.shape[0], y.shape[0], bool(needs[1]), ids)
     from ._comm import exchange_layout
 
-    lay = exchange_layout(x, y, extras, kernels, group, ids=ids, directions=directions)
+    lay = exchange_layout(x, y, extras, kernels, group, ids=ids, directions=directions, needs=needs)
+    return from_layout(name, lay)
+
+
+def from_layout(name: str, lay: "Layout") -> Strategy:
+    """The strategy `name` over an already agreed layout (no communication): what the compiled
+    backward rebuilds from the layout its forward returned."""
+    if name == "local":
+        from .local import Local
+
+        return Local(lay.sizes[0], lay.tsizes[0], lay.y_grad, lay.ids)
     if name == "gather":
         from .gather import Gather
 
@@ -76,4 +93,19 @@ def validating(name: str, features: object, group: Optional["dist.ProcessGroup"]
         raise
 
 
-__all__ = ["Block", "STRATEGIES", "Strategy", "Visit", "create", "resolve", "validating"]
+def group_name(group: Optional["dist.ProcessGroup"]) -> str:
+    """A process group as a string a custom op can take ("" for None: the world group)."""
+    return "" if group is None else group.group_name
+
+
+def resolve_group(name: str) -> Optional["dist.ProcessGroup"]:
+    """The inverse of `group_name`."""
+    if not name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+__all__ = ["Block", "Layout", "STRATEGIES", "Strategy", "Visit", "create", "from_layout", "group_name", "resolve",
+           "resolve_group", "validating"]

@@ -78,20 +78,22 @@ class Layout:
 
 def exchange_layout(
     x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels, group: Optional["dist.ProcessGroup"],
-    *, ids: bool = False, directions: int = 0,
+    *, ids: bool = False, directions: int = 0, needs: Optional[Sequence[bool]] = None,
 ) -> Layout:
     """Agree on sizes, D, dtype, backend, ids, directions and requires_grad across `group` (None:
     the world group).
 
     x: this rank's (b, D) images, y its (n, D) texts; extras: logit_scale (and logit_bias), 0-dim.
+    needs: which of (x, y, *extras) need gradients (None: grad mode and requires_grad).
     Any disagreement raises the same ValueError on every rank.
     """
     pg = group if group is not None else dist.group.WORLD
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
     if rank < 0:
         raise ValueError("this process is not a member of the given process group `group`")
-    grad = torch.is_grad_enabled()
-    flags = sum(1 << k for k, t in enumerate((x, y, *extras)) if grad and t.requires_grad)
+    if needs is None:
+        needs = [torch.is_grad_enabled() and t.requires_grad for t in (x, y, *extras)]
+    flags = sum(1 << k for k, need in enumerate(needs) if need)
     backend = zlib.crc32(kernels.name.encode()) & 0x7FFFFFFF
     meta = [x.shape[0], y.shape[0], x.shape[1], _DTYPE_CODES[x.dtype], flags, backend, int(ids), directions]
     assert len(meta) == _META_LEN
