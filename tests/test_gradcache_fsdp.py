@@ -1,0 +1,167 @@
+"""megabatch's losses with FSDP2 (`fully_shard`) towers, on 3 gloo ranks with uneven local batches
+(3, 5 and 2 pairs), in float64: after one step, every parameter's gradient (gathered with
+`DTensor.full_tensor()`: both towers' blocks, the root's projection, the 1-element logit_scale and
+logit_bias) equals the single-process gradient of the loss on the concatenated batch, and the mean
+of the ranks' losses is the global loss --
+  * plainly (the README's FSDP2 example: registered encode_* forward methods, the loss on their
+    features and the gathered logit_scale), and
+  * through mb.GradCache with micro-batches of 2 (so the ranks have 2, 3 and 1 micro-batches: the
+    ranks with fewer re-run a filler micro-batch), where FSDP reduce-scatters each unit once per
+    call (counted by wrapping torch.distributed.reduce_scatter_single, which FSDP2's default
+    reduce-scatter calls), not once per micro-batch;
+for CLIP (ring strategy) and SigLIP (gather strategy). GradCache refuses a loss argument that is
+still a sharded DTensor, with a TypeError that says how to gather it.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import megabatch as mb
+from _dist_utils import run_world
+
+SIZES, MICRO = (3, 5, 2), 2
+CASES = (("clip", "ring"), ("siglip", "gather"))
+
+
+class Towers(nn.Module):
+    """Two towers of blocks (each block its own FSDP unit) and root parameters of shape (1,)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_blocks = nn.ModuleList([nn.Linear(5, 8), nn.Linear(8, 8)])
+        self.text_blocks = nn.ModuleList([nn.Linear(4, 8), nn.Linear(8, 6)])
+        self.image_proj = nn.Linear(8, 6)
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.full((1,), -2.0))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.image_blocks:
+            x = torch.tanh(block(x))
+        return F.normalize(self.image_proj(x), dim=-1)
+
+    def encode_text(self, t: torch.Tensor) -> torch.Tensor:
+        for block in self.text_blocks:
+            t = torch.tanh(block(t))
+        return F.normalize(t, dim=-1)
+
+
+def make_model() -> Towers:
+    torch.manual_seed(0)
+    return Towers().double()
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    n = sum(SIZES)
+    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randn(n, 4, generator=g, dtype=torch.float64)
+
+
+def loss_fn(kind: str, strategy: str):
+    if kind == "clip":
+        return lambda x, y, s, b: mb.clip_loss(x, y, s, strategy=strategy)
+    return lambda x, y, s, b: mb.siglip_loss(x, y, s, b, strategy=strategy)
+
+
+def sharded() -> Towers:
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    model = make_model()
+    for block in [*model.image_blocks, *model.text_blocks]:
+        fully_shard(block)
+    fully_shard(model)
+    register_fsdp_forward_method(model, "encode_image")
+    register_fsdp_forward_method(model, "encode_text")
+    return model
+
+
+def one_step(kind: str, strategy: str, cached: bool, rank: int) -> dict:
+    model = sharded()
+    images, texts = global_batch()
+    a = sum(SIZES[:rank])
+    x, y = images[a : a + SIZES[rank]], texts[a : a + SIZES[rank]]
+    calls = [0]
+    if cached:
+        gc = mb.GradCache(model.encode_image, model.encode_text, loss_fn(kind, strategy), MICRO, modules=model)
+        model.unshard()  # gather the root: the loss arguments come from its parameters
+        original = dist.reduce_scatter_single
+
+        def counted(*args, **kwargs):
+            calls[0] += 1
+            return original(*args, **kwargs)
+
+        dist.reduce_scatter_single = counted
+        try:
+            loss = gc(x, y, model.logit_scale.exp(), model.logit_bias)
+        finally:
+            dist.reduce_scatter_single = original
+    else:  # the README example
+        img, txt = model.encode_image(x), model.encode_text(y)
+        loss = loss_fn(kind, strategy)(img, txt, model.logit_scale.exp(), model.logit_bias)
+        loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    return {"loss": loss.detach(), "grads": grads, "reduce_scatters": calls[0]}
+
+
+def refuses_sharded_loss_args(rank: int) -> str:
+    model = sharded()
+    gc = mb.GradCache(model.encode_image, model.encode_text, loss_fn("clip", "ring"), MICRO, modules=model)
+    images, texts = global_batch()
+    model.reshard()
+    with pytest.raises(TypeError, match="DTensor") as err:
+        gc(images[:2], texts[:2], model.logit_scale.exp(), model.logit_bias)
+    return str(err.value)
+
+
+def worker(rank: int, world: int) -> dict:
+    out = {(k, s, c): one_step(k, s, c, rank) for k, s in CASES for c in (False, True)}
+    out["refusal"] = refuses_sharded_loss_args(rank)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch.distributed")
+    return run_world(worker, len(SIZES), tmp_path_factory.mktemp("gradcache_fsdp"))
+
+
+def reference(kind: str) -> tuple[torch.Tensor, dict]:
+    model = make_model()
+    images, texts = global_batch()
+    loss = loss_fn(kind, "local")(model.encode_image(images), model.encode_text(texts), model.logit_scale.exp(),
+                                  model.logit_bias)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "gradcache"])
+@pytest.mark.parametrize("kind, strategy", CASES)
+def test_fsdp_gradients_match_single_process(results: list[dict], kind: str, strategy: str, cached: bool) -> None:
+    want_loss, want = reference(kind)
+    assert {"logit_scale", "image_blocks.0.weight", "text_blocks.1.bias", "image_proj.weight"} <= want.keys()
+    assert ("logit_bias" in want) == (kind == "siglip")
+    mean = sum(res[(kind, strategy, cached)]["loss"] for res in results) / len(results)
+    assert torch.allclose(mean, want_loss, rtol=1e-12, atol=0)
+    for rank, res in enumerate(results):
+        got = res[(kind, strategy, cached)]["grads"]
+        assert got.keys() == want.keys()
+        for name, g in want.items():
+            assert got[name].shape == g.shape
+            err = ((got[name] - g).norm() / g.norm()).item()
+            assert err < 1e-10, f"rank {rank} {name}: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("kind, strategy", CASES)
+def test_gradcache_reduce_scatters_once_per_call(results: list[dict], kind: str, strategy: str) -> None:
+    units = 5  # four blocks and the root, each reduce-scattered once although rank 1 runs 3 micro-batches
+    for res in results:
+        assert res[(kind, strategy, True)]["reduce_scatters"] == units
+
+
+def test_gradcache_refuses_sharded_loss_arguments(results: list[dict]) -> None:
+    assert all("unshard()" in res["refusal"] for res in results)
