@@ -116,6 +116,7 @@ class TrainConfig:
     fresh: bool = False
     dist_timeout: float = 1800.0
     max_bad_steps: int = 10
+    fsdp: bool = False  # shard the towers with FSDP2 (fully_shard) instead of DDP; needs torchrun, >= 2 ranks
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def resolved_positives(self) -> str:
@@ -327,6 +328,9 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p.add_argument("--lock-text", action="store_true", default=None, help="with --text-tower minilm: freeze "
                    "MiniLM and embed each caption once (LiT with a locked text tower)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument("--fsdp", action="store_true", default=None, help="under torchrun (>= 2 ranks): shard parameters, "
+                   "gradients and optimizer state with FSDP2 (fully_shard per transformer block, then the whole "
+                   "model) instead of replicating them with DDP; checkpoints stay in the unsharded format")
     ops = p.add_argument_group("restarts and faults")
     ops.add_argument("--keep-checkpoints", type=int, metavar="K",
                      help="newest checkpoints kept in OUTPUT/checkpoints (default 2)")
