@@ -1,10 +1,11 @@
 """megabatch's losses with FSDP2 (`fully_shard`) towers, on 3 gloo ranks with uneven local batches
 (3, 5 and 2 pairs), in float64: after one step, every parameter's gradient (gathered with
-`DTensor.full_tensor()`: both towers' blocks, the root's projection, the 1-element logit_scale and
-logit_bias) equals the single-process gradient of the loss on the concatenated batch, and the mean
-of the ranks' losses is the global loss --
-  * plainly (the README's FSDP2 example: registered encode_* forward methods, the loss on their
-    features and the gathered logit_scale), and
+`DTensor.full_tensor()`: both towers' blocks, the root's projection, logit_scale and logit_bias,
+0-dim in the model and shape (1,) once sharded) equals the single-process gradient of the loss on
+the concatenated batch, and the mean of the ranks' losses is the global loss --
+  * running the README's "FSDP2" code block itself (CLIP, default strategy: ring under torchrun);
+  * plainly (registered encode_* forward methods, the loss on their features and the gathered
+    logit_scale), and
   * through mb.GradCache with micro-batches of 2 (so the ranks have 2, 3 and 1 micro-batches: the
     ranks with fewer re-run a filler micro-batch), where FSDP reduce-scatters each unit once per
     call (counted by wrapping torch.distributed.reduce_scatter_single, which FSDP2's default
@@ -15,6 +16,8 @@ still a sharded DTensor, with a TypeError that says how to gather it.
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,26 +32,36 @@ SIZES, MICRO = (3, 5, 2), 2
 CASES = (("clip", "ring"), ("siglip", "gather"))
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+class Tower(nn.Module):
+    def __init__(self, widths: list[int], proj: int = 0) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.proj = nn.Linear(widths[-1], proj) if proj else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.proj(x)
+
+
 class Towers(nn.Module):
-    """Two towers of blocks (each block its own FSDP unit) and root parameters of shape (1,)."""
+    """An open_clip-style pair of towers (blocks in visual.blocks / text.blocks, each its own FSDP
+    unit) with 0-dim logit_scale and logit_bias; encode_* return unnormalised features."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.image_blocks = nn.ModuleList([nn.Linear(5, 8), nn.Linear(8, 8)])
-        self.text_blocks = nn.ModuleList([nn.Linear(4, 8), nn.Linear(8, 6)])
-        self.image_proj = nn.Linear(8, 6)
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
-        self.logit_bias = nn.Parameter(torch.full((1,), -2.0))
+        self.visual, self.text = Tower([5, 8, 8], proj=6), Tower([4, 8, 6])
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-2.0))
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.image_blocks:
-            x = torch.tanh(block(x))
-        return F.normalize(self.image_proj(x), dim=-1)
+        return self.visual(x)
 
     def encode_text(self, t: torch.Tensor) -> torch.Tensor:
-        for block in self.text_blocks:
-            t = torch.tanh(block(t))
-        return F.normalize(t, dim=-1)
+        return self.text(t)
 
 
 def make_model() -> Towers:
@@ -72,7 +85,9 @@ def sharded() -> Towers:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     model = make_model()
-    for block in [*model.image_blocks, *model.text_blocks]:
+    for name in ("logit_scale", "logit_bias"):
+        setattr(model, name, nn.Parameter(getattr(model, name).detach().reshape(1)))
+    for block in [*model.visual.blocks, *model.text.blocks]:
         fully_shard(block)
     fully_shard(model)
     register_fsdp_forward_method(model, "encode_image")
@@ -80,14 +95,37 @@ def sharded() -> Towers:
     return model
 
 
-def one_step(kind: str, strategy: str, cached: bool, rank: int) -> dict:
-    model = sharded()
+def readme_block() -> str:
+    text = README.read_text()
+    found = re.search(r"^### FSDP2\n+```python\n(.*?)^```", text, re.S | re.M)
+    assert found, "README.md has no python block right under ### FSDP2"
+    return found.group(1)
+
+
+def local_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     images, texts = global_batch()
     a = sum(SIZES[:rank])
-    x, y = images[a : a + SIZES[rank]], texts[a : a + SIZES[rank]]
+    return images[a : a + SIZES[rank]], texts[a : a + SIZES[rank]]
+
+
+def run_readme(rank: int) -> dict:
+    x, y = local_batch(rank)
+    model = make_model()
+    model.logit_bias = None  # a CLIP model
+    scope = {"model": model, "images": x, "texts": y, "torch": torch, "F": F, "mb": mb}
+    exec(readme_block(), scope)  # noqa: S102 - the README's own example, run as written
+    model = scope["model"]
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    return {"loss": scope["loss"].detach(), "grads": grads}
+
+
+def one_step(kind: str, strategy: str, cached: bool, rank: int) -> dict:
+    model = sharded()
+    x, y = local_batch(rank)
     calls = [0]
     if cached:
-        gc = mb.GradCache(model.encode_image, model.encode_text, loss_fn(kind, strategy), MICRO, modules=model)
+        normalized = [lambda v, f=f: F.normalize(f(v), dim=-1) for f in (model.encode_image, model.encode_text)]
+        gc = mb.GradCache(*normalized, loss_fn(kind, strategy), MICRO, modules=model)
         model.unshard()  # gather the root: the loss arguments come from its parameters
         original = dist.reduce_scatter_single
 
@@ -100,8 +138,8 @@ def one_step(kind: str, strategy: str, cached: bool, rank: int) -> dict:
             loss = gc(x, y, model.logit_scale.exp(), model.logit_bias)
         finally:
             dist.reduce_scatter_single = original
-    else:  # the README example
-        img, txt = model.encode_image(x), model.encode_text(y)
+    else:
+        img, txt = F.normalize(model.encode_image(x), dim=-1), F.normalize(model.encode_text(y), dim=-1)
         loss = loss_fn(kind, strategy)(img, txt, model.logit_scale.exp(), model.logit_bias)
         loss.backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
@@ -120,6 +158,7 @@ def refuses_sharded_loss_args(rank: int) -> str:
 
 def worker(rank: int, world: int) -> dict:
     out = {(k, s, c): one_step(k, s, c, rank) for k, s in CASES for c in (False, True)}
+    out["readme"] = run_readme(rank)
     out["refusal"] = refuses_sharded_loss_args(rank)
     return out
 
@@ -133,27 +172,35 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 def reference(kind: str) -> tuple[torch.Tensor, dict]:
     model = make_model()
     images, texts = global_batch()
-    loss = loss_fn(kind, "local")(model.encode_image(images), model.encode_text(texts), model.logit_scale.exp(),
-                                  model.logit_bias)
+    img, txt = F.normalize(model.encode_image(images), dim=-1), F.normalize(model.encode_text(texts), dim=-1)
+    loss = loss_fn(kind, "local")(img, txt, model.logit_scale.exp(), model.logit_bias)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check(got_per_rank: list[dict], kind: str) -> None:
+    want_loss, want = reference(kind)
+    assert {"logit_scale", "visual.blocks.0.weight", "text.blocks.1.bias", "visual.proj.weight"} <= want.keys()
+    assert ("logit_bias" in want) == (kind == "siglip")
+    mean = sum(got["loss"] for got in got_per_rank) / len(got_per_rank)
+    assert torch.allclose(mean, want_loss, rtol=1e-12, atol=0)
+    for rank, got in enumerate(got_per_rank):
+        assert got["grads"].keys() == want.keys()
+        for name, g in want.items():
+            # logit_scale / logit_bias: 0-dim in the reference, (1,) once sharded
+            assert got["grads"][name].shape == (g.shape if g.dim() else (1,)), name
+            err = ((got["grads"][name].reshape(g.shape) - g).norm() / g.norm()).item()
+            assert err < 1e-10, f"rank {rank} {name}: rel err {err:.3g}"
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["plain", "gradcache"])
 @pytest.mark.parametrize("kind, strategy", CASES)
 def test_fsdp_gradients_match_single_process(results: list[dict], kind: str, strategy: str, cached: bool) -> None:
-    want_loss, want = reference(kind)
-    assert {"logit_scale", "image_blocks.0.weight", "text_blocks.1.bias", "image_proj.weight"} <= want.keys()
-    assert ("logit_bias" in want) == (kind == "siglip")
-    mean = sum(res[(kind, strategy, cached)]["loss"] for res in results) / len(results)
-    assert torch.allclose(mean, want_loss, rtol=1e-12, atol=0)
-    for rank, res in enumerate(results):
-        got = res[(kind, strategy, cached)]["grads"]
-        assert got.keys() == want.keys()
-        for name, g in want.items():
-            assert got[name].shape == g.shape
-            err = ((got[name] - g).norm() / g.norm()).item()
-            assert err < 1e-10, f"rank {rank} {name}: rel err {err:.3g}"
+    check([res[(kind, strategy, cached)] for res in results], kind)
+
+
+def test_readme_example_matches_single_process(results: list[dict]) -> None:
+    check([res["readme"] for res in results], "clip")
 
 
 @pytest.mark.parametrize("kind, strategy", CASES)
