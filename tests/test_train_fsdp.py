@@ -25,8 +25,8 @@ from megabatch.train.cli import main
 STEPS = 4
 # A fixed bias start: the balanced default gives the bias a near-zero first gradient, whose Adam step
 # (g / |g|) rounding can flip. No centring: its running means are per rank (eval only) under FSDP.
-FLAGS = dict(loss="siglip", center=False, logit_bias_init=-10.0, steps=STEPS, log_every=1, ckpt_every=1, keep_checkpoints=STEPS,
-             progress=False)
+FLAGS = dict(loss="siglip", center=False, logit_bias_init=-10.0, steps=STEPS, log_every=1, ckpt_every=1,
+             keep_checkpoints=STEPS, progress=False)
 
 
 def curve(run: Path) -> list[tuple[int, float, float, float]]:
@@ -79,7 +79,8 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_fsdp_two_ranks_match_one_and_save_its_format(single: Path, tmp_path: Path) -> None:
     out = tmp_path / "fsdp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "megabatch.train", "--fsdp", "--preset", "tiny", "--loss", "siglip", "--no-center", "--logit-bias-init", "-10",
+           "-m", "megabatch.train", "--fsdp", "--preset", "tiny", "--loss", "siglip", "--no-center",
+           "--logit-bias-init", "-10",
            "--steps", str(STEPS), "--log-every", "1", "--ckpt-every", "1", "--keep-checkpoints", str(STEPS),
            "--output", str(out), "--no-progress"]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,

@@ -549,7 +549,8 @@ def _save(cfg: TrainConfig, rt: Runtime, step: int, p: _Parts) -> None:
         data = checkpoint.gathered(state_of(p.stream), rt.world)
     if cfg.fsdp:  # gathered to rank 0's CPU, in the unsharded format (loads with or without --fsdp)
         with _collective(f"step {step}: the checkpoint's gather of the sharded state", cfg, rt.world):
-            model_state, optimizer_state = fsdp.full_model_state(p.model), fsdp.full_optimizer_state(p.model, p.optimizer)
+            model_state = fsdp.full_model_state(p.model)
+            optimizer_state = fsdp.full_optimizer_state(p.model, p.optimizer)
     else:
         model_state, optimizer_state = p.model.state_dict(), p.optimizer.state_dict()
     if rt.rank != 0:

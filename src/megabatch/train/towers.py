@@ -4,8 +4,9 @@ The training loop needs only `encode_image(images (n, 3, S, S)) -> (n, E)`,
 `encode_text(tokens (n, L) int64) -> (n, E)` (unnormalised; the loop normalises), and the
 one-element parameters `logit_scale` (log of the multiplier; CLIP init log(1/0.07), SigLIP log(10);
 clamped at log(100) after every step) and `logit_bias` (SigLIP, init -10), of shape (1,) because
-FSDP2's fully_shard refuses 0-dim parameters (0-dim checkpoints still load; so do 0-dim user models). Any module with those members
-(e.g. an open_clip model) can be trained by `megabatch.train.loop.train(cfg, model=...)`.
+FSDP2's fully_shard refuses 0-dim parameters (0-dim checkpoints still load). Any module with those
+members (e.g. an open_clip model, 0-dim parameters included) can be trained by
+`megabatch.train.loop.train(cfg, model=...)`.
 
 With `center` (the default for SigLIP) each tower's embedding has its batch mean subtracted
 before the loop normalises it (`Center`: BatchNorm's centring without its scaling). Without it
