@@ -413,14 +413,17 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
                 _check_health(cfg, model, images.to(rt.device), tokens.to(rt.device), record, warned)
                 log.append(record)
             elif cfg.fsdp:  # the probe's forwards gather parameters: every rank runs them with rank 0
-                embedding_stats(model, images.to(rt.device), tokens.to(rt.device))
+                with _collective(f"step {done}: the health probe's parameter all_gathers (--fsdp)", cfg, rt.world):
+                    embedding_stats(model, images.to(rt.device), tokens.to(rt.device))
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
         if bar is not None:
             bar.update(1)
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
             if eval_data is not None:
-                metrics = evaluate(model, p.tokenizer, eval_data, rt.device)
+                with (_collective(f"step {done}: the evaluation's parameter all_gathers (--fsdp)", cfg, rt.world)
+                      if cfg.fsdp else contextlib.nullcontext()):
+                    metrics = evaluate(model, p.tokenizer, eval_data, rt.device)
                 if lead:
                     evals.append({"step": done, **metrics})
                     (out / "eval.json").write_text(json.dumps({**evals[-1], "history": evals}, indent=2))
