@@ -10,7 +10,10 @@ the concatenated batch, and the mean of the ranks' losses is the global loss --
     ranks with fewer re-run a filler micro-batch), where FSDP reduce-scatters each unit once per
     call (counted by wrapping torch.distributed.reduce_scatter_single, which FSDP2's default
     reduce-scatter calls), not once per micro-batch;
-for CLIP (ring strategy) and SigLIP (gather strategy). GradCache refuses a loss argument that is
+for CLIP (ring strategy) and SigLIP (gather strategy). With 2 hard-negative texts per rank (so the
+text tower has more micro-batches than the image tower, which re-runs fillers), GradCache's FSDP
+gradients equal DDP's (a replicated model's gradients under the same loss, averaged over ranks).
+GradCache refuses a loss argument that is
 still a sharded DTensor, with a TypeError that says how to gather it.
 """
 from __future__ import annotations
@@ -146,6 +149,29 @@ def one_step(kind: str, strategy: str, cached: bool, rank: int) -> dict:
     return {"loss": loss.detach(), "grads": grads, "reduce_scatters": calls[0]}
 
 
+def hard_negatives(rank: int) -> dict[str, float]:
+    """Relative error per parameter of FSDP + GradCache against DDP's averaged gradients."""
+    x, y = local_batch(rank)
+    y = torch.cat([y, torch.randn(2, 4, generator=torch.Generator().manual_seed(10 + rank), dtype=torch.float64)])
+    ddp = make_model()
+    loss = mb.clip_loss(F.normalize(ddp.encode_image(x), dim=-1), F.normalize(ddp.encode_text(y), dim=-1),
+                        ddp.logit_scale.exp(), strategy="ring")
+    loss.backward()
+    want = {}
+    for name, p in ddp.named_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            want[name] = p.grad / dist.get_world_size()
+    model = sharded()
+    normalized = [lambda v, f=f: F.normalize(f(v), dim=-1) for f in (model.encode_image, model.encode_text)]
+    gc = mb.GradCache(*normalized, lambda a, b, s: mb.clip_loss(a, b, s, strategy="ring"), MICRO, modules=model)
+    model.unshard()
+    gc(x, y, model.logit_scale.exp())
+    got = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    return {n: ((got[n].reshape(g.shape) - g).norm() / g.norm()).item() for n, g in want.items()}
+
+
 def refuses_sharded_loss_args(rank: int) -> str:
     model = sharded()
     gc = mb.GradCache(model.encode_image, model.encode_text, loss_fn("clip", "ring"), MICRO, modules=model)
@@ -159,6 +185,7 @@ def refuses_sharded_loss_args(rank: int) -> str:
 def worker(rank: int, world: int) -> dict:
     out = {(k, s, c): one_step(k, s, c, rank) for k, s in CASES for c in (False, True)}
     out["readme"] = run_readme(rank)
+    out["hard_negatives"] = hard_negatives(rank)
     out["refusal"] = refuses_sharded_loss_args(rank)
     return out
 
@@ -208,6 +235,13 @@ def test_gradcache_reduce_scatters_once_per_call(results: list[dict], kind: str,
     units = 5  # four blocks and the root, each reduce-scattered once although rank 1 runs 3 micro-batches
     for res in results:
         assert res[(kind, strategy, True)]["reduce_scatters"] == units
+
+
+def test_gradcache_with_hard_negatives_matches_ddp(results: list[dict]) -> None:
+    for res in results:
+        errors = res["hard_negatives"]
+        assert {"logit_scale", "visual.blocks.0.weight", "text.blocks.1.weight"} <= errors.keys()
+        assert max(errors.values()) < 1e-10, errors
 
 
 def test_gradcache_refuses_sharded_loss_arguments(results: list[dict]) -> None:
