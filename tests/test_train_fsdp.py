@@ -4,7 +4,8 @@ and its checkpoints keep the single-process format -- the model
 and optimizer state written under FSDP equal the single-process run's at the same step, a
 single-process checkpoint resumes under --fsdp, an --fsdp checkpoint resumes in one process, and
 a checkpoint of a model with 0-dim logit_scale / logit_bias (this app's before they became shape
-(1,)) still resumes; each resumed run continues the same curve. --fsdp in one process is a usage
+(1,)) still resumes; each resumed run continues the same curve. Sharding a user model turns its 0-dim
+parameters into shape (1,) ones (fully_shard refuses 0-dim ones). --fsdp in one process is a usage
 error (exit 2, the message, no traceback).
 """
 from __future__ import annotations
@@ -97,14 +98,35 @@ def test_fsdp_two_ranks_match_one_and_save_its_format(single: Path, tmp_path: Pa
     same_state(ckpt(plain, STEPS), ckpt(single, STEPS))
 
 
-def resume_sharded(rank: int, world: int, checkpoint: str, output: str) -> None:
+class ZeroDim(torch.nn.Module):
+    """A user model as the app accepts it, with open_clip's / HF's 0-dim logit_scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Identity()])
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.5))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[0](x) * self.logit_scale
+
+    encode_text = encode_image
+
+
+def resume_sharded(rank: int, world: int, checkpoint: str, output: str) -> dict:
     train(from_preset("tiny", output=output, resume=checkpoint, fsdp=True, **FLAGS))
+    # and: fsdp.shard turns a user model's 0-dim parameters into (1,) ones, skips parameter-less blocks
+    from megabatch.train import fsdp
+
+    model = fsdp.shard(ZeroDim(), torch.device("cpu"), world)
+    out = model.encode_image(torch.ones(2, 4))
+    return {"shape": tuple(model.logit_scale.shape), "value": fsdp.scalar(model.logit_scale), "out": out.shape}
 
 
 def test_single_process_checkpoint_resumes_under_fsdp(single: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumed"
-    run_world(resume_sharded, 2, tmp_path / "world", str(single / "checkpoints" / "step_000002.pt"), str(out),
-              timeout=180)
+    shards = run_world(resume_sharded, 2, tmp_path / "world", str(single / "checkpoints" / "step_000002.pt"),
+                       str(out), timeout=180)
+    assert all(r == {"shape": (1,), "value": 2.5, "out": (2, 4)} for r in shards), shards
     same_curve(curve(out), curve(single)[2:])
     same_state(ckpt(out, STEPS), ckpt(single, STEPS))
 

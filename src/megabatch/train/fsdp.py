@@ -59,8 +59,9 @@ def shard(model: nn.Module, device: torch.device, world: int) -> nn.Module:
         for t in [*model.parameters(), *model.buffers()]:
             dist.broadcast(t.data, src=0)
     mesh = init_device_mesh(device.type, (world,))
-    blocks = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
-    for block in reversed(blocks):  # nested lists: inner units first
+    blocks = {id(m): m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst
+              if any(True for _ in m.parameters())}
+    for block in reversed(list(blocks.values())):  # nested lists: inner units first
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     for name in ("encode_image", "encode_text"):
