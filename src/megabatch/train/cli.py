@@ -42,11 +42,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"megabatch train: error: {e}", file=sys.stderr)
             return 2
-    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        from .fsdp import NEEDS_RANKS
+    if cfg.fsdp:
+        from .fsdp import unusable
 
-        print(f"megabatch train: error: {NEEDS_RANKS}", file=sys.stderr)
-        return 2
+        reason = unusable(int(os.environ.get("WORLD_SIZE", "1")))
+        if reason:
+            print(f"megabatch train: error: {reason}", file=sys.stderr)
+            return 2
     from .files import DataError
 
     try:

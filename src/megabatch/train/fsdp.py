@@ -19,7 +19,7 @@ rank 0's CPU with torch.distributed.checkpoint's state-dict helpers), so a check
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,17 @@ from torch import Tensor, nn
 
 NEEDS_RANKS = ("--fsdp shards the model across ranks: launch with torchrun --nproc_per_node N (N >= 2); a single "
                "process trains without it")
+
+
+def unusable(world: int) -> Optional[str]:
+    """Why --fsdp cannot run with `world` ranks on this torch, or None."""
+    if world < 2:
+        return NEEDS_RANKS
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return f"--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch {torch.__version__}"
+    return None
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -330,8 +330,8 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     t_run = time.perf_counter()
     if cfg.batch_size % rt.world:
         raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of ranks ({rt.world})")
-    if cfg.fsdp and rt.world < 2:
-        raise ValueError(fsdp.NEEDS_RANKS)
+    if cfg.fsdp and fsdp.unusable(rt.world):
+        raise ValueError(fsdp.unusable(rt.world))
     local = cfg.batch_size // rt.world
     p = _build(cfg, rt, model, tokenizer)
     model, evals = p.model, p.evals
