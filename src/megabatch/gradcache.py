@@ -26,6 +26,16 @@ earlier backward runs under `no_sync()`. DDP synchronises only when its own forw
 Parameters the loss uses (logit_scale, logit_bias) must reach it through `loss_args`; their graph is
 back-propagated in the synchronised backward, so DDP averages their gradients too when they live in
 a wrapped module. RNG replay covers the CPU generator and the CUDA generators of the devices in use.
+
+Distributed (FSDP2, `fully_shard`): give the sharded root module in `modules=` (or use its methods as
+encoders; register them with `register_fsdp_forward_method` so its own parameters are gathered).
+Every encoder call all-gathers parameters, so every rank must make the same calls: GradCache agrees
+on the number of micro-batches with one all_reduce (MAX over the default group) and a rank with
+fewer (uneven batches) or a tower with fewer (N > B) re-runs its first micro-batch in their place,
+output discarded in the no-grad pass and back-propagated with a zero gradient. Every backward but
+the last runs with `set_requires_gradient_sync(False)` (unsharded gradients accumulate locally, as
+DDP's no_sync); the last reduce-scatters once. Loss arguments must be computed from gathered
+parameters (after `module.unshard()`, or inside a forward), not from sharded DTensors.
 """
 from __future__ import annotations
 
@@ -60,7 +70,8 @@ class GradCache:
             with ``image_ids=``/``text_ids=`` keywords too when the call gives them).
         micro_batch_size: examples per encoder call (a positive int; need not divide the batch).
         modules: nn.Module(s) owning the encoders' parameters, for DDP: list any
-            DistributedDataParallel wrapper whose forward the encoders do not call themselves.
+            DistributedDataParallel wrapper whose forward the encoders do not call themselves;
+            for FSDP2: the ``fully_shard``-ed root module(s) (see the module docstring).
     """
 
     def __init__(
@@ -90,11 +101,14 @@ class GradCache:
         self._called = _unique([o for o in owners if isinstance(o, DDP)])
         # ... and those GradCache must run the last micro-batch through.
         self._driven = _unique([m for m in modules if isinstance(m, DDP) and all(m is not c for c in self._called)])
+        # FSDP2 roots: every rank runs the same encoder calls, and only the last backward syncs.
+        self._fsdp = _unique([m for m in (*modules, *owners) if _is_fsdp(m)])
         self._warned = False
 
     def __repr__(self) -> str:
         wrappers = len(self._called) + len(self._driven)
-        return f"GradCache(micro_batch_size={self.micro_batch_size}, ddp_wrappers={wrappers})"
+        fsdp = f", fsdp_modules={len(self._fsdp)}" if self._fsdp else ""
+        return f"GradCache(micro_batch_size={self.micro_batch_size}, ddp_wrappers={wrappers}{fsdp})"
 
     def __call__(self, images: Batch, texts: Batch, *loss_args: Any, image_ids: Optional[Tensor] = None,
                  text_ids: Optional[Tensor] = None) -> Tensor:
@@ -112,14 +126,19 @@ class GradCache:
         sizes = (_batch_size("images", images), _batch_size("texts", texts))
         id_kwargs = {k: v for k, v in (("image_ids", image_ids), ("text_ids", text_ids)) if v is not None}
         self._warn_if_unsynced()
+        _check_loss_args(loss_args)
         mbs = self.micro_batch_size
         # Micro-batches per tower, right-aligned on a common schedule: the last step runs the last
         # micro-batch of both towers (the synchronised one under DDP).
         bounds = [[(a, min(a + mbs, size)) for a in range(0, size, mbs)] for size in sizes]
         steps = max(len(bounds[0]), len(bounds[1]))
+        if self._fsdp:
+            steps = _max_over_ranks(steps, images, texts)
         schedule = [[None] * (steps - len(bt)) + bt for bt in bounds]
         batches = (images, texts)
         chunks = [[None if ab is None else _slice(batches[t], *ab) for ab in schedule[t]] for t in range(2)]
+        # FSDP: a step without a micro-batch of a tower re-runs the tower's first one (a filler).
+        fillers = [_slice(batches[t], *bounds[t][0]) if self._fsdp else None for t in range(2)]
         devices = _cuda_devices(images, texts)
         autocast_state = _autocast_state()
 
@@ -134,6 +153,8 @@ class GradCache:
                     ab = schedule[t][k]
                     if ab is not None:
                         parts[t].append(_encode(encoder, chunks[t][k], name, ab[1] - ab[0]))
+                    elif fillers[t] is not None:
+                        _encode(encoder, fillers[t], name, _rows(fillers[t]))
 
         # 2. The loss once for the whole batch, on leaf features (and leaf copies of the loss args).
         img, txt = (torch.cat(p).requires_grad_() for p in parts)
@@ -150,7 +171,7 @@ class GradCache:
 
         # 3. Re-run each micro-batch with a graph (replayed RNG, same autocast) and push its slice.
         with torch.random.fork_rng(devices=devices), _autocast_as(autocast_state):
-            self._replay(chunks, schedule, states, devices, feature_grads, arg_grads)
+            self._replay(chunks, schedule, states, devices, feature_grads, arg_grads, fillers)
         return loss.detach()
 
     def _encoders(self) -> tuple[tuple[Encoder, str], tuple[Encoder, str]]:
@@ -164,6 +185,7 @@ class GradCache:
         devices: list[int],
         feature_grads: list[Tensor],
         arg_grads: list[tuple[Tensor, Tensor]],
+        fillers: list[Optional[Batch]],
     ) -> None:
         # A tower whose output needs no gradient (frozen, LiT) is re-run once to find out, then skipped.
         rerun = [_trainable(self.image_encoder), _trainable(self.text_encoder)]
@@ -179,6 +201,11 @@ class GradCache:
                     rerun[t] = out.requires_grad
                     outs.append(out)
                     grads.append(feature_grads[t][ab[0]:ab[1]])
+                elif rerun[t] and fillers[t] is not None:  # FSDP: the same collectives as the other ranks
+                    out = _encode(encoder, fillers[t], name, _rows(fillers[t]))
+                    rerun[t] = out.requires_grad
+                    outs.append(out)
+                    grads.append(torch.zeros_like(out))
             return (*outs, *extra), grads
 
         last = len(schedule[0]) - 1
@@ -196,16 +223,20 @@ class GradCache:
         with contextlib.ExitStack() as stack:
             for ddp in self._called + self._driven:
                 stack.enter_context(ddp.no_sync())
+            for m in self._fsdp:
+                m.set_requires_gradient_sync(False)
+                stack.callback(m.set_requires_gradient_sync, True)
             yield
 
     def _warn_if_unsynced(self) -> None:
-        if self._warned or self._called or self._driven:
+        if self._warned or self._called or self._driven or self._fsdp:
             return
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._warned = True
             warnings.warn(
-                "GradCache: torch.distributed is initialised but no DistributedDataParallel wrapper was "
-                "given (as an encoder or in modules=); parameter gradients will not be averaged across ranks",
+                "GradCache: torch.distributed is initialised but no DistributedDataParallel wrapper or "
+                "fully_shard-ed module was given (as an encoder or in modules=); parameter gradients will not "
+                "be averaged across ranks",
                 stacklevel=3,
             )
 
@@ -216,6 +247,51 @@ def _unique(items: list[nn.Module]) -> list[nn.Module]:
         if all(m is not o for o in out):
             out.append(m)
     return out
+
+
+def _is_fsdp(m: Any) -> bool:
+    """Whether `m` was `fully_shard`-ed (FSDP2; torch >= 2.6 exports FSDPModule publicly)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # older torch: FSDP2 lives in a private module, or not at all
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return False
+    return isinstance(m, FSDPModule)
+
+
+def _is_dtensor(a: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(a, DTensor)
+
+
+def _check_loss_args(loss_args: Sequence[Any]) -> None:
+    for i, a in enumerate(loss_args):
+        if _is_dtensor(a):
+            raise TypeError(
+                f"loss_args[{i}] is a DTensor (a sharded FSDP parameter, or computed from one): compute it "
+                "from gathered parameters, e.g. after module.unshard() or inside a forward"
+            )
+
+
+def _max_over_ranks(steps: int, *batches: Batch) -> int:
+    """The largest number of micro-batch steps of any rank (one all_reduce; FSDP needs them equal)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return steps
+    device = next((t.device for b in batches for t in _leaves(b)), torch.device("cpu"))
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([steps], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _rows(batch: Batch) -> int:
+    return next(_leaves(batch)).shape[0]
 
 
 def _needs_grad(a: Any) -> bool:

@@ -20,6 +20,7 @@ Safety and atomicity:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import re
@@ -37,7 +38,7 @@ _TMP = re.compile(r"^\.step_\d+\.pt\..*\.tmp$")
 # Fields a resumed run may change; anything else would change the run it continues.
 RESUMABLE = {"steps", "output", "resume", "eval_every", "log_every", "ckpt_every", "keep_checkpoints", "progress",
              "strategy", "backend", "device", "micro_batch_size", "threads", "eval_data", "eval_size", "fresh",
-             "dist_timeout", "max_bad_steps"}
+             "dist_timeout", "max_bad_steps", "fsdp"}
 
 
 class CheckpointError(ValueError):
@@ -200,6 +201,39 @@ def resume_config(path: str | Path, given: dict[str, Any]) -> TrainConfig:
     cfg = dataclasses.replace(saved, **changes)
     cfg.resume = str(path)
     return cfg.validate()
+
+
+def fit_scalar_shapes(state: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
+    """`state` (a model state dict) with its one-element tensors reshaped to `like`'s shapes (0-dim <->
+    (1,)): checkpoints from before logit_scale / logit_bias became shape (1,) for FSDP2 load into
+    today's model, and today's into a user model with 0-dim parameters."""
+    out = dict(state)
+    for key, value in state.items():
+        ref = like.get(key)
+        if (isinstance(value, torch.Tensor) and isinstance(ref, torch.Tensor) and value.numel() == ref.numel() == 1
+                and value.shape != ref.shape):
+            out[key] = value.reshape(ref.shape)
+    return out
+
+
+def fit_optimizer_shapes(state: dict[str, Any], params: list[torch.Tensor]) -> dict[str, Any]:
+    """`state` (`optimizer.state_dict()` format) with each one-element parameter's state tensors
+    (AdamW's moments; not its step count) reshaped to the parameter's shape, as fit_scalar_shapes.
+    `params`: the optimizer's parameters in its order."""
+    ids = [i for g in state["param_groups"] for i in g["params"]]
+    if len(ids) != len(params):
+        return state  # load_state_dict reports the mismatch
+    shapes = {i: p.shape for i, p in zip(ids, params)}
+
+    def fit(key: str, value: Any, shape: torch.Size) -> Any:
+        if (key != "step" and isinstance(value, torch.Tensor) and value.numel() == math.prod(shape) == 1
+                and value.shape != shape):
+            return value.reshape(shape)
+        return value
+
+    fitted = {i: {k: fit(k, v, shapes[i]) for k, v in s.items()} if i in shapes else s
+              for i, s in state["state"].items()}
+    return {**state, "state": fitted}
 
 
 def checkpoint_path(output: str | Path, step: int) -> Path:

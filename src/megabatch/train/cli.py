@@ -10,6 +10,8 @@ Usage:
                                                          # a killed rank: the workers restart and resume
     torchrun --nproc_per_node N -m megabatch.train ...   # N ranks (gloo on CPU, nccl on GPU); the
                                                          # global batch is split N ways, loss is ring
+    torchrun --nproc_per_node N -m megabatch.train --fsdp ...  # FSDP2: parameters, gradients and
+                                                         # optimizer state sharded N ways (N >= 2)
 
 A run whose --output holds checkpoints of the same settings resumes from the newest loadable one
 (different settings: an error; --fresh deletes them and starts over). A non-finite loss or gradient
@@ -22,6 +24,7 @@ Outputs in --output: metrics.jsonl, eval.json, curves.png, config.json, checkpoi
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -38,6 +41,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             cfg = resume_config(cfg.resume, given)
         except (ValueError, FileNotFoundError) as e:
             print(f"megabatch train: error: {e}", file=sys.stderr)
+            return 2
+    if cfg.fsdp:
+        from .fsdp import unusable
+
+        reason = unusable(int(os.environ.get("WORLD_SIZE", "1")))
+        if reason:
+            print(f"megabatch train: error: {reason}", file=sys.stderr)
             return 2
     from .files import DataError
 

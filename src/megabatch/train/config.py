@@ -126,6 +126,7 @@ class TrainConfig:
     fresh: bool = False
     dist_timeout: float = 1800.0
     max_bad_steps: int = 10
+    fsdp: bool = False  # shard the towers with FSDP2 (fully_shard) instead of DDP; needs torchrun, >= 2 ranks
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def resolved_positives(self) -> str:
@@ -343,6 +344,9 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     hf.add_argument("--tokenizer", help="with --model hf:...: a local Hugging Face tokenizer directory, or 'app' "
                     "(the app's own word/BPE tokenizer plus an end token; config JSON only)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument("--fsdp", action="store_true", default=None, help="under torchrun (>= 2 ranks): shard parameters, "
+                   "gradients and optimizer state with FSDP2 (fully_shard per transformer block, then the whole "
+                   "model) instead of replicating them with DDP; checkpoints stay in the unsharded format")
     ops = p.add_argument_group("restarts and faults")
     ops.add_argument("--keep-checkpoints", type=int, metavar="K",
                      help="newest checkpoints kept in OUTPUT/checkpoints (default 2)")

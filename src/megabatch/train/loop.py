@@ -7,7 +7,8 @@ One step over a global contrastive batch B with W ranks (b = B / W per rank):
      each micro-batch with grad, leaving the full-batch gradient in every parameter;
   3. DDP averages the gradients once per step (GradCache drives its last micro-batch through the
      wrapper) -- DESIGN.md's convention makes that average exactly dL/dtheta; the logged loss is
-     the mean of the ranks' losses, which is the global loss;
+     the mean of the ranks' losses, which is the global loss. With --fsdp, FSDP2 shards the model
+     instead (fsdp.py) and reduce-scatters the same average once per step;
   4. AdamW with linear warmup then cosine decay; the logit scale is clamped at log(100).
 Rank 0 logs metrics.jsonl, evaluates, checkpoints, and draws curves.png.
 """
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 
 import megabatch as mb
 
-from . import checkpoint, hf_model
+from . import checkpoint, fsdp, hf_model
 from .config import TrainConfig
 from .data import build_data, build_eval, state_of
 from .evaluate import evaluate
@@ -232,7 +233,9 @@ def _collective(what: str, cfg: TrainConfig, world: int) -> Any:
 def _loss_collectives(cfg: TrainConfig, world: int) -> str:
     strategy = cfg.strategy if cfg.strategy != "auto" else ("ring" if world > 1 else "local")
     ops = {"ring": "send/recv around the ring", "gather": "all_gather", "local": "no collective"}[strategy]
-    return f"the {cfg.loss} loss (strategy {strategy}: {ops}) and DDP's gradient all_reduce"
+    grads = ("FSDP's parameter all_gathers and gradient reduce_scatter" if cfg.fsdp
+             else "DDP's gradient all_reduce")
+    return f"the {cfg.loss} loss (strategy {strategy}: {ops}) and {grads}"
 
 
 def _choose_checkpoint(cfg: TrainConfig, rt: Runtime) -> Optional[dict[str, Any]]:
@@ -314,12 +317,20 @@ def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
         model = ContrastiveModel(cfg.model, tokenizer.vocab_size, cfg.loss)
     _init_logit_bias(cfg, model)
     model.to(rt.device).train()
+    if saved:  # before sharding: every rank loads the full state, fully_shard keeps its rows
+        model.load_state_dict(checkpoint.fit_scalar_shapes(saved["model"], model.state_dict()))
+    if cfg.fsdp:
+        fsdp.shard(model, rt.device, rt.world)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.steps))
     parts = _Parts(model, tokenizer, stream, optimizer, scheduler, 0, [])
     if saved:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        state = checkpoint.fit_optimizer_shapes(saved["optimizer"], [q for g in optimizer.param_groups
+                                                                     for q in g["params"]])
+        if cfg.fsdp:
+            fsdp.load_optimizer_state(model, optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
         scheduler.load_state_dict(saved["scheduler"])
         parts.start, parts.evals, parts.skipped = saved["step"], saved["evals"], saved.get("skipped_steps", 0)
         if len(saved["rng"]) == rt.world:
@@ -336,6 +347,8 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     t_run = time.perf_counter()
     if cfg.batch_size % rt.world:
         raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of ranks ({rt.world})")
+    if cfg.fsdp and fsdp.unusable(rt.world):
+        raise ValueError(fsdp.unusable(rt.world))
     local = cfg.batch_size // rt.world
     p = _build(cfg, rt, model, tokenizer)
     model, evals = p.model, p.evals
@@ -343,21 +356,23 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
                                 strategy=cfg.strategy, backend=cfg.backend)
     # Under torchrun a DDP wrapper (which broadcasts rank 0's weights) averages the gradients once
     # per step: GradCache runs the last micro-batch through it and the others under no_sync().
-    ddp = None
-    if rt.world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
-                                                  else None)
+    # With --fsdp the model is already sharded (_build) and GradCache syncs its last backward.
+    wrapper: Optional[nn.Module] = model if cfg.fsdp else None
+    if rt.world > 1 and not cfg.fsdp:
+        wrapper = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index]
+                                                      if rt.device.type == "cuda" else None)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     gc = mb.GradCache(_Normalized(model, "encode_image", dtype), _Normalized(model, "encode_text", dtype), loss_fn,
-                      cfg.micro_batch_size, modules=ddp)
+                      cfg.micro_batch_size, modules=wrapper)
     positives = cfg.resolved_positives()
     lead = rt.rank == 0
     out = Path(cfg.output)
     log = MetricsLog(out / "metrics.jsonl", keep_until=p.start) if lead else None
     if lead:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    # Rank 0 evaluates; with --fsdp every rank runs the evaluation's (collective) forwards with it.
     eval_data = (build_eval(cfg.eval_data, p.stream, cfg.model.image_size, cfg.seed, cfg.eval_size, cfg=cfg)
-                 if lead else None)
+                 if lead or cfg.fsdp else None)
     autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
     bar = _progress(cfg, p.start) if lead else None
@@ -373,6 +388,8 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
         pos = positive_ids(positives, captions, ids)
         id_kwargs = {} if pos is None else {"image_ids": pos.to(rt.device), "text_ids": pos.to(rt.device)}
         p.optimizer.zero_grad(set_to_none=True)
+        if cfg.fsdp:
+            model.unshard()  # the loss arguments below come from the gathered logit_scale / logit_bias
         scale = model.logit_scale.exp()
         loss_args = (scale, model.logit_bias) if cfg.loss == "siglip" else (scale,)
         faults.before_loss(done)
@@ -396,10 +413,12 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
             p.optimizer.zero_grad(set_to_none=True)
         else:
             in_a_row = 0
+            fsdp.at_rest(model)
             p.optimizer.step()
         p.scheduler.step()
+        fsdp.at_rest(model)
         with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+            fsdp.local(model.logit_scale).clamp_(0, math.log(100))
         faults.after_update(done)
         n_window += 1
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -410,14 +429,21 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
             if log is not None:
                 _check_health(cfg, model, images.to(rt.device), tokens.to(rt.device), record, warned)
                 log.append(record)
+            elif cfg.fsdp:  # the probe's forwards gather parameters: every rank runs them with rank 0
+                with _collective(f"step {done}: the health probe's parameter all_gathers (--fsdp)", cfg, rt.world):
+                    embedding_stats(model, images.to(rt.device), tokens.to(rt.device))
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
         if bar is not None:
             bar.update(1)
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
             if eval_data is not None:
-                evals.append({"step": done, **evaluate(model, p.tokenizer, eval_data, rt.device)})
-                (out / "eval.json").write_text(json.dumps({**evals[-1], "history": evals}, indent=2))
+                with (_collective(f"step {done}: the evaluation's parameter all_gathers (--fsdp)", cfg, rt.world)
+                      if cfg.fsdp else contextlib.nullcontext()):
+                    metrics = evaluate(model, p.tokenizer, eval_data, rt.device)
+                if lead:
+                    evals.append({"step": done, **metrics})
+                    (out / "eval.json").write_text(json.dumps({**evals[-1], "history": evals}, indent=2))
             if rt.world > 1:
                 with _collective(f"step {done}: the barrier after rank 0's evaluation", cfg, rt.world):
                     dist.barrier()
@@ -454,8 +480,10 @@ def _balance_bias(rt: Runtime, model: nn.Module, images: Tensor, tokens: Tensor,
     if not isinstance(bias, Tensor) or isinstance(getattr(model, "image_center", None), Center):
         return  # centred towers: the mean pair cosine is ~0 by construction, -ln(B - 1) is balanced
     c0 = sum_over_ranks(embedding_stats(model, images, tokens)["cos_pairs_mean"], rt.world) / rt.world
+    value = balanced_bias(batch_size) - math.exp(fsdp.scalar(model.logit_scale)) * c0
+    fsdp.at_rest(model)
     with torch.no_grad():
-        bias.fill_(balanced_bias(batch_size) - float(model.logit_scale.exp()) * c0)
+        fsdp.local(model.logit_bias).fill_(value)
 
 
 def _check_health(cfg: TrainConfig, model: nn.Module, images: Tensor, tokens: Tensor, record: dict[str, Any],
@@ -510,7 +538,8 @@ def _nonfinite_ranks(loss: Tensor, model: nn.Module, world: int) -> tuple[int, f
     """(ranks whose loss or gradients hold a NaN/inf, the mean of the ranks' losses): one all_reduce,
     so every rank takes the same decision."""
     loss = loss.detach().double().reshape(())
-    checks = [torch.isfinite(loss)] + [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    checks = [torch.isfinite(loss)] + [torch.isfinite(fsdp.local(p.grad)).all() for p in model.parameters()
+                                       if p.grad is not None]
     bad = (~torch.stack(checks).all()).double()
     t = torch.stack([bad, loss])  # on the loss's device (NCCL needs CUDA tensors); one host sync below
     if world > 1:
@@ -526,11 +555,11 @@ def _record(cfg: TrainConfig, rt: Runtime, p: _Parts, step: int, loss: Tensor, s
     (all ranks), peak memory (rank 0: CUDA max allocated, or the process's peak RSS on CPU)."""
     model = p.model
     record = {"step": step, "loss": sum_over_ranks(loss, rt.world) / rt.world,
-              "logit_scale": float(model.logit_scale.exp()), "lr": p.scheduler.get_last_lr()[0],
+              "logit_scale": math.exp(fsdp.scalar(model.logit_scale)), "lr": p.scheduler.get_last_lr()[0],
               "samples_per_s": samples_per_s, "peak_mem_mb": peak_memory_mb(rt.device), "elapsed_s": elapsed,
               "skipped_steps": p.skipped}
     if cfg.loss == "siglip":
-        record["logit_bias"] = float(model.logit_bias)
+        record["logit_bias"] = fsdp.scalar(model.logit_bias)
     if hasattr(p.stream, "skipped"):
         record["data_skipped"] = int(sum_over_ranks(float(p.stream.skipped), rt.world))
     return record
@@ -540,10 +569,16 @@ def _save(cfg: TrainConfig, rt: Runtime, step: int, p: _Parts) -> None:
     with _collective(f"step {step}: the checkpoint's all_gather_object of RNG and data states", cfg, rt.world):
         rngs = checkpoint.gathered(checkpoint.rng_state(), rt.world)
         data = checkpoint.gathered(state_of(p.stream), rt.world)
+    if cfg.fsdp:  # gathered to rank 0's CPU, in the unsharded format (loads with or without --fsdp)
+        with _collective(f"step {step}: the checkpoint's gather of the sharded state", cfg, rt.world):
+            model_state = fsdp.full_model_state(p.model)
+            optimizer_state = fsdp.full_optimizer_state(p.model, p.optimizer)
+    else:
+        model_state, optimizer_state = p.model.state_dict(), p.optimizer.state_dict()
     if rt.rank != 0:
         return
-    payload = {"step": step, "config": cfg.to_dict(), "model": p.model.state_dict(),
-               "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
+    payload = {"step": step, "config": cfg.to_dict(), "model": model_state,
+               "optimizer": optimizer_state, "scheduler": p.scheduler.state_dict(),
                "tokenizer": p.tokenizer.state_dict() if hasattr(p.tokenizer, "state_dict") else None,
                "rng": rngs, "data": data, "evals": p.evals, "world": rt.world, "skipped_steps": p.skipped}
     checkpoint.save(checkpoint.checkpoint_path(cfg.output, step), payload, cfg.keep_checkpoints)

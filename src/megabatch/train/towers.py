@@ -1,10 +1,12 @@
 """Built-in towers: a small ViT and a small text transformer joined into a CLIP-like model.
 
 The training loop needs only `encode_image(images (n, 3, S, S)) -> (n, E)`,
-`encode_text(tokens (n, L) int64) -> (n, E)` (unnormalised; the loop normalises), and the scalar
-parameters `logit_scale` (log of the multiplier; CLIP init log(1/0.07), SigLIP log(10); clamped
-at log(100) after every step) and `logit_bias` (SigLIP, init -10). Any module with those members
-(e.g. an open_clip model) can be trained by `megabatch.train.loop.train(cfg, model=...)`.
+`encode_text(tokens (n, L) int64) -> (n, E)` (unnormalised; the loop normalises), and the
+one-element parameters `logit_scale` (log of the multiplier; CLIP init log(1/0.07), SigLIP log(10);
+clamped at log(100) after every step) and `logit_bias` (SigLIP, init -10), of shape (1,) because
+FSDP2's fully_shard refuses 0-dim parameters (0-dim checkpoints still load). Any module with those
+members (e.g. an open_clip model, 0-dim parameters included) can be trained by
+`megabatch.train.loop.train(cfg, model=...)`.
 
 With `center` (the default for SigLIP) each tower's embedding has its batch mean subtracted
 before the loop normalises it (`Center`: BatchNorm's centring without its scaling). Without it
@@ -127,8 +129,8 @@ class ContrastiveModel(nn.Module):
         self.visual = VisionTower(cfg)
         self.text = TextTower(cfg, vocab_size) if cfg.text_tower == "builtin" else _minilm(cfg)
         init_scale = math.log(10.0) if loss == "siglip" else math.log(1 / 0.07)
-        self.logit_scale = nn.Parameter(torch.tensor(init_scale))
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0), requires_grad=loss == "siglip")
+        self.logit_scale = nn.Parameter(torch.full((1,), init_scale))  # (1,), not 0-dim: FSDP2 shards it
+        self.logit_bias = nn.Parameter(torch.full((1,), -10.0), requires_grad=loss == "siglip")
         center = cfg.center if cfg.center is not None else loss == "siglip"
         self.image_center = Center(cfg.embed_dim) if center else nn.Identity()
         self.text_center = Center(cfg.embed_dim) if center else nn.Identity()
