@@ -7,6 +7,8 @@
   where it stopped; a config JSON with a local tokenizer directory trains SigLIP (the loop sets
   its scale and bias); a local pretrained directory (save_pretrained, with its tokenizer) trains
   with its own tokenizer and keeps its logit_bias.
+- `--fsdp` with 2 torchrun ranks (HF encoder layers as FSDP2 units, CLIP's 0-dim logit_scale made
+  1-element) trains the same loss and scale curve as one process.
 - Clear usage errors (exit 2, no traceback): a config that is not CLIP/SigLIP-like, a config
   without --tokenizer, --loss against the model's kind, a missing path, --tokenizer without --model.
 """
@@ -129,3 +131,25 @@ def test_usage_errors(hf_files: Path, tmp_path: Path, capsys) -> None:
             code = e.code
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, (flags, err)
+
+
+def test_fsdp_two_ranks_trains_the_one_process_curve(hf_files: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    flags = ["--model", f"hf:{hf_files / 'clip.json'}", "--tokenizer", "app", "--preset", "tiny", "--steps", "3",
+             "--batch-size", "16", "--micro-batch-size", "4", "--warmup-steps", "1", "--log-every", "1",
+             "--eval-every", "0", "--eval-size", "64", "--no-progress"]
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "megabatch.train", "--fsdp", *flags, "--output", str(tmp_path / "fsdp")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert main([*flags, "--output", str(tmp_path / "one")]) == 0
+    sharded, single = _lines(tmp_path / "fsdp"), _lines(tmp_path / "one")
+    assert [r["step"] for r in sharded] == [1, 2, 3]
+    for a, b in zip(sharded, single):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["logit_scale"] == pytest.approx(b["logit_scale"], rel=1e-5)

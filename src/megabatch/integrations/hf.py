@@ -37,6 +37,7 @@ from .. import functional, strategies
 from .._checks import check_directions
 from ..gradcache import GradCache
 from ..kernels import BACKENDS
+from .fsdp import shardable  # noqa: F401 - part of this module's API
 
 from transformers import Trainer
 
@@ -120,17 +121,6 @@ def logit_params(model: nn.Module, family: str) -> tuple[Tensor, ...]:
     scale = model.logit_scale.exp()
     # a copy, not the leaf: DDP's unused-parameter search needs a grad_fn (and FSDP2 warns of views)
     return (scale,) if family == "clip" else (scale, model.logit_bias.clone())
-
-
-def shardable(model: nn.Module) -> nn.Module:
-    """Make every 0-dim parameter (CLIPModel's logit_scale) a 1-element one, in place, so that FSDP2's
-    ``fully_shard`` accepts the model ("fully_shard doesn't support scalar parameters"); the
-    models' forward and megabatch's losses broadcast it alike. Returns the model."""
-    for module in list(unwrap(model).modules()):
-        for name, p in list(module.named_parameters(recurse=False)):
-            if p.dim() == 0:
-                setattr(module, name, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
-    return model
 
 
 class ContrastiveLoss:

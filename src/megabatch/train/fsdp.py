@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..integrations.fsdp import shardable
+
 NEEDS_RANKS = ("--fsdp shards the model across ranks: launch with torchrun --nproc_per_node N (N >= 2); a single "
                "process trains without it")
 
@@ -65,7 +67,7 @@ def shard(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    _scalars_to_vectors(model)
+    shardable(model)
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             dist.broadcast(t.data, src=0)
@@ -78,13 +80,6 @@ def shard(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     for name in ("encode_image", "encode_text"):
         register_fsdp_forward_method(model, name)
     return model
-
-
-def _scalars_to_vectors(model: nn.Module) -> None:
-    for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            if p.dim() == 0:
-                setattr(module, name, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
 
 
 def at_rest(model: nn.Module) -> None:
