@@ -9,7 +9,8 @@
   ranks' losses average to HF's loss on the concatenated batch, and after DDP's averaging every
   parameter gradient equals HF's full-batch gradient: CLIP and SigLIP, strategies ring and gather,
   with and without GradCache; and under FSDP2 (fully_shard per encoder layer and the root, after
-  hf.shardable makes CLIP's 0-dim logit_scale 1-element), the gathered gradients likewise.
+  hf.shardable makes CLIP's 0-dim logit_scale 1-element), the gathered gradients likewise (ring
+  without GradCache, gather with it).
 - ``import megabatch`` (and megabatch.integrations) imports nothing from transformers.
 - Bad input is a clear error: a model without the feature methods or logit_scale, loss="siglip" on
   a model without logit_bias, a batch without image or text tensors or with keys neither tower takes.
@@ -94,23 +95,28 @@ def _distributed(rank: int, world: int) -> dict[str, float]:
             torch.testing.assert_close(mean / world, want_loss, rtol=1e-11, atol=1e-12)
             assert_grads_equal(H.grads_of(model), want, rtol=1e-9)
             losses[f"{kind}/{strategy}/{micro}"] = (mean / world).item()
-        if strategy == "ring":  # FSDP2: every encoder layer, then the root (0-dim logit_scale made 1-element)
-            fsdp = hf.shardable(H.build(kind))
-            for m in fsdp.modules():
-                if type(m).__name__.endswith("EncoderLayer"):
-                    fully_shard(m)
-            fully_shard(fsdp)
-            loss = hf.ContrastiveLoss()(fsdp, local)
+        # FSDP2: every encoder layer, then the root (0-dim logit_scale made 1-element)
+        fsdp = hf.shardable(H.build(kind))
+        for m in fsdp.modules():
+            if type(m).__name__.endswith("EncoderLayer"):
+                fully_shard(m)
+        fully_shard(fsdp)
+        micro = None if strategy == "ring" else 2
+        loss_fn = hf.ContrastiveLoss(strategy=strategy, micro_batch_size=micro)
+        if micro is None:
+            loss = loss_fn(fsdp, local)
             loss.backward()
-            got = {n: p.grad.full_tensor().reshape(want[n].shape) for n, p in fsdp.named_parameters()}
-            assert_grads_equal(got, want, rtol=1e-9)
-            losses[f"{kind}/fsdp2"] = loss.item()
+        else:
+            loss = loss_fn.backward(fsdp, local)
+        got = {n: p.grad.full_tensor().reshape(want[n].shape) for n, p in fsdp.named_parameters()}
+        assert_grads_equal(got, want, rtol=1e-9)
+        losses[f"{kind}/{strategy}/fsdp2/{micro}"] = loss.item()
     return losses
 
 
 def test_distributed_three_ranks_uneven_matches_hf_full_batch(tmp_path) -> None:
     results = run_world(_distributed, 3, tmp_path, timeout=180)
-    assert len(results) == 3 and all(len(r) == 10 for r in results)
+    assert len(results) == 3 and all(len(r) == 12 for r in results)
 
 
 def test_import_megabatch_imports_no_transformers() -> None:

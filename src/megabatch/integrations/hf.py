@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import functional, strategies
 from .._checks import check_directions
-from ..gradcache import GradCache
+from ..gradcache import GradCache, _is_fsdp
 from ..kernels import BACKENDS
 from .fsdp import shardable  # noqa: F401 - part of this module's API
 
@@ -195,9 +195,18 @@ class ContrastiveLoss:
         family = loss_family(model, self.loss)
         inner = unwrap(model)
         image, text = split_inputs(inner, inputs)
+        sharded = _is_fsdp(model)
+        if sharded:  # the feature methods gather the root's own parameters; so does unshard() for the scalars
+            if not getattr(model, "_megabatch_forward_methods", False):
+                from torch.distributed.fsdp import register_fsdp_forward_method
+
+                for name in NEEDED:
+                    register_fsdp_forward_method(model, name)
+                model._megabatch_forward_methods = True
+            model.unshard()
         cache = GradCache(
-            _bound(image_features, inner), _bound(text_features, inner),
-            self._loss_fn(family), self.micro_batch_size, modules=[model] if isinstance(model, DDP) else None,
+            _bound(image_features, inner), _bound(text_features, inner), self._loss_fn(family),
+            self.micro_batch_size, modules=[model] if isinstance(model, DDP) or sharded else None,
         )
         ids = {k: v for k, v in (("image_ids", image_ids), ("text_ids", text_ids)) if v is not None}
         return cache(image, text, *logit_params(inner, family), **ids)
