@@ -9,6 +9,7 @@ the global batch's gradient. A tiny random model and random inputs stand in for 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             print(f"step {step}: global loss {total.item() / dist.get_world_size():.4f}", flush=True)
     dist.barrier()
+    time.sleep(0.05)  # gloo: let the barrier drain before teardown (a rank may otherwise hang or abort at exit)
     dist.destroy_process_group()
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _hf_models as H  # noqa: E402
@@ -35,6 +37,10 @@ def main() -> None:
     for spec in sys.argv[2:]:
         kind, micro = spec.split(":")
         train(out, kind, int(micro))
+    if dist.is_initialized():  # gloo: end cleanly (a rank may otherwise hang or abort at exit)
+        dist.barrier()
+        time.sleep(0.05)
+        dist.destroy_process_group()
 
 
 def train(out: str, kind: str, micro: int) -> None:
