@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -91,6 +92,7 @@ def main() -> None:
         print(f"final loss {loss.item() / world:.6f}, float64 reference on the gathered batch {ref:.6f}, "
               f"relative difference {abs(loss.item() / world - ref) / abs(ref):.1e}")
     dist.barrier()
+    time.sleep(0.05)  # gloo: let the barrier drain before teardown (a rank may otherwise hang or abort at exit)
     dist.destroy_process_group()
 
 
