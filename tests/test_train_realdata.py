@@ -17,7 +17,8 @@ Contracts:
   * `--image-tower cnn` (towers.ConvTower) maps (n, 3, S, S) to (n, embed_dim) for any S >= 8 with
     ~0.6M parameters at the presets' width; a sample's embedding does not depend on the rest of its
     batch, so GradCache's gradient is the same at every micro-batch size; the app trains it (loss
-    falls) and keeps the choice in the checkpoint's config; an unknown tower is a usage error.
+    falls) and keeps the choice in the checkpoint's config; it is the default for `--data emoji` only;
+    an unknown tower is a usage error.
 Skips name the missing package or file and the command that installs it.
 """
 from __future__ import annotations
@@ -202,6 +203,13 @@ def test_locked_minilm_embeds_each_caption_once():
     model.encode_text(tokens[:2])
     handle.remove()
     assert not calls  # cached: BERT did not run again
+
+
+def test_image_tower_default_is_cnn_for_emoji_only():
+    assert parse_args([])[0].model.image_tower == "vit"
+    assert parse_args(["--data", "emoji"])[0].model.image_tower == "cnn"
+    assert parse_args(["--data", "emoji", "--image-tower", "vit"])[0].model.image_tower == "vit"
+    assert parse_args(["--data", "digits", "--image-tower", "cnn"])[0].model.image_tower == "cnn"
 
 
 def test_cnn_tower_shapes_and_batch_independence():
