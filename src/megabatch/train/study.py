@@ -2,13 +2,14 @@
 on real data, at the same number of samples seen; and the losses' memory against the batch.
 
     megabatch study                      # the full study (`make study`; see README "Why 32k?")
-    megabatch study --quick              # a ~1-minute version (the tests run it; 512 samples a run)
+    megabatch study --quick              # a ~1-minute version (the tests run it; ViT, 512 samples a run)
     megabatch study --batches 16 256 --seeds 0 --samples 8192 --output /tmp/s
 
 Every run trains an image tower from scratch (`--image-tower`: the small CNN by default, 0.59M
-parameters; or the small preset's ViT) against locked MiniLM-L6 with a trained linear head (LiT with the *text* tower locked; `--text-tower minilm --lock-text`) on `--data emoji`:
-two drawing styles of ~1,650 concepts (~3,300 pairs), evaluated by retrieving, for each concept
-drawn in the unseen third style, its name among all ~1,830 names (image->text R@1; chance 0.05%).
+parameters; or the small preset's ViT) against locked MiniLM-L6 with a trained linear head (LiT
+with the *text* tower locked; `--text-tower minilm --lock-text`) on `--data emoji`: two drawing
+styles of ~1,650 concepts (~3,300 pairs), evaluated by retrieving, for each concept drawn in the
+unseen third style, its name among all ~1,830 names (image->text R@1; chance 0.05%).
 Runs at every batch size see the same number of samples (steps = samples / batch), with the same
 learning rate and a warmup of a tenth of the steps. Positives are by caption where the app has
 `--positives caption`: a concept's two drawings in one batch are both its name's positives,
