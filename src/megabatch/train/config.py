@@ -251,7 +251,8 @@ def from_preset(name: str, **overrides: Any) -> TrainConfig:
             model.text_tower == "builtin"):
         model = dataclasses.replace(model, context_length=0)  # fit to the training captions
     if data == "emoji" and "image_tower" not in model_overrides:
-        model = dataclasses.replace(model, image_tower="cnn")  # R@1 15% vs the ViT's 3% in 600 steps (benchmarks/emoji_cnn_cpu)
+        # measured: R@1 15% vs the ViT's 3% in 600 steps (benchmarks/emoji_cnn_cpu)
+        model = dataclasses.replace(model, image_tower="cnn")
     return TrainConfig(**{**preset, **overrides, "preset": name, "model": model}).validate()
 
 
