@@ -3,7 +3,8 @@ MiniLM (the full one is `make study`).
 
 Contracts: it is a `megabatch` subcommand; it writes study.json (environment with command, date
 and machine; one row per (loss, batch, seed) with held-out image->text R@1 and its chance, the
-final t and b, samples seen equal across batch sizes, caption positives, seconds) and study.png;
+final t and b, samples seen equal across batch sizes, caption positives, the image tower (the quick
+study's is the ViT), seconds) and study.png;
 the tiled loss's runs match the dense loss's runs (same loss curve, same retrieval); the loss
 memory rows show the dense loss holding a B x B matrix and the tiled one less; bad arguments are
 usage errors (exit 2).
@@ -43,6 +44,7 @@ def test_quick_study(tmp_path, monkeypatch, emoji_cache):
     rows = [r for r in result["rows"] if r["backend"] == "auto"]
     assert {(r["loss"], r["batch"]) for r in rows} == {(loss, b) for loss in ("clip", "siglip") for b in (16, 64)}
     assert {r["samples"] for r in rows} == {512} and {r["positives"] for r in rows} == {"caption"}
+    assert {r["image_tower"] for r in result["rows"]} == {result["plan"]["image_tower"]} == {"vit"}
     for r in rows:
         assert 0 <= r["i2t_r1"] <= 1 and r["chance_i2t_r1"] < 0.001 and r["seconds"] > 0
         assert (r["logit_bias"] is None) == (r["loss"] == "clip")

@@ -14,6 +14,11 @@ Contracts:
   * `--text-tower minilm` reproduces sentence-transformers' all-MiniLM-L6-v2 embedding, loads with
     HF_HUB_OFFLINE set, and with `--lock-text` keeps BERT out of the parameters, embeds each
     caption once and trains only the head; bad combinations are usage errors.
+  * `--image-tower cnn` (towers.ConvTower) maps (n, 3, S, S) to (n, embed_dim) for any S >= 8 with
+    ~0.6M parameters at the presets' width; a sample's embedding does not depend on the rest of its
+    batch, so GradCache's gradient is the same at every micro-batch size; the app trains it (loss
+    falls) and keeps the choice in the checkpoint's config; it is the default for `--data emoji` only;
+    an unknown tower is a usage error.
 Skips name the missing package or file and the command that installs it.
 """
 from __future__ import annotations
@@ -151,6 +156,7 @@ def test_missing_fashion_is_a_usage_error(tmp_path, monkeypatch, capsys):
     (["--lock-text"], "--lock-text needs"),
     (["--text-tower", "minilm", "--data", "csv:x.csv", "--context-length", "0"], "context-length"),
     (["--data", "emojis"], "--data must be"),
+    (["--image-tower", "resnet"], "--image-tower"),
 ])
 def test_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -197,3 +203,62 @@ def test_locked_minilm_embeds_each_caption_once():
     model.encode_text(tokens[:2])
     handle.remove()
     assert not calls  # cached: BERT did not run again
+
+
+def test_image_tower_default_is_cnn_for_emoji_only():
+    assert parse_args([])[0].model.image_tower == "vit"
+    assert parse_args(["--data", "emoji"])[0].model.image_tower == "cnn"
+    assert parse_args(["--data", "emoji", "--image-tower", "vit"])[0].model.image_tower == "vit"
+    assert parse_args(["--data", "digits", "--image-tower", "cnn"])[0].model.image_tower == "cnn"
+
+
+def test_cnn_tower_shapes_and_batch_independence():
+    from megabatch.train.towers import ContrastiveModel, ConvTower
+
+    cfg = from_preset("small", image_tower="cnn").model
+    tower = ConvTower(cfg)
+    assert 550_000 < sum(p.numel() for p in tower.parameters()) < 650_000
+    for size in (8, 32, 64):
+        assert tower(torch.randn(3, 3, size, size)).shape == (3, cfg.embed_dim)
+    x = torch.randn(5, 3, 32, 32)
+    assert torch.allclose(tower(x)[:2], tower(x[:2]), atol=1e-5)  # no batch statistics
+    assert isinstance(ContrastiveModel(cfg, 100, "clip").visual, ConvTower)
+
+
+def test_cnn_gradcache_micro_batches_give_the_full_batch_gradient():
+    import megabatch as mb
+    from megabatch.train.towers import ConvTower
+
+    torch.manual_seed(0)
+    cfg = from_preset("tiny", image_tower="cnn", embed_dim=16).model
+    tower, texts = ConvTower(cfg), torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    images = torch.randn(8, 3, 16, 16)
+    grads = []
+    for micro in (8, 3):
+        tower.zero_grad()
+        gc = mb.GradCache(lambda x: torch.nn.functional.normalize(tower(x), dim=-1), lambda t: t, mb.clip_loss,
+                          micro_batch_size=micro)
+        gc(images, texts, torch.tensor(10.0))
+        grads.append(torch.cat([p.grad.flatten() for p in tower.parameters()]))
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+@needs_emoji
+@needs_minilm
+def test_cnn_tower_trains_in_the_app(tmp_path, emoji_set):
+    import json
+    import warnings
+
+    from megabatch.train.cli import main
+
+    out = tmp_path / "run"
+    argv = ["--preset", "tiny", "--data", "emoji", "--image-size", "16", "--text-tower", "minilm", "--lock-text",
+            "--image-tower", "cnn", "--batch-size", "32", "--steps", "12", "--log-every", "3", "--warmup-steps", "2",
+            "--output", str(out), "--no-progress"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no collapse warning
+        assert main(argv) == 0
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    ckpt = torch.load(sorted((out / "checkpoints").iterdir())[-1], weights_only=False)
+    assert ckpt["config"]["model"]["image_tower"] == "cnn"

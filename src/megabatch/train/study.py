@@ -2,13 +2,14 @@
 on real data, at the same number of samples seen; and the losses' memory against the batch.
 
     megabatch study                      # the full study (`make study`; see README "Why 32k?")
-    megabatch study --quick              # a ~1-minute version (the tests run it; 512 samples a run)
+    megabatch study --quick              # a ~1-minute version (the tests run it; ViT, 512 samples a run)
     megabatch study --batches 16 256 --seeds 0 --samples 8192 --output /tmp/s
 
-Every run trains the small preset's ViT (from scratch) against locked MiniLM-L6 with a trained
-linear head (LiT with the *text* tower locked; `--text-tower minilm --lock-text`) on `--data emoji`:
-two drawing styles of ~1,650 concepts (~3,300 pairs), evaluated by retrieving, for each concept
-drawn in the unseen third style, its name among all ~1,830 names (image->text R@1; chance 0.05%).
+Every run trains an image tower from scratch (`--image-tower`: the small CNN by default, 0.59M
+parameters; or the small preset's ViT) against locked MiniLM-L6 with a trained linear head (LiT
+with the *text* tower locked; `--text-tower minilm --lock-text`) on `--data emoji`: two drawing
+styles of ~1,650 concepts (~3,300 pairs), evaluated by retrieving, for each concept drawn in the
+unseen third style, its name among all ~1,830 names (image->text R@1; chance 0.05%).
 Runs at every batch size see the same number of samples (steps = samples / batch), with the same
 learning rate and a warmup of a tenth of the steps. Positives are by caption where the app has
 `--positives caption`: a concept's two drawings in one batch are both its name's positives,
@@ -42,10 +43,15 @@ from typing import Any, Optional
 import torch
 
 # Powers of 4 from 16, and 2,048: the data's limit (3,292 training pairs; a batch of 4,096 would hold pairs twice).
-FULL = dict(batches=(16, 64, 256, 1024, 2048), seeds=(0, 1), samples=65536, losses=("clip", "siglip"),
-            memory_batches=(1024, 2048, 4096, 8192, 16384), check_batch=256)
+# 32,768 samples (~10 epochs; at 16,384 every point stayed at 2-3% R@1): the CNN costs ~10x the ViT's
+# time per sample (the ViT study of 65,536 samples is benchmarks/study/vit_65536.json).
+FULL = dict(batches=(16, 64, 256, 1024, 2048), seeds=(0, 1), samples=32768, losses=("clip", "siglip"),
+            memory_batches=(1024, 2048, 4096, 8192, 16384), check_batch=256, image_tower="cnn")
+# The quick study checks the pipeline (tiled = dense, rows, plot): with the ViT, as the CNN's ~10x
+# cost per sample (training and evaluating) would double its time in the tests.
 QUICK = dict(batches=(16, 64), seeds=(0,), samples=512, losses=("clip", "siglip"), memory_batches=(256, 512),
-             check_batch=64)
+             check_batch=64, image_tower="vit")
+IMAGE_TOWERS = ("cnn", "vit")
 LR = 1e-3
 MEMORY_DIM = 256
 # The SigLIP paper (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", Fig. 2),
@@ -66,13 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the dense-loss runs")
     p.add_argument("--no-training", action="store_true", help="only the memory measurement")
     p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--image-tower", choices=IMAGE_TOWERS, help="the image tower trained (default cnn; vit with "
+                   "--quick)")
     p.add_argument("--output", default="benchmarks/study", help="folder for study.json and study.png")
     return p
 
 
 def _plan(ns: argparse.Namespace) -> dict[str, Any]:
     plan = dict(QUICK if ns.quick else FULL)
-    for key in ("batches", "seeds", "samples", "losses", "memory_batches"):
+    for key in ("batches", "seeds", "samples", "losses", "memory_batches", "image_tower"):
         if getattr(ns, key) is not None:
             plan[key] = tuple(getattr(ns, key)) if isinstance(getattr(ns, key), list) else getattr(ns, key)
     if any(b < 2 for b in plan["batches"]):
@@ -88,7 +96,8 @@ def _plan(ns: argparse.Namespace) -> dict[str, Any]:
     return plan
 
 
-def run_config(loss: str, batch: int, seed: int, samples: int, lr: float, output: str, backend: str = "auto") -> Any:
+def run_config(loss: str, batch: int, seed: int, samples: int, lr: float, output: str, backend: str = "auto",
+               image_tower: str = "cnn") -> Any:
     """The TrainConfig of one study run."""
     from .config import TrainConfig, from_preset
 
@@ -97,6 +106,7 @@ def run_config(loss: str, batch: int, seed: int, samples: int, lr: float, output
     if "positives" in {f.name for f in dataclasses.fields(TrainConfig)}:
         extra["positives"] = "caption"
     return from_preset("small", data="emoji", text_tower="minilm", lock_text=True, context_length=16, loss=loss,
+                       image_tower=image_tower,
                        batch_size=batch, micro_batch_size=min(batch, 512), steps=steps, lr=lr,
                        warmup_steps=max(1, steps // 10), eval_every=0, log_every=max(1, steps // 20), seed=seed,
                        threads=1, progress=False, backend=backend, output=output, keep_checkpoints=1, **extra)
@@ -114,7 +124,7 @@ def train_point(cfg: Any) -> dict[str, Any]:
     records = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
     return {"loss": cfg.loss, "batch": cfg.batch_size, "seed": cfg.seed, "steps": cfg.steps,
-            "samples": cfg.steps * cfg.batch_size, "backend": cfg.backend,
+            "samples": cfg.steps * cfg.batch_size, "backend": cfg.backend, "image_tower": cfg.model.image_tower,
             "positives": getattr(cfg, "positives", "index"),
             "i2t_r1": final["i2t_r1"], "i2t_r5": final["i2t_r5"], "t2i_r1": final["t2i_r1"],
             "zero_shot_concept_top1": final.get("zero_shot_concept_top1"),
@@ -213,9 +223,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.plot(batches, means, color=color, marker="o", label=f"{loss} (mean of seeds)")
     if chance is not None:
         ax.axhline(100 * chance, color="gray", ls=":", lw=1, label="chance")
-    n = result["plan"]["samples"]
+    n, tower = result["plan"]["samples"], result["plan"].get("image_tower", "vit").upper()
     ax.set(xscale="log", xlabel="global contrastive batch", ylabel="image->text R@1 (%)",
-           title=f"emoji, unseen drawing style; {n:,} samples seen per run")
+           title=f"emoji, unseen drawing style; {tower} image tower; {n:,} samples seen per run")
     ax.minorticks_off()
     ax.set_xticks(sorted({r["batch"] for r in rows}) or [1])
     ax.set_xticklabels([str(b) for b in sorted({r["batch"] for r in rows})], rotation=45)
@@ -244,6 +254,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _write_partial(out: Path, result: dict[str, Any], total: int) -> None:
+    """study.json with the rows so far (`"partial"`: runs done of total), so a long study that is
+    stopped keeps what it measured; the finished study overwrites it."""
+    (out / "study.json").write_text(json.dumps({**result, "partial": f"{len(result['rows'])} of {total} runs"},
+                                               indent=1))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
@@ -267,9 +284,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="megabatch-study-") as tmp:
             for i, (loss, batch, seed, backend) in enumerate(points):
-                cfg = run_config(loss, batch, seed, plan["samples"], plan["lr"], f"{tmp}/{i}", backend)
+                cfg = run_config(loss, batch, seed, plan["samples"], plan["lr"], f"{tmp}/{i}", backend,
+                                 plan["image_tower"])
                 row = train_point(cfg)
                 result["rows"].append(row)
+                _write_partial(out, result, len(points))
                 print(f"[{i + 1}/{len(points)}] {loss:6s} batch {batch:5d} seed {seed} {backend:5s}: "
                       f"i2t R@1 {100 * row['i2t_r1']:5.2f}%  t {row['logit_scale']:6.2f}"
                       + (f" b {row['logit_bias']:6.2f}" if row["logit_bias"] is not None else "")
