@@ -72,6 +72,15 @@ def test_never_builds_the_local_logits() -> None:
     assert model.logit_scale.grad is not None
 
 
+def _step(loss_fn: hf.ContrastiveLoss, model: nn.Module, batch: dict) -> torch.Tensor:
+    """Back-propagate: loss_fn(...).backward() without micro-batches, loss_fn.backward(...) (GradCache) with."""
+    if loss_fn.micro_batch_size is None:
+        loss = loss_fn(model, batch)
+        loss.backward()
+        return loss.detach()
+    return loss_fn.backward(model, batch)
+
+
 def _distributed(rank: int, world: int) -> dict[str, float]:
     sizes = [3, 5, 2][:world]
     start = sum(sizes[:rank])
@@ -84,12 +93,7 @@ def _distributed(rank: int, world: int) -> dict[str, float]:
         for micro in (None, 2):
             model.zero_grad(set_to_none=True)
             ddp = DDP(model)
-            loss_fn = hf.ContrastiveLoss(strategy=strategy, micro_batch_size=micro)
-            if micro is None:
-                loss = loss_fn(ddp, local)
-                loss.backward()
-            else:
-                loss = loss_fn.backward(ddp, local)
+            loss = _step(hf.ContrastiveLoss(strategy=strategy, micro_batch_size=micro), ddp, local)
             mean = loss.detach().clone()
             torch.distributed.all_reduce(mean)
             torch.testing.assert_close(mean / world, want_loss, rtol=1e-11, atol=1e-12)
@@ -102,12 +106,7 @@ def _distributed(rank: int, world: int) -> dict[str, float]:
                 fully_shard(m)
         fully_shard(fsdp)
         micro = None if strategy == "ring" else 2
-        loss_fn = hf.ContrastiveLoss(strategy=strategy, micro_batch_size=micro)
-        if micro is None:
-            loss = loss_fn(fsdp, local)
-            loss.backward()
-        else:
-            loss = loss_fn.backward(fsdp, local)
+        loss = _step(hf.ContrastiveLoss(strategy=strategy, micro_batch_size=micro), fsdp, local)
         got = {n: p.grad.full_tensor().reshape(want[n].shape) for n, p in fsdp.named_parameters()}
         assert_grads_equal(got, want, rtol=1e-9)
         losses[f"{kind}/{strategy}/fsdp2/{micro}"] = loss.item()

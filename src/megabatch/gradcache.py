@@ -50,6 +50,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .integrations.fsdp import is_dtensor, is_fsdp
+
 Batch = Union[Tensor, Mapping[str, Any], Sequence[Any]]
 Encoder = Callable[..., Tensor]
 
@@ -102,7 +104,7 @@ class GradCache:
         # ... and those GradCache must run the last micro-batch through.
         self._driven = _unique([m for m in modules if isinstance(m, DDP) and all(m is not c for c in self._called)])
         # FSDP2 roots: every rank runs the same encoder calls, and only the last backward syncs.
-        self._fsdp = _unique([m for m in (*modules, *owners) if _is_fsdp(m)])
+        self._fsdp = _unique([m for m in (*modules, *owners) if is_fsdp(m)])
         self._warned = False
 
     def __repr__(self) -> str:
@@ -249,29 +251,9 @@ def _unique(items: list[nn.Module]) -> list[nn.Module]:
     return out
 
 
-def _is_fsdp(m: Any) -> bool:
-    """Whether `m` was `fully_shard`-ed (FSDP2; torch >= 2.6 exports FSDPModule publicly)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # older torch: FSDP2 lives in a private module, or not at all
-        try:
-            from torch.distributed._composable.fsdp import FSDPModule
-        except ImportError:
-            return False
-    return isinstance(m, FSDPModule)
-
-
-def _is_dtensor(a: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(a, DTensor)
-
-
 def _check_loss_args(loss_args: Sequence[Any]) -> None:
     for i, a in enumerate(loss_args):
-        if _is_dtensor(a):
+        if is_dtensor(a):
             raise TypeError(
                 f"loss_args[{i}] is a DTensor (a sharded FSDP parameter, or computed from one): compute it "
                 "from gathered parameters, e.g. after module.unshard() or inside a forward"

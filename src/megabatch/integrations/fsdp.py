@@ -1,7 +1,30 @@
-"""FSDP2 helpers that need no framework besides torch."""
+"""FSDP2 helpers that need no framework besides torch (used by GradCache, the HF loss and the app)."""
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
+
+
+def is_fsdp(module: Any) -> bool:
+    """Whether `module` was `fully_shard`-ed (FSDP2; torch >= 2.6 exports FSDPModule publicly)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # older torch: FSDP2 lives in a private module, or not at all
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return False
+    return isinstance(module, FSDPModule)
+
+
+def is_dtensor(value: Any) -> bool:
+    """Whether `value` is a DTensor (e.g. a sharded FSDP2 parameter, or computed from one)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(value, DTensor)
 
 
 def shardable(model: nn.Module) -> nn.Module:

@@ -35,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import functional, strategies
 from .._checks import check_directions
-from ..gradcache import GradCache, _is_fsdp
+from ..gradcache import GradCache
 from ..kernels import BACKENDS
-from .fsdp import shardable  # noqa: F401 - part of this module's API
+from .fsdp import is_fsdp, shardable  # noqa: F401 - shardable: part of this module's API
 
 from transformers import Trainer
 
@@ -195,7 +195,7 @@ class ContrastiveLoss:
         family = loss_family(model, self.loss)
         inner = unwrap(model)
         image, text = split_inputs(inner, inputs)
-        sharded = _is_fsdp(model)
+        sharded = is_fsdp(model)
         if sharded:  # the feature methods gather the root's own parameters; so does unshard() for the scalars
             if not getattr(model, "_megabatch_forward_methods", False):
                 from torch.distributed.fsdp import register_fsdp_forward_method

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..integrations.fsdp import shardable
+from ..integrations.fsdp import is_dtensor, is_fsdp, shardable
 
 NEEDS_RANKS = ("--fsdp shards the model across ranks: launch with torchrun --nproc_per_node N (N >= 2); a single "
                "process trains without it")
@@ -40,22 +40,6 @@ def unusable(world: int) -> Optional[str]:
     except ImportError:
         return f"--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch {torch.__version__}"
     return None
-
-
-def is_sharded(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6: no public FSDP2, so nothing the app sharded
-        return False
-    return isinstance(model, FSDPModule)
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
 
 
 def shard(model: nn.Module, device: torch.device, world: int) -> nn.Module:
@@ -84,18 +68,18 @@ def shard(model: nn.Module, device: torch.device, world: int) -> nn.Module:
 
 def at_rest(model: nn.Module) -> None:
     """Put a sharded model's gathered units back to their shards (before in-place changes)."""
-    if is_sharded(model):
+    if is_fsdp(model):
         model.reshard()
 
 
 def local(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor (a plain tensor as it is)."""
-    return t.to_local() if _is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def scalar(t: Tensor) -> float:
     """The value of a one-element parameter, sharded or not (collective for a DTensor)."""
-    full = t.full_tensor() if _is_dtensor(t) else t
+    full = t.full_tensor() if is_dtensor(t) else t
     return float(full.detach().reshape(()))
 
 
