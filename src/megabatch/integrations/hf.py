@@ -23,6 +23,7 @@ Siglip2Model), CLIP's otherwise (CLIPModel, ChineseCLIPModel, MetaClip2Model, ..
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional
@@ -189,7 +190,7 @@ class ContrastiveLoss:
                  text_ids: Optional[Tensor] = None) -> Tensor:
         """Back-propagate the loss into the parameters' ``.grad``; return it detached."""
         if self.micro_batch_size is None:
-            loss = ContrastiveLoss.__call__(self._whole(), model, inputs, image_ids=image_ids, text_ids=text_ids)
+            loss = self(model, inputs, image_ids=image_ids, text_ids=text_ids)
             loss.backward()
             return loss.detach()
         family = loss_family(model, self.loss)
@@ -205,7 +206,7 @@ class ContrastiveLoss:
                 model._megabatch_forward_methods = True
             model.unshard()
         cache = GradCache(
-            _bound(image_features, inner), _bound(text_features, inner), self._loss_fn(family),
+            functools.partial(image_features, inner), functools.partial(text_features, inner), self._loss_fn(family),
             self.micro_batch_size, modules=[model] if isinstance(model, DDP) or sharded else None,
         )
         ids = {k: v for k, v in (("image_ids", image_ids), ("text_ids", text_ids)) if v is not None}
@@ -220,13 +221,6 @@ class ContrastiveLoss:
         if family == "clip":
             return lambda x, y, s, **ids: functional.clip_loss(x, y, s, directions=self.directions, **ids, **settings)
         return lambda x, y, s, b, **ids: functional.siglip_loss(x, y, s, b, **ids, **settings)
-
-
-def _bound(fn: Callable[..., Tensor], model: nn.Module) -> Callable[..., Tensor]:
-    """``fn(model, **kwargs)`` as a one-model encoder (GradCache calls it with a micro-batch's kwargs)."""
-    def encode(**kwargs: Any) -> Tensor:
-        return fn(model, **kwargs)
-    return encode
 
 
 def as_forward(wrapper: nn.Module, fn: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
