@@ -3,10 +3,11 @@
 torchrun starts 3 CPU processes (gloo); each rank's Trainer takes 4 of 12 examples in one step, with
 ids in the dataset (kept through Trainer's column removal). The gradient the optimiser sees on rank 0
 (after DDP's averaging) equals Hugging Face's own ``return_loss=True`` gradient on all 12 examples,
-for every parameter, and the logged training loss (Trainer's mean over ranks) is HF's loss: CLIP through GradCache
-(micro_batch_size=2) and SigLIP without it. After the step, ``evaluate()`` (4 per rank: one global
-batch) reports HF's loss of the trained model on all 12 as eval_loss. gradient_accumulation_steps > 1 is refused (it would
-split the contrastive batch), and so is a model without the feature methods.
+for every parameter, and the logged training loss (Trainer's mean over ranks) is HF's loss: CLIP
+through GradCache (micro_batch_size=2) and SigLIP without it. After the step, ``evaluate()`` (4 per
+rank: one global batch) reports HF's loss of the trained model on all 12 as eval_loss.
+gradient_accumulation_steps > 1 is refused (it would split the contrastive batch), and so is a
+model without the feature methods.
 """
 from __future__ import annotations
 

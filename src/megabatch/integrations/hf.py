@@ -287,7 +287,8 @@ class ContrastiveTrainer(Trainer):
                 "for an exact larger batch"
             )
         if micro_batch_size is not None and self.args.fp16:
-            raise ValueError("micro_batch_size (GradCache) back-propagates itself, without fp16's loss scaling: use bf16")
+            raise ValueError("micro_batch_size (GradCache) back-propagates itself, without fp16's loss scaling: "
+                             "use bf16")
         loss_family(self.model, loss)  # a clear error now, not at the first step
         self.can_return_loss = True  # evaluate() reports eval_loss without labels (our loss needs none)
 
@@ -295,7 +296,8 @@ class ContrastiveTrainer(Trainer):
         super()._set_signature_columns_if_needed()
         inner = unwrap(self.model)
         extra = _named_parameters(inner.get_image_features) | _named_parameters(inner.get_text_features)
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *sorted(extra), "image_ids", "text_ids"]))
+        kept = [*self._signature_columns, *sorted(extra), "image_ids", "text_ids"]
+        self._signature_columns = list(dict.fromkeys(kept))
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
