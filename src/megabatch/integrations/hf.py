@@ -28,9 +28,7 @@ import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional
 
-import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
