@@ -133,3 +133,30 @@ def test_collapse_then_recovery_is_said_once_each(capsys):
     _check_health(cfg, _Random(), images, tokens, record, warned)
     _check_health(cfg, _Random(), images, tokens, {"step": 25, "logit_scale": 14.3}, warned)
     assert "collapsed" not in record and capsys.readouterr().err.count("embeddings recovered by step 20") == 1
+
+
+class _ImagesCollapsed(_Random):
+    """An image tower that still maps every image one way, a text tower that does not."""
+
+    def encode_image(self, x):
+        return _Constant.encode_image(self, x)
+
+
+def test_recovery_is_said_only_once_every_statistic_left_the_collapse(capsys):
+    from megabatch.train.health import recovery_note
+    from megabatch.train.loop import _check_health
+
+    assert recovery_note({**HEALTHY, "cos_image_image": 0.995}, 15) is None  # one tower still one way
+    assert recovery_note({**HEALTHY, "cos_pairs_sd": 0.005}, 15) is None  # pairs still at one cosine
+    note = recovery_note(HEALTHY, 15)
+    assert note.startswith("embeddings recovered by step 15") and "0.060" in note and "0.9" in note and "0.01" in note
+    cfg = from_preset("tiny", steps=30, warmup_steps=3)
+    images, tokens = torch.randn(64, 3, 4, 4), torch.randint(0, 9, (64, 8))
+    warned: list[str] = []
+    with pytest.warns(RuntimeWarning, match="embeddings collapsed at step 5"):
+        _check_health(cfg, _Constant(), images, tokens, {"step": 5, "logit_scale": 14.3}, warned)
+    half = {"step": 15, "logit_scale": 14.3}
+    _check_health(cfg, _ImagesCollapsed(), images, tokens, half, warned)
+    assert half["cos_image_image"] > 0.99 and half["cos_text_text"] < 0.9 and "recovered" not in capsys.readouterr().err
+    _check_health(cfg, _Random(), images, tokens, {"step": 20, "logit_scale": 14.3}, warned)
+    assert capsys.readouterr().err.count("embeddings recovered by step 20") == 1

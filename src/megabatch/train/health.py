@@ -9,7 +9,10 @@ Two collapses were measured on this app (issue 14), both ending with exit 0 and 
     the bias's gradient vanishes: t*c + b = -ln(B - 1).
 Randomly initialised towers look collapsed too (cosines ~0.95 at step 0 here), so the warning is
 given only once the warmup is over and a tenth of the run is done: an embedding that has not left
-that state by then is not learning.
+that state by then is not learning. A warned run is said to have recovered only once every one of
+those statistics is on the healthy side of its threshold -- both mean cosines at most
+SAME_DIRECTION and the sd at least FLAT_PAIRS -- so "recovered" never comes with an image-image
+cosine of 0.995 (one tower still collapsed: the warning's condition wants both, the recovery none).
 
 Why SigLIP stalled in short runs (preset small, synthetic, batch 1,024, 60 steps; README "SigLIP
 in short runs" has the numbers). Per pair the sigmoid loss's gradient on the logit is
@@ -75,10 +78,10 @@ def collapse_warning(stats: dict[str, float], step: int, steps: int, warmup: int
         return None
     if stats["cos_image_image"] > SAME_DIRECTION and stats["cos_text_text"] > SAME_DIRECTION:
         what = (f"image-image cosines average {stats['cos_image_image']:.3f} and text-text "
-                f"{stats['cos_text_text']:.3f}: every embedding points one way")
+                f"{stats['cos_text_text']:.3f} (above {SAME_DIRECTION:g}): every embedding points one way")
     elif stats["cos_pairs_sd"] < FLAT_PAIRS:
         what = (f"every image-text pair has cosine {stats['cos_pairs_mean']:.3f} "
-                f"(sd {stats['cos_pairs_sd']:.4f}): the towers no longer tell pairs apart")
+                f"(sd {stats['cos_pairs_sd']:.4f}, below {FLAT_PAIRS:g}): the towers no longer tell pairs apart")
     else:
         return None
     if loss == "siglip" and logit_bias is not None:
@@ -90,3 +93,14 @@ def collapse_warning(stats: dict[str, float], step: int, steps: int, warmup: int
     else:
         cause = "likely cause: a learning rate too high for this batch (try --lr 3x lower or more --warmup-steps)"
     return f"embeddings collapsed at step {step}: {what}; {cause}"
+
+
+def recovery_note(stats: dict[str, float], step: int) -> Optional[str]:
+    """After a collapse warning: a sentence saying the embeddings recovered, or None while any
+    statistic is still on the collapsed side of its threshold (one tower pointing one way is not a
+    recovery, even though the warning needs both)."""
+    ii, tt, sd = stats["cos_image_image"], stats["cos_text_text"], stats["cos_pairs_sd"]
+    if max(ii, tt) > SAME_DIRECTION or sd < FLAT_PAIRS:
+        return None
+    return (f"embeddings recovered by step {step}: image-image cosine {ii:.3f} and text-text {tt:.3f} (both at most "
+            f"{SAME_DIRECTION:g}), pair cosine sd {sd:.3f} (at least {FLAT_PAIRS:g})")

@@ -44,7 +44,7 @@ from .data import build_data, build_eval, state_of
 from .evaluate import evaluate
 from .faults import Injector
 from .files import DataError, stable_id
-from .health import balanced_bias, collapse_warning, embedding_stats
+from .health import balanced_bias, collapse_warning, embedding_stats, recovery_note
 from .plots import plot_curves
 from .report import MetricsLog, summary, text_notes
 from .tokenizer import Tokenizer, tokenizer_for
@@ -498,9 +498,10 @@ def _check_health(cfg: TrainConfig, model: nn.Module, images: Tensor, tokens: Te
             warned.append(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
     elif len(warned) == 1 and record["step"] > cfg.warmup_steps:  # said once, when it has left the collapse
-        warned.append(f"embeddings recovered by step {record['step']}")
-        print(f"megabatch train: {warned[-1]} (image-image cosine {record['cos_image_image']:.3f}, pair cosine sd "
-              f"{record['cos_pairs_sd']:.3f})", file=sys.stderr, flush=True)
+        note = recovery_note(record, record["step"])
+        if note is not None:
+            warned.append(note)
+            print(f"megabatch train: {note}", file=sys.stderr, flush=True)
 
 
 def _batch(stream: Any, step: int, size: int, start: int, stop: int) -> tuple[Tensor, list[str], Optional[Tensor]]:
