@@ -156,9 +156,11 @@ def test_checkpoint_cannot_run_code(tmp_path, monkeypatch):
     monkeypatch.setenv("EVIL_MARK", str(mark))
     path = tmp_path / "step_000001.pt"
     torch.save({"step": 1, "config": {}, "x": _Evil()}, path)
-    with pytest.raises(checkpoint.CheckpointError, match="cannot be loaded safely"):
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be loaded safely") as refused:
         checkpoint.read(path)
     assert not mark.exists()
+    said = str(refused.value)  # the app's advice, never torch's "weights_only=False"
+    assert "weights_only" not in said and "posix.system" in said and "re-save" in said and "trust" in said, said
 
 
 def test_corrupt_newest_is_skipped_and_temps_cleaned(tmp_path):

@@ -120,8 +120,17 @@ def read(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, a forbidden global: all unusable
+        text = str(e)
+        if "Weights only load failed" in text:  # torch's own advice (load with weights_only=False) runs the code
+            named = re.search(r"GLOBAL\s+([\w.]+)", text)
+            raise CheckpointError(
+                f"checkpoint {path} cannot be loaded safely: it holds a Python object that a weights-only load "
+                f"refuses{f' ({named.group(1)})' if named else ''}, and unpickling it could run code stored in "
+                "the file. megabatch writes checkpoints of tensors and plain containers only: if this file is "
+                "your own, re-save it that way from the process that made it; otherwise use a checkpoint you "
+                "trust") from e
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+                              f"{text.splitlines()[0] if text else ''}") from e
     if not isinstance(payload, dict) or "config" not in payload:
         raise CheckpointError(f"checkpoint {path} is not a megabatch checkpoint (no config)")
     return payload
