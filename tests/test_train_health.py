@@ -7,6 +7,8 @@ Contracts:
     healthy run and before the warmup and a tenth of the run are over;
   * `embedding_stats` measures those numbers on a probe of the batch and leaves the model's mode;
   * `balanced_bias(B)` = -ln(B-1) (0 for B <= 2), the paper's -10 near B = 22k;
+  * after a warning, "recovered" is said once and only when every statistic is on the healthy side
+    of its threshold (one tower still pointing one way is no recovery);
   * a SigLIP run that collapses says so while it runs (a RuntimeWarning and "collapsed" in its
     metrics); a fresh SigLIP run's bias starts at -ln(B-1) with centred towers, balanced on the
     first batch without them, and at --logit-bias-init when given;
