@@ -7,13 +7,15 @@ ranks then DataLoader workers so that none is yielded twice and none is lost (al
 counts summed over workers; `repeat` streams epochs without spinning on an empty share and fails
 loudly when a whole epoch has nothing usable; shard patterns expand ({000..009}, {a,b}, globs);
 with an id column the items are (image, caption, int64 id): integers as written, other text by a
-stable hash, a blank id skipped and counted.
+stable hash, a blank id skipped and counted; a repeating stream warns about a bad row once (and
+summarises once), not in every epoch.
 """
 from __future__ import annotations
 
 import io
 import itertools
 import tarfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -96,6 +98,23 @@ def test_csv_yields_good_rows_and_counts_bad_ones(tmp_path: Path) -> None:
     assert pairs.skipped == 5
     assert any("skipped 5 bad item(s)" in str(w.message) for w in caught)  # the end-of-epoch summary
 
+
+
+def test_a_bad_row_is_warned_about_once_over_epochs(tmp_path: Path) -> None:
+    # A repeating stream meets its bad rows again every epoch: one warning each, one summary, not one per epoch.
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        (tmp_path / "img" / f"{i}.png").write_bytes(image_bytes(color_of(i)))
+    table = write_table(tmp_path, "t.csv", ["filepath,title", "img/0.png,zero", "img/gone.png,lost", "img/1.png,one",
+                                            "img/2.png,two"])
+    pairs = CsvPairs(table, shuffle=True, repeat=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [c for _, c in itertools.islice(pairs, 30)]  # 10 epochs
+    assert set(Counter(got).values()) == {10} and pairs.counts["missing_image"] >= 9
+    assert [str(w.message) for w in caught] == [
+        "t.csv: skipping row 2 (img/gone.png): missing_image (No such file or directory)",
+        "t.csv: skipped 1 bad item(s) in epoch 0: {'missing_image': 1}"]
 
 def test_tsv_columns_root_and_transform(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()

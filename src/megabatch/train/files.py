@@ -21,10 +21,15 @@ the samples whose key hashes below `held_out` (`split="train"` drops them, `"eva
 Bad data never crashes a run nor hangs it: a missing or corrupt image, an empty (or undecodable)
 caption, a malformed CSV row and a shard that is missing, not a tar or ends early (truncated) are
 skipped, counted by reason in `.counts` (summed over DataLoader workers through shared memory) and
-reported with `warnings.warn` (each of the first few, then a summary per pass). Samples read from a
-truncated shard before the damage are kept. Tar shards follow the webdataset layout: consecutive
-members "<key>.<ext>" form one sample; the image is the first of `image_exts`, the caption the first
-of `caption_exts` (UTF-8). Shards are local paths (brace ranges "{000..099}", lists "{a,b}" and globs).
+reported with `warnings.warn`: each of the first few distinct bad items once per process (a
+repeating stream meets the same bad row every epoch: it is counted every time, said once), then a
+summary at the end of a pass that met new ones. An owner that reports bad items itself sets
+`events` to a list: they are appended there as (reason, where, why) and not warned about (the
+training stream carries its workers' events to the training process, which says each once).
+Samples read from a truncated shard before the damage are kept. Tar shards follow the webdataset
+layout: consecutive members "<key>.<ext>" form one sample; the image is the first of `image_exts`,
+the caption the first of `caption_exts` (UTF-8). Shards are local paths (brace ranges
+"{000..099}", lists "{a,b}" and globs).
 
 Unusable input -- a missing table, a column that is not there, a table without rows, no shard at
 all -- raises `DataError` (a ValueError; `MissingDataFile` is also a FileNotFoundError) naming the
@@ -51,7 +56,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 REASONS = ("missing_image", "corrupt_image", "empty_caption", "bad_row", "bad_shard", "bad_id")
 _SLOTS = 64  # count rows in shared memory: one per DataLoader worker id (mod _SLOTS)
-_WARN_FIRST = 5  # bad items warned about one by one per process and pass; the rest in a summary
+_WARN_FIRST = 5  # distinct bad items warned about one by one per process; the rest in a summary
 _BAD_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _FLAGS = {"image_column": "--csv-img-key", "caption_column": "--csv-caption-key", "id_column": "--csv-id-key"}
 _INT64 = (-(2**63), 2**63 - 1)
@@ -117,7 +122,8 @@ class _Pairs(IterableDataset):
         self.transform, self.rank, self.world_size = transform, rank, world_size
         self.shuffle, self.seed, self.repeat, self.epoch, self.draft = shuffle, seed, repeat, 0, draft
         self._counts = torch.zeros(_SLOTS, len(REASONS), dtype=torch.int64).share_memory_()
-        self._warned = 0  # per process and pass
+        self.events: Optional[list[tuple[str, str, str]]] = None  # a list: bad items go there, unwarned
+        self._seen: set[str] = set()  # distinct bad items met in this process (where they are)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -174,20 +180,19 @@ class _Pairs(IterableDataset):
     def walk(self, worker: int, workers: int, start: Cursor) -> Iterator[tuple[tuple[Any, ...], Cursor]]:
         """Worker `worker` of `workers`'s items from cursor `start` on, each with the cursor after it."""
         epoch, pos, skip = (int(v) for v in start)
-        self._warned = 0
         while True:
             mine = self._mine(epoch, worker, workers)
             if not mine:
                 return  # this worker has nothing (more workers than units): end, never spin
             mine_counts = self._counts[self._slot()]
-            before, yielded, whole = mine_counts.clone(), 0, pos == 0 and skip == 0
+            before, known, yielded, whole = mine_counts.clone(), len(self._seen), 0, pos == 0 and skip == 0
             for p in range(pos, len(mine)):
                 for item, passed in self._read(mine[p], skip):
                     yielded += 1
                     yield item, (epoch, p, passed)
                 skip = 0
             bad = {r: int(n) for r, n in zip(REASONS, mine_counts - before) if n}
-            if bad:
+            if bad and len(self._seen) > known:  # a pass that met new bad items (not every epoch again)
                 warnings.warn(f"{self.name}: skipped {sum(bad.values())} bad item(s) in epoch {epoch}: {bad}")
             if not self.repeat:
                 return
@@ -197,9 +202,14 @@ class _Pairs(IterableDataset):
 
     def _skip(self, reason: str, where: str, why: object) -> None:
         self._counts[self._slot(), REASONS.index(reason)] += 1
-        self._warned += 1
-        if self._warned <= _WARN_FIRST:
-            more = " (further ones are summarised at the end of the epoch)" if self._warned == _WARN_FIRST else ""
+        if self.events is not None:
+            self.events.append((reason, where, str(why)))
+            return
+        if where in self._seen:
+            return  # met again (a later epoch): counted, already said
+        self._seen.add(where)
+        if len(self._seen) <= _WARN_FIRST:
+            more = " (further ones are summarised at the end of the epoch)" if len(self._seen) == _WARN_FIRST else ""
             warnings.warn(f"{self.name}: skipping {where}: {reason} ({why}){more}")
 
     def _decode(self, data: Union[bytes, str], where: str) -> Optional[Any]:
