@@ -18,12 +18,17 @@ Contract checked here:
   tar shards mid-shard) without decoding consumed pairs; a resumed run with workers reproduces
   the uninterrupted run's metrics, and two runs with the same seed and workers are identical.
 - Summary percentages have >= 2 significant digits; curves.png is drawn with one evaluation.
+- A bad row met in every epoch by workers reading ahead is said once, by the training process, and
+  counted at the end of the run ("skipped 1 bad row(s) N times"); the held-out share is the rows
+  held out over the table's rows ("1 pair ... (20.0% of its 5 rows)"); fewer distinct pairs than
+  the global batch are warned about.
 """
 from __future__ import annotations
 
 import io
 import json
 import tarfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -168,6 +173,29 @@ def test_csv_custom_header_held_out_split_end_to_end(tmp_path, capsys):
     assert pos.batch_with_ids(0, 3, 0, 3)[2].tolist()[0] >= 1000
 
 
+
+def test_tiny_table_and_a_missing_image_said_once_with_counts(tmp_path, capsys):
+    # 5 rows, the default --eval-split 0.02 holds out 1 (20%, not 2%); one training row's image is missing.
+    table = make_table(tmp_path, 5)
+    opts = FileOptions("path", "caption", workers=0)
+    train_rows = FileStream("csv", str(table), 8, options=opts).pairs._order
+    (tmp_path / "img" / f"{train_rows[1]}.png").unlink()
+    out = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, printed, err = cli(["--data", f"csv:{table}", "--csv-img-key", "path", "--csv-caption-key", "caption",
+                                  "--output", str(out), "--log-every", "1"] + TINY, capsys)
+    assert code == 0, err
+    said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert "1 pair held out of" in printed and "(20.0% of its 5 rows)" in printed
+    assert sum("the training data holds 4 distinct pairs, fewer than the global batch 16: each batch repeats pairs"
+               in m for m in said) == 1, said
+    skipping = [m for m in said if "skipping" in m or "skipped" in m]
+    assert len(skipping) == 1 and f"row {train_rows[1] + 1} (img/{train_rows[1]}.png): missing_image" in skipping[0]
+    times = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["data_skipped"]
+    assert times >= 5 and f"pairs.tsv: skipped 1 bad row(s) {times} times" in err, err
+    assert f"row {train_rows[1] + 1} (img/{train_rows[1]}.png): missing_image, {times} times" in err
+
 def test_run_resume_and_determinism_with_workers(tmp_path):
     table = make_table(tmp_path, 80)
     base = dict(data=f"csv:{table}", csv_img_key="path", csv_caption_key="caption", batch_size=24,
@@ -224,6 +252,23 @@ def test_stream_resumes_exactly_without_decoding_consumed_pairs(tmp_path, monkey
                                                                                    workers=1)), 40)
         assert Counter(other[:23]) == every and other != whole
 
+
+
+def test_stream_reports_bad_rows_from_the_training_process_once(tmp_path):
+    # The workers read epochs ahead (4 chunks of 128 pairs each) and meet the bad row in every one of them:
+    # the training process says it once, when a pair after it is used, and counts it.
+    table = make_table(tmp_path, 9)
+    (tmp_path / "img" / "4.png").unlink()
+    stream = FileStream("csv", str(table), 8, options=FileOptions("path", "caption", eval_split=0, workers=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(take(stream, 80)) == 80  # 16+ epochs of one worker's 4 or 5 rows
+    said = [str(w.message) for w in caught]
+    assert said == ["pairs.tsv: skipping row 5 (img/4.png): missing_image (No such file or directory); it is skipped "
+                    "in every epoch, counted at the end of the run"], said
+    assert stream.skipped >= 5 and stream.skip_summary() == (
+        f"pairs.tsv: skipped 1 bad row(s) {stream.skipped} times in all: row 5 (img/4.png): missing_image, "
+        f"{stream.skipped} times")
 
 def shard(path: Path, keys: range, with_id: bool = True) -> None:
     rng = np.random.default_rng(keys.start)

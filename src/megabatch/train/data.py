@@ -9,9 +9,16 @@ W reads [r*b, (r+1)*b) with b = B / W. Streams whose samples are a function of (
 evaluation set is the data's own held-out split (synthetic: unseen combinations; digits: 300
 images; users' files: `--eval-split` of them, which training never sees) unless `--eval-data`
 names another spec (files: all their pairs, or the first `--eval-size`).
+
+Users' files with fewer distinct pairs than the global batch B are trained on as asked, with a
+warning: every batch then holds some pairs twice or more (2 training rows at B = 64: each 32
+times), which the loss cannot tell from data (under --positives index the copies are each other's
+negatives). Distinct pairs are distinct (image, caption) rows: captions or ids that repeat by
+design (class labels) are no reason to warn.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
@@ -84,8 +91,18 @@ def build_data(spec: str, image_size: int, seed: int, rank: int = 0, world: int 
 
         opts = FileOptions.from_config(cfg) if cfg is not None else FileOptions()
         held_out = cfg is None or cfg.eval_data is None
-        return FileStream(kind, path, image_size, seed, rank, world, opts, device, held_out)
+        stream = FileStream(kind, path, image_size, seed, rank, world, opts, device, held_out)
+        if cfg is not None and rank == 0:
+            _warn_if_few_pairs(stream, cfg.batch_size)
+        return stream
     raise ValueError(f"--data must be synthetic, digits, emoji, fashion-mnist, csv:PATH or wds:PATTERN, got {spec!r}")
+
+
+def _warn_if_few_pairs(stream: Any, batch_size: int) -> None:
+    distinct = stream.distinct_pairs(batch_size)
+    if distinct < batch_size:
+        warnings.warn(f"{stream.name}: the training data holds {distinct} distinct pairs, fewer than the global batch "
+                      f"{batch_size}: each batch repeats pairs; give more data or a smaller --batch-size", stacklevel=3)
 
 
 def build_eval(spec: Optional[str], stream: TrainStream, image_size: int, seed: int, limit: int, *,

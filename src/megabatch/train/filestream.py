@@ -10,6 +10,12 @@ that is still at least the model's size); the training process takes chunks in t
 fixed round-robin order over workers, moves them to the device and normalises them there with
 CLIP's mean and std. The pairs of a rank are therefore a function of (seed, workers, world size).
 
+Bad items. Workers read ahead (PREFETCH chunks each, many epochs of a small table) and meet a bad
+row again every epoch; they only count it and pass its description along in the chunk. The
+training process says each distinct bad item once, when it uses the first pair after it (in the
+order of the pairs, not of the workers), counts how often it was skipped, and `skip_summary()`
+puts the counts in one line for the end of the run.
+
 Resume. Every pair carries its worker's cursor (epoch, unit, groups passed); the state is the
 cursor after the last pair used for each worker, which worker's chunk comes next and how much of
 it is left. A resumed stream starts each worker at its cursor (no consumed pair is decoded again;
@@ -24,6 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
@@ -42,6 +49,7 @@ STD = torch.tensor([0.2686, 0.2613, 0.2758]).view(3, 1, 1)
 CHUNK = 128  # pairs a worker decodes per DataLoader item
 PREFETCH = 4  # chunks each worker keeps ready
 EVAL_CAP = 5000  # a fractional --eval-split holds out at most this many pairs
+WARN_FIRST = 5  # distinct bad items the training process warns about one by one; the rest are counted
 TOKENIZER_SAMPLE = 100_000  # training captions the BPE learns from (and the context is fitted to)
 _SPLIT_SEED = 20251201  # the table split is part of the data, not of a run's seed
 
@@ -126,21 +134,27 @@ class _Chunks(IterableDataset):
         w = (wid + self.rotation) % n
         walk = self.pairs.walk(w, n, tuple(self.cursors[w]))
         counts = self.pairs._counts[self.pairs._slot()]
+        events = self.pairs.events  # this process's bad items (a list when the owner reports them)
         size = self.first[w]
         while True:
-            items, bad = [], []
+            items, bad, skips = [], [], []
             for item, cursor in itertools.islice(walk, size):
+                if events:  # skipped just before this pair
+                    skips += [(len(items), *e) for e in events]
+                    events.clear()
                 items.append((item, cursor))
                 bad.append(counts.clone())
             if not items:
                 return
-            yield collate(w, items, torch.stack(bad))
+            yield collate(w, items, torch.stack(bad), skips)
             size = self.chunk
 
 
-def collate(worker: int, items: list[tuple[tuple[Any, ...], Any]], counts: Optional[Tensor] = None) -> dict[str, Any]:
-    """One chunk: uint8 images, captions, int64 ids (or None), cursors and the worker's skip counts
-    (cumulative, after each pair)."""
+def collate(worker: int, items: list[tuple[tuple[Any, ...], Any]], counts: Optional[Tensor] = None,
+            skips: Optional[list[tuple[int, str, str, str]]] = None) -> dict[str, Any]:
+    """One chunk: uint8 images, captions, int64 ids (or None), cursors, the worker's skip counts
+    (cumulative, after each pair) and the bad items skipped (index of the pair after each, reason,
+    where, why)."""
     has_id = len(items[0][0]) == 3
     return {
         "worker": worker,
@@ -149,6 +163,7 @@ def collate(worker: int, items: list[tuple[tuple[Any, ...], Any]], counts: Optio
         "ids": torch.tensor([it[2] for it, _ in items], dtype=torch.int64) if has_id else None,
         "cursors": torch.tensor([list(c) for _, c in items], dtype=torch.int64),
         "counts": counts,
+        "skips": skips or [],
     }
 
 
@@ -186,6 +201,9 @@ class FileStream:
         except ValueError as e:  # e.g. fewer rows or shards than ranks
             raise DataError(f"--data {kind}:{path}: {e}") from None
         self.held_out = split
+        self.rank, self.world = rank, world
+        self.pairs.events = []  # the workers pass bad items on; this process says them (_report)
+        self._bad_items: dict[str, list[Any]] = {}  # where -> [reason, times skipped], in the order met
         self.workers = max(1, min(opts.workers, self.pairs.units_of_rank()))
         self.in_process = opts.workers == 0
         self.consumed = 0
@@ -208,6 +226,50 @@ class FileStream:
     def skipped(self) -> int:
         """Bad items skipped so far on this rank (missing/corrupt image, empty caption, ...)."""
         return int(self._bad.sum() + self._carried.sum())
+
+    def skip_summary(self) -> Optional[str]:
+        """One line for the end of the run: the distinct bad items met, how often they were skipped
+        (each epoch meets them again) and the first few with their counts; None when there were none."""
+        if not self._bad_items:
+            return None
+        unit = "row(s)" if self.kind == "csv" else "item(s)"
+        total = sum(times for _, times in self._bad_items.values())
+        shown = [f"{where}: {reason}, {_times(times)}" for where, (reason, times) in self._bad_items.items()]
+        more = f"; {len(shown) - WARN_FIRST} more" if len(shown) > WARN_FIRST else ""
+        before = int(self._carried.sum())
+        resumed = f" (and {before} before the resume)" if before else ""
+        return (f"{self._who()}skipped {len(shown)} bad {unit} {_times(total)} in all{resumed}: "
+                + "; ".join(shown[:WARN_FIRST]) + more)
+
+    def _who(self) -> str:
+        return f"{self.pairs.name}: " + (f"rank {self.rank}: " if self.world > 1 else "")
+
+    def _report(self, reason: str, where: str, why: str) -> None:
+        """A bad item skipped before a pair now used: said the first time (the first few), counted."""
+        seen = self._bad_items.get(where)
+        if seen is not None:
+            seen[1] += 1
+            return
+        self._bad_items[where] = [reason, 1]
+        if len(self._bad_items) <= WARN_FIRST:
+            more = " (further bad items are only counted)" if len(self._bad_items) == WARN_FIRST else ""
+            warnings.warn(f"{self._who()}skipping {where}: {reason} ({why}); it is skipped in every epoch, counted "
+                          f"at the end of the run{more}")
+
+    def distinct_pairs(self, limit: int) -> int:
+        """The training pairs of all ranks that differ, counted up to `limit`: distinct (image, caption)
+        rows of a table (bad images are not looked at); samples with a caption of shards, read in
+        order until `limit`."""
+        if self.kind != "csv":
+            return len(self.pairs.captions(limit))
+        t, seen = self.table, set()
+        for r in self.pairs._order:
+            row = t.rows[r]
+            if max(t.image, t.caption) < len(row) and row[t.caption].strip():
+                seen.add((row[t.image], row[t.caption].strip()))
+                if len(seen) >= limit:
+                    break
+        return len(seen)
 
     def training_captions(self, limit: int = TOKENIZER_SAMPLE) -> list[str]:
         """Captions the tokenizer learns from: training pairs only, the same on every rank."""
@@ -233,6 +295,7 @@ class FileStream:
     def _take(self, n: int) -> list[dict[str, Any]]:
         """The next n pairs as slices of chunks."""
         if self._it is None:
+            self.pairs.events.clear()  # (in-process reading) from before a restart of the stream
             self._it = self._start()
         pieces = []
         while n:
@@ -242,6 +305,9 @@ class FileStream:
             hi = min(len(buf["captions"]), lo + n)
             pieces.append({k: (v[lo:hi] if k in ("images", "captions", "ids") and v is not None else v)
                            for k, v in buf.items()})
+            for at, reason, where, why in buf["skips"]:
+                if lo <= at < hi:
+                    self._report(reason, where, why)
             w = buf["worker"]
             self._cursors[w] = buf["cursors"][hi - 1].tolist()
             self._bad[w] = buf["counts"][hi - 1]  # cumulative in this worker since the stream started
@@ -300,14 +366,21 @@ class FileStream:
     def _held_out_set(self) -> EvalData:
         if self.kind == "csv":
             n, rows = len(self.table.rows), self.eval_rows
-            share = (f"{percent(self.held_out)} of its {n:,} rows, at most {EVAL_CAP:,}" if self.held_out < 1
-                     else "--eval-split")
+            share = f"{percent(len(rows) / n)} of its {n:,} rows"  # what was held out, not the flag's fraction
+            if self.held_out >= 1:
+                share += f", --eval-split {self.held_out:g}"
+            elif round(self.held_out * n) > EVAL_CAP:
+                share += f", --eval-split {self.held_out:g} capped at {EVAL_CAP:,}"
             how = f"held out of {self.path} ({share}), never trained on"
             return load_eval(self.kind, self.path, self.image_size, self.opts, how, table=self.table, rows=rows)
         how = (f"held out of {self.path}: the samples whose key hashes below {self.held_out:g} (never trained on), "
                f"the first {EVAL_CAP:,} at most in shard order")
         return load_eval(self.kind, self.path, self.image_size, self.opts, how, cap=EVAL_CAP, held_out=self.held_out,
                          split="eval")
+
+
+def _times(n: int) -> str:
+    return f"{n:,} time{'' if n == 1 else 's'}"
 
 
 def load_eval(kind: str, path: str, image_size: int, opts: FileOptions, how: str, cap: int = 0,
@@ -333,7 +406,7 @@ def load_eval(kind: str, path: str, image_size: int, opts: FileOptions, how: str
     images = normalize(torch.cat([c["images"] for c in chunks]))
     captions = [t for c in chunks for t in c["captions"]]
     ids = torch.cat([c["ids"] for c in chunks]).numpy() if chunks[0]["ids"] is not None else None
-    about = f"{len(captions):,} pairs {how}{cut}"
+    about = f"{len(captions):,} pair{'' if len(captions) == 1 else 's'} {how}{cut}"
     if pairs.skipped:
         about += f"; {pairs.skipped} bad pair(s) skipped"
     return EvalData(images, captions, [], about, ids=ids)

@@ -451,6 +451,9 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
             _save(cfg, rt, done, p)
     if bar is not None:
         bar.close()
+    bad_data = getattr(p.stream, "skip_summary", lambda: None)()  # users' files: each rank's bad rows, counted
+    if bad_data:
+        print(f"megabatch train: {bad_data}", file=sys.stderr, flush=True)
     if log is None:
         return {}
     title = f"{cfg.loss} | global batch {cfg.batch_size} over {rt.world} rank(s) | {cfg.data}"
