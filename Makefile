@@ -29,7 +29,7 @@ test: venv debs
 	$(PY) -m pytest -q
 
 # "Why 32k?": CLIP and SigLIP held-out retrieval against batch size on real data, and the losses'
-# memory against batch (README "Why 32k?"). Writes benchmarks/study/study.{json,png}.
+# memory against batch (docs/train.md "Why 32k?", docs/performance.md). Writes benchmarks/study/study.{json,png}.
 study: venv debs
 	$(VENV)/bin/megabatch study --output benchmarks/study
 

@@ -1,6 +1,6 @@
 """Distributed strategies (`gather`, `ring`) against the float64 reference on the concatenated batch.
 
-Contract (DESIGN.md): with W ranks holding b_r images and n_r texts each (uneven and rectangular
+Contract (docs/design.md): with W ranks holding b_r images and n_r texts each (uneven and rectangular
 sizes allowed, a rank may hold no images or no texts), rank r returns L_r with mean_r L_r = L (the
 loss of the concatenated batch); after L_r.backward() its feature gradients are W * dL/d(its
 features), and the mean over ranks of its logit_scale / logit_bias gradients is dL/ds, dL/dbias;

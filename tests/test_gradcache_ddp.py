@@ -6,7 +6,7 @@ bucket per wrapper), not once per micro-batch. Wirings: one DDP wrapper holding 
 encoders and the wrapper in ``modules=`` (with and without find_unused_parameters), and two wrapped
 towers passed as the encoders. GradCache warns when distributed without any DDP wrapper.
 
-The loss is megabatch's own distributed loss, strategy "ring" and "gather" (the DESIGN.md
+The loss is megabatch's own distributed loss, strategy "ring" and "gather" (the docs/design.md
 convention: rank feature gradient = W dL/dx_r, mean of the ranks' losses = the global loss).
 """
 from __future__ import annotations

@@ -3,7 +3,8 @@
 `DTensor.full_tensor()`: both towers' blocks, the root's projection, logit_scale and logit_bias,
 0-dim in the model and shape (1,) once sharded) equals the single-process gradient of the loss on
 the concatenated batch, and the mean of the ranks' losses is the global loss --
-  * running the README's "FSDP2" code block itself (CLIP, default strategy: ring under torchrun);
+  * running the "FSDP2" code block of docs/integrations.md itself (CLIP, default strategy: ring
+    under torchrun);
   * plainly (registered encode_* forward methods, the loss on their features and the gathered
     logit_scale), and
   * through mb.GradCache with micro-batches of 2 (so the ranks have 2, 3 and 1 micro-batches: the
@@ -35,7 +36,7 @@ SIZES, MICRO = (3, 5, 2), 2
 CASES = (("clip", "ring"), ("siglip", "gather"))
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 
 
 class Tower(nn.Module):
@@ -98,10 +99,10 @@ def sharded() -> Towers:
     return model
 
 
-def readme_block() -> str:
-    text = README.read_text()
-    found = re.search(r"^### FSDP2\n+```python\n(.*?)^```", text, re.S | re.M)
-    assert found, "README.md has no python block right under ### FSDP2"
+def doc_block() -> str:
+    text = DOC.read_text()
+    found = re.search(r"^## FSDP2\n+```python\n(.*?)^```", text, re.S | re.M)
+    assert found, "docs/integrations.md has no python block right under ## FSDP2"
     return found.group(1)
 
 
@@ -111,12 +112,12 @@ def local_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images[a : a + SIZES[rank]], texts[a : a + SIZES[rank]]
 
 
-def run_readme(rank: int) -> dict:
+def run_doc_block(rank: int) -> dict:
     x, y = local_batch(rank)
     model = make_model()
     model.logit_bias = None  # a CLIP model
     scope = {"model": model, "images": x, "texts": y, "torch": torch, "F": F, "mb": mb}
-    exec(readme_block(), scope)  # noqa: S102 - the README's own example, run as written
+    exec(doc_block(), scope)  # noqa: S102 - the documentation's own example, run as written
     model = scope["model"]
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
     return {"loss": scope["loss"].detach(), "grads": grads}
@@ -184,7 +185,7 @@ def refuses_sharded_loss_args(rank: int) -> str:
 
 def worker(rank: int, world: int) -> dict:
     out = {(k, s, c): one_step(k, s, c, rank) for k, s in CASES for c in (False, True)}
-    out["readme"] = run_readme(rank)
+    out["doc_block"] = run_doc_block(rank)
     out["hard_negatives"] = hard_negatives(rank)
     out["refusal"] = refuses_sharded_loss_args(rank)
     return out
@@ -226,8 +227,8 @@ def test_fsdp_gradients_match_single_process(results: list[dict], kind: str, str
     check([res[(kind, strategy, cached)] for res in results], kind)
 
 
-def test_readme_example_matches_single_process(results: list[dict]) -> None:
-    check([res["readme"] for res in results], "clip")
+def test_doc_example_matches_single_process(results: list[dict]) -> None:
+    check([res["doc_block"] for res in results], "clip")
 
 
 @pytest.mark.parametrize("kind, strategy", CASES)

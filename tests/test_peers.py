@@ -1,4 +1,4 @@
-"""Contract: every benchmark peer adapter computes megabatch's loss (DESIGN.md conventions: the scale is
+"""Contract: every benchmark peer adapter computes megabatch's loss (docs/design.md conventions: the scale is
 the multiplier, CLIP averages both directions, SigLIP sums pairs / B) and its true gradients, checked
 against the float64 reference for the loss and every gradient the peer provides.
 

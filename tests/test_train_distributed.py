@@ -1,6 +1,6 @@
 """`torchrun --nproc_per_node 2 -m megabatch.train` on CPU (gloo): the run ends cleanly (exit 0),
 rank 0 writes every output, and because each rank reads its own slice of the same global batch and
-the loss follows DESIGN.md's gradient convention, the 2-rank loss curve equals the single-process
+the loss follows docs/design.md's gradient convention, the 2-rank loss curve equals the single-process
 curve (same global batch, same seed) to float rounding -- for CLIP with the default strategy
 (ring under torchrun) and SigLIP with the gather strategy.
 """

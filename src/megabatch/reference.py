@@ -1,4 +1,4 @@
-"""Plain, dense, float64 reference losses: the definitions of DESIGN.md written the obvious way.
+"""Plain, dense, float64 reference losses: the definitions of docs/design.md written the obvious way.
 
 They materialise the B x N matrix and use autograd; they exist to check every backend and strategy
 (tests compare loss and every gradient with them). Inputs of any dtype are upcast to float64. For a

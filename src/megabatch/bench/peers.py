@@ -1,7 +1,7 @@
 """Adapters that run other implementations under megabatch's benchmark signature.
 
 Each adapter is `(image_features, text_features, logit_scale, logit_bias) -> loss`, with
-logit_scale the multiplier (megabatch's convention) and the loss normalised as in DESIGN.md, so
+logit_scale the multiplier (megabatch's convention) and the loss normalised as in docs/design.md, so
 timings compare like with like: CLIP is the mean of the image->text and text->image cross-entropies
 of s * x @ y.T; SigLIP is -(1/B) sum_ij log sigmoid(z_ij (s x_i.y_j + b)). The gradients of the
 features, the scale and the bias are the true gradients of that loss, except where a peer cannot

@@ -1,6 +1,6 @@
 """CLIP's softmax loss over any strategy and backend: one autograd.Function.
 
-Definitions (DESIGN.md; S = s * x @ y.T over the global batch, P(i) the positives of row i):
+Definitions (docs/design.md; S = s * x @ y.T over the global batch, P(i) the positives of row i):
   row i (if P(i) is non-empty):    lse_j S_ij - mean_{j in P(i)} S_ij
   column j (if it has positives):  lse_i S_ij - mean_{i in P'(j)} S_ij
   L = w_r * sum(rows) + w_c * sum(columns), w_r = 1/(2R), w_c = 1/(2C) for directions="both"
@@ -15,7 +15,7 @@ column statistics (shifted by the column weight, +inf where a column takes no pa
 gradients come home as the accumulator (3 passes). The kernels work unnormalised: the weights
 (device tensors when R, C come from ids) are applied when the rows and columns are finished.
 
-Distributed convention (DESIGN.md): rank r returns L_r with mean_r L_r = L, its feature gradients are
+Distributed convention (docs/design.md): rank r returns L_r with mean_r L_r = L, its feature gradients are
 W * dL/d(its features), and its scale gradient is its row stripe's share W * sum_i x_i . dL/dx_i / s
 (the mean over ranks is exactly dL/ds). The upstream gradient must be the same on every rank.
 A global batch without any positive pair gives NaN (R = 0): checking would sync with the device.

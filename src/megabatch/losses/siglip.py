@@ -7,7 +7,7 @@ the same pass (3 GEMM-sized passes in all), the text gradients coming home as th
 saves them in the inputs' dtype; backward only scales them by the incoming gradient (no
 communication).
 
-Distributed convention (DESIGN.md): mean_r L_r = L, feature gradients W * dL/d(features); the scale
+Distributed convention (docs/design.md): mean_r L_r = L, feature gradients W * dL/d(features); the scale
 and bias gradients on rank r are exactly dL_r/ds and dL_r/dbias (its row stripe).
 """
 from __future__ import annotations

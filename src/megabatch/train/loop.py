@@ -6,7 +6,7 @@ One step over a global contrastive batch B with W ranks (b = B / W per rank):
      global batch (strategy "auto" resolves to ring under torchrun, local otherwise), then re-runs
      each micro-batch with grad, leaving the full-batch gradient in every parameter;
   3. DDP averages the gradients once per step (GradCache drives its last micro-batch through the
-     wrapper) -- DESIGN.md's convention makes that average exactly dL/dtheta; the logged loss is
+     wrapper) -- docs/design.md's convention makes that average exactly dL/dtheta; the logged loss is
      the mean of the ranks' losses, which is the global loss. With --fsdp, FSDP2 shards the model
      instead (fsdp.py) and reduce-scatters the same average once per step;
   4. AdamW with linear warmup then cosine decay; the logit scale is clamped at log(100).
