@@ -15,12 +15,19 @@ warning: every batch then holds some pairs twice or more (2 training rows at B =
 times), which the loss cannot tell from data (under --positives index the copies are each other's
 negatives). Distinct pairs are distinct (image, caption) rows: captions or ids that repeat by
 design (class labels) are no reason to warn.
+
+Each source normalises its images with its own mean and std for the built-in towers. Given a
+`Pixels` (a pretrained Hugging Face model's image processor, `--model hf:`), every source instead
+yields [0, 1] RGB on the 1/255 grid of a decoded image, at the processor's output size and
+geometry, and the model applies the processor's mean and std (`hf_model.HFDualEncoder`): users'
+files go through the processor's own resize and centre crop; the rendered sets draw their images at
+the side the processor resizes a square image to, then take its centre crop.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 from torch import Tensor
@@ -56,6 +63,34 @@ class EvalData:
     ids: Optional[np.ndarray] = None  # (n,) int64 per-pair ids (users' files with an id column/member)
 
 
+@dataclass(frozen=True)
+class Pixels:
+    """What a pretrained model's image processor makes of an image, split in two: the data yields
+    [0, 1] RGB (n, 3, size, size) on the 1/255 grid; the model computes (x * scale - mean) / std.
+
+    size: the processor's output side (the vision tower's image_size).
+    resize: the side the processor resizes a square image to before its centre crop to `size`.
+    geometry: PIL RGB image -> (3, size, size) uint8, the processor's own resize and crop.
+    scale: 255 * the processor's rescale factor (1.0 for the usual 1/255).
+    """
+
+    size: int
+    resize: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    geometry: Callable[[Any], Tensor]
+    scale: float = 1.0
+
+    def from_unit(self, images: Tensor) -> Tensor:
+        """Rendered [0, 1] images (n, C, resize, resize) -> (n, 3, size, size): rounded to 1/255 as an
+        8-bit image is, then the centre crop (the processor's: top-left at (resize - size) // 2)."""
+        if images.shape[-1] != self.resize or images.shape[-2] != self.resize:
+            raise ValueError(f"rendered images are {tuple(images.shape[-2:])}, not {self.resize} a side")
+        x = images.clamp(0.0, 1.0).mul(255.0).round_().div_(255.0)
+        top = (self.resize - self.size) // 2
+        return x[..., top:top + self.size, top:top + self.size].expand(-1, 3, -1, -1).contiguous()
+
+
 class TrainStream(Protocol):
     name: str
     vocabulary: Optional[list[str]]
@@ -66,30 +101,33 @@ class TrainStream(Protocol):
 
 
 def build_data(spec: str, image_size: int, seed: int, rank: int = 0, world: int = 1, *, cfg: Any = None,
-               device: Any = "cpu") -> TrainStream:
+               device: Any = "cpu", pixels: Optional[Pixels] = None) -> TrainStream:
     """Resolve a `--data` spec to a stream (file streams read only this rank's shard, with the
-    columns, held-out split and workers of `cfg`, a TrainConfig, and put batches on `device`)."""
+    columns, held-out split and workers of `cfg`, a TrainConfig, and put batches on `device`).
+    With `pixels`, the stream yields a pretrained model's [0, 1] images (see the module docstring)
+    and keeps `pixels` as its attribute, for the evaluation set."""
     if spec == "synthetic":
         from .synthetic import SyntheticShapes
 
-        return SyntheticShapes(image_size=image_size, seed=seed)
+        return SyntheticShapes(image_size=image_size, seed=seed, pixels=pixels)
     if spec == "digits":
         from .digits import Digits
 
-        return Digits(image_size=image_size, seed=seed)
+        return Digits(image_size=image_size, seed=seed, pixels=pixels)
     if spec == "emoji":
         from .emoji import Emoji
 
-        return Emoji(image_size=image_size, seed=seed)
+        return Emoji(image_size=image_size, seed=seed, pixels=pixels)
     if spec == "fashion-mnist":
         from .fashion import FashionMNIST
 
-        return FashionMNIST(image_size=image_size, seed=seed)
+        return FashionMNIST(image_size=image_size, seed=seed, pixels=pixels)
     kind, _, path = spec.partition(":")
     if kind in ("csv", "wds") and path:
         from .filestream import FileOptions, FileStream
 
         opts = FileOptions.from_config(cfg) if cfg is not None else FileOptions()
+        opts.pixels = pixels
         held_out = cfg is None or cfg.eval_data is None
         stream = FileStream(kind, path, image_size, seed, rank, world, opts, device, held_out)
         if cfg is not None and rank == 0:
@@ -108,17 +146,19 @@ def _warn_if_few_pairs(stream: Any, batch_size: int) -> None:
 def build_eval(spec: Optional[str], stream: TrainStream, image_size: int, seed: int, limit: int, *,
                cfg: Any = None) -> Optional[EvalData]:
     """The evaluation set: `spec`'s (--eval-data) if given, else the training data's own held-out set.
-    `limit`: at most this many pairs of users' files (0: all)."""
+    `limit`: at most this many pairs of users' files (0: all). Its images are made as the training
+    stream's are (`stream.pixels`: a pretrained model's processor, or None)."""
     if spec is None:
         return stream.eval_set()
+    pixels = getattr(stream, "pixels", None)
     kind, _, path = spec.partition(":")
     if kind in ("csv", "wds") and path:
         from .filestream import FileOptions, file_eval_set
 
         opts = FileOptions.from_config(cfg) if cfg is not None else FileOptions()
-        opts.eval_size = limit
+        opts.eval_size, opts.pixels = limit, pixels
         return file_eval_set(kind, path, image_size, opts)
-    return build_data(spec, image_size, seed).eval_set()
+    return build_data(spec, image_size, seed, pixels=pixels).eval_set()
 
 
 def state_of(stream: Any) -> dict[str, Any]:

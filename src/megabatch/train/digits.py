@@ -3,16 +3,20 @@
 A fixed 300 images are held out. Training captions use one of a few templates ("a photo of the
 digit three", "a handwritten three", ...); zero-shot classification averages every template of a
 class, as CLIP's prompt ensembles do. Sample i of batch `step` depends only on (seed, step, i).
-Images are upsampled (bilinear) to (3, S, S) float32, roughly zero mean and unit variance.
+Images are upsampled (bilinear) to (3, S, S) float32, roughly zero mean and unit variance; for a
+pretrained Hugging Face model (`pixels`), to its processor's resize side in [0, 1], then
+centre-cropped to S (`data.Pixels`).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import EvalData, ZeroShotTask
+from .data import EvalData, Pixels, ZeroShotTask
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = ("a photo of the digit {}", "a handwritten {}", "the number {}", "a drawing of a {}")
@@ -33,14 +37,15 @@ class Digits:
     Args:
         image_size: side of the square model input (the 8x8 digits are upsampled).
         seed: batch `step` is drawn from a generator keyed by (seed, step).
+        pixels: a pretrained model's image processor (see the module docstring).
     """
 
     name = "digits"
 
-    def __init__(self, image_size: int = 16, seed: int = 0):
+    def __init__(self, image_size: int = 16, seed: int = 0, *, pixels: Optional[Pixels] = None):
         if image_size < 8:
             raise ValueError(f"image_size must be >= 8 for digits, got {image_size}")
-        self.image_size, self.seed = image_size, seed
+        self.image_size, self.seed, self.pixels = image_size, seed, pixels
         images, labels = _load()
         order = np.random.default_rng(_SPLIT_SEED).permutation(len(labels))
         self._test, self._train = order[:N_HELD_OUT], order[N_HELD_OUT:]
@@ -49,7 +54,10 @@ class Digits:
 
     def _prepare(self, images: np.ndarray) -> Tensor:
         x = torch.from_numpy(images)[:, None] / 16.0  # (n, 1, 8, 8) in [0, 1]
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        side = self.pixels.resize if self.pixels is not None else self.image_size
+        x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        if self.pixels is not None:
+            return self.pixels.from_unit(x)
         return ((x - 0.3) / 0.4).expand(-1, 3, -1, -1).contiguous()
 
     def batch(self, step: int, size: int, start: int, stop: int) -> tuple[Tensor, list[str]]:

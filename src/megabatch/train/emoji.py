@@ -20,6 +20,8 @@ names: concepts never seen in training) and `category` (9 categories, every imag
 
 The same name drawn in two styles is one concept: a batch may hold both drawings, so train with
 caption positives (--positives caption), or each is the other's false negative.
+For a pretrained Hugging Face model (`pixels`) the drawings are made at its processor's resize side
+and come out in [0, 1], centre-cropped to its size (`data.Pixels`).
 Rendering takes ~10 s and is cached (an .npz under $MEGABATCH_CACHE, default
 ~/.cache/megabatch) per image size and package versions.
 """
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import EvalData, ZeroShotTask
+from .data import EvalData, Pixels, ZeroShotTask
 from .files import DataError
 
 STYLES = ("twemoji", "openmoji", "noto")
@@ -200,8 +202,9 @@ def split(n: int) -> Split:
     return Split(np.sort(order[k:]), np.sort(order[:k]))
 
 
-def _to_float(images: np.ndarray) -> Tensor:
-    return (torch.from_numpy(images).float() / 255.0 - _MEAN) / _STD
+def _to_float(images: np.ndarray, pixels: Optional[Pixels] = None) -> Tensor:
+    x = torch.from_numpy(images).float() / 255.0
+    return pixels.from_unit(x) if pixels is not None else (x - _MEAN) / _STD
 
 
 class Emoji:
@@ -215,11 +218,11 @@ class Emoji:
     name = "emoji"
     vocabulary = None
 
-    def __init__(self, image_size: int = 32, seed: int = 0):
+    def __init__(self, image_size: int = 32, seed: int = 0, *, pixels: Optional[Pixels] = None):
         if image_size < 8:
             raise ValueError(f"image_size must be >= 8 for emoji, got {image_size}")
-        self.image_size, self.seed = image_size, seed
-        data = load(image_size)
+        self.image_size, self.seed, self.pixels = image_size, seed, pixels
+        data = load(pixels.resize if pixels is not None else image_size)
         self.names, self.categories = [str(s) for s in data["names"]], [str(c) for c in data["categories"]]
         self.dropped = {k: int(v) for k, v in zip(DROPPED, data["dropped"])}  # concepts left out, by reason
         self.split = split(len(self.names))
@@ -227,8 +230,8 @@ class Emoji:
         concept = np.repeat(self.split.train, len(styles))
         style = np.tile(styles, len(self.split.train))
         self.pair_concept = concept
-        self._images = _to_float(data["images"][concept, style])
-        self._eval_images = _to_float(data["images"][:, STYLES.index(EVAL_STYLE)])
+        self._images = _to_float(data["images"][concept, style], pixels)
+        self._eval_images = _to_float(data["images"][:, STYLES.index(EVAL_STYLE)], pixels)
         self.vocabulary = sorted({w for n in self.names for w in n.split()})
 
     def __len__(self) -> int:

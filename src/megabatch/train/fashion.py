@@ -5,19 +5,22 @@ Training captions use one of a few templates ("a photo of a pullover", ...) over
 training images; sample i of batch `step` depends only on (seed, step, i). Evaluation: the first
 `N_EVAL` of the 10,000 test images (never trained on), zero-shot classification whose class
 embedding averages every template of the class (CLIP's prompt ensembles), and retrieval against
-the 10 first-template captions. Images are upsampled (bilinear) to (3, S, S) float32.
+the 10 first-template captions. Images are upsampled (bilinear) to (3, S, S) float32; for a
+pretrained Hugging Face model (`pixels`), to its processor's resize side in [0, 1], then
+centre-cropped to S (`data.Pixels`).
 """
 from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import EvalData, ZeroShotTask
+from .data import EvalData, Pixels, ZeroShotTask
 from .files import DataError
 
 FOLDER = Path("/usr/share/datasets/fashion-mnist")
@@ -64,10 +67,11 @@ class FashionMNIST:
 
     name = "fashion-mnist"
 
-    def __init__(self, image_size: int = 32, seed: int = 0, folder: Path = FOLDER):
+    def __init__(self, image_size: int = 32, seed: int = 0, folder: Path = FOLDER, *,
+                 pixels: Optional[Pixels] = None):
         if image_size < 8:
             raise ValueError(f"image_size must be >= 8 for fashion-mnist, got {image_size}")
-        self.image_size, self.seed = image_size, seed
+        self.image_size, self.seed, self.pixels = image_size, seed, pixels
         self._train, self._labels = load("train", folder)
         test, test_labels = load("t10k", folder)
         self._test, self._test_labels = self._prepare(test[:N_EVAL]), test_labels[:N_EVAL]
@@ -75,7 +79,10 @@ class FashionMNIST:
 
     def _prepare(self, images: np.ndarray) -> Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)).float()[:, None] / 255.0
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        side = self.pixels.resize if self.pixels is not None else self.image_size
+        x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        if self.pixels is not None:
+            return self.pixels.from_unit(x)
         return ((x - 0.29) / 0.35).expand(-1, 3, -1, -1).contiguous()
 
     def batch(self, step: int, size: int, start: int, stop: int) -> tuple[Tensor, list[str]]:

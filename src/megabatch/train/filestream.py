@@ -9,6 +9,10 @@ chunks of `CHUNK` pairs (centre crop, resize, uint8; JPEGs decoded at a reduced 
 that is still at least the model's size); the training process takes chunks in the DataLoader's
 fixed round-robin order over workers, moves them to the device and normalises them there with
 CLIP's mean and std. The pairs of a rank are therefore a function of (seed, workers, world size).
+For a pretrained Hugging Face model (`FileOptions.pixels`) the workers apply its image processor's
+own resize and centre crop to the whole decoded image (no reduced JPEG decoding: the processor sees
+what it would see) and the batches come out in [0, 1]; the model normalises with the processor's
+mean and std.
 
 Bad items. Workers read ahead (PREFETCH chunks each, many epochs of a small table) and meet a bad
 row again every epoch; they only count it and pass its description along in the chunk. The
@@ -66,6 +70,7 @@ class FileOptions:
     eval_split: float = 0.02
     eval_size: int = 0
     workers: int = 2
+    pixels: Optional[Any] = None  # data.Pixels of a --model hf:... (its image processor), or None
 
     @classmethod
     def from_config(cls, cfg: Any) -> "FileOptions":
@@ -92,14 +97,19 @@ class ToUint8:
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def normalize(images: Tensor) -> Tensor:
-    """uint8 (n, 3, S, S) -> float32 with CLIP's mean and std, on the images' device."""
+def normalize(images: Tensor, pixels: Any = None) -> Tensor:
+    """uint8 (n, 3, S, S) -> float32 with CLIP's mean and std, on the images' device ([0, 1] with
+    `pixels`: the pretrained model applies its processor's)."""
     x = images.float().div_(255.0)
+    if pixels is not None:
+        return x
     return x.sub_(MEAN.to(x.device)).div_(STD.to(x.device))
 
 
 def _reader(kind: str, path: str, image_size: int, opts: FileOptions, **kw: Any) -> Any:
     transform, draft = ToUint8(image_size), image_size
+    if opts.pixels is not None:
+        transform, draft = opts.pixels.geometry, None
     if kind == "csv":
         return CsvPairs(kw.pop("table"), transform=transform, draft=draft, **kw)
     return TarShards(path, id_ext=opts.wds_id, transform=transform, draft=draft, **kw)
@@ -181,6 +191,7 @@ class FileStream:
                  held_out: bool = True):
         opts = options or FileOptions()
         self.name, self.kind, self.path, self.opts = f"{kind}:{path}", kind, path, opts
+        self.pixels = opts.pixels
         self.image_size, self.device = image_size, torch.device(device)
         split = opts.eval_split if held_out else 0.0
         self.eval_rows: list[int] = []
@@ -327,7 +338,7 @@ class FileStream:
         images = torch.cat([p["images"].to(dev, non_blocking=True) for p in pieces])
         captions = [c for p in pieces for c in p["captions"]]
         ids = torch.cat([p["ids"] for p in pieces]) if pieces[0]["ids"] is not None else None
-        return normalize(images), captions, ids
+        return normalize(images, self.opts.pixels), captions, ids
 
     def batch(self, step: int, size: int, start: int, stop: int) -> tuple[Tensor, list[str]]:
         """The next stop - start pairs of this rank's stream (its shard of global batch `step`)."""
@@ -403,7 +414,7 @@ def load_eval(kind: str, path: str, image_size: int, opts: FileOptions, how: str
             cut = f"; cut to the first {size:,} by --eval-size"
     if not chunks:
         raise DataError(f"evaluation data {kind}:{path} holds no usable image-caption pair (skipped: {pairs.counts})")
-    images = normalize(torch.cat([c["images"] for c in chunks]))
+    images = normalize(torch.cat([c["images"] for c in chunks]), opts.pixels)
     captions = [t for c in chunks for t in c["captions"]]
     ids = torch.cat([c["ids"] for c in chunks]).numpy() if chunks[0]["ids"] is not None else None
     about = f"{len(captions):,} pair{'' if len(captions) == 1 else 's'} {how}{cut}"

@@ -8,24 +8,36 @@ PATH is either
     BPE / bytes, as for the built-in towers, plus an end token the text tower pools at).
 Nothing is downloaded (HF_HUB_OFFLINE=1 is set before transformers is imported).
 
-`HFDualEncoder` gives the loop what it needs: ``encode_image`` (the app's images, as the data set
-normalises them, go in as pixel_values; a pretrained model's own processor normalisation is not
-re-applied), ``encode_text`` (token ids with -1 at padding: the mask is read from them, since CLIP
-tokenizers pad with their end token), ``logit_scale`` (and ``logit_bias``) as the model's own
-parameters. CLIP's 0-dim logit_scale becomes a 1-element parameter (FSDP2 refuses 0-dim ones);
+Images go in as the model's image processor makes them, in training and in evaluation, from every
+data source: the size, resize and centre crop, rescale, mean and std of the directory's
+``preprocessor_config.json`` (read with transformers' AutoImageProcessor, offline). Without one (a
+pretrained directory saved without its processor, or a config JSON) they are CLIP's or SigLIP's
+processor defaults at the vision tower's ``image_size``, and the run says so in one line. `pixels`
+reads the processor; the data yields [0, 1] RGB at its output size, through its own resize and crop
+(users' files) or drawn at its resize side and centre-cropped (the rendered sets; `data.Pixels`);
+``HFDualEncoder.encode_image`` then applies its mean and std. These values come from the model
+directory, not from the run's settings: a resumed run reads them again.
+
+`HFDualEncoder` gives the loop what it needs: ``encode_image`` ([0, 1] images normalised as the
+processor does, then pixel_values), ``encode_text`` (token ids with -1 at padding: the mask is read
+from them, since CLIP tokenizers pad with their end token), ``logit_scale`` (and ``logit_bias``) as
+the model's own parameters. CLIP's 0-dim logit_scale becomes a 1-element parameter (FSDP2 refuses 0-dim ones);
 ``to_hf()`` gives it back in Hugging Face's shape, for ``save_pretrained``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .data import Pixels
 from .files import DataError
 
 PIP_INSTALL = "pip install 'megabatch[hf]'"
@@ -44,10 +56,16 @@ def _transformers() -> Any:
 
 
 class HFDualEncoder(nn.Module):
-    """A Hugging Face dual encoder (CLIPModel, SiglipModel, ...) with the app's tower interface."""
+    """A Hugging Face dual encoder (CLIPModel, SiglipModel, ...) with the app's tower interface.
+    With `pixels`, encode_image takes [0, 1] images and normalises them as the processor does
+    (non-persistent buffers: checkpoints hold only the model's own state); without, pixel_values."""
 
-    def __init__(self, model: nn.Module, pretrained: bool):
+    def __init__(self, model: nn.Module, pretrained: bool, pixels: Optional[Pixels] = None):
         super().__init__()
+        self.pixels = pixels
+        if pixels is not None:
+            self.register_buffer("pixel_mean", torch.tensor(pixels.mean).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("pixel_std", torch.tensor(pixels.std).view(1, -1, 1, 1), persistent=False)
         from ..integrations.hf import loss_family
 
         self.family = loss_family(model)
@@ -69,6 +87,10 @@ class HFDualEncoder(nn.Module):
         return getattr(self.hf, "logit_bias", None)
 
     def encode_image(self, images: Tensor) -> Tensor:
+        if self.pixels is not None:
+            if self.pixels.scale != 1.0:
+                images = images * self.pixels.scale
+            images = (images - self.pixel_mean) / self.pixel_std
         return _pooled(self.hf.get_image_features(pixel_values=images))
 
     def encode_text(self, tokens: Tensor) -> Tensor:
@@ -152,7 +174,10 @@ def is_hf(source: str) -> bool:
 
 def image_size(source: str) -> int:
     """The vision tower's input size, read before the data is built (the app renders at that size)."""
-    config = _config(source)[0]
+    return _side(_config(source)[0], source)
+
+
+def _side(config: Any, source: str) -> int:
     size = getattr(config.vision_config, "image_size", None)
     if not isinstance(size, int):
         raise DataError(f"--model {source}: its vision_config has no image_size (Siglip2's variable-size patches "
@@ -160,9 +185,91 @@ def image_size(source: str) -> int:
     return size
 
 
+class _Geometry:
+    """PIL RGB image -> (3, S, S) uint8: the processor's own resize and centre crop, nothing else
+    (a class, not a closure: DataLoader workers may receive it pickled)."""
+
+    def __init__(self, processor: Any, size: int):
+        self.processor, self.size = processor, size
+
+    def __call__(self, image: Any) -> Tensor:
+        out = self.processor(images=[image], do_rescale=False, do_normalize=False, return_tensors="np")
+        x = np.asarray(out["pixel_values"][0])
+        if x.shape != (3, self.size, self.size):
+            raise DataError(f"the image processor made a {image.size[0]}x{image.size[1]} image {x.shape}, "
+                            f"not (3, {self.size}, {self.size})")
+        return torch.from_numpy(np.rint(x).clip(0, 255).astype(np.uint8))
+
+
+def _get(size: Any, key: str) -> Any:
+    """A field of a processor's size / crop_size (a dict, or transformers 5's SizeDict)."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def _triple(value: Any) -> tuple[float, ...]:
+    values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3)]
+    return tuple(values)
+
+
+def pixels(source: str, announce: bool = False) -> Pixels:
+    """How images become this model's input: its directory's image processor (preprocessor_config.json),
+    else CLIP's / SigLIP's processor defaults at the vision tower's size. `announce`: print one line
+    naming the size, mean and std (and where they come from)."""
+    tf = _transformers()
+    config, pretrained, path = _config(source)
+    side = _side(config, source)
+    saved = path / "preprocessor_config.json"
+    if pretrained and saved.is_file():
+        try:
+            processor = tf.AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"--model {source}: cannot read its image processor {saved} ({e})") from e
+        origin = f": images go in as its {type(processor).__name__} ({saved.name}) makes them"
+    else:
+        family = "SigLIP" if "siglip" in str(config.model_type) else "CLIP"
+        if family == "SigLIP":
+            processor = tf.SiglipImageProcessor(size={"height": side, "width": side})
+        else:
+            processor = tf.CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        why = "has no preprocessor_config.json" if pretrained else "is a config (random initialisation)"
+        origin = f" {why}: images go in as {family}'s image processor defaults make them"
+    value = functools.partial(getattr, processor)
+    resize, crop = (value("do_resize", True), value("do_center_crop", False))
+    edge, height, width = (_get(value("size", None) or {}, k) for k in ("shortest_edge", "height", "width"))
+    if not resize:
+        drawn = side
+    elif edge:
+        drawn = int(edge)
+    elif height and width and height == width:
+        drawn = int(height)
+    else:
+        raise DataError(f"--model {source}: its image processor resizes to {value('size', None)}; the app supports "
+                        "a shortest edge or a square height and width")
+    if crop:
+        box = (_get(value("crop_size", None) or {}, "height"), _get(value("crop_size", None) or {}, "width"))
+        if box != (side, side) or drawn < side:
+            raise DataError(f"--model {source}: its image processor centre-crops {box[0]}x{box[1]} of a resize to "
+                            f"{drawn}, but the vision tower takes {side}x{side} images")
+    elif not resize or edge or drawn != side:
+        raise DataError(f"--model {source}: its image processor (size {value('size', None)}, no centre crop) does "
+                        f"not make every image {side}x{side}, the vision tower's size")
+    normalise = value("do_normalize", True)
+    mean = _triple(value("image_mean", 0.0)) if normalise else (0.0, 0.0, 0.0)
+    std = _triple(value("image_std", 1.0)) if normalise else (1.0, 1.0, 1.0)
+    scale = 255.0 * float(value("rescale_factor", 1 / 255)) if value("do_rescale", True) else 255.0
+    out = Pixels(side, drawn, mean, std, _Geometry(processor, side), 1.0 if abs(scale - 1.0) < 1e-12 else scale)
+    if announce:
+        steps = [f"shortest edge resized to {drawn}" if edge else f"resized to {drawn}x{drawn}"] if resize else []
+        steps += [f"centre crop {side}x{side}"] if crop else []
+        steps += [f"mean ({', '.join(f'{m:g}' for m in mean)})", f"std ({', '.join(f'{s:g}' for s in std)})"]
+        print(f"megabatch train: --model {source}{origin}: {', '.join(steps)}", flush=True)
+    return out
+
+
 def build(source: str, tokenizer_spec: Optional[str], context_length: int, stream: Any, loss: str,
-          app_tokenizer: Any) -> tuple[HFDualEncoder, Any]:
-    """The wrapped model and its tokenizer (see the module's docstring)."""
+          app_tokenizer: Any, pixels: Optional[Pixels] = None) -> tuple[HFDualEncoder, Any]:
+    """The wrapped model and its tokenizer (see the module's docstring); `pixels`: what its images
+    go through (see `pixels`)."""
     tf = _transformers()
     config, pretrained, path = _config(source)
     if tokenizer_spec is None and not pretrained:
@@ -198,7 +305,7 @@ def build(source: str, tokenizer_spec: Optional[str], context_length: int, strea
     if not pretrained and isinstance(getattr(model, "logit_bias", None), Tensor):
         with torch.no_grad():  # HF initialises SigLIP's scale at 0 (t = 1); the paper's t is 10 (the loop sets b)
             model.logit_scale.fill_(math.log(10.0))
-    wrapped = HFDualEncoder(model, pretrained)
+    wrapped = HFDualEncoder(model, pretrained, pixels)
     if wrapped.family != loss:
         raise DataError(f"--model {source} is a {wrapped.family} model ({type(model).__name__}): train it with "
                         f"--loss {wrapped.family}")

@@ -291,10 +291,13 @@ def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     torch.manual_seed(cfg.seed)
     saved = _choose_checkpoint(cfg, rt)
     hf = model is None and hf_model.is_hf(cfg.model.source)
+    pixels = None
     if hf:
         cfg.model.image_size = hf_model.image_size(cfg.model.source)  # the data renders at the model's size
+        pixels = hf_model.pixels(cfg.model.source, announce=rt.rank == 0)  # its image processor's, not settings
     try:
-        stream = build_data(cfg.data, cfg.model.image_size, cfg.seed, rt.rank, rt.world, cfg=cfg, device=rt.device)
+        stream = build_data(cfg.data, cfg.model.image_size, cfg.seed, rt.rank, rt.world, cfg=cfg, device=rt.device,
+                            pixels=pixels)
     except ValueError as e:
         if not hf:
             raise
@@ -306,7 +309,7 @@ def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
                     else tokenizer_for(cfg.model.context_length, s, "builtin"))
 
         model, hf_tokenizer = hf_model.build(cfg.model.source, cfg.model.tokenizer, cfg.model.context_length, stream,
-                                             cfg.loss, app_tokenizer)
+                                             cfg.loss, app_tokenizer, pixels)
         tokenizer = tokenizer or hf_tokenizer
     if tokenizer is None:
         tokenizer = (Tokenizer.from_state_dict(saved["tokenizer"]) if saved

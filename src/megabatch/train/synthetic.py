@@ -11,15 +11,19 @@ for each held-out image; scoring each attribute of the pick shows which words th
 Sample i of training batch `step` depends only on (seed, step, i): a rank renders its own slice of
 the global batch and a world of 1 or 8 ranks sees the same global batch; resuming needs only the
 step. Rendering is vectorised (about 50 ms for 4,096 images of 32 x 32 on one core).
-Images come out as float32 (n, 3, S, S), normalised to roughly zero mean and unit variance.
+Images come out as float32 (n, 3, S, S), normalised to roughly zero mean and unit variance; for a
+pretrained Hugging Face model (`pixels`), drawn in [0, 1] at its processor's resize side, then
+centre-cropped to S (`data.Pixels`).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .data import EvalData, ZeroShotTask
+from .data import EvalData, Pixels, ZeroShotTask
 
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
 PLURALS = ("circles", "squares", "triangles", "crosses", "diamonds")
@@ -87,7 +91,8 @@ def _sprites(size: int) -> np.ndarray:
     )
 
 
-def render(attrs: np.ndarray, cells: np.ndarray, jitter: np.ndarray, tint: np.ndarray, size: int) -> Tensor:
+def render(attrs: np.ndarray, cells: np.ndarray, jitter: np.ndarray, tint: np.ndarray, size: int,
+           unit: bool = False) -> Tensor:
     """Draw images from per-sample parameters.
 
     Args:
@@ -96,6 +101,7 @@ def render(attrs: np.ndarray, cells: np.ndarray, jitter: np.ndarray, tint: np.nd
         jitter: (n, 4, 2) int in {0, 1}, each object's offset inside its cell.
         tint: (n, 4) float, background level then the object colour's per-channel jitter.
         size: image side, a multiple of 4 and at least 24 (sprites of 5 px or more stay distinct).
+        unit: RGB in [0, 1] instead of roughly zero mean and unit variance.
     Returns:
         (n, 3, size, size) float32.
     """
@@ -113,8 +119,9 @@ def render(attrs: np.ndarray, cells: np.ndarray, jitter: np.ndarray, tint: np.nd
         keep = masks[attrs[:, 0]] & (attrs[:, 2] >= k)[:, None]
         occupied[(base[:, None] + offsets[None, :])[keep]] = True
     colour = np.clip(_RGB[attrs[:, 1]] + tint[:, 1:], 0, 255)
-    colour = torch.from_numpy(((colour - 80.0) / 80.0).astype(np.float32))[:, :, None, None]
-    ground = torch.from_numpy(((tint[:, :1] - 80.0) / 80.0).astype(np.float32))[:, :, None, None]
+    shift, scale = (0.0, 255.0) if unit else (80.0, 80.0)
+    colour = torch.from_numpy(((colour - shift) / scale).astype(np.float32))[:, :, None, None]
+    ground = torch.from_numpy(((tint[:, :1] - shift) / scale).astype(np.float32))[:, :, None, None]
     mask = torch.from_numpy(occupied).view(n, 1, size, size)
     return torch.where(mask, colour, ground)
 
@@ -135,30 +142,39 @@ class SyntheticShapes:
         image_size: side of the square images (multiple of 4, >= 24).
         seed: the run's seed; batch `step` is drawn from a generator keyed by (seed, step).
         eval_per_combo: held-out images per unseen combination.
+        pixels: a pretrained model's image processor (then drawn at its resize side, see the module docstring).
     """
 
     name = "synthetic"
 
-    def __init__(self, image_size: int = 32, seed: int = 0, eval_per_combo: int = 8):
-        if image_size % 4 or image_size < 24:
-            raise ValueError(f"image_size must be a multiple of 4 and >= 24 for synthetic data, got {image_size}")
-        self.image_size, self.seed, self.eval_per_combo = image_size, seed, eval_per_combo
+    def __init__(self, image_size: int = 32, seed: int = 0, eval_per_combo: int = 8, *,
+                 pixels: Optional[Pixels] = None):
+        drawn = pixels.resize if pixels is not None else image_size
+        if drawn % 4 or drawn < 24:
+            raise ValueError(f"image_size must be a multiple of 4 and >= 24 for synthetic data, got {drawn}")
+        self.image_size, self.seed, self.eval_per_combo, self.pixels = image_size, seed, eval_per_combo, pixels
+        self._drawn = drawn
         self.train_combos, self.held_out_combos = split_combinations()
         self.vocabulary = vocabulary()
 
     def batch(self, step: int, size: int, start: int, stop: int) -> tuple[Tensor, list[str]]:
         """Samples [start, stop) of global training batch `step` (of `size`): images (stop-start, 3, S, S), captions."""
         rng = np.random.default_rng([self.seed, step])
-        attrs, (cells, jitter, tint) = sample(rng, self.train_combos, size, self.image_size)
+        attrs, (cells, jitter, tint) = sample(rng, self.train_combos, size, self._drawn)
         sl = slice(start, stop)
-        images = render(attrs[sl], cells[sl], jitter[sl], tint[sl], self.image_size)
+        images = self._render(attrs[sl], cells[sl], jitter[sl], tint[sl])
         return images, [caption(*a) for a in attrs[sl]]
+
+    def _render(self, *params: np.ndarray) -> Tensor:
+        if self.pixels is None:
+            return render(*params, self._drawn)
+        return self.pixels.from_unit(render(*params, self._drawn, unit=True))
 
     def eval_set(self) -> EvalData:
         combos = np.repeat(self.held_out_combos, self.eval_per_combo, axis=0)
         rng = np.random.default_rng([self.seed, 2**31 - 1])
-        _, (cells, jitter, tint) = sample(rng, combos, len(combos), self.image_size)
-        images = render(combos, cells, jitter, tint, self.image_size)
+        _, (cells, jitter, tint) = sample(rng, combos, len(combos), self._drawn)
+        images = self._render(combos, cells, jitter, tint)
         # Zero-shot: which of all 640 descriptions is it? (prompts = the captions themselves; the
         # true ones were never trained on.) Each attribute of the predicted description is scored too.
         everything = all_combinations()
