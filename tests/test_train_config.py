@@ -1,7 +1,8 @@
 """megabatch.train.config: presets fill a typed config, flags override them, and every bad flag or
 inconsistent value is refused with exit status 2 and a message naming the flag (argparse for
-unknown flags/choices, validate() for values); --resume keeps the saved run and refuses flags that
-would change it; the tokenizer pads after <cls>, maps unknown words to <unk>, and falls back to bytes.
+unknown flags/choices, validate() for values), in two lines without argparse's usage block;
+--resume keeps the saved run and refuses flags that would change it; the tokenizer pads after
+<cls>, maps unknown words to <unk>, and falls back to bytes.
 """
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ def test_bad_flags_exit_2_naming_the_flag(argv, needle, capsys):
         parse_args(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert needle in err and "usage:" in err
+    # two lines: the error naming the flag and a pointer to --help; no 27-line usage block before it
+    assert err.startswith("megabatch train: error: ") and needle in err.splitlines()[0], err
+    assert len(err.splitlines()) == 2 and "megabatch train --help" in err and "usage:" not in err
 
 
 def test_validate_names_the_field():

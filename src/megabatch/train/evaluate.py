@@ -8,6 +8,12 @@ Zero-shot: a class's embedding is the normalised mean of its prompts' normalised
 top-1 accuracy, with the majority-class rate as chance. `zero_shot_top1` averages the tasks. A
 task may score properties of its classes (zero_shot_<attribute>_top1: the predicted class has the
 true class's attribute).
+
+Scores only a finite model: a NaN similarity fails every comparison, so the rank counts below
+would put every caption first (R@1 = 1.0 for a model whose weights are all NaN). When any
+embedding holds a NaN or an infinity, every metric is NaN and "non_finite" says which embeddings.
+A metric whose chance level is 50% or more (R@5 over 5 captions, a 2-way task) says little about
+the model: its key is listed in "not_meaningful".
 """
 from __future__ import annotations
 
@@ -22,10 +28,20 @@ from torch import Tensor, nn
 from .data import EvalData
 
 KS = (1, 5, 10)
+MEANINGLESS_CHANCE = 0.5  # a metric whose chance level is this or more is listed as not meaningful
 
 
-def _encode(fn: Callable[[Tensor], Tensor], inputs: Tensor, device: torch.device, batch: int) -> Tensor:
-    out = [F.normalize(fn(inputs[i : i + batch].to(device)).float(), dim=-1) for i in range(0, len(inputs), batch)]
+def _encode(fn: Callable[[Tensor], Tensor], inputs: Tensor, device: torch.device, batch: int,
+            what: str, non_finite: list[str]) -> Tensor:
+    """Normalised embeddings of `inputs`; appends "<what> hold NaN" (or inf) to `non_finite` if
+    the raw embeddings are not all finite (normalising turns an inf into NaN, so look before)."""
+    out, nan, inf = [], False, False
+    for i in range(0, len(inputs), batch):
+        raw = fn(inputs[i : i + batch].to(device)).float()
+        nan, inf = nan or bool(raw.isnan().any()), inf or bool(raw.isinf().any())
+        out.append(F.normalize(raw, dim=-1))
+    if nan or inf:
+        non_finite.append(f"{what} hold {' and '.join(k for k, bad in (('NaN', nan), ('inf', inf)) if bad)}")
     return torch.cat(out).cpu()
 
 
@@ -41,13 +57,16 @@ def _chance_any_in_top_k(n: int, m: np.ndarray, k: int) -> float:
 def evaluate(
     model: nn.Module, tokenize: Callable[[list[str]], Tensor], data: EvalData, device: torch.device, batch: int = 512
 ) -> dict[str, Any]:
-    """Metrics of `model` on `data` (floats in [0, 1]) and, under "chance", what guessing scores."""
+    """Metrics of `model` on `data` (floats in [0, 1]; NaN for a non-finite model, with "non_finite"
+    saying why) and, under "chance", what guessing scores; "not_meaningful" lists the metrics whose
+    chance is >= 50%."""
     was_training = model.training
     model.eval()
+    non_finite: list[str] = []
     try:
-        images = _encode(model.encode_image, data.images, device, batch)
+        images = _encode(model.encode_image, data.images, device, batch, "image embeddings", non_finite)
         texts, caption_of = np.unique(np.asarray(data.captions, dtype=object), return_inverse=True)
-        text_feats = _encode(model.encode_text, tokenize(list(texts)), device, batch)
+        text_feats = _encode(model.encode_text, tokenize(list(texts)), device, batch, "text embeddings", non_finite)
         sims = images @ text_feats.T  # (n, u)
         owner = torch.from_numpy(caption_of.astype(np.int64))
         # Ties count against the model: a collapsed model (all similarities equal) ranks last.
@@ -66,7 +85,8 @@ def evaluate(
         accs, chances = [], []
         for task in data.tasks:
             flat = [p for prompts in task.prompts for p in prompts]
-            feats = _encode(model.encode_text, tokenize(flat), device, batch)
+            feats = _encode(model.encode_text, tokenize(flat), device, batch,
+                            f"text embeddings of the {task.name} prompts", non_finite)
             sizes = torch.tensor([len(p) for p in task.prompts])
             cls = F.normalize(torch.stack([c.mean(0) for c in feats.split(sizes.tolist())]), dim=-1)
             task_images = images if task.rows is None else images[torch.as_tensor(task.rows, dtype=torch.long)]
@@ -85,6 +105,10 @@ def evaluate(
         out["n_images"], out["n_texts"], out["eval_set"] = len(images), len(texts), data.description
         out["zero_shot_classes"] = {task.name: len(task.classes) for task in data.tasks}
         out["chance"] = chance
+        out["not_meaningful"] = [key for key, level in chance.items() if level >= MEANINGLESS_CHANCE]
+        if non_finite:  # nothing above measured the model: no score may stand
+            out.update({key: math.nan for key in chance})
+            out["non_finite"] = "; ".join(dict.fromkeys(non_finite))
         return out
     finally:
         model.train(was_training)

@@ -1,12 +1,15 @@
 """curves.png: training loss, temperature (logit scale) and held-out evaluation against steps.
 
 Drawn with matplotlib's Agg backend (no display); imported lazily so training never needs it
-until the end of a run. Every axis shows plain numbers (no offset or scientific notation); the
-evaluation panel spans the whole run in steps and 0-100%, labels each point with its value, and
-names the final value and chance in the legend, so one evaluation reads as well as many.
+until the end of a run, and a run without it still ends well: a warning says curves.png was not
+drawn (metrics.jsonl holds every number it would show). Every axis shows plain numbers (no offset
+or scientific notation); the evaluation panel spans the whole run in steps and 0-100%, labels each
+point with its value, and names the final value and chance in the legend, so one evaluation reads
+as well as many.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,14 @@ def _plain(ax: Any) -> None:
         axis.set_major_formatter(fmt)
 
 
-def plot_curves(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
+def plot_curves(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Draw `path`; False (and a warning) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        warnings.warn(f"{path.name} not drawn: matplotlib is not installed ({e}); pip install 'megabatch[train]' "
+                      "brings it. metrics.jsonl and eval.json hold the numbers", RuntimeWarning, stacklevel=2)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -71,3 +80,4 @@ def plot_curves(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

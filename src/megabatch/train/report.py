@@ -39,6 +39,8 @@ def percent(fraction: float) -> str:
 
 def _row(label: str, value: float, chance: Optional[float]) -> str:
     against = f"   (chance {percent(chance)})" if chance is not None else ""
+    if chance is not None and chance >= 0.5:  # evaluate.MEANINGLESS_CHANCE
+        against += "   not meaningful: chance >= 50%"
     return f"  {label:<40} {percent(value):>7}{against}"
 
 
@@ -73,6 +75,14 @@ def summary(cfg: TrainConfig, world: int, final: dict[str, Any], seconds: float,
         chance = final.get("chance", {})
         about = final.get("eval_set") or f"{final['n_images']} images"
         lines.append(f"held-out eval at step {final['step']}: {about}")
+        if final.get("non_finite"):
+            lines.append(f"  NOT SCORED, every metric is NaN: the model is not finite ({final['non_finite']})")
+            lines.append(f"outputs: {cfg.output}/ ({', '.join(_written(cfg))})")
+            return "\n".join(lines)
+        meaningless = final.get("not_meaningful", [])
+        if meaningless:
+            lines.append(f"  {len(meaningless)} metric(s) below are not meaningful: guessing scores 50% or more "
+                         "(eval.json: not_meaningful)")
         for task, classes in final.get("zero_shot_classes", {}).items():
             key = f"zero_shot_{task}_top1"
             lines.append(_row(f"zero-shot top-1, {task} ({classes}-way)", final[key], chance.get(key)))
@@ -86,7 +96,10 @@ def summary(cfg: TrainConfig, world: int, final: dict[str, Any], seconds: float,
                 lines.append(_row(f"{label} R@{k} ({final['n_texts']} captions)", final[key], chance.get(key)))
     else:
         lines.append("no evaluation: no held-out data (--eval-split 0 and no --eval-data)")
-    out = Path(cfg.output)
-    written = [name for name in OUTPUTS if (out / name.rstrip("/")).exists()]
-    lines.append(f"outputs: {cfg.output}/ ({', '.join(written)})")
+    lines.append(f"outputs: {cfg.output}/ ({', '.join(_written(cfg))})")
     return "\n".join(lines)
+
+
+def _written(cfg: TrainConfig) -> list[str]:
+    out = Path(cfg.output)
+    return [name for name in OUTPUTS if (out / name.rstrip("/")).exists()]

@@ -61,17 +61,23 @@ PAPER = "Zhai et al. 2023 (arXiv 2303.15343), Fig. 2 and abstract: sigmoid > sof
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megabatch study", description=__doc__.split("\n")[0],
-                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megabatch.cli import CommandParser
+
+    first, rest = __doc__.split("\n\n", 1)  # the description is the docstring's whole first paragraph
+    p = CommandParser(prog="megabatch study", description=" ".join(first.split()), epilog=rest,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the short version (2 batch sizes, 1 seed, 512 samples)")
-    p.add_argument("--batches", type=int, nargs="+", help="global batch sizes")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds per point")
-    p.add_argument("--samples", type=int, help="samples seen by every run")
-    p.add_argument("--losses", nargs="+", choices=("clip", "siglip"))
+    p.add_argument("--batches", type=int, nargs="+", help="global batch sizes (each >= 2; default 16 64 256 1024 "
+                   "2048)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds per point (each in [0, 2**32 - 1]; default 0 1)")
+    p.add_argument("--samples", type=int, help="samples seen by every run (at least the largest batch; default "
+                   "32768)")
+    p.add_argument("--losses", nargs="+", choices=("clip", "siglip"), help="the losses compared (default both)")
     p.add_argument("--memory-batches", type=int, nargs="*", help="batch sizes of the memory measurement (none: skip)")
     p.add_argument("--no-check", action="store_true", help="skip the dense-loss runs")
     p.add_argument("--no-training", action="store_true", help="only the memory measurement")
-    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--lr", type=float, default=LR, help=f"learning rate of every run (a finite number > 0; "
+                   f"default {LR:g})")
     p.add_argument("--image-tower", choices=IMAGE_TOWERS, help="the image tower trained (default cnn; vit with "
                    "--quick)")
     p.add_argument("--output", default="benchmarks/study", help="folder for study.json and study.png")
@@ -89,8 +95,11 @@ def _plan(ns: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--samples ({plan['samples']}) must be at least the largest batch ({max(plan['batches'])})")
     if any(b < 2 for b in plan["memory_batches"]):
         raise ValueError(f"--memory-batches must all be >= 2, got {plan['memory_batches']}")
-    if not ns.lr > 0:
-        raise ValueError(f"--lr must be positive, got {ns.lr}")
+    from .config import check_int, check_number
+
+    check_number("--lr", ns.lr, 0.0, low_open=True)
+    for seed in plan["seeds"]:
+        check_int("--seeds", seed, 0, 2**32 - 1)
     plan["check_batch"] = None if ns.no_check else min(plan["check_batch"], max(plan["batches"]))
     plan["lr"] = ns.lr
     return plan
@@ -132,6 +141,7 @@ def train_point(cfg: Any) -> dict[str, Any]:
             "chance_i2t_r1": final["chance"]["i2t_r1"], "final_loss": last["loss"],
             "logit_scale": last["logit_scale"], "logit_bias": last.get("logit_bias"),
             "collapsed": any(r.get("collapsed") for r in records),
+            "non_finite": final.get("non_finite"),  # the model diverged: its metrics are NaN (evaluate.py)
             "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)][:1],
             "loss_curve": [[r["step"], r["loss"]] for r in records], "seconds": seconds,
             "peak_rss_mb": last["peak_mem_mb"]}
@@ -203,8 +213,14 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """Draw study.png; False (and a warning) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError as e:  # a long study's numbers are in study.json: keep them, say what is missing
+        warnings.warn(f"{path.name} not drawn: matplotlib is not installed ({e}); pip install 'megabatch[train]' "
+                      "brings it", RuntimeWarning, stacklevel=2)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -252,6 +268,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _write_partial(out: Path, result: dict[str, Any], total: int) -> None:
@@ -292,7 +309,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"[{i + 1}/{len(points)}] {loss:6s} batch {batch:5d} seed {seed} {backend:5s}: "
                       f"i2t R@1 {100 * row['i2t_r1']:5.2f}%  t {row['logit_scale']:6.2f}"
                       + (f" b {row['logit_bias']:6.2f}" if row["logit_bias"] is not None else "")
-                      + f"  {row['seconds']:.0f} s" + ("  COLLAPSED" if row["collapsed"] else ""), flush=True)
+                      + f"  {row['seconds']:.0f} s" + ("  COLLAPSED" if row["collapsed"] else "")
+                      + (f"  NOT FINITE ({row['non_finite']})" if row["non_finite"] else ""), flush=True)
     except DataError as e:
         print(f"megabatch study: error: {e}", file=sys.stderr)
         return 2
@@ -306,9 +324,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     result["seconds"] = time.perf_counter() - t0
     result["summary"] = summarize(result["rows"])
     (out / "study.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / "study.png")
-    print(f"megabatch study: {len(result['rows'])} runs in {result['seconds']:.0f} s; wrote {out / 'study.json'} "
-          f"and {out / 'study.png'}")
+    drawn = f" and {out / 'study.png'}" if plot(result, out / "study.png") else ""
+    print(f"megabatch study: {len(result['rows'])} runs in {result['seconds']:.0f} s; wrote {out / 'study.json'}"
+          f"{drawn}")
     return 0
 
 
