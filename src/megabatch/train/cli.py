@@ -14,7 +14,9 @@ Usage:
                                                          # optimizer state sharded N ways (N >= 2)
 
 A run whose --output holds checkpoints of the same settings resumes from the newest loadable one
-(different settings: an error; --fresh deletes them and starts over). A non-finite loss or gradient
+(different settings: an error; --fresh deletes them and starts over); run again once finished, it
+says so and trains nothing. --output is created and proven writable before any work; a checkpoint
+save that fails later is reported and retried at the next save (docs/operations.md). A non-finite loss or gradient
 on any rank skips that update on every rank (counted as skipped_steps in metrics.jsonl); after
 --max-bad-steps in a row the run stops. A collective that waits --dist-timeout seconds for a peer
 fails with the collective's name.
@@ -50,10 +52,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"megabatch train: error: {reason}", file=sys.stderr)
             return 2
     from .files import DataError
+    from .outputs import OutputError
 
     try:
         train(cfg)
-    except (DataError, CheckpointError) as e:  # files, columns or checkpoints that cannot be used as asked
+    except (DataError, CheckpointError, OutputError) as e:  # files, checkpoints or --output unusable as asked
         print(f"megabatch train: error: {e}", file=sys.stderr)
         return 2
     except (NonFiniteError, CollectiveError) as e:

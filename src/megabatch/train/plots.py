@@ -7,6 +7,7 @@ names the final value and chance in the legend, so one evaluation reads as well 
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,18 @@ def _plain(ax: Any) -> None:
         axis.set_major_formatter(fmt)
 
 
-def plot_curves(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot_curves(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Draw curves.png; a failure (matplotlib missing or broken, the folder unwritable) is a warning, not the
+    end of a run whose weights and metrics are saved. Returns whether it was drawn."""
+    try:
+        _draw(metrics, evals, path, title)
+        return True
+    except Exception as e:  # noqa: BLE001 - any plotting error: the run's results stand without the picture
+        warnings.warn(f"{path} was not drawn: {type(e).__name__}: {e}", stacklevel=2)
+        return False
+
+
+def _draw(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
