@@ -27,7 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -39,6 +39,7 @@ from test_train_userdata import make_table, shard
 from megabatch.train import checkpoint, from_preset, loop, outputs, plots
 from megabatch.train.cli import main
 from megabatch.train.config import parse_args
+from megabatch.train.report import MetricsLog
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 CSV = ["--preset", "tiny", "--data", "csv:pairs.tsv", "--csv-img-key", "path", "--csv-caption-key", "caption",
@@ -244,8 +245,11 @@ def test_changed_data_is_warned(data, tmp_path, monkeypatch, capsys):
                                          r"--data csv:pairs.tsv: the table changed \(.* bytes, other content"):
         assert main([*CSV, "--output", "run", "--steps", "3"]) == 0
     os.utime(table)  # touched only: the same rows, no warning
-    with _no_warning("changed since"):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         assert main([*CSV, "--output", "run", "--steps", "4"]) == 0
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 3, 4]
+    assert not [str(w.message) for w in seen if "changed since" in str(w.message)]
 
     cfg = from_preset("tiny", data="wds:shards/*.tar")
     before = checkpoint.data_files(cfg)
@@ -254,27 +258,6 @@ def test_changed_data_is_warned(data, tmp_path, monkeypatch, capsys):
     changes = checkpoint.data_changes(before, checkpoint.data_files(cfg))
     assert len(changes) == 1 and changes[0].startswith("--data wds:shards/*.tar: 1 shard(s) added (s-2.tar); "
                                                        "s-0.tar changed (")
-
-
-class _no_warning:
-    """A context in which no warning whose text holds `words` may be issued."""
-
-    def __init__(self, words):
-        self.words = words
-
-    def __enter__(self):
-        import warnings
-
-        self._catch = warnings.catch_warnings(record=True)
-        self.seen = self._catch.__enter__()
-        warnings.simplefilter("always")
-        return self
-
-    def __exit__(self, *exc):
-        self._catch.__exit__(*exc)
-        hits = [str(w.message) for w in self.seen if self.words in str(w.message)]
-        assert not hits, hits
-        return False
 
 
 def test_unusable_output_is_one_usage_line_before_any_work(tmp_path, monkeypatch, capsys):
@@ -346,3 +329,14 @@ def test_failed_saves_keep_the_run_going(data, reference, monkeypatch, capsys):
     assert not list(folder.glob(".*.tmp"))
     same_result(data / "saves", reference)
     assert not (data / "saves" / "curves.png").exists()
+
+
+def test_metrics_log_survives_a_failed_write(tmp_path):
+    log = MetricsLog(tmp_path / "run" / "metrics.jsonl")
+    log.append({"step": 1})
+    shutil.rmtree(tmp_path / "run")  # the folder gone: the append fails
+    with pytest.warns(UserWarning, match=r"step 2's metrics could not be written \(\[Errno 2\]"):
+        log.append({"step": 2})
+    (tmp_path / "run").mkdir()
+    log.append({"step": 3})
+    assert records(tmp_path / "run") == [{"step": 1}, {"step": 2}, {"step": 3}]

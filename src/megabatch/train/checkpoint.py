@@ -273,7 +273,8 @@ def resume_config(path: str | Path, given: dict[str, Any]) -> TrainConfig:
     return cfg.validate()
 
 
-# Tables up to this size are hashed (sha256 reads ~1 GB/s); larger ones are compared by size and time.
+# Tables up to this size are hashed, larger ones compared by size and time: sha256 ran at 1,215 MiB/s on
+# this 2-core machine, loaded (hashlib over 256 MiB of os.urandom in 1 MiB blocks), ~0.2 s at start.
 HASH_LIMIT = 256 << 20
 
 
