@@ -340,3 +340,25 @@ def test_metrics_log_survives_a_failed_write(tmp_path):
     (tmp_path / "run").mkdir()
     log.append({"step": 3})
     assert records(tmp_path / "run") == [{"step": 1}, {"step": 2}, {"step": 3}]
+
+
+def test_fitted_fields_are_not_compared():
+    """A Hugging Face model's image size and context, and a csv context fitted to the captions: the
+    given value is compared (the fitted one is also accepted); an old checkpoint's are not compared."""
+    given = from_preset("tiny", source="hf:clip.json", tokenizer="app", context_length=16)
+    ran = from_preset("tiny", source="hf:clip.json", tokenizer="app", context_length=12, image_size=24)
+    new = {"step": 2, "config": ran.to_dict(), "given_config": given.to_dict()}
+    old = {"step": 2, "config": ran.to_dict()}
+    for payload in (new, old):
+        assert checkpoint.differences(payload, given) == []
+        assert checkpoint.differences(payload, ran) == []
+    other = from_preset("tiny", source="hf:clip.json", tokenizer="app", context_length=20, lr=0.01)
+    assert checkpoint.differences(new, other) == ["--lr (saved 0.001, now 0.01)",
+                                                  "--context-length (saved 16, now 20)"]
+    assert checkpoint.differences(old, other) == ["--lr (saved 0.001, now 0.01)"]  # fitted: not compared
+    csv = from_preset("tiny", data="csv:t.tsv")
+    fitted = from_preset("tiny", data="csv:t.tsv", context_length=9)
+    assert checkpoint.differences({"config": fitted.to_dict()}, csv) == []
+    assert checkpoint.differences({"config": fitted.to_dict()}, from_preset("tiny", data="csv:t.tsv",
+                                                                           image_size=16)) == \
+        ["--image-size (saved 32, now 16)"]
