@@ -17,7 +17,9 @@ Exit status: 0 done; 1 the run failed (non-finite steps past --max-bad-steps, a 
 of a non-finite model, a collective failure, a missing [train] extra); 2 a usage error.
 
 A run whose --output holds checkpoints of the same settings resumes from the newest loadable one
-(different settings: an error; --fresh deletes them and starts over). A non-finite loss or gradient
+(different settings: an error; --fresh deletes them and starts over); run again once finished, it
+says so and trains nothing. --output is created and proven writable before any work; a checkpoint
+save that fails later is reported and retried at the next save (docs/operations.md). A non-finite loss or gradient
 on any rank skips that update on every rank (counted as skipped_steps in metrics.jsonl); after
 --max-bad-steps in a row the run stops. A collective that waits --dist-timeout seconds for a peer
 fails with the collective's name.
@@ -68,10 +70,11 @@ def _main(argv: Optional[list[str]]) -> int:
         if reason:
             return usage_error("megabatch train", reason)
     from .files import DataError
+    from .outputs import OutputError
 
     try:
         final = train(cfg)
-    except (DataError, CheckpointError) as e:  # files, columns or checkpoints that cannot be used as asked
+    except (DataError, CheckpointError, OutputError) as e:  # files, checkpoints or --output unusable as asked
         return usage_error("megabatch train", str(e))
     except (NonFiniteError, CollectiveError) as e:
         print(f"megabatch train: error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ Rank 0 logs metrics.jsonl, evaluates, checkpoints, and draws curves.png.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -25,7 +26,7 @@ import resource
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 
 import megabatch as mb
 
-from . import checkpoint, fsdp, hf_model
+from . import checkpoint, fsdp, hf_model, outputs
 from .config import TrainConfig
 from .data import build_data, build_eval, state_of
 from .evaluate import evaluate
@@ -199,6 +200,9 @@ class _Parts:
     start: int
     evals: list[dict[str, Any]]
     skipped: int = 0  # non-finite steps skipped so far (all attempts)
+    given: dict[str, Any] = field(default_factory=dict)  # the config as given, before _build fitted it
+    files: dict[str, Any] = field(default_factory=dict)  # the data files' fingerprints (rank 0)
+    saves: outputs.Saves = field(default_factory=outputs.Saves)  # checkpoints written / failed (rank 0)
 
 
 class NonFiniteError(RuntimeError):
@@ -238,17 +242,18 @@ def _loss_collectives(cfg: TrainConfig, world: int) -> str:
     return f"the {cfg.loss} loss (strategy {strategy}: {ops}) and {grads}"
 
 
-def _choose_checkpoint(cfg: TrainConfig, rt: Runtime) -> Optional[dict[str, Any]]:
-    """The checkpoint this run continues from: rank 0 decides, every rank loads the same file.
+def _choose_checkpoint(cfg: TrainConfig, rt: Runtime, files: dict[str, Any]) -> Optional[tuple[Path, dict[str, Any]]]:
+    """The checkpoint this run continues from (path, payload): rank 0 decides, every rank loads the same file.
 
     `--resume PATH` names it; otherwise the newest loadable checkpoint in OUTPUT/checkpoints whose
-    config matches (a mismatch is a CheckpointError), unless `--fresh` deletes them on the first
-    attempt. Rank 0 also deletes temp files an interrupted save left behind.
+    settings as given match `cfg`'s (a mismatch is a CheckpointError), unless `--fresh` deletes
+    them on the first attempt. Rank 0 also deletes temp files an interrupted save left behind, and
+    warns when the data files (`files`, now) differ from the checkpoint's.
     """
     decision: list[Any] = [None]
     if rt.rank == 0:
         try:
-            decision[0] = ("ok", _decide(cfg))
+            decision[0] = ("ok", _decide(cfg, files))
         except (checkpoint.CheckpointError, FileNotFoundError) as e:
             decision[0] = ("error", str(e))
     if rt.world > 1:
@@ -257,44 +262,56 @@ def _choose_checkpoint(cfg: TrainConfig, rt: Runtime) -> Optional[dict[str, Any]
     status, path = decision[0]
     if status == "error":
         raise checkpoint.CheckpointError(path)
-    return checkpoint.read(Path(path)) if path else None
+    return (Path(path), checkpoint.read(Path(path))) if path else None
 
 
-def _decide(cfg: TrainConfig) -> Optional[str]:
+def _decide(cfg: TrainConfig, files: dict[str, Any]) -> Optional[str]:
     folder = Path(cfg.output) / "checkpoints"
     for stale in checkpoint.remove_stale_temps(folder):
         print(f"megabatch train: deleted {stale.name}, left by an interrupted checkpoint save", flush=True)
     if cfg.resume:
         path, payload = checkpoint.load_latest(cfg.resume)
-        print(f"megabatch train: resuming from {path} (step {payload['step']}, --resume)", flush=True)
-        return str(path)
-    found = checkpoint.checkpoints(folder)
-    if cfg.fresh and restart_count() == 0:
-        for old in found:
-            old.unlink()
-        if found:
-            print(f"megabatch train: --fresh: deleted {len(found)} checkpoint(s) of the previous run in {folder}",
-                  flush=True)
-        return None
-    if not found:
-        return None
-    path, payload = checkpoint.load_latest(folder)
-    checkpoint.check_same_run(payload, cfg, path)
-    print(f"megabatch train: resuming from {path} (step {payload['step']}): {cfg.output} holds this run's "
-          f"checkpoints (attempt {restart_count()}; --fresh starts over)", flush=True)
+        if payload["step"] < cfg.steps:
+            print(f"megabatch train: resuming from {path} (step {payload['step']}, --resume)", flush=True)
+    else:
+        found = checkpoint.checkpoints(folder)
+        if cfg.fresh and restart_count() == 0:
+            for old in found:
+                old.unlink()
+            if found:
+                print(f"megabatch train: --fresh: deleted {len(found)} checkpoint(s) of the previous run in {folder}",
+                      flush=True)
+            return None
+        if not found:
+            return None
+        path, payload = checkpoint.load_latest(folder)
+        checkpoint.check_same_run(payload, cfg, path, len(found))
+        if payload["step"] < cfg.steps:
+            print(f"megabatch train: resuming from {path} (step {payload['step']}): {cfg.output} holds this run's "
+                  f"checkpoints (attempt {restart_count()}; --output NEW_DIR starts another run)", flush=True)
+    if payload["step"] < cfg.steps:
+        for change in checkpoint.data_changes(payload.get("data_files") or {}, files):
+            warnings.warn(f"resuming {path.name} on data that changed since it was saved: {change}; the run goes "
+                          "on with the files as they are now (the stream's position may not match them)",
+                          stacklevel=2)
     return str(path)
 
 
-def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer: Any) -> _Parts:
+def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer: Any,
+           chosen: Optional[tuple[Path, dict[str, Any]]]) -> _Parts:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    saved = _choose_checkpoint(cfg, rt)
+    saved = chosen[1] if chosen else None
     hf = model is None and hf_model.is_hf(cfg.model.source)
-    pixels = None
-    if hf:
+    if saved:  # what the saved run fitted is restored, not fitted again (checkpoint.FITTED)
+        ran = checkpoint.saved_configs(saved)[1]
+        for name in checkpoint.fitted_fields(cfg):
+            setattr(cfg.model, name, getattr(ran.model, name))
+    elif hf:
         cfg.model.image_size = hf_model.image_size(cfg.model.source)  # the data renders at the model's size
-        pixels = hf_model.pixels(cfg.model.source, announce=rt.rank == 0)  # its image processor's, not settings
+    # a pretrained model's image processor decides its pixels (read again from the folder on resume)
+    pixels = hf_model.pixels(cfg.model.source, announce=rt.rank == 0) if hf else None
     try:
         stream = build_data(cfg.data, cfg.model.image_size, cfg.seed, rt.rank, rt.world, cfg=cfg, device=rt.device,
                             pixels=pixels)
@@ -327,6 +344,8 @@ def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, cfg.steps))
     parts = _Parts(model, tokenizer, stream, optimizer, scheduler, 0, [])
+    if chosen:
+        parts.saves = outputs.Saves(chosen[0], saved["step"])
     if saved:
         state = checkpoint.fit_optimizer_shapes(saved["optimizer"], [q for g in optimizer.param_groups
                                                                      for q in g["params"]])
@@ -348,12 +367,23 @@ def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
 
 def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer: Any) -> dict[str, Any]:
     t_run = time.perf_counter()
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as given; _build fits this copy
+    given = cfg.to_dict()
     if cfg.batch_size % rt.world:
         raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of ranks ({rt.world})")
     if cfg.fsdp and fsdp.unusable(rt.world):
         raise ValueError(fsdp.unusable(rt.world))
     local = cfg.batch_size // rt.world
-    p = _build(cfg, rt, model, tokenizer)
+    with _collective("checking --output (broadcast from rank 0)", cfg, rt.world):
+        outputs.check(cfg.output, rt.rank, rt.world)  # before any work: an OutputError on every rank
+    files = checkpoint.data_files(cfg) if rt.rank == 0 else {}
+    chosen = _choose_checkpoint(cfg, rt, files)
+    if chosen and chosen[1]["step"] >= cfg.steps:  # a finished run, run again: nothing to train
+        if rt.rank == 0:
+            print(outputs.describe_complete(cfg.output, chosen[1], chosen[0], cfg.steps), flush=True)
+        return (chosen[1].get("evals") or [{}])[-1] if rt.rank == 0 else {}
+    p = _build(cfg, rt, model, tokenizer, chosen)
+    p.given, p.files = given, files
     model, evals = p.model, p.evals
     loss_fn = functools.partial(mb.siglip_loss if cfg.loss == "siglip" else mb.clip_loss,
                                 strategy=cfg.strategy, backend=cfg.backend)
@@ -372,7 +402,7 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     out = Path(cfg.output)
     log = MetricsLog(out / "metrics.jsonl", keep_until=p.start) if lead else None
     if lead:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        outputs.write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     # Rank 0 evaluates; with --fsdp every rank runs the evaluation's (collective) forwards with it.
     eval_data = (build_eval(cfg.eval_data, p.stream, cfg.model.image_size, cfg.seed, cfg.eval_size, cfg=cfg)
                  if lead or cfg.fsdp else None)
@@ -446,7 +476,7 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
                     metrics = evaluate(model, p.tokenizer, eval_data, rt.device)
                 if lead:
                     evals.append({"step": done, **metrics})
-                    (out / "eval.json").write_text(json.dumps({**evals[-1], "history": evals}, indent=2))
+                    outputs.write_text(out / "eval.json", json.dumps({**evals[-1], "history": evals}, indent=2))
             if rt.world > 1:
                 with _collective(f"step {done}: the barrier after rank 0's evaluation", cfg, rt.world):
                     dist.barrier()
@@ -462,7 +492,8 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     title = f"{cfg.loss} | global batch {cfg.batch_size} over {rt.world} rank(s) | {cfg.data}"
     plot_curves(log.records, evals, out / "curves.png", title=title)
     final = evals[-1] if evals else {}
-    print(summary(cfg, rt.world, final, time.perf_counter() - t_run, text_notes(p.tokenizer, eval_data)), flush=True)
+    notes = text_notes(p.tokenizer, eval_data) + p.saves.notes()
+    print(summary(cfg, rt.world, final, time.perf_counter() - t_run, notes), flush=True)
     return final
 
 
@@ -584,8 +615,15 @@ def _save(cfg: TrainConfig, rt: Runtime, step: int, p: _Parts) -> None:
         model_state, optimizer_state = p.model.state_dict(), p.optimizer.state_dict()
     if rt.rank != 0:
         return
-    payload = {"step": step, "config": cfg.to_dict(), "model": model_state,
+    payload = {"step": step, "config": cfg.to_dict(), "given_config": p.given, "model": model_state,
                "optimizer": optimizer_state, "scheduler": p.scheduler.state_dict(),
                "tokenizer": p.tokenizer.state_dict() if hasattr(p.tokenizer, "state_dict") else None,
-               "rng": rngs, "data": data, "evals": p.evals, "world": rt.world, "skipped_steps": p.skipped}
-    checkpoint.save(checkpoint.checkpoint_path(cfg.output, step), payload, cfg.keep_checkpoints)
+               "rng": rngs, "data": data, "evals": p.evals, "world": rt.world, "skipped_steps": p.skipped,
+               "data_files": p.files}
+    path = checkpoint.checkpoint_path(cfg.output, step)
+    try:
+        checkpoint.save(path, payload, cfg.keep_checkpoints)
+    except OSError as e:  # disk full, folder gone or read-only: the run goes on, the next save tries again
+        p.saves.failure(path, step, e)
+    else:
+        p.saves.wrote(path, step)

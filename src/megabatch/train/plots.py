@@ -29,13 +29,24 @@ def _plain(ax: Any) -> None:
 
 
 def plot_curves(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Draw `path`; False (and a warning) when matplotlib is not installed."""
+    """Draw curves.png; a failure (matplotlib missing or broken, the folder unwritable) is a warning, not the
+    end of a run whose weights and metrics are saved. Returns whether it was drawn."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401 - only to name the extra when it is missing
     except ImportError as e:
         warnings.warn(f"{path.name} not drawn: matplotlib is not installed ({e}); pip install 'megabatch[train]' "
                       "brings it. metrics.jsonl and eval.json hold the numbers", RuntimeWarning, stacklevel=2)
         return False
+    try:
+        _draw(metrics, evals, path, title)
+        return True
+    except Exception as e:  # noqa: BLE001 - any plotting error: the run's results stand without the picture
+        warnings.warn(f"{path} was not drawn: {type(e).__name__}: {e}", stacklevel=2)
+        return False
+
+
+def _draw(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -80,4 +91,3 @@ def plot_curves(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True

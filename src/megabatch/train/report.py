@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -10,12 +11,17 @@ from .config import TrainConfig
 
 
 class MetricsLog:
-    """Appends records to a JSONL file; on resume keeps only the records up to `keep_until`."""
+    """Appends records to a JSONL file; on resume keeps only the records up to `keep_until`.
+
+    A record that cannot be appended (disk full, the folder gone) is a warning, not the end of the
+    run: the records stay in memory and the whole file is written again at the next append that can.
+    """
 
     def __init__(self, path: Path, keep_until: int = 0):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.records: list[dict[str, Any]] = []
+        self._behind = False  # a write failed: the file lacks records, rewrite it whole
         if keep_until and path.exists():
             lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             self.records = [r for r in lines if r["step"] <= keep_until]
@@ -24,8 +30,17 @@ class MetricsLog:
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        behind = self._behind
+        try:
+            with self.path.open("w" if behind else "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in (self.records if behind else [record]))
+        except OSError as e:
+            if not behind:
+                warnings.warn(f"{self.path}: step {record['step']}'s metrics could not be written ({e}); they are "
+                              "kept, and the file is written whole at the next record that can be", stacklevel=2)
+            self._behind = True
+        else:
+            self._behind = False
 
 
 def percent(fraction: float) -> str:
