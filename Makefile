@@ -36,7 +36,7 @@ study: venv debs
 # The main job: CLIP at a contrastive batch of 4,096 (2 ranks x 2,048, GradCache micro-batches of
 # 512, ring loss) on the embedded synthetic data; ~2 minutes on 2 CPU cores. Output in runs/demo/.
 demo: venv
-	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m megabatch.train --preset demo
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m megabatch_train --preset demo
 
 # The peers' wheels for the GPU check (benchmarks/gpu.md), carried to the device machine in .whl/
 # (git-ignored; ~1.7 MB, all pure-Python: the device has Python 3.12, torch, triton and numpy, no network).

@@ -7,7 +7,7 @@ rank 1 SIGKILLs itself after one all_reduce, so torchrun restarts both workers. 
 build the process group in the restarted attempt, `--tries` times each:
   plain     init_process_group("gloo") (env://: the agent's shared TCPStore, keys by group name);
   prefixed  the same store wrapped in PrefixStore("megabatch/attempt_<TORCHELASTIC_RESTART_COUNT>")
-            (what megabatch.train does);
+            (what megabatch_train does);
   noshare   plain, with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store every attempt).
 Measured 2026-12-01 (2 shared cores, torch 2.13.0+cpu), two runs: plain 1 of 6 and 1 of 4 restarts
 succeeded, every failure in gloo's connectFullMesh ("Connection refused", or "Connect timeout"

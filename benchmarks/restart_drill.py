@@ -57,7 +57,7 @@ def _steps(run: Path) -> int:
 
 def run(out: Path, flags: list[str], env: dict[str, str], kill: tuple[int, int] | None, restarts: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", str(restarts), "-m", "megabatch.train", *flags, "--output", str(out)]
+           "--max-restarts", str(restarts), "-m", "megabatch_train", *flags, "--output", str(out)]
     log = out.with_suffix(".log")
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)

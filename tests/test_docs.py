@@ -13,7 +13,7 @@ relative link resolves.
                                   handed in): T.py exists and reads this page.
 - A `bash` block is checked line by line (continuations joined, comments dropped), without doing
   the work: `megabatch plan` runs in full (it is arithmetic); `megabatch train` and `-m
-  megabatch.train` are parsed and validated by the app's config; any other `megabatch`, `torchrun`
+  megabatch_train` are parsed and validated by the app's config; any other `megabatch`, `torchrun`
   (its own flags, then the script's or module's) or `python` line is stopped right after its own
   argument parser accepted the flags (exit 2 on an unknown flag or a bad value). `make T` must be a
   Makefile target, `pip install` extras must exist in pyproject.toml. Any other command fails: add

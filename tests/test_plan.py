@@ -79,7 +79,7 @@ def test_usage_errors(capsys, args, flag):
 
 
 def test_library_does_not_import_the_training_app():
-    code = "import sys, megabatch.plan; assert not [m for m in sys.modules if m.startswith('megabatch.train')]"
+    code = "import sys, megabatch.plan; assert not [m for m in sys.modules if m.startswith('megabatch_train')]"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

@@ -1,4 +1,4 @@
-"""megabatch.train.config: presets fill a typed config, flags override them, and every bad flag or
+"""megabatch_train.config: presets fill a typed config, flags override them, and every bad flag or
 inconsistent value is refused with exit status 2 and a message naming the flag (argparse for
 unknown flags/choices, validate() for values), in two lines without argparse's usage block;
 --resume keeps the saved run and refuses flags that would change it; the tokenizer pads after
@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megabatch.train.checkpoint import resume_config
-from megabatch.train.config import PRESETS, TrainConfig, from_preset, parse_args
-from megabatch.train.tokenizer import CLS, PAD, UNK, Tokenizer
+from megabatch_train.checkpoint import resume_config
+from megabatch_train.config import PRESETS, TrainConfig, from_preset, parse_args
+from megabatch_train.tokenizer import CLS, PAD, UNK, Tokenizer
 
 
 def test_presets_validate_and_flags_override():
@@ -93,8 +93,8 @@ def test_tokenizer_word_and_byte():
 def test_positives_flag_and_ids():
     """--positives: index gives no ids; caption gives equal ids exactly for identical captions (stable
     across processes: a hash, not Python's hash()); id needs an id column, and auto picks it."""
-    from megabatch.train.config import parse_args
-    from megabatch.train.loop import positive_ids
+    from megabatch_train.config import parse_args
+    from megabatch_train.loop import positive_ids
 
     caps = ["a red dog", "a blue cat", "a red dog", "a red dog "]
     ids = positive_ids("caption", caps, None)

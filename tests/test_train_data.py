@@ -1,4 +1,4 @@
-"""megabatch.train data: the synthetic shapes are deterministic in (seed, step, index) -- a rank's
+"""megabatch_train data: the synthetic shapes are deterministic in (seed, step, index) -- a rank's
 slice equals the same rows of the whole global batch -- and every image shows exactly what its
 caption says (colour, count, quadrant, shape by area); held-out combinations never appear in
 training yet every attribute value does; the zero-shot task and retrieval set are consistent;
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from megabatch.train import synthetic as syn
-from megabatch.train.data import EvalData, ZeroShotTask
-from megabatch.train.digits import Digits
-from megabatch.train.evaluate import evaluate
+from megabatch_train import synthetic as syn
+from megabatch_train.data import EvalData, ZeroShotTask
+from megabatch_train.digits import Digits
+from megabatch_train.evaluate import evaluate
 
 
 def test_deterministic_and_sliceable():

@@ -1,4 +1,4 @@
-"""`torchrun --nproc_per_node 2 -m megabatch.train` on CPU (gloo): the run ends cleanly (exit 0),
+"""`torchrun --nproc_per_node 2 -m megabatch_train` on CPU (gloo): the run ends cleanly (exit 0),
 rank 0 writes every output, and because each rank reads its own slice of the same global batch and
 the loss follows docs/design.md's gradient convention, the 2-rank loss curve equals the single-process
 curve (same global batch, same seed) to float rounding -- for CLIP with the default strategy
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megabatch.train import from_preset, train
+from megabatch_train import from_preset, train
 
 STEPS = 4
 
@@ -29,7 +29,7 @@ def test_two_ranks_reproduce_one(tmp_path, loss, strategy):
     flags = dict(loss=loss, steps=STEPS, log_every=1, progress=False)
     train(from_preset("tiny", output=str(one), **flags))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "megabatch.train", "--preset", "tiny", "--loss", loss, "--strategy", strategy,
+           "-m", "megabatch_train", "--preset", "tiny", "--loss", loss, "--strategy", strategy,
            "--steps", str(STEPS), "--log-every", "1", "--output", str(two), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

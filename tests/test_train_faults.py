@@ -27,11 +27,11 @@ import pytest
 import torch
 
 from _dist_utils import run_world
-from megabatch.train import from_preset, train
-from megabatch.train import checkpoint
-from megabatch.train.cli import main
-from megabatch.train.faults import parse
-from megabatch.train.loop import NonFiniteError, cosine_with_warmup
+from megabatch_train import from_preset, train
+from megabatch_train import checkpoint
+from megabatch_train.cli import main
+from megabatch_train.faults import parse
+from megabatch_train.loop import NonFiniteError, cosine_with_warmup
 
 TINY = ["--preset", "tiny", "--log-every", "1", "--no-progress"]
 
@@ -41,11 +41,11 @@ def records(run: Path) -> list[dict]:
 
 
 def torchrun(args: list[str], fault: str = "", restarts: int = 0, timeout: float = 120) -> tuple[int, str, float]:
-    """Run `torchrun --standalone --nproc_per_node 2 -m megabatch.train ARGS` in its own session;
+    """Run `torchrun --standalone --nproc_per_node 2 -m megabatch_train ARGS` in its own session;
     return (exit code, output, seconds). Asserts that no process of the session outlives it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGABATCH_FAULT": fault}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", str(restarts), "-m", "megabatch.train", *args]
+           "--max-restarts", str(restarts), "-m", "megabatch_train", *args]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -108,7 +108,7 @@ def _nan_worker(rank: int, world: int, out: str) -> list[torch.Tensor]:
     cfg = from_preset("tiny", steps=5, log_every=1, output=out, progress=False, strategy="gather")
     model_box = {}
 
-    import megabatch.train.loop as loop
+    import megabatch_train.loop as loop
 
     original = loop.ContrastiveModel
 

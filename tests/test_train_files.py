@@ -1,4 +1,4 @@
-"""megabatch.train.files: CsvPairs (CSV/TSV of image path + caption) and TarShards (webdataset tar
+"""megabatch_train.files: CsvPairs (CSV/TSV of image path + caption) and TarShards (webdataset tar
 shards) yield (PIL RGB image or transform(image), caption) for every good item, in order; skip and
 count by reason (with a warning) a missing image file, a corrupt or truncated image, an empty or
 non-UTF-8 caption, a malformed row, and a shard that is missing, not a tar or cut short (mid-data,
@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from megabatch.train.files import REASONS, CsvPairs, TarShards, expand_urls, parse_id, stable_id
+from megabatch_train.files import REASONS, CsvPairs, TarShards, expand_urls, parse_id, stable_id
 
 
 def image_bytes(color: tuple[int, int, int], fmt: str = "PNG") -> bytes:

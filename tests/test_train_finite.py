@@ -27,13 +27,13 @@ import pytest
 import torch
 
 from megabatch.cli import main as megabatch
-from megabatch.train.config import TrainConfig, from_preset, parse_args
-from megabatch.train.data import EvalData, ZeroShotTask
-from megabatch.train.evaluate import evaluate
-from megabatch.train.report import summary
-from megabatch.train.synthetic import SyntheticShapes
-from megabatch.train.tokenizer import tokenizer_for
-from megabatch.train.towers import ContrastiveModel
+from megabatch_train.config import TrainConfig, from_preset, parse_args
+from megabatch_train.data import EvalData, ZeroShotTask
+from megabatch_train.evaluate import evaluate
+from megabatch_train.report import summary
+from megabatch_train.synthetic import SyntheticShapes
+from megabatch_train.tokenizer import tokenizer_for
+from megabatch_train.towers import ContrastiveModel
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TINY_RUN = ["train", "--preset", "tiny", "--no-progress"]
@@ -240,7 +240,7 @@ def test_without_matplotlib_a_run_warns_and_ends_well(tmp_path, capsys, monkeypa
 def test_python_dash_m_and_a_missing_train_extra(tmp_path):
     """One interpreter (torch imports once): `python -m megabatch --help` (runpy runs the package's
     __main__ as -m does) prints the commands; then, with Pillow made unimportable (None in
-    sys.modules), `python -m megabatch train` and `python -m megabatch.train` both name the extra to
+    sys.modules), `python -m megabatch train` and `python -m megabatch_train` both name the extra to
     install, exit 1 and show no traceback, while `megabatch train --help` still works."""
     run = f"""
 import runpy, sys
@@ -256,7 +256,7 @@ def module(name, *args):
 print("help", module("megabatch", "--help"), flush=True)
 sys.modules["PIL"] = None
 print("dispatch", module("megabatch", "train", "--preset", "tiny", "--steps", "1", "--output", "a"), flush=True)
-print("module", module("megabatch.train", "--preset", "tiny", "--steps", "1", "--output", "b"), flush=True)
+print("module", module("megabatch_train", "--preset", "tiny", "--steps", "1", "--output", "b"), flush=True)
 print("train-help", module("megabatch", "train", "--help") , flush=True)
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
@@ -285,8 +285,8 @@ def test_missing_extra_names_the_extra_that_brings_the_module():
 def _parsers():
     from megabatch.bench.single import build_parser
     from megabatch.plan import _parser as plan_parser
-    from megabatch.train.config import _parser as train_parser
-    from megabatch.train.study import _parser as study_parser
+    from megabatch_train.config import _parser as train_parser
+    from megabatch_train.study import _parser as study_parser
 
     return {"train": train_parser(None), "study": study_parser(), "bench": build_parser(), "plan": plan_parser()}
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from _dist_utils import run_world
-from megabatch.train import from_preset, train
-from megabatch.train.cli import main
+from megabatch_train import from_preset, train
+from megabatch_train.cli import main
 
 STEPS = 4
 # A fixed bias start: the balanced default gives the bias a near-zero first gradient, whose Adam step
@@ -80,7 +80,7 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_fsdp_two_ranks_match_one_and_save_its_format(single: Path, tmp_path: Path) -> None:
     out = tmp_path / "fsdp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "megabatch.train", "--fsdp", "--preset", "tiny", "--loss", "siglip", "--no-center",
+           "-m", "megabatch_train", "--fsdp", "--preset", "tiny", "--loss", "siglip", "--no-center",
            "--logit-bias-init", "-10",
            "--steps", str(STEPS), "--log-every", "1", "--ckpt-every", "1", "--keep-checkpoints", str(STEPS),
            "--output", str(out), "--no-progress"]
@@ -115,7 +115,7 @@ class ZeroDim(torch.nn.Module):
 def resume_sharded(rank: int, world: int, checkpoint: str, output: str) -> dict:
     train(from_preset("tiny", output=output, resume=checkpoint, fsdp=True, **FLAGS))
     # and: fsdp.shard turns a user model's 0-dim parameters into (1,) ones, skips parameter-less blocks
-    from megabatch.train import fsdp
+    from megabatch_train import fsdp
 
     model = fsdp.shard(ZeroDim(), torch.device("cpu"), world)
     out = model.encode_image(torch.ones(2, 4))

@@ -25,8 +25,8 @@ import pytest
 import torch
 from torch import nn
 
-from megabatch.train import from_preset, train
-from megabatch.train.health import balanced_bias, collapse_warning, embedding_stats
+from megabatch_train import from_preset, train
+from megabatch_train.health import balanced_bias, collapse_warning, embedding_stats
 
 HEALTHY = {"cos_image_image": 0.06, "cos_text_text": 0.06, "cos_pairs_mean": 0.05, "cos_pairs_sd": 0.43}
 
@@ -96,7 +96,7 @@ def test_fresh_siglip_bias_starts_balanced(tmp_path):
 
 
 def test_center():
-    from megabatch.train.towers import Center, ContrastiveModel
+    from megabatch_train.towers import Center, ContrastiveModel
 
     c = Center(3, momentum=0.5).train()
     x = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], requires_grad=True)
@@ -124,7 +124,7 @@ class _Random(_Constant):
 
 
 def test_collapse_then_recovery_is_said_once_each(capsys):
-    from megabatch.train.loop import _check_health
+    from megabatch_train.loop import _check_health
 
     cfg = from_preset("tiny", steps=30, warmup_steps=3)
     images, tokens = torch.randn(64, 3, 4, 4), torch.randint(0, 9, (64, 8))
@@ -145,8 +145,8 @@ class _ImagesCollapsed(_Random):
 
 
 def test_recovery_is_said_only_once_every_statistic_left_the_collapse(capsys):
-    from megabatch.train.health import recovery_note
-    from megabatch.train.loop import _check_health
+    from megabatch_train.health import recovery_note
+    from megabatch_train.loop import _check_health
 
     assert recovery_note({**HEALTHY, "cos_image_image": 0.995}, 15) is None  # one tower still one way
     assert recovery_note({**HEALTHY, "cos_pairs_sd": 0.005}, 15) is None  # pairs still at one cosine

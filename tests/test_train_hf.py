@@ -34,9 +34,9 @@ import _hf_models as H  # noqa: E402
 from test_hf import assert_grads_equal  # noqa: E402
 
 import megabatch as mb  # noqa: E402
-from megabatch.train import from_preset, train  # noqa: E402
-from megabatch.train.cli import main  # noqa: E402
-from megabatch.train.hf_model import PAD, HFDualEncoder  # noqa: E402
+from megabatch_train import from_preset, train  # noqa: E402
+from megabatch_train.cli import main  # noqa: E402
+from megabatch_train.hf_model import PAD, HFDualEncoder  # noqa: E402
 
 RUN = dict(steps=3, batch_size=16, micro_batch_size=8, warmup_steps=1, log_every=1, eval_every=0, eval_size=64,
            progress=False)
@@ -154,7 +154,7 @@ def test_fsdp_two_ranks_trains_the_one_process_curve(hf_files: Path, tmp_path: P
     src = str(Path(__file__).resolve().parent.parent / "src")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "megabatch.train", "--fsdp", *flags, "--output", str(tmp_path / "fsdp")]
+           "-m", "megabatch_train", "--fsdp", *flags, "--output", str(tmp_path / "fsdp")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     assert main([*flags, "--output", str(tmp_path / "one")]) == 0
@@ -267,8 +267,8 @@ def test_pretrained_model_gets_its_processors_pixels_from_synthetic(clip_dir: Pa
     processor are what the model gets, in training and in evaluation."""
     import dataclasses
 
-    from megabatch.train import hf_model
-    from megabatch.train.data import build_data
+    from megabatch_train import hf_model
+    from megabatch_train.data import build_data
 
     seen = _recorded(monkeypatch)
     train(from_preset("tiny", **RUN, source=f"hf:{clip_dir}", output=str(tmp_path)))
@@ -288,9 +288,9 @@ def test_rendered_sets_draw_at_the_resize_side_then_crop(clip_dir: Path, spec: s
     32x32 of their drawing at the processor's resize side (36), in training and evaluation."""
     import dataclasses
 
-    from megabatch.train import hf_model
-    from megabatch.train.data import build_data
-    from megabatch.train.files import DataError
+    from megabatch_train import hf_model
+    from megabatch_train.data import build_data
+    from megabatch_train.files import DataError
 
     pixels = hf_model.pixels(f"hf:{clip_dir}")
     try:
@@ -311,8 +311,8 @@ def test_a_processor_that_does_not_fit_the_tower_is_refused(clip_dir: Path, tmp_
 
     import transformers as tf
 
-    from megabatch.train import hf_model
-    from megabatch.train.files import DataError
+    from megabatch_train import hf_model
+    from megabatch_train.files import DataError
 
     shutil.copy(clip_dir / "config.json", tmp_path / "config.json")
     tf.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 24, "width": 24}).save_pretrained(tmp_path)

@@ -36,10 +36,10 @@ import torch
 from _dist_utils import run_world
 from test_train_faults import torchrun
 from test_train_userdata import make_table, shard
-from megabatch.train import checkpoint, from_preset, loop, outputs, plots
-from megabatch.train.cli import main
-from megabatch.train.config import parse_args
-from megabatch.train.report import MetricsLog
+from megabatch_train import checkpoint, from_preset, loop, outputs, plots
+from megabatch_train.cli import main
+from megabatch_train.config import parse_args
+from megabatch_train.report import MetricsLog
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 CSV = ["--preset", "tiny", "--data", "csv:pairs.tsv", "--csv-img-key", "path", "--csv-caption-key", "caption",
@@ -124,7 +124,7 @@ def test_csv_killed_run_rerun_resumes_like_uninterrupted(data, reference, monkey
     args = [*CSV, "--output", "killed"]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "MEGABATCH_FAULT": "kill@5", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "megabatch.train", *args], env=env, cwd=data,
+    proc = subprocess.Popen([sys.executable, "-m", "megabatch_train", *args], env=env, cwd=data,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = proc.communicate(timeout=180)

@@ -1,4 +1,4 @@
-"""megabatch.train end to end (tiny preset, CPU, single process): a run writes metrics.jsonl (one
+"""megabatch_train end to end (tiny preset, CPU, single process): a run writes metrics.jsonl (one
 object per logged step with step, loss, logit_scale, samples_per_s, peak_mem_mb), eval.json (zero-
 shot top-1 and R@1/5/10 both ways, with chance levels and history), curves.png and a checkpoint;
 the loss goes down and the held-out metrics beat chance; resuming from a mid-run checkpoint
@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from megabatch.train import from_preset, train
-from megabatch.train.checkpoint import resume_config
-from megabatch.train.cli import main
+from megabatch_train import from_preset, train
+from megabatch_train.checkpoint import resume_config
+from megabatch_train.cli import main
 
 STEP_KEYS = {"step", "loss", "logit_scale", "lr", "samples_per_s", "peak_mem_mb", "elapsed_s"}
 EVAL_KEYS = {"zero_shot_top1", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "chance", "step"}

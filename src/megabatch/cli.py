@@ -1,6 +1,9 @@
-"""The `megabatch` command: a subcommand name -> the module whose `main(argv)` runs it.
+"""The `megabatch` command: a subcommand name -> the function `main(argv)` that runs it.
 
-Dispatch is by module name (importlib), so the library itself never imports the training app.
+The library's own commands (bench, plan) are listed here. Other packages add commands through the
+entry-point group `megabatch.commands` (name = "package.module:main"); the training app registers
+`train` and `study` that way in pyproject.toml, so the library never imports, or names, the app.
+A command of an optional extra that is not installed says which extra brings it (`OPTIONAL`).
 Also `python -m megabatch ...` (megabatch/__main__.py). Usage errors of every subcommand are one
 line and a pointer to --help (`CommandParser`); a subcommand whose optional dependencies are not
 installed names the extra that brings them (`missing_extra`).
@@ -10,19 +13,30 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import NoReturn, Optional
+from importlib.metadata import EntryPoint, entry_points
+from typing import Callable, NoReturn, Optional
 
-# name -> (module, the pip extra it needs or None, one line of help)
+GROUP = "megabatch.commands"
+# The library's own commands: name -> (module, the pip extra it needs or None, one line of help)
 COMMANDS = {
     "bench": ("megabatch.bench", "bench",
               "time and peak memory of the losses (megabatch backends, and peers with --peers)"),
     "plan": ("megabatch.plan", None,
              "per-rank peak memory and bytes sent of a loss step; which strategies/backends fit --gpu-mem"),
-    "train": ("megabatch.train.cli", "train",
-              "train a CLIP/SigLIP model (also: torchrun --nproc_per_node N -m megabatch.train ...)"),
-    "study": ("megabatch.train.study", "train",
-              "why 32k? held-out retrieval against batch size, CLIP vs SigLIP, on real data"),
 }
+# Commands that an extra of pyproject.toml installs (through GROUP): name -> (extra, one line of help)
+OPTIONAL = {
+    "train": ("train", "train a CLIP/SigLIP model (also under torchrun; see `megabatch train --help`)"),
+    "study": ("train", "why 32k? held-out retrieval against batch size, CLIP vs SigLIP, on real data"),
+}
+
+
+def _plugins() -> dict[str, EntryPoint]:
+    """The commands other installed packages register in GROUP (the first of a name wins)."""
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=GROUP):
+        found.setdefault(ep.name, ep)
+    return found
 
 
 def help_hint(prog: str) -> str:
@@ -66,11 +80,35 @@ def missing_extra(error: ImportError, command: str, extra: Optional[str]) -> Opt
     return f"{command} needs the [{found[0]}] extra: pip install 'megabatch[{found[0]}]' ({error})"
 
 
+def _commands() -> dict[str, str]:
+    """Every command `megabatch` knows: its own, the optional ones, other plugins' (name -> help text)."""
+    plugins = _plugins()
+    lines = {name: text for name, (_, _, text) in COMMANDS.items()}
+    for name, (extra, text) in OPTIONAL.items():
+        lines[name] = text if name in plugins else f"{text} [needs: pip install 'megabatch[{extra}]']"
+    for name in plugins:
+        lines.setdefault(name, f"(from {GROUP})")
+    return lines
+
+
 def usage() -> str:
-    width = max(len(c) for c in COMMANDS)
-    lines = [f"  {name:<{width}}   {text}" for name, (_, _, text) in COMMANDS.items()]
-    return (f"usage: megabatch {{{','.join(COMMANDS)}}} [options]\n\n" + "\n".join(lines)
+    commands = _commands()
+    width = max(len(c) for c in commands)
+    lines = [f"  {name:<{width}}   {text}" for name, text in commands.items()]
+    return (f"usage: megabatch {{{','.join(commands)}}} [options]\n\n" + "\n".join(lines)
             + "\n\nRun `megabatch COMMAND --help` for a command's options.")
+
+
+def _load(command: str) -> Callable[[list[str]], Optional[int]]:
+    """The `main` of `command` (ImportError when it, or what it needs, is not installed)."""
+    if command in COMMANDS:
+        return importlib.import_module(COMMANDS[command][0]).main
+    plugins = _plugins()
+    if command in plugins:
+        return plugins[command].load()
+    extra = OPTIONAL[command][0]
+    raise ModuleNotFoundError(f"no package registers the command {command!r} in the entry-point group {GROUP}; "
+                              f"pip install 'megabatch[{extra}]' brings it")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -79,12 +117,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(usage())
         return 0 if args else 2
     command, rest = args[0], args[1:]
-    if command not in COMMANDS:
-        return usage_error("megabatch", f"unknown command {command!r} (choose from {', '.join(COMMANDS)})")
-    module_name, extra, _ = COMMANDS[command]
+    known = {**{c: v[1] for c, v in COMMANDS.items()}, **{c: v[0] for c, v in OPTIONAL.items()}}
+    if command not in known and command not in _plugins():
+        return usage_error("megabatch", f"unknown command {command!r} (choose from {', '.join(_commands())})")
+    extra = known.get(command)
     try:
-        module = importlib.import_module(module_name)
-        return int(module.main(rest) or 0)
+        run = _load(command)
+    except ImportError as e:  # the command's package, or a package it imports, is not installed
+        message = missing_extra(e, f"megabatch {command}", extra)
+        if message is None and command in OPTIONAL:
+            message = f"megabatch {command} needs the [{extra}] extra: pip install 'megabatch[{extra}]' ({e})"
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1
+    try:
+        return int(run(rest) or 0)
     except ImportError as e:
         message = missing_extra(e, f"megabatch {command}", extra)
         if message is None:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..integrations.fsdp import is_dtensor, is_fsdp, shardable
+from megabatch.integrations.fsdp import is_dtensor, is_fsdp, shardable
 
 NEEDS_RANKS = ("--fsdp shards the model across ranks: launch with torchrun --nproc_per_node N (N >= 2); a single "
                "process trains without it")

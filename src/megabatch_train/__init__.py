@@ -1,9 +1,9 @@
-"""megabatch.train: the training app beside the library (the library never imports it).
+"""megabatch_train: the training app beside the library (the library never imports it).
 
-    from megabatch.train import TrainConfig, from_preset, train
+    from megabatch_train import TrainConfig, from_preset, train
     train(from_preset("tiny", steps=5, output="runs/tiny"))
 
-Command line: `megabatch train --help` (or `python -m megabatch.train`); see megabatch.train.cli.
+Command line: `megabatch train --help` (or `python -m megabatch_train`); see megabatch_train.cli.
 `train` is imported on first use: the config and the command line need only the standard library,
 so `--help` and usage errors work, and a missing [train] extra is named, before numpy or Pillow load.
 """

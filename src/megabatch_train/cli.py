@@ -1,16 +1,16 @@
 """megabatch train: a CLIP/SigLIP run at a huge contrastive batch (GradCache + megabatch losses).
 
 Usage:
-    megabatch train --preset demo                       # also: python -m megabatch.train
+    megabatch train --preset demo                       # also: python -m megabatch_train
     megabatch train --loss siglip --batch-size 8192 --micro-batch-size 512 --steps 300 --output runs/x
     megabatch train --data csv:pairs.tsv --preset small   # or --data wds:'shards/{000..099}.tar'
     megabatch train --resume runs/x                      # continue from the newest checkpoint
     megabatch train --preset demo                        # again: resumes from runs/demo/checkpoints
-    torchrun --max-restarts 3 --nproc_per_node N -m megabatch.train --ckpt-every 50 ...
+    torchrun --max-restarts 3 --nproc_per_node N -m megabatch_train --ckpt-every 50 ...
                                                          # a killed rank: the workers restart and resume
-    torchrun --nproc_per_node N -m megabatch.train ...   # N ranks (gloo on CPU, nccl on GPU); the
+    torchrun --nproc_per_node N -m megabatch_train ...   # N ranks (gloo on CPU, nccl on GPU); the
                                                          # global batch is split N ways, loss is ring
-    torchrun --nproc_per_node N -m megabatch.train --fsdp ...  # FSDP2: parameters, gradients and
+    torchrun --nproc_per_node N -m megabatch_train --fsdp ...  # FSDP2: parameters, gradients and
                                                          # optimizer state sharded N ways (N >= 2)
 
 Exit status: 0 done; 1 the run failed (non-finite steps past --max-bad-steps, a held-out evaluation
@@ -24,7 +24,7 @@ on any rank skips that update on every rank (counted as skipped_steps in metrics
 --max-bad-steps in a row the run stops. A collective that waits --dist-timeout seconds for a peer
 fails with the collective's name.
 
-Presets: tiny, demo, small, base (see megabatch.train.config.PRESETS); flags override a preset.
+Presets: tiny, demo, small, base (see megabatch_train.config.PRESETS); flags override a preset.
 Outputs in --output: metrics.jsonl, eval.json, curves.png, config.json, checkpoints/step_*.pt.
 """
 from __future__ import annotations

@@ -66,7 +66,7 @@ class HFDualEncoder(nn.Module):
         if pixels is not None:
             self.register_buffer("pixel_mean", torch.tensor(pixels.mean).view(1, -1, 1, 1), persistent=False)
             self.register_buffer("pixel_std", torch.tensor(pixels.std).view(1, -1, 1, 1), persistent=False)
-        from ..integrations.hf import loss_family
+        from megabatch.integrations.hf import loss_family
 
         self.family = loss_family(model)
         self.pretrained = pretrained  # the loop keeps a pretrained model's logit_bias as it is

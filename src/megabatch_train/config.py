@@ -301,7 +301,7 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p = CommandParser(
         prog="megabatch train",
         description="Train a CLIP/SigLIP image-text model at a huge contrastive batch (GradCache + megabatch "
-        "losses). Launch multi-process with: torchrun --nproc_per_node N -m megabatch.train ...",
+        "losses). Launch multi-process with: torchrun --nproc_per_node N -m megabatch_train ...",
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

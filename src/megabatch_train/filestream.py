@@ -1,6 +1,6 @@
 """Training streams and evaluation sets over users' files: CSV/TSV tables and webdataset shards.
 
-Wraps the readers of `megabatch.train.files` (which split rows/shards by rank, then by worker,
+Wraps the readers of `megabatch_train.files` (which split rows/shards by rank, then by worker,
 shuffle per epoch with the seed, loop forever, and skip and count bad items).
 
 Loading. Each rank reads its share through a torch DataLoader with `workers` processes (0: in the
