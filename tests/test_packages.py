@@ -13,6 +13,8 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
+import pytest
+
 WITHOUT_APP = r"""
 import contextlib, io, json, sys
 sys.modules["megabatch_train"] = None  # import megabatch_train -> ImportError, as if not installed
@@ -60,3 +62,31 @@ def test_the_library_works_without_the_app() -> None:
 def test_the_app_registers_its_commands_in_the_librarys_group() -> None:
     found = {ep.name: ep.value for ep in entry_points(group="megabatch.commands")}
     assert found == {"train": "megabatch_train.cli:main", "study": "megabatch_train.study:main"}
+
+
+def test_a_checkpoint_written_before_the_split_resumes(tmp_path, capsys) -> None:
+    """tests/data/before_app_split/step_000002.pt was written by `megabatch.train` (the app inside the
+    library, commit 30188d7's layout; tiny preset, widths 16, 2 steps). It names no module of either
+    package (checkpoints unpickle with weights_only=True), so the moved app resumes it."""
+    from pathlib import Path
+
+    import torch
+
+    from megabatch_train.cli import main
+
+    old = Path(__file__).parent / "data" / "before_app_split" / "step_000002.pt"
+    with pytest.warns(RuntimeWarning, match="collapsed"):  # 3 steps of a 16-wide model: expected
+        code = main(["--resume", str(old), "--steps", "3", "--output", str(tmp_path), "--no-progress",
+                     "--threads", "1"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert f"resuming from {old} (step 2, --resume)" in out.out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3]
+    before = torch.load(old, weights_only=True)
+    after = torch.load(tmp_path / "checkpoints" / "step_000003.pt", weights_only=True)
+    assert after["step"] == 3 and after["model"].keys() == before["model"].keys()
+    # one more AdamW step from the saved moments: the weights moved, but by no more than lr-sized steps
+    moved = max(float((after["model"][k] - before["model"][k]).abs().max()) for k in before["model"]
+                if before["model"][k].is_floating_point())
+    assert 0 < moved < 0.05
