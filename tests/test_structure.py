@@ -33,12 +33,11 @@ CLI_NAMES_THE_APP = (f"{PACKAGE}.cli", "COMMANDS")
 LAYERS = [
     ("commands", ("megabatch.cli", "megabatch.__main__", "megabatch.bench", "megabatch.plan")),
     ("integrations", ("megabatch.integrations",)),
-    ("public API", ("megabatch.functional", "megabatch.modules", "megabatch.gradcache", "megabatch.reference",
-                    "megabatch._microbatch")),
+    ("public API", ("megabatch.functional", "megabatch.modules", "megabatch.gradcache", "megabatch.reference")),
     ("loss families", ("megabatch.losses",)),
     ("strategies", ("megabatch.strategies",)),
     ("block kernels", ("megabatch.kernels",)),
-    ("shared helpers", ("megabatch._numerics", "megabatch._checks", "megabatch._fsdp")),
+    ("shared helpers", ("megabatch._numerics", "megabatch._checks", "megabatch._fsdp", "megabatch._microbatch")),
 ]
 PACKAGE_LAYER = "public API"  # megabatch/__init__.py re-exports the public API
 
@@ -138,6 +137,8 @@ def test_the_checks_see_what_they_check():
     assert "megabatch.train.cli" not in imports("megabatch.cli")  # a string is no import (see the next test)
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+    assert layer("megabatch.bench.single") < layer("megabatch.functional") < layer("megabatch.losses.ops") \
+        < layer("megabatch.strategies._comm") < layer("megabatch.kernels.base") < layer("megabatch._numerics")
     assert len(MODULES) > 30 and not any(APP in p.parents for p in MODULES.values())
 
 

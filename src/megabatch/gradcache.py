@@ -191,7 +191,8 @@ class GradCache:
         # A tower whose output needs no gradient (frozen, LiT) is re-run once to find out, then skipped.
         rerun = [_trainable(self.image_encoder), _trainable(self.text_encoder)]
 
-        def step(k: int, pair: tuple[Optional[Batch], Optional[Batch]], *extra: Tensor) -> tuple[tuple[Tensor, ...], list[Tensor]]:
+        def step(k: int, pair: tuple[Optional[Batch], Optional[Batch]],
+                 *extra: Tensor) -> tuple[tuple[Tensor, ...], list[Tensor]]:
             outs: list[Tensor] = []
             grads: list[Tensor] = []
             for t, (encoder, name) in enumerate(self._encoders()):
@@ -216,7 +217,8 @@ class GradCache:
         # The loss args' graph goes with the last, synchronised backward. A parameter passed as is
         # has no grad_fn and DDP's unused-parameter search (from the forward's outputs) would miss it.
         extra = [a if a.grad_fn is not None else a.view_as(a) for a, _ in arg_grads]
-        outs, grads = _through_ddp(self._driven, functools.partial(step, last), (chunks[0][last], chunks[1][last]), *extra)
+        outs, grads = _through_ddp(self._driven, functools.partial(step, last), (chunks[0][last], chunks[1][last]),
+                                   *extra)
         _backward(outs, grads + [g for _, g in arg_grads])
 
     @contextlib.contextmanager

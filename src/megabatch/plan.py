@@ -14,12 +14,14 @@ activations (parameters and optimizer state are the user's to add).
 
 Where the formulas come from (B images and N texts in all, b = B/W and n = N/W per rank, D, e the
 feature element size, c the compute element size (4; 8 for float64), T the torch backend's logit
-tile (kernels/torch_chunked.py's TILE_ELEMENTS; this module imports every kernel constant), U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
+tile (kernels/torch_chunked.py's TILE_ELEMENTS: this module imports every constant of the kernels),
+U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
   * bytes sent: the README's communication table and the strategies' docstrings, term by term,
-    plus the 8-int64 layout exchange (_comm.LAYOUT_BYTES, 64 to each of W-1 peers) and, with --ids, 8 bytes per
-    text row wherever a text block travels (ids go with their blocks), and for CLIP the positive
-    counts and logit sums (16 bytes per text) with the forward's statistics, the column targets
-    (8 more) with the backward's, and an all-reduce of two float64 (rows and columns with a positive);
+    plus the 8-int64 layout exchange (_comm.LAYOUT_BYTES, 64 to each of W-1 peers) and, with --ids,
+    8 bytes per text row wherever a text block travels (ids go with their blocks), and for CLIP the
+    positive counts and logit sums (16 bytes per text) with the forward's statistics, the column
+    targets (8 more) with the backward's, and an all-reduce of two float64 (rows and columns with a
+    positive);
   * memory, torch backend, read off the code and checked on CPU against the allocator's own events
     (benchmarks/plan_check.py, float32, D = 256, B = 4096 and 8192, W = 1..4):
       local         rows finished chunk by chunk into dx: the kernels' compute-dtype copy of the

@@ -72,4 +72,5 @@ class TritonConfig:
         if self.max_regs is not None and not (isinstance(self.max_regs, int) and 24 <= self.max_regs <= 255):
             raise ValueError(f"TritonConfig.max_regs must be None or an int in [24, 255], got {self.max_regs!r}")
         if self.fp32_precision not in (None, "tf32", "tf32x3", "ieee"):
-            raise ValueError(f"TritonConfig.fp32_precision must be None, tf32, tf32x3 or ieee, got {self.fp32_precision!r}")
+            raise ValueError(
+                f"TritonConfig.fp32_precision must be None, tf32, tf32x3 or ieee, got {self.fp32_precision!r}")
