@@ -6,6 +6,9 @@
 - No library module imports or names the training app (`megabatch.train`, `megabatch_train`), not
   even as a string (cli.py's COMMANDS table aside, until the app split: see CLI_NAMES_THE_APP).
 - No library module is longer than MAX_LINES.
+- The loss has one road: the eager functions (losses.clip, losses.siglip) and the compiled ones
+  (losses.ops.clip, losses.ops.siglip) take the same arguments (one LossOptions, then the tensors),
+  and every backend's gradient kernels return their named result type, never a bare tuple.
 The app (APP, today src/megabatch/train/) is outside the graph; all of this reads source text with
 `ast`, imports nothing, and runs in well under a second.
 """
@@ -178,3 +181,32 @@ def test_the_library_never_names_the_app(module):
 def test_no_module_is_over_the_line_limit():
     long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them): {long}"
+
+
+def _function(module: str, name: str, cls: Optional[str] = None) -> ast.FunctionDef:
+    tree = ast.parse(MODULES[module].read_text())
+    scope = tree.body
+    if cls is not None:
+        scope = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls).body
+    return next(n for n in scope if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_eager_and_compiled_roads_take_the_same_arguments(family):
+    eager = _function(f"megabatch.losses.{family}", family)
+    compiled = _function("megabatch.losses.ops", family)
+    assert ast.unparse(eager.args) == ast.unparse(compiled.args)
+    assert ast.unparse(eager.args).startswith("opts: LossOptions")
+
+
+@pytest.mark.parametrize("module,cls", [("megabatch.kernels.torch_chunked", "TorchChunkedKernels"),
+                                        ("megabatch.kernels.dense", "DenseKernels"),
+                                        ("megabatch.kernels.triton_kernels", "TritonKernels"),
+                                        ("megabatch.kernels.base", "BlockKernels")])
+def test_gradient_kernels_return_their_named_type(module, cls):
+    for method, kind in (("clip_stats", "ClipStats"), ("clip_grads", "BlockGrads"), ("siglip_block", "SiglipBlock")):
+        fn = _function(module, method, cls)
+        assert ast.unparse(fn.returns) == kind, f"{cls}.{method} -> {ast.unparse(fn.returns)}"
+        bare = [n.lineno for n in ast.walk(fn) if isinstance(n, ast.Return) and isinstance(n.value, ast.Tuple)]
+        assert not bare, f"{cls}.{method} returns a bare tuple at line(s) {bare}"
+
