@@ -29,6 +29,7 @@ each peers case), gpu_check[_SECTION].log (this output) and the peers' plot, gpu
 --dry-run runs every section on CPU at toy sizes, the Triton kernels through TRITON_INTERPRET=1
 (fp32/fp16: the interpreter has no bf16 dot), and a "stall" method that checks the per-case kill.
 Exit status 1 when correctness FAILs, else 0 (a section's own error is recorded in the JSON).
+Times and peak memory are measured by megabatch/bench/harness.py, as `megabatch bench` measures them.
 Needs torch >= 2.8 and triton >= 3.4 (the GPU machine: torch 2.11, triton 3.6, Python 3.12);
 torch.mm's out_dtype= is feature-detected and the path taken is recorded.
 """
@@ -51,7 +52,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Iterator, Optional, TextIO
+from typing import Any, Iterator, Optional, TextIO
 
 T0 = time.time()  # the budget counts from here: imports and CUDA start-up are part of the run
 if "--dry-run" in sys.argv:
@@ -63,7 +64,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 import megabatch as mb  # noqa: E402
 from megabatch.bench import peers as adapters  # noqa: E402
-from megabatch.bench.single import Case, PeakMemory, Result, make_inputs, plot  # noqa: E402
+from megabatch.bench.harness import make_inputs, measure, sync, time_ms  # noqa: E402
+from megabatch.bench.single import Case, Result, plot  # noqa: E402
 
 import gpu_check_correctness  # noqa: E402
 import gpu_check_peers  # noqa: E402
@@ -134,31 +136,6 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def sync(dev: str) -> None:
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(fn: Callable[[], Any], reps: int, dev: str) -> float:
-    """Median milliseconds of fn() over reps calls after one warm-up call (CUDA events on the GPU)."""
-    fn()
-    sync(dev)
-    times = []
-    for _ in range(reps):
-        if dev == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def loss_step(kind: str, inputs: tuple[torch.Tensor, ...]) -> None:
     """One forward+backward of the triton backend (features, scale and bias requiring grad)."""
     x, y, s, b = inputs
@@ -195,7 +172,7 @@ def floor(run: Run) -> dict[str, Any]:
         dt = getattr(torch, dname)
         a, b = torch.randn(*sa, device=run.dev).to(dt), torch.randn(*sb, device=run.dev).to(dt)
         fn = (lambda: torch.mm(a, b)) if odt is None else (lambda: torch.mm(a, b, out_dtype=odt))
-        ms = time_ms(fn, 20 if not run.dry else 2, run.dev)
+        ms = time_ms(fn, 20 if not run.dry else 2, run.dev, warmup=1)
         key = f"{what}_{dname}_{sa[0]}x{sa[1]}x{sb[1]}" + ("_out_fp32" if odt is not None else "")
         rates[key] = 2 * sa[0] * sa[1] * sb[1] / ms / 1e9
         log(f"{key:40} {ms:8.3f} ms  {rates[key]:8.1f} TFLOP/s")
@@ -284,12 +261,8 @@ def one_call(run: Run, kind: str, b: int) -> dict[str, Any]:
     row: dict[str, Any] = dict(loss=kind, B=b, D=run.dim, dtype=run.dtype)
     try:
         inputs = make_inputs(b, run.dim, run.dtype, torch.device(run.dev))
-        with PeakMemory(torch.device(run.dev)) as peak:
-            t = time.perf_counter()
-            loss_step(kind, inputs)
-            sync(run.dev)
-            row["ms"] = (time.perf_counter() - t) * 1e3
-        row["peak_gib"] = peak.mib / 1024
+        m = measure(lambda: loss_step(kind, inputs), run.dev, repeat=0)  # the one call: its peak and its time
+        row["ms"], row["peak_gib"] = m.first_ms, m.peak_mib / 1024
         row["floor3_ms"] = floor3_ms(run, b)
         row["floor_ratio"] = row["ms"] / row["floor3_ms"]
     except torch.cuda.OutOfMemoryError:
@@ -427,7 +400,7 @@ def sweep(run: Run) -> dict[str, Any]:
             try:
                 with triton_config(cfg, run.dev):
                     inputs = make_inputs(b, run.dim, run.dtype, torch.device(run.dev))
-                    row["ms"] = time_ms(lambda: loss_step(kind, inputs), 3, run.dev)
+                    row["ms"] = time_ms(lambda: loss_step(kind, inputs), 3, run.dev, warmup=1)
                     row["floor_ratio"] = row["ms"] / floor3_ms(run, b)
             except Exception as e:  # OutOfResources for a too-large tile, no out_dtype, ...: that is the result
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"

@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from megabatch import plan  # noqa: E402
 from megabatch.bench.allocator import peak_live_bytes  # noqa: E402
-from megabatch.bench.single import make_inputs  # noqa: E402
+from megabatch.bench.harness import make_inputs  # noqa: E402
 
 
 

@@ -5,7 +5,7 @@ Nothing here knows about strategies or kernels' insides; nothing syncs with the 
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -84,15 +84,15 @@ def stash_grads(ctx: Any, dx: Optional[Tensor], dy: Optional[Tensor], scalars: l
     ctx.meta = [(p.shape, p.dtype) for _, p in scalars]
 
 
-def replay_grads(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+def replay_grads(ctx: Any, grad: Tensor, needs: Sequence[bool]) -> tuple[Optional[Tensor], ...]:
     """The input gradients saved by `stash_grads`, times the upstream `grad`, for every input that
-    needs one (features first, then the scalars in order)."""
+    needs one (`needs`: features first, then the scalars in order)."""
     dx, dy, *sums = ctx.saved_tensors
     g = grad.to(sums[0].dtype) if sums else grad
     out: list[Optional[Tensor]] = [
-        dx * g.to(dx.dtype) if ctx.needs_input_grad[0] and dx is not None else None,
-        dy * g.to(dy.dtype) if ctx.needs_input_grad[1] and dy is not None else None,
+        dx * g.to(dx.dtype) if needs[0] and dx is not None else None,
+        dy * g.to(dy.dtype) if needs[1] and dy is not None else None,
     ]
     for k, (total, meta) in enumerate(zip(sums, ctx.meta)):
-        out.append(scalar_grad(meta, g * total) if ctx.needs_input_grad[2 + k] else None)
+        out.append(scalar_grad(meta, g * total) if needs[2 + k] else None)
     return tuple(out)

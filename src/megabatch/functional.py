@@ -1,41 +1,27 @@
 """The functional API: `clip_loss` and `siglip_loss`.
 
 Both validate their arguments (shapes, dtypes, devices only: no device sync), resolve the backend
-(block kernels) and the strategy (how blocks meet across ranks), and hand them to the loss family
-(megabatch.losses). They return a 0-dim loss in the compute dtype (float32 for float16/bfloat16/
-float32 inputs, float64 for float64 inputs).
+(block kernels) and the strategy (how blocks meet across ranks) into one LossOptions, and hand it
+with the tensors to the loss family (megabatch.losses). They return a 0-dim loss in the compute
+dtype (float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs).
 
-Under torch.compile the checks are traced; the loss itself is traced too on one process with the
-torch/dense kernels, and otherwise (Triton, gather, ring) runs as a torch.library custom op
-(megabatch.losses.ops): no graph break either way.
+Two roads, same arguments: eager calls, and under torch.compile one process with the torch/dense
+kernels (traced), take losses.clip / losses.siglip; otherwise while dynamo traces (Triton, gather,
+ring) losses.ops.clip / losses.ops.siglip, torch.library custom ops: no graph break either way.
 """
 from __future__ import annotations
 
 from typing import Optional, Union
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from . import losses, strategies
 from ._checks import as_scalar, check_directions, check_features, check_ids, optional_ids
-from .kernels import BlockKernels, DenseKernels, TorchChunkedKernels, get_backend
+from .kernels import get_backend
+from .losses import LossOptions, needs_grad
 
 Scalar = Union[float, Tensor]
-
-
-def _opaque(strategy: str, kernels: BlockKernels) -> bool:
-    """While dynamo traces: whether the loss must run as a custom op (megabatch.losses.ops) rather
-    than be traced -- distributed strategies (host reads, collectives) and kernels other than the
-    torch/dense ones (Triton). Eager calls always take the direct path."""
-    if not torch.compiler.is_compiling():
-        return False
-    return strategy != "local" or not isinstance(kernels, (TorchChunkedKernels, DenseKernels))
-
-
-def _key(backend: Union[str, BlockKernels], kernels: BlockKernels) -> str:
-    """How the custom op names the backend: by name, or a key for an instance the caller passed."""
-    return kernels.name if isinstance(backend, str) else losses.ops.backend_key(backend)
 
 
 def clip_loss(
@@ -91,14 +77,10 @@ def clip_loss(
         check_directions(directions)
         scale = as_scalar("logit_scale", logit_scale, image_features)
         kernels = get_backend(backend, image_features.device)
-    direction = losses.DIRECTIONS[directions]
-    if _opaque(name, kernels):
-        return losses.ops.clip(image_features, text_features, scale, optional_ids(image_ids), optional_ids(text_ids),
-                               direction, name, group, _key(backend, kernels))
-    strat = strategies.create(name, image_features, text_features, (scale,), kernels, group, ids=ids,
-                              directions=direction)
-    return losses.clip(image_features, text_features, scale, strat, kernels, optional_ids(image_ids),
-                       optional_ids(text_ids), direction)
+    opts = LossOptions(name, kernels, needs_grad(image_features, text_features, scale), group,
+                       losses.DIRECTIONS[directions], ids, configured=not isinstance(backend, str))
+    road = losses.ops.clip if opts.opaque else losses.clip
+    return road(opts, image_features, text_features, scale, optional_ids(image_ids), optional_ids(text_ids))
 
 
 def siglip_loss(
@@ -135,9 +117,7 @@ def siglip_loss(
         scale = as_scalar("logit_scale", logit_scale, image_features)
         bias = as_scalar("logit_bias", logit_bias, image_features)
         kernels = get_backend(backend, image_features.device)
-    if _opaque(name, kernels):
-        return losses.ops.siglip(image_features, text_features, scale, bias, optional_ids(image_ids),
-                                 optional_ids(text_ids), name, group, _key(backend, kernels))
-    strat = strategies.create(name, image_features, text_features, (scale, bias), kernels, group, ids=ids)
-    return losses.siglip(image_features, text_features, scale, bias, strat, kernels, optional_ids(image_ids),
-                         optional_ids(text_ids))
+    opts = LossOptions(name, kernels, needs_grad(image_features, text_features, scale, bias), group, ids=ids,
+                       configured=not isinstance(backend, str))
+    road = losses.ops.siglip if opts.opaque else losses.siglip
+    return road(opts, image_features, text_features, scale, bias, optional_ids(image_ids), optional_ids(text_ids))

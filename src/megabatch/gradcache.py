@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -50,10 +50,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .integrations.fsdp import is_dtensor, is_fsdp
-
-Batch = Union[Tensor, Mapping[str, Any], Sequence[Any]]
-Encoder = Callable[..., Tensor]
+from ._fsdp import is_dtensor, is_fsdp
+from . import _microbatch as micro
+from ._microbatch import Batch, Encoder
 
 
 class GradCache:
@@ -125,7 +124,7 @@ class GradCache:
         """
         if not torch.is_grad_enabled():
             raise RuntimeError("GradCache computes gradients: call it with grad enabled (for eval, call the encoders)")
-        sizes = (_batch_size("images", images), _batch_size("texts", texts))
+        sizes = (micro.batch_size("images", images), micro.batch_size("texts", texts))
         id_kwargs = {k: v for k, v in (("image_ids", image_ids), ("text_ids", text_ids)) if v is not None}
         self._warn_if_unsynced()
         _check_loss_args(loss_args)
@@ -138,11 +137,11 @@ class GradCache:
             steps = _max_over_ranks(steps, images, texts)
         schedule = [[None] * (steps - len(bt)) + bt for bt in bounds]
         batches = (images, texts)
-        chunks = [[None if ab is None else _slice(batches[t], *ab) for ab in schedule[t]] for t in range(2)]
+        chunks = [[None if ab is None else micro.slice_batch(batches[t], *ab) for ab in schedule[t]] for t in range(2)]
         # FSDP: a step without a micro-batch of a tower re-runs the tower's first one (a filler).
-        fillers = [_slice(batches[t], *bounds[t][0]) if self._fsdp else None for t in range(2)]
-        devices = _cuda_devices(images, texts)
-        autocast_state = _autocast_state()
+        fillers = [micro.slice_batch(batches[t], *bounds[t][0]) if self._fsdp else None for t in range(2)]
+        devices = micro.cuda_devices(images, texts)
+        autocast_state = micro.autocast_state()
 
         # 1. Features without a graph, recording the RNG state before every encoder call.
         states: list[list[Any]] = []
@@ -151,12 +150,12 @@ class GradCache:
             for k in range(steps):
                 states.append([])
                 for t, (encoder, name) in enumerate(self._encoders()):
-                    states[-1].append(_rng_state(devices))
+                    states[-1].append(micro.rng_state(devices))
                     ab = schedule[t][k]
                     if ab is not None:
-                        parts[t].append(_encode(encoder, chunks[t][k], name, ab[1] - ab[0]))
+                        parts[t].append(micro.encode(encoder, chunks[t][k], name, ab[1] - ab[0]))
                     elif fillers[t] is not None:
-                        _encode(encoder, fillers[t], name, _rows(fillers[t]))
+                        micro.encode(encoder, fillers[t], name, micro.rows(fillers[t]))
 
         # 2. The loss once for the whole batch, on leaf features (and leaf copies of the loss args).
         img, txt = (torch.cat(p).requires_grad_() for p in parts)
@@ -172,7 +171,7 @@ class GradCache:
         arg_grads = [(a, c.grad) for a, c in zip(loss_args, args) if _needs_grad(a) and c.grad is not None]
 
         # 3. Re-run each micro-batch with a graph (replayed RNG, same autocast) and push its slice.
-        with torch.random.fork_rng(devices=devices), _autocast_as(autocast_state):
+        with torch.random.fork_rng(devices=devices), micro.autocast_as(autocast_state):
             self._replay(chunks, schedule, states, devices, feature_grads, arg_grads, fillers)
         return loss.detach()
 
@@ -192,19 +191,20 @@ class GradCache:
         # A tower whose output needs no gradient (frozen, LiT) is re-run once to find out, then skipped.
         rerun = [_trainable(self.image_encoder), _trainable(self.text_encoder)]
 
-        def step(k: int, pair: tuple[Optional[Batch], Optional[Batch]], *extra: Tensor) -> tuple[tuple[Tensor, ...], list[Tensor]]:
+        def step(k: int, pair: tuple[Optional[Batch], Optional[Batch]],
+                 *extra: Tensor) -> tuple[tuple[Tensor, ...], list[Tensor]]:
             outs: list[Tensor] = []
             grads: list[Tensor] = []
             for t, (encoder, name) in enumerate(self._encoders()):
                 ab = schedule[t][k]
                 if rerun[t] and ab is not None:
-                    _set_rng_state(states[k][t], devices)
-                    out = _encode(encoder, pair[t], name, ab[1] - ab[0])
+                    micro.set_rng_state(states[k][t], devices)
+                    out = micro.encode(encoder, pair[t], name, ab[1] - ab[0])
                     rerun[t] = out.requires_grad
                     outs.append(out)
                     grads.append(feature_grads[t][ab[0]:ab[1]])
                 elif rerun[t] and fillers[t] is not None:  # FSDP: the same collectives as the other ranks
-                    out = _encode(encoder, fillers[t], name, _rows(fillers[t]))
+                    out = micro.encode(encoder, fillers[t], name, micro.rows(fillers[t]))
                     rerun[t] = out.requires_grad
                     outs.append(out)
                     grads.append(torch.zeros_like(out))
@@ -217,7 +217,8 @@ class GradCache:
         # The loss args' graph goes with the last, synchronised backward. A parameter passed as is
         # has no grad_fn and DDP's unused-parameter search (from the forward's outputs) would miss it.
         extra = [a if a.grad_fn is not None else a.view_as(a) for a, _ in arg_grads]
-        outs, grads = _through_ddp(self._driven, functools.partial(step, last), (chunks[0][last], chunks[1][last]), *extra)
+        outs, grads = _through_ddp(self._driven, functools.partial(step, last), (chunks[0][last], chunks[1][last]),
+                                   *extra)
         _backward(outs, grads + [g for _, g in arg_grads])
 
     @contextlib.contextmanager
@@ -264,16 +265,12 @@ def _max_over_ranks(steps: int, *batches: Batch) -> int:
     """The largest number of micro-batch steps of any rank (one all_reduce; FSDP needs them equal)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return steps
-    device = next((t.device for b in batches for t in _leaves(b)), torch.device("cpu"))
+    device = next((t.device for b in batches for t in micro.leaves(b)), torch.device("cpu"))
     if dist.get_backend() == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     t = torch.tensor([steps], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
-
-
-def _rows(batch: Batch) -> int:
-    return next(_leaves(batch)).shape[0]
 
 
 def _needs_grad(a: Any) -> bool:
@@ -326,85 +323,3 @@ def _through_ddp(wrappers: Sequence[DDP], step: Callable[..., tuple], *inputs: A
         else:
             inner.forward = saved
     return tuple(outs), box[0]
-
-
-def _leaves(batch: Batch) -> Iterator[Tensor]:
-    if isinstance(batch, Tensor):
-        yield batch
-    elif isinstance(batch, Mapping):
-        for v in batch.values():
-            yield from _leaves(v)
-    elif isinstance(batch, (tuple, list)):
-        for v in batch:
-            yield from _leaves(v)
-
-
-def _batch_size(name: str, batch: Batch) -> int:
-    if not isinstance(batch, (Tensor, Mapping, tuple, list)):
-        raise TypeError(f"{name} must be a tensor or a mapping/tuple of tensors, got {type(batch).__name__}")
-    sizes = {t.shape[0] if t.dim() > 0 else None for t in _leaves(batch)}
-    if not sizes:
-        raise TypeError(f"{name} holds no tensor")
-    if None in sizes:
-        raise ValueError(f"{name} holds a 0-dim tensor; every tensor needs a leading batch dim")
-    if len(sizes) > 1:
-        raise ValueError(f"{name}'s tensors disagree on the batch size (dim 0): {sorted(sizes)}")
-    n = sizes.pop()
-    if n == 0:
-        raise ValueError(f"{name} is an empty batch")
-    return n
-
-
-def _slice(batch: Any, a: int, b: int) -> Any:
-    if isinstance(batch, Tensor):
-        return batch[a:b]
-    if isinstance(batch, Mapping):
-        return {k: _slice(v, a, b) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_slice(v, a, b) for v in batch)
-    return batch
-
-
-def _encode(encoder: Encoder, chunk: Batch, name: str, rows: int) -> Tensor:
-    if isinstance(chunk, Mapping):
-        out = encoder(**chunk)
-    elif isinstance(chunk, (tuple, list)):
-        out = encoder(*chunk)
-    else:
-        out = encoder(chunk)
-    if not isinstance(out, Tensor):
-        raise TypeError(f"{name} must return a (batch, dim) tensor, got {type(out).__name__}")
-    if out.dim() == 0 or out.shape[0] != rows:
-        raise ValueError(f"{name} returned shape {tuple(out.shape)} for a micro-batch of {rows}")
-    return out
-
-
-def _cuda_devices(*batches: Batch) -> list[int]:
-    devices = {t.device.index for b in batches for t in _leaves(b) if t.is_cuda}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        devices.add(torch.cuda.current_device())
-    return sorted(d for d in devices if d is not None)
-
-
-def _rng_state(devices: list[int]) -> tuple[Tensor, list[Tensor]]:
-    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-
-
-def _set_rng_state(state: tuple[Tensor, list[Tensor]], devices: list[int]) -> None:
-    torch.set_rng_state(state[0])
-    for d, s in zip(devices, state[1]):
-        torch.cuda.set_rng_state(s, d)
-
-
-def _autocast_state() -> list[tuple[str, bool, torch.dtype, bool]]:
-    kinds = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    cache = torch.is_autocast_cache_enabled()
-    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d), cache) for d in kinds]
-
-
-@contextlib.contextmanager
-def _autocast_as(state: list[tuple[str, bool, torch.dtype, bool]]) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for device, enabled, dtype, cache in state:
-            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache))
-        yield

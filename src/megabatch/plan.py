@@ -14,12 +14,14 @@ activations (parameters and optimizer state are the user's to add).
 
 Where the formulas come from (B images and N texts in all, b = B/W and n = N/W per rank, D, e the
 feature element size, c the compute element size (4; 8 for float64), T the torch backend's logit
-tile, U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
+tile (kernels/torch_chunked.py's TILE_ELEMENTS: this module imports every constant of the kernels),
+U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
   * bytes sent: the README's communication table and the strategies' docstrings, term by term,
-    plus the 8-int64 layout exchange (64 bytes to each of W-1 peers) and, with --ids, 8 bytes per
-    text row wherever a text block travels (ids go with their blocks), and for CLIP the positive
-    counts and logit sums (16 bytes per text) with the forward's statistics, the column targets
-    (8 more) with the backward's, and an all-reduce of two float64 (rows and columns with a positive);
+    plus the 8-int64 layout exchange (_comm.LAYOUT_BYTES, 64 to each of W-1 peers) and, with --ids,
+    8 bytes per text row wherever a text block travels (ids go with their blocks), and for CLIP the
+    positive counts and logit sums (16 bytes per text) with the forward's statistics, the column
+    targets (8 more) with the backward's, and an all-reduce of two float64 (rows and columns with a
+    positive);
   * memory, torch backend, read off the code and checked on CPU against the allocator's own events
     (benchmarks/plan_check.py, float32, D = 256, B = 4096 and 8192, W = 1..4):
       local         rows finished chunk by chunk into dx: the kernels' compute-dtype copy of the
@@ -37,7 +39,7 @@ tile, U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
     has other kernels and allocator);
   * triton backend: benchmarks/memory_accounting.py's measured slopes (CLIP backward and SigLIP
     forward 8 bytes per b*D for 16-bit features: dx 2 + fp32 gy 4 + dy 2) plus the super-block
-    scratch (8192 x 8192 in the input dtype); distributed triton rows follow the torch
+    scratch (TritonConfig.default's, 8192 x 8192 in the input dtype); distributed triton rows follow the torch
     structure without the per-visit gx part (the kernels accumulate in place): predicted;
   * dense backend: the (b, n) logits and their gradient, 4 (CLIP) or 5 (SigLIP) logit-sized
     buffers (the README's measured dense rows): predicted.
@@ -53,16 +55,20 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-LOSSES = ("clip", "siglip")
-STRATEGIES = ("local", "ring", "gather")
-BACKENDS = ("torch", "triton", "dense")
+import torch
+
+from . import kernels, strategies
+from .kernels.torch_chunked import CPU_TILE_ELEMENTS, GPU_TILE_ELEMENTS
+from .kernels.triton_config import TritonConfig
+from .losses import LOSSES
+from .strategies._comm import LAYOUT_BYTES
+
+# The concrete names of the library's lists ("auto" is resolved first, as the losses resolve it)
+STRATEGIES = tuple(s for s in strategies.STRATEGIES if s != "auto")
+BACKENDS = tuple(b for b in kernels.BACKENDS if b != "auto")
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 DEVICES = ("cuda", "cpu")
-CPU_TILE_ELEMENTS = 1 << 18  # kernels/torch_chunked.py
-GPU_TILE_ELEMENTS = 1 << 24
-TRITON_SUPER_BLOCK = 8192 * 8192  # kernels/triton_kernels.py default super-block (pairs)
 LSE_BYTES = 8  # the torch backend's float64 log-sum-exps
-META_BYTES = 8 * 8  # exchange_layout: 8 int64 per rank
 ID_BYTES = 8
 
 
@@ -89,81 +95,132 @@ class Plan:
     terms: dict[str, int] = field(default_factory=dict)
 
 
-def _tile(backend: str, device: str, c: int) -> int:
-    if backend != "torch":
-        return 0
-    return (CPU_TILE_ELEMENTS if device == "cpu" else GPU_TILE_ELEMENTS) * c
+@dataclass(frozen=True)
+class Shape:
+    """One configuration as one rank sees it, in the module docstring's names: b, n the rank's images and
+    texts, N the global texts; e and c the feature and compute element sizes (bytes)."""
+
+    loss: str
+    strategy: str
+    backend: str
+    world: int
+    b: int
+    n: int
+    N: int
+    dim: int
+    dtype: str
+    device: str
+    ids: bool
+
+    @property
+    def e(self) -> int:
+        return DTYPES[self.dtype]
+
+    @property
+    def c(self) -> int:
+        return 8 if self.dtype == "float64" else 4
+
+    @property
+    def ux(self) -> int:
+        return self.b * self.dim * self.c
+
+    @property
+    def uy(self) -> int:
+        return self.n * self.dim * self.c
+
+    @property
+    def ex(self) -> int:
+        return self.b * self.dim * self.e
+
+    @property
+    def ey(self) -> int:
+        return self.n * self.dim * self.e
+
+    @property
+    def vy(self) -> int:
+        return self.N * self.dim * self.c
+
+    @property
+    def idb(self) -> int:
+        """Bytes of ids per row that travel with the features."""
+        return ID_BYTES if self.ids else 0
+
+    @property
+    def tiles(self) -> int:
+        """The torch backend's two logit tiles (its largest temporaries); 0 for the other backends."""
+        if self.backend != "torch":
+            return 0
+        return 2 * (CPU_TILE_ELEMENTS if self.device == "cpu" else GPU_TILE_ELEMENTS) * self.c
 
 
-def _memory(loss: str, strategy: str, backend: str, world: int, b: int, n: int, N: int, dim: int, e: int,
-            c: int, device: str, ids: bool) -> dict[str, int]:
+def _memory(s: Shape) -> dict[str, int]:
     """Named terms of the peak (bytes); their sum is peak_bytes."""
-    ux, uy, ex, ey, vy = b * dim * c, n * dim * c, b * dim * e, n * dim * e, N * dim * c
+    b, n, N, dim, e, c = s.b, s.n, s.N, s.dim, s.e, s.c
+    ux, uy, ex, ey, vy, idb, tiles = s.ux, s.uy, s.ex, s.ey, s.vy, s.idb, s.tiles
     conv = uy if e != c else 0  # the kernels' compute-dtype copy of a 16-bit text block
-    tiles = 2 * _tile(backend, device, c)
-    idb = ID_BYTES if ids else 0
-    if backend == "dense":
-        return {"logit-sized buffers": (4 if loss == "clip" else 5) * b * (N if strategy == "gather" else n) * c,
+    if s.backend == "dense":
+        return {"logit-sized buffers": (4 if s.loss == "clip" else 5) * b * (N if s.strategy == "gather" else n) * c,
                 "gradients": ex + ey}
-    if backend == "triton":
-        scratch = TRITON_SUPER_BLOCK * e
-        if strategy == "local":
+    if s.backend == "triton":
+        cfg = TritonConfig.default(getattr(torch, s.dtype))
+        scratch = cfg.super_rows * cfg.super_cols * e
+        if s.strategy == "local":
             return {"dx + fp32 gy + dy": ex + uy + ey, "super-block scratch": scratch, "statistics": 16 * (b + n)}
-        if strategy == "ring":
-            blocks = (2 if world >= 3 else 1) * (ey + n * idb)
+        if s.strategy == "ring":
+            blocks = (2 if s.world >= 3 else 1) * (ey + n * idb)
             return {"text blocks in flight": blocks, "accumulators sent and received": 2 * uy,
                     "gx + gy part": ux + uy, "super-block scratch": scratch, "statistics": 48 * max(b, n)}
-        # one visit: the row side is finished one row of super-blocks at a time (a (8192, D) fp32 buffer)
+        # one visit: the row side is finished one row of super-blocks at a time (a (super_rows, D) fp32 buffer)
         return {"gathered texts": N * dim * e + N * idb, "fp32 text-gradient accumulator": vy,
-                "dx + one row of super-blocks' fp32 gx": ex + min(b, 8192) * dim * 4, "super-block scratch": scratch}
-    if strategy == "local":  # the row side is finished chunk by chunk into dx (a row sink): no (b, D) gx
+                "dx + one row of super-blocks' fp32 gx": ex + min(b, cfg.super_rows) * dim * 4,
+                "super-block scratch": scratch}
+    if s.strategy == "local":  # the row side is finished chunk by chunk into dx (a row sink): no (b, D) gx
         during = conv + uy + ex + tiles  # the text block's compute copy, gy, dx, 2 tiles
-        if loss == "clip":
+        if s.loss == "clip":
             after = uy + ex + (ey if e != c else 0)  # gy, dx and (16-bit) dy
             return {"conv copy + gy + dx + tiles" if during >= after else "gy + dx + dy": max(during, after),
                     "statistics": 16 * (b + n)}
         backward = 2 * (ex + ey)  # the saved dx, dy and their scaled copies
         return {"forward: conv copy + gy + dx + tiles" if during >= backward else "saved and scaled dx, dy":
                 max(during, backward)}
-    if strategy == "ring":
-        blocks = (2 if world >= 3 else 1) * (ey + n * idb)
+    if s.strategy == "ring":
+        blocks = (2 if s.world >= 3 else 1) * (ey + n * idb)
         terms = {"text blocks in flight": blocks, "accumulators sent and received": 2 * uy,
                  "gx, its part and the gy part": 2 * ux + uy + conv, "tiles": tiles}
-        if loss == "clip":
-            terms["statistics"] = LSE_BYTES * (2 * b + 2 * n + (2 if world >= 3 else 1) * n)
+        if s.loss == "clip":
+            terms["statistics"] = LSE_BYTES * (2 * b + 2 * n + (2 if s.world >= 3 else 1) * n)
         return terms
     terms = {"gathered texts": N * dim * e + N * idb, "(N, D) text-gradient accumulator": vy, "dx": ex,
              "the kernels' compute copy of the gathered texts": N * dim * c if e != c else 0, "tiles": tiles}
-    if loss == "clip":
+    if s.loss == "clip":
         terms["statistics"] = 2 * LSE_BYTES * N + LSE_BYTES * b
     return terms
 
 
-def _sent(loss: str, strategy: str, world: int, b: int, n: int, N: int, dim: int, e: int, c: int, device: str,
-          ids: bool) -> int:
+def _sent(s: Shape) -> int:
     """Bytes one rank sends per step (forward + backward) under _comm's ring cost model."""
-    if strategy == "local" or world == 1:
+    if s.strategy == "local" or s.world == 1:
         return 0
-    w = world
-    idb = ID_BYTES if ids else 0
-    block = n * (dim * e + idb)
-    sent = (w - 1) * META_BYTES
-    pos_sums = 16 if ids and loss == "clip" else 0  # with ids: each column's positive count and logit sum
-    target = 8 if ids and loss == "clip" else 0  # with ids: each column's positive target, in the backward
-    if ids and loss == "clip":
+    w, n, N, c = s.world, s.n, s.N, s.c
+    block = n * (s.dim * s.e + s.idb)
+    sent = (w - 1) * LAYOUT_BYTES
+    clip_ids = s.ids and s.loss == "clip"
+    pos_sums = 16 if clip_ids else 0  # with ids: each column's positive count and logit sum
+    target = 8 if clip_ids else 0  # with ids: each column's positive target, in the backward
+    if clip_ids:
         sent += 2 * (w - 1) / w * 16  # all-reduce of (rows, columns) with a positive
-    if strategy == "ring":
-        if loss == "clip":
+    if s.strategy == "ring":
+        if s.loss == "clip":
             sent += (w - 1) * block + w * n * (LSE_BYTES + pos_sums)  # forward: blocks, column statistics
-            sent += (w - 1) * (block + n * (LSE_BYTES + target)) + w * n * dim * c  # backward: blocks + stats, grads
+            sent += (w - 1) * (block + n * (LSE_BYTES + target)) + w * n * s.dim * c  # backward: blocks + stats, grads
         else:
-            sent += (w - 1) * block + w * n * dim * c
+            sent += (w - 1) * block + w * n * s.dim * c
         return int(sent)
     sent += (w - 1) * block  # all_gather of the texts (and their ids), kept for the backward
     # the text gradients back to their owners: NCCL reduce-scatters, gloo all-reduces
-    share = (w - 1) / w if device == "cuda" else 2 * (w - 1) / w
-    reduce = N * dim * c * share
-    if loss == "clip":
+    share = (w - 1) / w if s.device == "cuda" else 2 * (w - 1) / w
+    reduce = N * s.dim * c * share
+    if s.loss == "clip":
         sent += 2 * (2 * (w - 1) / w * N * LSE_BYTES)  # the column lse: max and sum all-reduces
         sent += N * pos_sums * share  # with ids: the positive sums reduced to their owners
         sent += (w - 1) * n * (LSE_BYTES + target)  # backward: the column statistics gathered again
@@ -199,12 +256,11 @@ def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: in
         raise ValueError(f"batch ({batch}) and texts ({texts}) must be divisible by world ({world})")
     if backend == "triton" and device == "cpu":
         raise ValueError("backend triton runs on cuda (on CPU only through Triton's interpreter): use --device cuda")
-    e, c = DTYPES[dtype], 8 if dtype == "float64" else 4
-    b, n = batch // world, texts // world
-    terms = _memory(loss, strategy, backend, world, b, n, texts, dim, e, c, device, ids)
+    shape = Shape(loss, strategy, backend, world, batch // world, texts // world, texts, dim, dtype, device, ids)
+    terms = _memory(shape)
     peak = int(sum(terms.values()))
-    sent = _sent(loss, strategy, world, b, n, texts, dim, e, c, device, ids)
-    inputs = (b + n) * dim * e + (b + n) * (ID_BYTES if ids else 0)
+    sent = _sent(shape)
+    inputs = shape.ex + shape.ey + (shape.b + shape.n) * shape.idb
     activations = act_bytes * micro_batch
     checked = device == "cpu" and backend == "torch" and dtype == "float32" and not ids and texts == batch
     status = "checked on CPU" if checked else "predicted"
@@ -235,12 +291,11 @@ def _parser() -> argparse.ArgumentParser:
     from .cli import CommandParser
 
     p = CommandParser(prog="megabatch plan", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loss", choices=LOSSES, default="clip", help="the loss planned (default clip)")
-    p.add_argument("--strategy", choices=("auto",) + STRATEGIES, default="auto",
+    p.add_argument("--strategy", choices=strategies.STRATEGIES, default="auto",
                    help="auto: ring when --world > 1, local otherwise (as the losses pick)")
-    p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
+    p.add_argument("--backend", choices=kernels.BACKENDS, default="auto",
                    help="auto: triton on cuda, torch on cpu (as the losses pick)")
     p.add_argument("--world", type=int, default=1, help="ranks W")
     p.add_argument("--batch", type=int, required=True, help="GLOBAL image count B (all ranks)")
@@ -259,8 +314,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = _parser()
     a = parser.parse_args(argv)
-    strategy = a.strategy if a.strategy != "auto" else ("ring" if a.world > 1 else "local")
-    backend = a.backend if a.backend != "auto" else ("triton" if a.device == "cuda" else "torch")
+    strategy = strategies.resolve_strategy(a.strategy, a.world)
+    backend = a.backend if a.backend != "auto" else kernels.auto_backend(a.device)
     common = dict(texts=a.texts, device=a.device, ids=a.ids, act_bytes=a.act_bytes, micro_batch=a.micro_batch)
     try:
         gpu_mem = parse_bytes(a.gpu_mem) if a.gpu_mem is not None else None

@@ -7,8 +7,8 @@ batch, D, dtype) every rank runs one untimed warm-up step, then one forward+back
 measures its peak memory beyond what it held before (CUDA: max_memory_allocated; CPU: the peak RSS
 since the kernel's high-water mark was reset) and counts the bytes it sends (the strategies'
 collectives under the ring cost model, see strategies/_comm.py), then --repeat timed steps that
-start together (barrier) and end with a device sync; the median is reported. Rank 0 prints one row
-per rank and writes the JSON. NCCL with one GPU per process when CUDA is available, gloo otherwise.
+start together (barrier); the median is reported (all of it bench/harness.py's `measure`). Rank 0
+prints one row per rank and writes the JSON. NCCL with one GPU per process when CUDA is available, gloo otherwise.
 On CPU, glibc is told to return freed large blocks to the OS at once (a fixed mmap threshold), so a
 case's RSS peak is not hidden in pages an earlier case left resident.
 """
@@ -18,8 +18,6 @@ import argparse
 import ctypes
 import json
 import os
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -28,7 +26,8 @@ import torch.distributed as dist
 
 from ..functional import clip_loss, siglip_loss
 from ..strategies import _comm
-from .single import PeakMemory, _sync, environment, make_inputs
+from . import harness
+from .harness import environment, make_inputs
 
 
 @dataclass
@@ -71,23 +70,19 @@ def _step(r: RankResult, inputs: tuple[torch.Tensor, ...]) -> None:
 
 def measure(r: RankResult, device: torch.device, repeat: int) -> RankResult:
     """Fill r with this rank's peak memory, bytes sent and median time (all ranks call together)."""
+    sent = [0]
+
+    def counted() -> None:  # the peak step, its bytes sent counted
+        with _comm.count_bytes() as total:
+            _step(r, inputs)
+        sent[0] = total[0]
+
     try:
         inputs = _inputs(r, device)
-        _step(r, inputs)  # warm-up: connections, thread pools, allocator
-        _sync(device)
-        dist.barrier()
-        with PeakMemory(device) as peak, _comm.count_bytes() as sent:
-            _step(r, inputs)
-        r.peak_mib = peak.mib
-        r.sent_mib = sent[0] / 2**20
-        times = []
-        for _ in range(repeat):
-            dist.barrier()
-            t0 = time.perf_counter()
-            _step(r, inputs)
-            _sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
-        r.ms = statistics.median(times)
+        # warm-up (connections, thread pools, allocator); every measured step starts at a barrier
+        m = harness.measure(lambda: _step(r, inputs), device, repeat=repeat, warmup=1, before=dist.barrier,
+                            first=counted)
+        r.peak_mib, r.sent_mib, r.ms = m.peak_mib, sent[0] / 2**20, m.ms
     except torch.cuda.OutOfMemoryError:  # the same shapes everywhere: every rank fails alike
         r.error = "OOM"
     return r

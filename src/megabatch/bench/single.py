@@ -15,21 +15,17 @@ open_clip way: the dense matrix in the inputs' dtype with autograd; always avail
 installed peer library. A case that runs out of memory is reported as OOM, not a crash; a method
 is not run at a larger batch once it ran out of memory, nor where its last time scaled by B^2
 projects past --max-seconds for the case (warm-up plus repeats): inf-cl at B = 1M would take
-about 17 minutes. Skipped cases are listed, with the reason.
+about 17 minutes. Skipped cases are listed, with the reason. Timing and peak memory are
+bench/harness.py's, shared with the distributed mode and the GPU check.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import multiprocessing as mp
 import os
-import platform
-import resource
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -37,9 +33,11 @@ import torch
 
 from ..cli import CommandParser
 from ..functional import clip_loss, siglip_loss
-from . import peers
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..kernels import BACKENDS
+from ..losses import LOSSES
+from ..strategies import STRATEGIES
+from . import harness, peers
+from .harness import DTYPES, PeakMemory, environment, make_inputs  # noqa: F401 - this module's API before harness.py
 
 
 @dataclass
@@ -64,33 +62,13 @@ class Result:
     times_ms: list[float] = field(default_factory=list)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def make_inputs(batch: int, dim: int, dtype: str, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """L2-normalised random (batch, dim) features, scale 10 and bias -10, all requiring grad. Drawn on
-    `device` itself (seeded there): at B = 1M a CPU draw and copy would take seconds per case."""
-    device = torch.device(device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g, device=device), dim=-1)
-    y = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g, device=device), dim=-1)
-    dt = DTYPES[dtype]
-    x = x.to(device=device, dtype=dt).requires_grad_(True)
-    y = y.to(device=device, dtype=dt).requires_grad_(True)
-    scale = torch.tensor(10.0, device=device, requires_grad=True)
-    bias = torch.tensor(-10.0, device=device, requires_grad=True)
-    return x, y, scale, bias
-
-
 def _inputs(case: Case) -> tuple[torch.Tensor, ...]:
     return make_inputs(case.batch, case.dim, case.dtype, torch.device(case.device))
 
 
 def loss_fn(case: Case) -> Callable[..., torch.Tensor]:
     """The forward to time: (x, y, scale, bias) -> loss, for a megabatch backend or a peer."""
-    if case.method in ("torch", "triton", "dense", "auto"):
+    if case.method in BACKENDS:
         if case.loss == "clip":
             return lambda x, y, s, b: clip_loss(x, y, s, strategy="local", backend=case.method)
         return lambda x, y, s, b: siglip_loss(x, y, s, b, strategy="local", backend=case.method)
@@ -103,76 +81,15 @@ def _step(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> 
     fn(*inputs).backward()
 
 
-def _status_mib(key: str) -> Optional[float]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> float:
-    """Reset the kernel's RSS high-water mark (Linux: clear_refs 5) and return the current RSS in
-    MiB, so the next peak reading belongs to the code that runs in between."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    current = _status_mib("VmRSS")
-    return current if current is not None else _peak_rss_mib()
-
-
-def _peak_rss_mib() -> float:
-    hwm = _status_mib("VmHWM")
-    if hwm is not None:
-        return hwm
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class PeakMemory:
-    """Context manager: peak memory (MiB) allocated inside the block beyond what was held before it.
-    CUDA: max_memory_allocated; CPU: the process's RSS high-water mark (reset on entry)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.mib = device, 0.0
-
-    def __enter__(self) -> "PeakMemory":
-        _sync(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._before = torch.cuda.memory_allocated(self.device) / 2**20
-        else:
-            self._before = _reset_peak_rss()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _sync(self.device)
-        if self.device.type == "cuda":
-            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20 - self._before
-        else:
-            self.mib = max(0.0, _peak_rss_mib() - self._before)
-
-
 def measure(case: Case) -> Result:
-    """Run one case in this process: peak memory on the first step, then timed repeats."""
+    """Run one case in this process: peak memory on the first step, then timed repeats (harness.measure)."""
     device = torch.device(case.device)
     res = Result(case)
     try:
         fn = loss_fn(case)
         inputs = _inputs(case)
-        with PeakMemory(device) as peak:
-            _step(fn, inputs)
-        res.peak_mib = peak.mib
-        for _ in range(case.repeat):
-            t0 = time.perf_counter()
-            _step(fn, inputs)
-            _sync(device)
-            res.times_ms.append((time.perf_counter() - t0) * 1e3)
-        res.ms = statistics.median(res.times_ms)
+        m = harness.measure(lambda: _step(fn, inputs), device, repeat=case.repeat)
+        res.peak_mib, res.times_ms, res.ms = m.peak_mib, m.times_ms, m.ms
         res.tflops = 3 * 2 * case.batch**2 * case.dim / (res.ms * 1e-3) / 1e12
     except torch.cuda.OutOfMemoryError:
         res.error = "OOM"
@@ -227,38 +144,8 @@ def gemm_tflops(dim: int, dtype: str, device: str, size: int = 16384) -> float:
     dt = DTYPES[dtype]
     a = torch.randn(n, dim, device=dev).to(dt)
     b = torch.randn(dim, n, device=dev).to(dt)
-    for _ in range(2):
-        torch.mm(a, b)
-    _sync(dev)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-    return 2 * n * n * dim / statistics.median(times) / 1e12
-
-
-def environment(device: str, argv: list[str]) -> dict[str, str]:
-    env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "command": " ".join(["megabatch", "bench", *argv]),
-    }
-    if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-        env["threads"] = str(torch.get_num_threads())
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return env
+    ms = harness.time_ms(lambda: torch.mm(a, b), 5, dev, warmup=2)
+    return 2 * n * n * dim / (ms * 1e-3) / 1e12
 
 
 def format_table(results: list[Result]) -> str:
@@ -310,9 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     first, rest = __doc__.split("\n\n", 1)
     p = CommandParser(prog="megabatch bench", description=" ".join(first.split()), epilog=rest,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--loss", nargs="+", choices=["clip", "siglip"], default=["clip", "siglip"],
+    p.add_argument("--loss", nargs="+", choices=LOSSES, default=list(LOSSES),
                    help="the losses timed (default both)")
-    p.add_argument("--backend", nargs="+", default=["auto"], choices=["auto", "torch", "triton", "dense"],
+    p.add_argument("--backend", nargs="+", default=["auto"], choices=BACKENDS,
                    help="megabatch backends timed (default auto: triton on CUDA, torch on CPU)")
     p.add_argument("--batch", nargs="+", type=int, default=[1024, 4096],
                    help="batch sizes B, each > 0 (default 1024 4096)")
@@ -323,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch device (default cuda when available, else cpu)")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats per case, > 0 (median reported; default 3)")
     p.add_argument("--peers", action="store_true", help="also run 'plain' PyTorch and installed peer libraries")
-    p.add_argument("--strategy", nargs="+", choices=["ring", "gather", "auto", "local"],
+    p.add_argument("--strategy", nargs="+", choices=STRATEGIES,
                    help="distributed mode, under torchrun (default there: ring gather); --batch is per rank")
     p.add_argument("--max-seconds", type=float, default=120.0,
                    help="skip a case whose projected time (previous batch's, scaled by B^2) exceeds this many "

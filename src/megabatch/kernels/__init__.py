@@ -9,7 +9,15 @@ from .base import BlockKernels
 from .dense import DenseKernels
 from .torch_chunked import TorchChunkedKernels
 
+# Every backend name a caller may pass (the losses, their modules, `megabatch bench`, `megabatch plan`, the
+# app); "auto" is resolved by `auto_backend` (and, for a device at hand, by `get_backend`).
 BACKENDS = ("auto", "torch", "triton", "dense")
+
+
+def auto_backend(device_type: str) -> str:
+    """The backend "auto" names on a device type: triton on CUDA, torch elsewhere ("dense" never).
+    `get_backend` still falls back to torch where Triton turns out not to be importable."""
+    return "triton" if device_type == "cuda" else "torch"
 
 
 def _triton_kernels() -> BlockKernels | None:
@@ -38,7 +46,7 @@ def get_backend(name: Union[str, BlockKernels], device: torch.device) -> BlockKe
     if name == "dense":
         return DenseKernels()
     if name == "auto":
-        if device.type == "cuda":
+        if auto_backend(device.type) == "triton":
             triton = _triton_kernels()
             if triton is not None and triton.supports(device):
                 return triton
@@ -53,4 +61,4 @@ def get_backend(name: Union[str, BlockKernels], device: torch.device) -> BlockKe
     return triton
 
 
-__all__ = ["BACKENDS", "BlockKernels", "DenseKernels", "TorchChunkedKernels", "get_backend"]
+__all__ = ["BACKENDS", "BlockKernels", "DenseKernels", "TorchChunkedKernels", "auto_backend", "get_backend"]

@@ -16,16 +16,18 @@ CLIP (two passes over the block):
                  large); callers merge blocks with torch.logaddexp in whatever dtype comes back and
                  hand the result to the same backend's clip_grads. row_lse / col_lse given to
                  clip_grads may be +inf (that row or column takes no part: its term is 0).
-  clip_grads  -> (gx (b, D), gy (n, D)), gx = G @ y and gy = G.T @ x (unscaled by s), with
+  clip_grads  -> BlockGrads (gx (b, D), gy (n, D)), gx = G @ y and gy = G.T @ x (unscaled by s), with
                  G_ij = weight * (exp(S_ij - row_lse_i) + exp(S_ij - col_lse_j) - pos_ij * (rt_i + ct_j)),
                  `targets` = (rt, ct): floats (index positives) or (b,) and (n,) tensors (ids).
-SigLIP (one pass): siglip_block -> (loss, gx, gy, gbias) for the block, all multiplied by `weight`:
-  loss = weight * sum_ij softplus(-z_ij (S_ij + bias)), z = +1 on positives, -1 elsewhere,
+SigLIP (one pass): siglip_block -> SiglipBlock (loss, gx, gy, gbias) for the block, all multiplied by
+  `weight`: loss = weight * sum_ij softplus(-z_ij (S_ij + bias)), z = +1 on positives, -1 elsewhere,
   G = -weight * z * sigmoid(-z (S + bias)), gx = G @ y, gy = G.T @ x, gbias = sum(G).
-  With grads=False only the loss is computed (the rest None).
+  With grads=False only the loss is computed (gx, gy and gbias are None).
+Both results are NamedTuples of the same fields whatever the flags: a field not computed is None
+(never absent), so callers read them by name.
 
 Finished rows (`rows`, both gradient calls): when a caller passes a RowSink, the backend hands it gx
-in finished row chunks instead of returning it (gx comes back None): rows(r0, chunk) with chunk
+in finished row chunks instead of returning it (the gx field is None): rows(r0, chunk) with chunk
 equal to gx[r0 : r0 + len(chunk)] in the compute dtype, every row exactly once, in any order, and
 no row changes after it was handed over (with grads=False the sink is never called). The chunk
 may be the backend's reused buffer: the sink consumes it before returning and may overwrite it.
@@ -96,6 +98,23 @@ class ClipStats(NamedTuple):
     col_pos: Optional[Tensor]
 
 
+class BlockGrads(NamedTuple):
+    """clip_grads' result: gx (b, D), None when a RowSink took the rows, and gy (n, D)."""
+
+    gx: Optional[Tensor]
+    gy: Tensor
+
+
+class SiglipBlock(NamedTuple):
+    """siglip_block's result: the block's loss (0-dim) and, with grads=True, gx (b, D; None when a
+    RowSink took the rows), gy (n, D) and gbias (0-dim); with grads=False those three are None."""
+
+    loss: Tensor
+    gx: Optional[Tensor]
+    gy: Optional[Tensor]
+    gbias: Optional[Tensor]
+
+
 class BlockKernels(Protocol):
     name: str
 
@@ -106,9 +125,9 @@ class BlockKernels(Protocol):
     def clip_grads(
         self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float,
         pos: Optional[Positives], targets: tuple[Target, Target] = (1.0, 1.0), rows: Optional[RowSink] = None,
-    ) -> tuple[Optional[Tensor], Tensor]: ...
+    ) -> BlockGrads: ...
 
     def siglip_block(
         self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, pos: Optional[Positives],
         grads: bool, rows: Optional[RowSink] = None,
-    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]: ...
+    ) -> SiglipBlock: ...

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._numerics import compute_dtype
-from .base import ClipStats, Positives, RowSink, Target
+from .base import BlockGrads, ClipStats, Positives, RowSink, SiglipBlock, Target
 
 
 def _logits(x: Tensor, y: Tensor, scale: Tensor) -> Tensor:
@@ -61,27 +61,27 @@ class DenseKernels:
     def clip_grads(
         self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float,
         pos: Optional[Positives], targets: tuple[Target, Target] = (1.0, 1.0), rows: Optional[RowSink] = None,
-    ) -> tuple[Optional[Tensor], Tensor]:
+    ) -> BlockGrads:
         logits = _logits(x, y, scale)
         cd = logits.dtype
         rt, ct = (t.to(cd) if isinstance(t, Tensor) else torch.tensor(t, dtype=cd) for t in targets)
         target = rt.reshape(-1, 1) + ct.reshape(1, -1)
         g = _softmax_from(logits, row_lse[:, None]) + _softmax_from(logits, col_lse[None, :])
         g = weight * (g - _mask(pos, *logits.shape, logits) * target)
-        return _hand_over(g @ y.to(cd), rows), g.T @ x.to(cd)
+        return BlockGrads(_hand_over(g @ y.to(cd), rows), g.T @ x.to(cd))
 
     def siglip_block(
         self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, pos: Optional[Positives],
         grads: bool, rows: Optional[RowSink] = None,
-    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    ) -> SiglipBlock:
         logits = _logits(x, y, scale) + bias.to(compute_dtype(x.dtype))
         z = 2.0 * _mask(pos, *logits.shape, logits) - 1.0
         loss = -weight * F.logsigmoid(z * logits).sum()
         if not grads:
-            return loss, None, None, None
+            return SiglipBlock(loss, None, None, None)
         g = -weight * z * torch.sigmoid(-z * logits)
         cd = logits.dtype
-        return loss, _hand_over(g @ y.to(cd), rows), g.T @ x.to(cd), g.sum()
+        return SiglipBlock(loss, _hand_over(g @ y.to(cd), rows), g.T @ x.to(cd), g.sum())
 
 
 def _hand_over(gx: Tensor, rows: Optional[RowSink]) -> Optional[Tensor]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._numerics import compute_dtype
-from .base import ClipStats, Positives, RowSink, Target
+from .base import BlockGrads, ClipStats, Positives, RowSink, SiglipBlock, Target
 
 # Largest tile of logits (elements) kept at once. On CPU 256K floats (1 MiB) keep the half-dozen
 # elementwise passes over a tile in cache (measured fastest at B=4096..8192, D=64, 2 cores); on a
@@ -74,7 +74,7 @@ class TorchChunkedKernels:
     def clip_grads(
         self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float,
         pos: Optional[Positives], targets: tuple[Target, Target] = (1.0, 1.0), rows: Optional[RowSink] = None,
-    ) -> tuple[Optional[Tensor], Tensor]:
+    ) -> BlockGrads:
         cd = compute_dtype(x.dtype)
         b, n = x.shape[0], y.shape[0]
         yc = y.to(cd)
@@ -100,12 +100,12 @@ class TorchChunkedKernels:
             _rows_out(gx, rows, i, gxc)
             gy.addmm_(g.T, xc, alpha=weight)
             del logits, g
-        return gx, gy
+        return BlockGrads(gx, gy)
 
     def siglip_block(
         self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, pos: Optional[Positives],
         grads: bool, rows: Optional[RowSink] = None,
-    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    ) -> SiglipBlock:
         cd = compute_dtype(x.dtype)
         b, n = x.shape[0], y.shape[0]
         yc = y.to(cd)
@@ -155,7 +155,7 @@ class TorchChunkedKernels:
             del logits, g
         if gbias is not None:
             gbias = gbias * weight
-        return loss * weight, gx, gy, gbias
+        return SiglipBlock(loss * weight, gx, gy, gbias)
 
 
 def _rows_out(gx: Optional[Tensor], rows: Optional[RowSink], r0: int, chunk: Tensor) -> None:

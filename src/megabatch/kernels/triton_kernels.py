@@ -27,8 +27,6 @@ The design and its FLOP/byte accounting: benchmarks/triton_notes.md.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -37,8 +35,9 @@ from torch import Tensor
 
 from ._triton_gemm import grad_gemm_kernel
 from ._triton_tiles import clip_grad_tile_kernel, clip_stats_kernel, lse_merge_kernel, siglip_tile_kernel
-from .base import ClipStats, Positives, RowSink, Target
+from .base import BlockGrads, ClipStats, Positives, RowSink, SiglipBlock, Target
 from .torch_chunked import TorchChunkedKernels
+from .triton_config import TritonConfig, interpreting
 
 FP16_G_SCALE = 2.0**14  # |G'| <= 2, so 2 * 2**14 < 65504; probabilities ~1e-8 stay normal fp16
 
@@ -57,70 +56,6 @@ def _pos_args(pos: Optional[Positives], like: Tensor) -> tuple[dict, int]:
     if pos.by_ids:
         return dict(pos_offset=0, pos_count=0, xid_ptr=pos.image_ids, yid_ptr=pos.text_ids), 2
     return dict(pos_offset=pos.offset, pos_count=pos.count, xid_ptr=like, yid_ptr=like), 1
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@dataclass(frozen=True)
-class TritonConfig:
-    """Tile sizes and launch parameters (powers of two >= 16 for the blocks).
-
-    block_m/n/k: the logit tile and its D chunk; gemm_m/d/k: the gradient GEMMs' output tile
-    (rows x D) and K chunk; super_rows/cols: the super-block (the scratch holds one);
-    grad_gemm: "triton" (grad_gemm_kernel) or "cublas" (torch.mm with fp32 output, CUDA only);
-    fp32_precision: None follows torch.get_float32_matmul_precision();
-    max_regs: a cap on registers per thread for the logit-tile kernels (ptxas .maxnreg; None: the
-    compiler's choice). At the bf16 default the compiler takes about 170 (CLIP grads) and 195-232
-    (SigLIP; triton 3.8-3.6): one 256-thread CTA per SM; 128 allows two, at 170-280 bytes of
-    spills per thread (static compile: benchmarks/triton_aot_check.py --max-regs 128). The
-    interpreter ignores it.
-    """
-
-    block_m: int = 128
-    block_n: int = 128
-    block_k: int = 64
-    gemm_m: int = 128
-    gemm_d: int = 128
-    gemm_k: int = 64
-    super_rows: int = 8192
-    super_cols: int = 8192
-    num_warps: int = 8
-    num_stages: int = 3
-    gemm_warps: int = 8
-    gemm_stages: int = 3
-    merge_block: int = 1024
-    grad_gemm: str = "triton"
-    fp32_precision: Optional[str] = None
-    max_regs: Optional[int] = None
-
-    @staticmethod
-    def default(dtype: torch.dtype) -> "TritonConfig":
-        """The GPU defaults: 128 x 128 tiles; fp32 operands take half the K chunk (shared memory)."""
-        if dtype == torch.float32:
-            return TritonConfig(block_k=32, gemm_k=32)
-        return TritonConfig()
-
-    @staticmethod
-    def interpreter() -> "TritonConfig":
-        """Small blocks for the CPU interpreter (each block step costs milliseconds there)."""
-        return TritonConfig(32, 32, 32, 32, 32, 32, 128, 128, num_warps=4, num_stages=1, gemm_warps=4, gemm_stages=1,
-                            merge_block=128)
-
-    def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k", "gemm_m", "gemm_d", "gemm_k", "merge_block"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"TritonConfig.{name} must be a power of two >= 16, got {v}")
-        if self.super_rows % self.block_m or self.super_cols % self.block_n:
-            raise ValueError("TritonConfig.super_rows/super_cols must be multiples of block_m/block_n")
-        if self.grad_gemm not in ("triton", "cublas"):
-            raise ValueError(f"TritonConfig.grad_gemm must be 'triton' or 'cublas', got {self.grad_gemm!r}")
-        if self.max_regs is not None and not (isinstance(self.max_regs, int) and 24 <= self.max_regs <= 255):
-            raise ValueError(f"TritonConfig.max_regs must be None or an int in [24, 255], got {self.max_regs!r}")
-        if self.fp32_precision not in (None, "tf32", "tf32x3", "ieee"):
-            raise ValueError(f"TritonConfig.fp32_precision must be None, tf32, tf32x3 or ieee, got {self.fp32_precision!r}")
 
 
 class _Launch:
@@ -278,7 +213,7 @@ class TritonKernels:
     def clip_grads(
         self, x: Tensor, y: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, *, weight: float,
         pos: Optional[Positives], targets: tuple[Target, Target] = (1.0, 1.0), rows: Optional[RowSink] = None,
-    ) -> tuple[Optional[Tensor], Tensor]:
+    ) -> BlockGrads:
         if x.dtype == torch.float64:
             return TorchChunkedKernels().clip_grads(x, y, scale, row_lse, col_lse, weight=weight, pos=pos,
                                                     targets=targets, rows=rows)
@@ -311,13 +246,13 @@ class TritonKernels:
             )
             plan.grad_gemms(g[:nr, :nc], xi, yj, acc.rows(r0, nr, c0), gy[c0:c0 + nc], weight / plan.g_scale)
             acc.done(r0, nr, c0 + nc == n)
-        return acc.gx, gy
+        return BlockGrads(acc.gx, gy)
 
     @torch.compiler.disable
     def siglip_block(
         self, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, weight: float, pos: Optional[Positives],
         grads: bool, rows: Optional[RowSink] = None,
-    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    ) -> SiglipBlock:
         if x.dtype == torch.float64:
             return TorchChunkedKernels().siglip_block(x, y, scale, bias, weight=weight, pos=pos, grads=grads,
                                                       rows=rows)
@@ -349,8 +284,8 @@ class TritonKernels:
                 acc.done(r0, nr, c0 + nc == n)
         total = loss.sum() * weight
         if not grads:
-            return total, None, None, None
-        return total, acc.gx, gy, gbias.sum() * weight
+            return SiglipBlock(total, None, None, None)
+        return SiglipBlock(total, acc.gx, gy, gbias.sum() * weight)
 
 
 __all__ = ["TritonConfig", "TritonKernels", "interpreting"]

@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from .._numerics import RowFinisher, compute_dtype, no_autocast, scalar_grad
-from ..kernels.base import BlockKernels, Target
+from ..kernels.base import Target
 from ..strategies import Block, Strategy
+from .options import Features, LossOptions
 from .positives import block_positives, id_counts
 
 DIRECTIONS = {"both": 0, "image_to_text": 1, "text_to_image": 2}
@@ -68,10 +69,32 @@ class ClipSaved(NamedTuple):
     col_cnt: Tensor
     weights: tuple[Weight, Weight]
 
+    def packed(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """As tensors only (the custom ops' outputs): the statistics, then the weights as (2,) float64."""
+        weights = torch.stack([torch.as_tensor(w, dtype=torch.float64, device=device) for w in self.weights])
+        return self.row_lse, self.col_lse, self.row_cnt, self.col_cnt, weights
 
-def clip_forward(x: Tensor, y: Tensor, scale: Tensor, strat: Strategy, kernels: BlockKernels,
-                 xid: Optional[Tensor], yid: Optional[Tensor], direction: int) -> tuple[Tensor, ClipSaved]:
-    """This rank's loss L_r (compute dtype, 0-dim) and what `clip_backward` needs."""
+    @staticmethod
+    def unpacked(row_lse: Tensor, col_lse: Tensor, row_cnt: Tensor, col_cnt: Tensor, weights: Tensor) -> "ClipSaved":
+        """The inverse of `packed`."""
+        return ClipSaved(row_lse, col_lse, row_cnt, col_cnt, (weights[0], weights[1]))
+
+
+class ClipGrads(NamedTuple):
+    """clip_backward's result: dx, dy, dscale, each None when `needs` says it is not wanted."""
+
+    dx: Optional[Tensor]
+    dy: Optional[Tensor]
+    dscale: Optional[Tensor]
+
+
+def clip_forward(opts: LossOptions, f: Features, scale: Tensor) -> tuple[Tensor, ClipSaved, Strategy]:
+    """This rank's loss L_r (compute dtype, 0-dim), what `clip_backward` needs, and the strategy it
+    started (`opts.start`), which the backward goes on with (the eager road keeps it; the compiled
+    one resumes it from its layout)."""
+    strat = opts.start(f.x, f.y, (scale,))
+    kernels, direction = opts.kernels, opts.direction
+    x, y, xid, yid = f
     lay = strat.lay
     b, n = x.shape[0], y.shape[0]
     ids = xid is not None
@@ -128,14 +151,16 @@ def clip_forward(x: Tensor, y: Tensor, scale: Tensor, strat: Strategy, kernels: 
             has = col_cnt > 0
             loss = loss + w_c * torch.where(has, col_lse - col_pos / col_cnt.clamp_min(1), 0.0).sum()
         loss = (lay.world * loss).to(cd)
-    return loss, ClipSaved(row_lse, col_lse, row_cnt, col_cnt, (w_r, w_c))
+    return loss, ClipSaved(row_lse, col_lse, row_cnt, col_cnt, (w_r, w_c)), strat
 
 
-def clip_backward(x: Tensor, y: Tensor, scale: Tensor, strat: Strategy, kernels: BlockKernels,
-                  xid: Optional[Tensor], yid: Optional[Tensor], direction: int, saved: ClipSaved, grad: Tensor,
-                  needs: Sequence[bool]) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dx, dy, dscale) for the upstream `grad` (None where `needs` (x, y, scale) says not wanted)."""
+def clip_backward(opts: LossOptions, strat: Strategy, f: Features, scale: Tensor, saved: ClipSaved, grad: Tensor,
+                  needs: Sequence[bool]) -> ClipGrads:
+    """(dx, dy, dscale) for the upstream `grad` (None where `needs` (x, y, scale) says not wanted),
+    over the strategy `clip_forward` started."""
     row_lse, col_lse, row_cnt, col_cnt = saved.row_lse, saved.col_lse, saved.row_cnt, saved.col_cnt
+    kernels, direction = opts.kernels, opts.direction
+    x, y, xid, yid = f
     lay = strat.lay
     b, ids = x.shape[0], xid is not None
     with no_autocast(x):
@@ -164,14 +189,14 @@ def clip_backward(x: Tensor, y: Tensor, scale: Tensor, strat: Strategy, kernels:
             if not (b and blk.n):
                 return [torch.zeros(blk.n, x.shape[1], dtype=cd, device=x.device)] if lay.y_grad else []
             pos = block_positives(strat, b, xid, blk)
-            gxp, gyp = kernels.clip_grads(
+            part = kernels.clip_grads(
                 x, blk.tensors[0], s, row_shift, cols, weight=1.0, pos=pos,
                 targets=(rt, blk.tensors[2 + ids]) if ids else (rt, ct), rows=fin if gx is None else None,
             )
             if gx is not None:
-                assert gxp is not None
-                gx.add_(gxp)
-            return [gyp] if lay.y_grad else []
+                assert part.gx is not None
+                gx.add_(part.gx)
+            return [part.gy] if lay.y_grad else []
 
         fixed = [y] if yid is None else [y, yid]
         travel = [col_shift] + ([ct] if ids else [])
@@ -181,28 +206,28 @@ def clip_backward(x: Tensor, y: Tensor, scale: Tensor, strat: Strategy, kernels:
             fin.whole(gx)
         dy = home[0].mul_(mult * s).to(y.dtype) if home and needs[1] else None
         ds = scalar_grad((scale.shape, scale.dtype), mult * fin.dot) if needs[2] else None
-    return fin.dx, dy, ds
+    return ClipGrads(fin.dx, dy, ds)
 
 
 class _Clip(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, y: Tensor, scale: Tensor, strat: Strategy, kernels: BlockKernels,
-                xid: Optional[Tensor], yid: Optional[Tensor], direction: int) -> Tensor:
-        loss, saved = clip_forward(x, y, scale, strat, kernels, xid, yid, direction)
-        ctx.strat, ctx.kernels, ctx.direction, ctx.weights = strat, kernels, direction, saved.weights
+    def forward(ctx: Any, opts: LossOptions, x: Tensor, y: Tensor, scale: Tensor, xid: Optional[Tensor],
+                yid: Optional[Tensor]) -> Tensor:
+        loss, saved, strat = clip_forward(opts, Features(x, y, xid, yid), scale)
+        ctx.opts, ctx.strat, ctx.weights = opts, strat, saved.weights
         ctx.save_for_backward(x, y, scale, xid, yid, saved.row_lse, saved.col_lse, saved.row_cnt, saved.col_cnt)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, y, scale, xid, yid, row_lse, col_lse, row_cnt, col_cnt = ctx.saved_tensors
-        saved = ClipSaved(row_lse, col_lse, row_cnt, col_cnt, ctx.weights)
-        dx, dy, ds = clip_backward(x, y, scale, ctx.strat, ctx.kernels, xid, yid, ctx.direction, saved, grad,
-                                   ctx.needs_input_grad[:3])
-        return dx, dy, ds, None, None, None, None, None
+        x, y, scale, xid, yid, *stats = ctx.saved_tensors
+        grads = clip_backward(ctx.opts, ctx.strat, Features(x, y, xid, yid), scale, ClipSaved(*stats, ctx.weights),
+                              grad, ctx.needs_input_grad[1:4])
+        return (None, *grads, None, None)
 
 
-def clip(x: Tensor, y: Tensor, scale: Tensor, strat: Strategy, kernels: BlockKernels,
-         xid: Optional[Tensor] = None, yid: Optional[Tensor] = None, direction: int = 0) -> Tensor:
-    """This rank's CLIP loss L_r. x (b_r, D), y (n_r, D); scale 0-dim; ids (b_r,), (n_r,) or None."""
-    return _Clip.apply(x, y, scale, strat, kernels, xid, yid, direction)
+def clip(opts: LossOptions, x: Tensor, y: Tensor, scale: Tensor, xid: Optional[Tensor] = None,
+         yid: Optional[Tensor] = None) -> Tensor:
+    """This rank's CLIP loss L_r, the eager road (losses.ops.clip is the compiled one, same arguments).
+    x (b_r, D), y (n_r, D); scale 0-dim; ids (b_r,), (n_r,) or None."""
+    return _Clip.apply(opts, x, y, scale, xid, yid)

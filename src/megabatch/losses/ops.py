@@ -16,65 +16,27 @@ communicates. The eager engine runs unchanged inside them:
                             (dx, dy, dscale_sum, dbias_sum) computed in the same pass (as eager);
                             its backward is plain tensor code (a multiply), traced by AOTAutograd.
 
-Options travel as ints, strings and bools: the process group by name ("" is the world group), the
-backend by name (a configured backend instance is registered under a key, see `backend_key`).
-`clip` and `siglip` below are what megabatch.functional calls while dynamo is tracing; eager calls
-never come here (no dispatcher overhead).
+The options travel as ints, strings and bools (LossOptions.op_args / from_op in options.py: the
+process group by name, "" for the world group; the backend by name, or a configured backend instance
+by a key, see `backend_key`). Each op body reads them back into a LossOptions and calls the same
+family functions as the eager road (clip_forward, clip_backward, siglip_forward), so the two roads
+share everything but the schema. `clip` and `siglip` below are what megabatch.functional calls while
+dynamo is tracing, with the eager road's arguments; eager calls never come here (no dispatcher
+overhead).
 """
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .. import strategies
 from .._numerics import compute_dtype, scalar_grad
-from ..kernels import get_backend
-from ..kernels.base import BlockKernels
 from .clip import ClipSaved, clip_backward, clip_forward
+from .options import Features, LossOptions, backend_key
 from .siglip import siglip_forward
 
-# Configured backend instances (e.g. TritonKernels(TritonConfig(...))) by key; see backend_key.
-_KERNELS: dict[str, BlockKernels] = {}
-
-
-@torch.compiler.assume_constant_result
-def backend_key(kernels: BlockKernels) -> str:
-    """The string a custom op gets for a backend instance the caller configured (e.g.
-    ``TritonKernels(TritonConfig(...))``): a key under which the instance is kept for the process's
-    life. Dynamo calls this once while tracing (the key is a constant of the graph)."""
-    key = f"{kernels.name}#{id(kernels)}"
-    _KERNELS.setdefault(key, kernels)
-    return key
-
-
-def _kernels(key: str, device: torch.device) -> BlockKernels:
-    return _KERNELS[key] if key in _KERNELS else get_backend(key, device)
-
-
-def _world(strategy: str, group: str) -> int:
-    return 1 if strategy == "local" else dist.get_world_size(strategies.resolve_group(group))
-
-
-def _layout_tensor(lay: strategies.Layout, strategy: str, device: torch.device) -> Tensor:
-    on = device if strategy == "local" else torch.device("cpu")  # read on the host by the backward
-    return torch.tensor([lay.sizes, lay.tsizes], dtype=torch.int64, device=on)
-
-
-def _empty_layout(strategy: str, group: str, device: torch.device) -> Tensor:
-    on = device if strategy == "local" else torch.device("cpu")
-    return torch.empty(2, _world(strategy, group), dtype=torch.int64, device=on)
-
-
-def _strategy(strategy: str, group: str, layout: Tensor, y_grad: bool, ids: bool) -> strategies.Strategy:
-    sizes, tsizes = (tuple(row) for row in layout.tolist())
-    pg = strategies.resolve_group(group)
-    if strategy != "local":
-        pg = pg if pg is not None else dist.group.WORLD
-    rank = 0 if strategy == "local" else dist.get_rank(pg)
-    return strategies.from_layout(strategy, strategies.Layout(pg, rank, sizes, tsizes, y_grad, ids))
+__all__ = ["backend_key", "clip", "siglip"]
 
 
 def _own(t: Tensor) -> Tensor:
@@ -92,22 +54,19 @@ def _own(t: Tensor) -> Tensor:
 def clip_forward_op(x: Tensor, y: Tensor, scale: Tensor, image_ids: Optional[Tensor], text_ids: Optional[Tensor],
                     direction: int, strategy: str, group: str, backend: str, needs: Sequence[bool]
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    kernels = _kernels(backend, x.device)
-    strat = strategies.create(strategy, x, y, (scale,), kernels, strategies.resolve_group(group),
-                              ids=image_ids is not None, directions=direction, needs=list(needs))
-    loss, saved = clip_forward(x, y, scale, strat, kernels, image_ids, text_ids, direction)
-    weights = torch.stack([torch.as_tensor(w, dtype=torch.float64, device=x.device) for w in saved.weights])
-    stats = [_own(t) for t in (saved.row_lse, saved.col_lse, saved.row_cnt, saved.col_cnt)]
-    return (loss, *stats, weights, _layout_tensor(strat.lay, strategy, x.device))
+    opts = LossOptions.from_op(strategy, group, backend, x.device, direction=direction, ids=image_ids is not None,
+                               needs=needs)
+    loss, saved, strat = clip_forward(opts, Features(x, y, image_ids, text_ids), scale)
+    return (loss, *(_own(t) for t in saved.packed(x.device)), opts.layout(strat, x.device))
 
 
 @clip_forward_op.register_fake
 def _(x, y, scale, image_ids, text_ids, direction, strategy, group, backend, needs):
     f64 = dict(dtype=torch.float64, device=x.device)
     b, n = x.shape[0], y.shape[0]
+    opts = LossOptions.from_op(strategy, group, backend, x.device)
     return (x.new_empty((), dtype=compute_dtype(x.dtype)), x.new_empty(b, **f64), x.new_empty(n, **f64),
-            x.new_empty(b, **f64), x.new_empty(n, **f64), x.new_empty(2, **f64),
-            _empty_layout(strategy, group, x.device))
+            x.new_empty(b, **f64), x.new_empty(n, **f64), x.new_empty(2, **f64), opts.empty_layout(x.device))
 
 
 @torch.library.custom_op("megabatch::clip_backward", mutates_args=())
@@ -115,11 +74,12 @@ def clip_backward_op(grad: Tensor, x: Tensor, y: Tensor, scale: Tensor, image_id
                      text_ids: Optional[Tensor], row_lse: Tensor, col_lse: Tensor, row_cnt: Tensor, col_cnt: Tensor,
                      weights: Tensor, layout: Tensor, direction: int, strategy: str, group: str, backend: str,
                      needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    strat = _strategy(strategy, group, layout, needs[1], image_ids is not None)
-    saved = ClipSaved(row_lse, col_lse, row_cnt, col_cnt, (weights[0], weights[1]))
-    dx, dy, ds = clip_backward(x, y, scale, strat, _kernels(backend, x.device), image_ids, text_ids, direction,
-                               saved, grad, needs)
-    return tuple(x.new_empty(0) if t is None else _own(t) for t in (dx, dy, ds))
+    opts = LossOptions.from_op(strategy, group, backend, x.device, direction=direction, ids=image_ids is not None,
+                               needs=needs)
+    saved = ClipSaved.unpacked(row_lse, col_lse, row_cnt, col_cnt, weights)
+    grads = clip_backward(opts, opts.resume(layout, needs[1]), Features(x, y, image_ids, text_ids), scale, saved,
+                          grad, needs)
+    return tuple(x.new_empty(0) if t is None else _own(t) for t in grads)
 
 
 @clip_backward_op.register_fake
@@ -151,15 +111,13 @@ clip_forward_op.register_autograd(_clip_grad, setup_context=_clip_setup)
 def siglip_forward_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, image_ids: Optional[Tensor],
                       text_ids: Optional[Tensor], strategy: str, group: str, backend: str, needs: Sequence[bool]
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    kernels = _kernels(backend, x.device)
-    strat = strategies.create(strategy, x, y, (scale, bias), kernels, strategies.resolve_group(group),
-                              ids=image_ids is not None, needs=list(needs))
-    loss, grads = siglip_forward(x, y, scale, bias, strat, kernels, image_ids, text_ids, any(needs))
-    if grads is None:
+    opts = LossOptions.from_op(strategy, group, backend, x.device, ids=image_ids is not None, needs=needs)
+    res = siglip_forward(opts, Features(x, y, image_ids, text_ids), scale, bias)
+    if res.dx is None:
         cd = compute_dtype(x.dtype)
-        return loss, x.new_empty(0), x.new_empty(0), x.new_zeros((), dtype=cd), x.new_zeros((), dtype=cd)
-    dx, dy, gscale, gbias = grads
-    return loss, _own(dx), x.new_empty(0) if dy is None else _own(dy), gscale, gbias
+        return res.loss, x.new_empty(0), x.new_empty(0), x.new_zeros((), dtype=cd), x.new_zeros((), dtype=cd)
+    assert res.dscale is not None and res.dbias is not None
+    return res.loss, _own(res.dx), x.new_empty(0) if res.dy is None else _own(res.dy), res.dscale, res.dbias
 
 
 @siglip_forward_op.register_fake
@@ -189,24 +147,17 @@ def _siglip_grad(ctx: Any, grad: Tensor, *unused: Tensor) -> tuple[Optional[Tens
 siglip_forward_op.register_autograd(_siglip_grad, setup_context=_siglip_setup)
 
 
-# ---- What megabatch.functional calls while dynamo traces ---------------------------------------
+# ---- What megabatch.functional calls while dynamo traces: the eager road's arguments -------------
 
-def _needs(*tensors: Tensor) -> list[bool]:
-    return [torch.is_grad_enabled() and t.requires_grad for t in tensors]
-
-
-def clip(x: Tensor, y: Tensor, scale: Tensor, xid: Optional[Tensor], yid: Optional[Tensor], direction: int,
-         strategy: str, group: Optional["dist.ProcessGroup"], backend: str) -> Tensor:
-    """This rank's CLIP loss through megabatch::clip_forward (see the module header); `backend` a
-    backend name or a `backend_key`."""
-    out = torch.ops.megabatch.clip_forward(x, y, scale, xid, yid, direction, strategy, strategies.group_name(group),
-                                           backend, _needs(x, y, scale))
+def clip(opts: LossOptions, x: Tensor, y: Tensor, scale: Tensor, xid: Optional[Tensor] = None,
+         yid: Optional[Tensor] = None) -> Tensor:
+    """This rank's CLIP loss through megabatch::clip_forward (see the module header)."""
+    out = torch.ops.megabatch.clip_forward(x, y, scale, xid, yid, opts.direction, *opts.op_args(), list(opts.needs))
     return out[0]
 
 
-def siglip(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, xid: Optional[Tensor], yid: Optional[Tensor],
-           strategy: str, group: Optional["dist.ProcessGroup"], backend: str) -> Tensor:
+def siglip(opts: LossOptions, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, xid: Optional[Tensor] = None,
+           yid: Optional[Tensor] = None) -> Tensor:
     """This rank's SigLIP loss through megabatch::siglip_forward (see the module header)."""
-    out = torch.ops.megabatch.siglip_forward(x, y, scale, bias, xid, yid, strategy, strategies.group_name(group),
-                                             backend, _needs(x, y, scale, bias))
+    out = torch.ops.megabatch.siglip_forward(x, y, scale, bias, xid, yid, *opts.op_args(), list(opts.needs))
     return out[0]

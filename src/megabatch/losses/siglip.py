@@ -12,23 +12,37 @@ and bias gradients on rank r are exactly dL_r/ds and dL_r/dbias (its row stripe)
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .._numerics import RowFinisher, compute_dtype, no_autocast, replay_grads, stash_grads
-from ..kernels.base import BlockKernels
-from ..strategies import Block, Strategy
+from ..strategies import Block
+from .options import Features, LossOptions
 from .positives import block_positives
 
 
-def siglip_forward(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, strat: Strategy, kernels: BlockKernels,
-                   xid: Optional[Tensor], yid: Optional[Tensor], want: bool
-                   ) -> tuple[Tensor, Optional[tuple[Tensor, Optional[Tensor], Tensor, Tensor]]]:
-    """This rank's loss L_r (compute dtype, 0-dim) and, if `want`, its gradients for an upstream
-    gradient of 1: (dx, dy or None when the texts need none, sum for dscale, sum for dbias), the
-    last two 0-dim in the compute dtype."""
+class SiglipResult(NamedTuple):
+    """siglip_forward's result: the loss and, when any input needs a gradient, the gradients for an
+    upstream gradient of 1 (else dx, dy, dscale and dbias are None; dy is None too when the texts
+    need none). dscale, dbias: dL_r/ds and dL_r/dbias, 0-dim in the compute dtype (the caller
+    shapes them like their parameters)."""
+
+    loss: Tensor
+    dx: Optional[Tensor]
+    dy: Optional[Tensor]
+    dscale: Optional[Tensor]
+    dbias: Optional[Tensor]
+
+
+def siglip_forward(opts: LossOptions, f: Features, scale: Tensor, bias: Tensor) -> SiglipResult:
+    """This rank's loss L_r (compute dtype, 0-dim) and, if any of `opts.needs`, its gradients for an
+    upstream gradient of 1 (see SiglipResult), over the strategy it starts (`opts.start`)."""
+    want = any(opts.needs)
+    strat = opts.start(f.x, f.y, (scale, bias))
+    kernels = opts.kernels
+    x, y, xid, yid = f
     lay = strat.lay
     b = x.shape[0]
     y_acc = want and lay.y_grad
@@ -45,48 +59,49 @@ def siglip_forward(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, strat: Str
             nonlocal loss, gbias
             if not (b and blk.n):
                 return [torch.zeros(blk.n, x.shape[1], dtype=cd, device=x.device)] if y_acc else []
-            part, gxp, gyp, gbp = kernels.siglip_block(
+            part = kernels.siglip_block(
                 x, blk.tensors[0], s, beta, weight=weight, pos=block_positives(strat, b, xid, blk), grads=want,
                 rows=fin if want and gx is None else None,
             )
-            loss = loss + part
+            loss = loss + part.loss
             if not want:
                 return []
-            assert gbp is not None and gyp is not None
-            gbias = gbias + gbp
+            assert part.gbias is not None and part.gy is not None
+            gbias = gbias + part.gbias
             if gx is not None:
-                assert gxp is not None
-                gx.add_(gxp)
-            return [gyp] if y_acc else []
+                assert part.gx is not None
+                gx.add_(part.gx)
+            return [part.gy] if y_acc else []
 
         fixed = [y] if yid is None else [y, yid]
         home = strat.circulate(fixed, [], visit, ["sum"] if y_acc else [])
         if not want:
-            return loss, None
+            return SiglipResult(loss, None, None, None, None)
         if gx is not None:
             fin.whole(gx)
         dx = fin.dx
         assert dx is not None
         dy = home[0].mul_(s).to(y.dtype) if home else None
-    return loss, (dx, dy, fin.dot, gbias)
+    return SiglipResult(loss, dx, dy, fin.dot, gbias)
 
 
 class _Siglip(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, strat: Strategy,
-                kernels: BlockKernels, xid: Optional[Tensor], yid: Optional[Tensor]) -> Tensor:
-        loss, grads = siglip_forward(x, y, scale, bias, strat, kernels, xid, yid, any(ctx.needs_input_grad[:4]))
-        if grads is not None:
-            dx, dy, gscale, gbias = grads
-            stash_grads(ctx, dx, dy, [(gscale, scale), (gbias, bias)])
-        return loss
+    def forward(ctx: Any, opts: LossOptions, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor,
+                xid: Optional[Tensor], yid: Optional[Tensor]) -> Tensor:
+        res = siglip_forward(opts, Features(x, y, xid, yid), scale, bias)
+        if res.dx is not None:
+            assert res.dscale is not None and res.dbias is not None
+            stash_grads(ctx, res.dx, res.dy, [(res.dscale, scale), (res.dbias, bias)])
+        return res.loss
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        return (*replay_grads(ctx, grad), None, None, None, None)
+        return (None, *replay_grads(ctx, grad, ctx.needs_input_grad[1:5]), None, None)
 
 
-def siglip(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, strat: Strategy, kernels: BlockKernels,
-           xid: Optional[Tensor] = None, yid: Optional[Tensor] = None) -> Tensor:
-    """This rank's SigLIP loss L_r. x (b_r, D), y (n_r, D); scale, bias 0-dim; ids (b_r,), (n_r,) or None."""
-    return _Siglip.apply(x, y, scale, bias, strat, kernels, xid, yid)
+def siglip(opts: LossOptions, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, xid: Optional[Tensor] = None,
+           yid: Optional[Tensor] = None) -> Tensor:
+    """This rank's SigLIP loss L_r, the eager road (losses.ops.siglip is the compiled one, same
+    arguments). x (b_r, D), y (n_r, D); scale, bias 0-dim; ids (b_r,), (n_r,) or None."""
+    return _Siglip.apply(opts, x, y, scale, bias, xid, yid)

@@ -18,23 +18,36 @@ from ..kernels.base import BlockKernels
 from ._comm import Layout
 from .base import Block, Strategy, Visit
 
+# Every name a caller may pass (the losses, their modules, `megabatch bench`, `megabatch plan`, the app);
+# "auto" is resolved by `resolve_strategy`.
 STRATEGIES = ("auto", "local", "gather", "ring")
 
 
-def _distributed(group: Optional["dist.ProcessGroup"]) -> bool:
+def resolve_strategy(name: str, world: int) -> str:
+    """The concrete strategy `name` means for a batch spread over `world` ranks: "auto" is ring on
+    several ranks and local on one; any other name is itself. ValueError for an unknown name."""
+    if not isinstance(name, str) or name not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+    if name == "auto":
+        return "ring" if world > 1 else "local"
+    return name
+
+
+def _world(group: Optional["dist.ProcessGroup"]) -> int:
+    """Ranks the batch spans, as "auto" sees them: a group given explicitly always counts as several."""
     if group is not None:
-        return True
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return 2
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def resolve(strategy: str, group: Optional["dist.ProcessGroup"]) -> str:
-    """Validate a strategy name and turn "auto" into a concrete one."""
+    """Validate a strategy name (and the group) for a loss call and turn "auto" into a concrete one."""
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     if strategy == "auto":
-        return "ring" if _distributed(group) else "local"
+        return resolve_strategy(strategy, _world(group))
     if strategy != "local" and not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"strategy={strategy!r} needs torch.distributed to be initialised (use 'local' or 'auto')")
     return strategy
@@ -108,4 +121,4 @@ def resolve_group(name: str) -> Optional["dist.ProcessGroup"]:
 
 
 __all__ = ["Block", "Layout", "STRATEGIES", "Strategy", "Visit", "create", "from_layout", "group_name", "resolve",
-           "resolve_group", "validating"]
+           "resolve_group", "resolve_strategy", "validating"]

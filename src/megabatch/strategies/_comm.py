@@ -29,6 +29,7 @@ from ..kernels.base import BlockKernels
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _GRAD_NAMES = ("image_features", "text_features", "logit_scale", "logit_bias")
 _META_LEN = 8  # b, n, D, dtype code, requires-grad flags, backend, ids given, directions
+LAYOUT_BYTES = 8 * _META_LEN  # what exchange_layout sends each peer (int64s): `megabatch plan` counts it
 _INVALID = -1  # a metadata row of this value: that rank's arguments failed validation
 
 # Bytes sent by this rank while a `count_bytes()` block is open (None: not counting).
