@@ -3,13 +3,13 @@
 - No import circle among the modules of src/megabatch: every import counts, relative or absolute, at
   module level or inside a function (a deferred import still ties the two modules together).
 - No module imports one of a higher layer (LAYERS below, top to bottom).
-- No library module imports or names the training app (`megabatch.train`, `megabatch_train`), not
-  even as a string (cli.py's COMMANDS table aside, until the app split: see CLI_NAMES_THE_APP).
+- No library module imports or names the training app (`megabatch_train`, or its old path
+  `megabatch.train`), not even as a string: the app adds its commands through an entry-point group.
 - No library module is longer than MAX_LINES.
 - The loss has one road: the eager functions (losses.clip, losses.siglip) and the compiled ones
   (losses.ops.clip, losses.ops.siglip) take the same arguments (one LossOptions, then the tensors),
   and every backend's gradient kernels return their named result type, never a bare tuple.
-The app (APP, today src/megabatch/train/) is outside the graph; all of this reads source text with
+The app (APP, src/megabatch_train/) is outside the graph (tests/test_app_structure.py checks it); all of this reads source text with
 `ast`, imports nothing, and runs in well under a second.
 """
 from __future__ import annotations
@@ -22,15 +22,10 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "megabatch"
-# The training app: left out of the graph, and what the library may not import. The app is to move
-# to a package of its own; switch this to that package's directory then.
-APP = SRC / PACKAGE / "train"
+# The training app: a package of its own beside the library, which may not import or name it.
+APP = SRC / "megabatch_train"
 APP_NAMES = ("megabatch.train", "megabatch_train")
 MAX_LINES = 400
-# REMOVED BY THE APP SPLIT: cli.py's COMMANDS table dispatches `megabatch train` / `study` to the app by
-# module name (strings, no import) until those commands become an entry-point group. Only that table is
-# excused; any other string of cli.py naming the app fails like any other module's.
-CLI_NAMES_THE_APP = (f"{PACKAGE}.cli", "COMMANDS")
 # Top to bottom; a module belongs to the first layer with a prefix of its name, and may import its own
 # layer or lower ones only.
 LAYERS = [
@@ -137,12 +132,12 @@ def test_the_checks_see_what_they_check():
     assert "megabatch.losses.ops" in imports("megabatch.losses")  # from . import ops
     assert "megabatch.strategies._comm" in imports("megabatch.strategies.gather")  # from . import _comm
     assert "megabatch.strategies.local" in imports("megabatch.strategies")  # inside a function
-    assert "megabatch.train.cli" not in imports("megabatch.cli")  # a string is no import (see the next test)
+    assert "megabatch_train.cli" not in imports("megabatch.cli")  # an entry point is no import
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert layer("megabatch.bench.single") < layer("megabatch.functional") < layer("megabatch.losses.ops") \
         < layer("megabatch.strategies._comm") < layer("megabatch.kernels.base") < layer("megabatch._numerics")
-    assert len(MODULES) > 30 and not any(APP in p.parents for p in MODULES.values())
+    assert len(MODULES) > 30 and APP.is_dir() and not any(APP in p.parents for p in MODULES.values())
 
 
 def test_no_import_circles():
@@ -157,16 +152,9 @@ def test_no_module_imports_a_higher_layer():
 
 
 def app_strings(module: str) -> list[str]:
-    """The string constants of `module` that name the app (CLI_NAMES_THE_APP's table left out)."""
+    """The string constants of `module` that name the app."""
     tree = ast.parse(MODULES[module].read_text())
-    excused: set[int] = set()
-    if module == CLI_NAMES_THE_APP[0]:  # the one exception, removed by the app split
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == CLI_NAMES_THE_APP[1]
-                                                    for t in node.targets):
-                excused.update(id(n) for n in ast.walk(node.value))
-        assert excused, f"{CLI_NAMES_THE_APP[0]} has no {CLI_NAMES_THE_APP[1]} table: drop the exception"
-    return sorted({node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and id(node) not in excused
+    return sorted({node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
                    and isinstance(node.value, str) and any(a in node.value for a in APP_NAMES)})
 
 
