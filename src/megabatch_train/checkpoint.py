@@ -44,7 +44,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from .runconfig import TrainConfig
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 _TMP = re.compile(r"^\.step_\d+\.pt\..*\.tmp$")
@@ -200,7 +200,7 @@ def fitted_fields(cfg: TrainConfig) -> set[str]:
 
 def flag_of(name: str, model: bool = False) -> str:
     """The command-line flag of a config field (a model field without a flag: its --preset's)."""
-    from .config import _MODEL_FLAGS as with_flags
+    from .runconfig import MODEL_FLAGS as with_flags
 
     if not model:
         return "--" + name.replace("_", "-")
