@@ -25,6 +25,18 @@ def test_presets_validate_and_flags_override():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_centring_is_decided_by_model_config_centred():
+    # The default (None): SigLIP's towers are centred, CLIP's not; --center / --no-center override it.
+    for loss, default in (("clip", False), ("siglip", True)):
+        assert from_preset("tiny", loss=loss).model.centred(loss) is default
+        assert from_preset("tiny", loss=loss, center=not default).model.centred(loss) is (not default)
+        # A config saved before the field existed ran uncentred, SigLIP's too; one saved with None keeps None.
+        saved = from_preset("tiny", loss=loss).to_dict()
+        assert TrainConfig.from_dict(saved).model.center is None
+        del saved["model"]["center"]
+        assert TrainConfig.from_dict(saved).model.centred(loss) is False
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [

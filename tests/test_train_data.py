@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megabatch_train import synthetic as syn
-from megabatch_train.data import EvalData, ZeroShotTask
+from megabatch_train.datatypes import EvalData, ZeroShotTask
 from megabatch_train.digits import Digits
 from megabatch_train.evaluate import evaluate
 

@@ -28,7 +28,7 @@ import torch
 
 from megabatch.cli import main as megabatch
 from megabatch_train.config import TrainConfig, from_preset, parse_args
-from megabatch_train.data import EvalData, ZeroShotTask
+from megabatch_train.datatypes import EvalData, ZeroShotTask
 from megabatch_train.evaluate import evaluate
 from megabatch_train.report import summary
 from megabatch_train.synthetic import SyntheticShapes

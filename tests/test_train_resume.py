@@ -306,7 +306,7 @@ def test_failed_saves_keep_the_run_going(data, reference, monkeypatch, capsys):
             folder.unlink()
             folder.with_name("moved").rename(folder)
         if step == 7:
-            monkeypatch.setattr(checkpoint.torch, "save", full)
+            monkeypatch.setattr(torch, "save", full)
 
     def no_plot(*a, **k):
         raise RuntimeError("no display, no Agg")
@@ -316,7 +316,7 @@ def test_failed_saves_keep_the_run_going(data, reference, monkeypatch, capsys):
     with pytest.warns(UserWarning, match="curves.png was not drawn: RuntimeError: no display"):
         code, out, err = cli([*CSV, "--output", "saves"], capsys)
     assert code == 0, err
-    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     assert code == 0, err
     assert "step 4's checkpoint could not be written to saves/checkpoints/step_000004.pt: [Errno 17] File exists" \
            in err and "Newest checkpoint written: saves/checkpoints/step_000002.pt (step 2)" in err, err

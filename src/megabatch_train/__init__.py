@@ -9,7 +9,7 @@ so `--help` and usage errors work, and a missing [train] extra is named, before 
 """
 from typing import Any
 
-from .config import ModelConfig, TrainConfig, from_preset
+from .runconfig import ModelConfig, TrainConfig, from_preset
 
 __all__ = ["ModelConfig", "TrainConfig", "from_preset", "train"]
 

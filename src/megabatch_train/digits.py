@@ -5,7 +5,7 @@ digit three", "a handwritten three", ...); zero-shot classification averages eve
 class, as CLIP's prompt ensembles do. Sample i of batch `step` depends only on (seed, step, i).
 Images are upsampled (bilinear) to (3, S, S) float32, roughly zero mean and unit variance; for a
 pretrained Hugging Face model (`pixels`), to its processor's resize side in [0, 1], then
-centre-cropped to S (`data.Pixels`).
+centre-cropped to S (`datatypes.Pixels`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import EvalData, Pixels, ZeroShotTask
+from .datatypes import EvalData, Pixels, ZeroShotTask
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = ("a photo of the digit {}", "a handwritten {}", "the number {}", "a drawing of a {}")

@@ -21,7 +21,7 @@ names: concepts never seen in training) and `category` (9 categories, every imag
 The same name drawn in two styles is one concept: a batch may hold both drawings, so train with
 caption positives (--positives caption), or each is the other's false negative.
 For a pretrained Hugging Face model (`pixels`) the drawings are made at its processor's resize side
-and come out in [0, 1], centre-cropped to its size (`data.Pixels`).
+and come out in [0, 1], centre-cropped to its size (`datatypes.Pixels`).
 Rendering takes ~10 s and is cached (an .npz under $MEGABATCH_CACHE, default
 ~/.cache/megabatch) per image size and package versions.
 """
@@ -38,8 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import EvalData, Pixels, ZeroShotTask
-from .files import DataError
+from .datatypes import DataError, EvalData, Pixels, ZeroShotTask
 
 STYLES = ("twemoji", "openmoji", "noto")
 TRAIN_STYLES = ("twemoji", "openmoji")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import EvalData
+from .datatypes import EvalData
 
 KS = (1, 5, 10)
 MEANINGLESS_CHANCE = 0.5  # a metric whose chance level is this or more is listed as not meaningful

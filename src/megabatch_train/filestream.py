@@ -1,7 +1,8 @@
 """Training streams and evaluation sets over users' files: CSV/TSV tables and webdataset shards.
 
 Wraps the readers of `megabatch_train.files` (which split rows/shards by rank, then by worker,
-shuffle per epoch with the seed, loop forever, and skip and count bad items).
+shuffle per epoch with the seed, loop forever, and skip and count bad items). The pieces it is
+built from (options, decoding, the held-out rows of a table, chunks of pairs) are in fileloading.py.
 
 Loading. Each rank reads its share through a torch DataLoader with `workers` processes (0: in the
 training process), persistent, prefetching, with pinned memory on CUDA. A worker decodes whole
@@ -32,149 +33,25 @@ the samples whose key hashes below the fraction (the evaluation set is the first
 from __future__ import annotations
 
 import itertools
-import math
-import os
 import warnings
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from .data import EvalData
-from .files import REASONS, CsvPairs, DataError, TarShards, read_table
+from .datatypes import DataError, EvalData
+from .fileloading import (EVAL_CAP, SPLIT_SEED, Chunks, FileOptions, collate, normalize, open_table, reader,
+                          split_rows)
+from .pairs import REASONS
 from .report import percent
+from .tables import CsvPairs
 
-MEAN = torch.tensor([0.4815, 0.4578, 0.4082]).view(3, 1, 1)
-STD = torch.tensor([0.2686, 0.2613, 0.2758]).view(3, 1, 1)
 CHUNK = 128  # pairs a worker decodes per DataLoader item
 PREFETCH = 4  # chunks each worker keeps ready
-EVAL_CAP = 5000  # a fractional --eval-split holds out at most this many pairs
 WARN_FIRST = 5  # distinct bad items the training process warns about one by one; the rest are counted
 TOKENIZER_SAMPLE = 100_000  # training captions the BPE learns from (and the context is fitted to)
-_SPLIT_SEED = 20251201  # the table split is part of the data, not of a run's seed
-
-
-@dataclass
-class FileOptions:
-    """How to read users' files (the csv_*/wds_*/eval_*/workers fields of TrainConfig)."""
-
-    image_key: Union[str, int] = "filepath"
-    caption_key: Union[str, int] = "title"
-    id_key: Optional[Union[str, int]] = None
-    separator: Optional[str] = None
-    wds_id: Optional[str] = None
-    eval_split: float = 0.02
-    eval_size: int = 0
-    workers: int = 2
-    pixels: Optional[Any] = None  # data.Pixels of a --model hf:... (its image processor), or None
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "FileOptions":
-        def column(value: Optional[str], default: Optional[str]) -> Optional[Union[str, int]]:
-            value = default if value is None else value
-            return int(value) if value is not None and value.isdigit() else value
-
-        return cls(column(cfg.csv_img_key, "filepath"), column(cfg.csv_caption_key, "title"),  # type: ignore[arg-type]
-                   column(cfg.csv_id_key, None), cfg.csv_separator, cfg.wds_id_key, float(cfg.eval_split),
-                   cfg.eval_size, cfg.workers)
-
-
-class ToUint8:
-    """PIL RGB image -> (3, size, size) uint8: centre square crop, bilinear resize."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, image: Image.Image) -> Tensor:
-        w, h = image.size
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        image = image.crop((left, top, left + s, top + s)).resize((self.size, self.size), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def normalize(images: Tensor, pixels: Any = None) -> Tensor:
-    """uint8 (n, 3, S, S) -> float32 with CLIP's mean and std, on the images' device ([0, 1] with
-    `pixels`: the pretrained model applies its processor's)."""
-    x = images.float().div_(255.0)
-    if pixels is not None:
-        return x
-    return x.sub_(MEAN.to(x.device)).div_(STD.to(x.device))
-
-
-def _reader(kind: str, path: str, image_size: int, opts: FileOptions, **kw: Any) -> Any:
-    transform, draft = ToUint8(image_size), image_size
-    if opts.pixels is not None:
-        transform, draft = opts.pixels.geometry, None
-    if kind == "csv":
-        return CsvPairs(kw.pop("table"), transform=transform, draft=draft, **kw)
-    return TarShards(path, id_ext=opts.wds_id, transform=transform, draft=draft, **kw)
-
-
-def open_table(path: str, opts: FileOptions) -> Any:
-    return read_table(path, opts.image_key, opts.caption_key, opts.id_key, opts.separator)
-
-
-def split_rows(n: int, eval_split: float, world: int, path: str) -> tuple[list[int], list[int]]:
-    """(training rows, held-out rows) of an n-row table, both in table order."""
-    if eval_split <= 0:
-        return list(range(n)), []
-    held = int(eval_split) if eval_split >= 1 else min(EVAL_CAP, max(1, round(eval_split * n)))
-    if n - held < world:
-        raise DataError(f"{path}: holding out {held} of its {n} rows for evaluation (--eval-split {eval_split:g}) "
-                        f"leaves {n - held} for training, fewer than the {world} rank(s); use --eval-split 0 "
-                        "(or a smaller one) or give --eval-data")
-    order = np.random.default_rng(_SPLIT_SEED).permutation(n)
-    return sorted(order[held:].tolist()), sorted(order[:held].tolist())
-
-
-class _Chunks(IterableDataset):
-    """Chunks of pairs of one rank: DataLoader worker i acts as reader worker (i + rotation) % W."""
-
-    def __init__(self, pairs: Any, chunk: int, cursors: list[list[int]], first: list[int], rotation: int):
-        self.pairs, self.chunk, self.cursors, self.first, self.rotation = pairs, chunk, cursors, first, rotation
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        w = (wid + self.rotation) % n
-        walk = self.pairs.walk(w, n, tuple(self.cursors[w]))
-        counts = self.pairs._counts[self.pairs._slot()]
-        events = self.pairs.events  # this process's bad items (a list when the owner reports them)
-        size = self.first[w]
-        while True:
-            items, bad, skips = [], [], []
-            for item, cursor in itertools.islice(walk, size):
-                if events:  # skipped just before this pair
-                    skips += [(len(items), *e) for e in events]
-                    events.clear()
-                items.append((item, cursor))
-                bad.append(counts.clone())
-            if not items:
-                return
-            yield collate(w, items, torch.stack(bad), skips)
-            size = self.chunk
-
-
-def collate(worker: int, items: list[tuple[tuple[Any, ...], Any]], counts: Optional[Tensor] = None,
-            skips: Optional[list[tuple[int, str, str, str]]] = None) -> dict[str, Any]:
-    """One chunk: uint8 images, captions, int64 ids (or None), cursors, the worker's skip counts
-    (cumulative, after each pair) and the bad items skipped (index of the pair after each, reason,
-    where, why)."""
-    has_id = len(items[0][0]) == 3
-    return {
-        "worker": worker,
-        "images": torch.stack([it[0] for it, _ in items]),
-        "captions": [it[1] for it, _ in items],
-        "ids": torch.tensor([it[2] for it, _ in items], dtype=torch.int64) if has_id else None,
-        "cursors": torch.tensor([list(c) for _, c in items], dtype=torch.int64),
-        "counts": counts,
-        "skips": skips or [],
-    }
 
 
 class FileStream:
@@ -199,13 +76,13 @@ class FileStream:
             if kind == "csv":
                 self.table = open_table(path, opts)
                 train_rows, self.eval_rows = split_rows(len(self.table.rows), split, world, path)
-                self.pairs = _reader(kind, path, image_size, opts, table=self.table, rows=train_rows, rank=rank,
+                self.pairs = reader(kind, path, image_size, opts, table=self.table, rows=train_rows, rank=rank,
                                      world_size=world, shuffle=True, seed=seed, repeat=True)
             else:
                 if split >= 1:
                     raise DataError(f"--eval-split {split:g}: shards hold out a fraction of their samples (by key); "
                                     "give a fraction < 1, 0, or --eval-data")
-                self.pairs = _reader(kind, path, image_size, opts, held_out=split, split="train", rank=rank,
+                self.pairs = reader(kind, path, image_size, opts, held_out=split, split="train", rank=rank,
                                      world_size=world, shuffle=True, seed=seed, repeat=True)
         except DataError:
             raise
@@ -287,7 +164,7 @@ class FileStream:
         if self.kind == "csv":
             rows = self.pairs._order
             if len(rows) > limit:
-                rows = sorted(np.random.default_rng(_SPLIT_SEED + 1).choice(rows, limit, replace=False).tolist())
+                rows = sorted(np.random.default_rng(SPLIT_SEED + 1).choice(rows, limit, replace=False).tolist())
             return self.table.captions(rows)
         return self.pairs.captions(limit)
 
@@ -296,7 +173,7 @@ class FileStream:
         first = [CHUNK] * self.workers
         if self._left:
             first[self._next] = self._left
-        chunks = _Chunks(self.pairs, CHUNK, [list(c) for c in self._cursors], first, self._next)
+        chunks = Chunks(self.pairs, CHUNK, [list(c) for c in self._cursors], first, self._next)
         if self.in_process:
             return iter(chunks)
         self._loader = DataLoader(chunks, batch_size=None, num_workers=self.workers, persistent_workers=True,
@@ -403,11 +280,11 @@ def load_eval(kind: str, path: str, image_size: int, opts: FileOptions, how: str
         rows = kw.pop("rows")
         if size and len(rows) > size:
             rows, cut = rows[:size], f"; cut to the first {size:,} of {len(rows):,} by --eval-size"
-        pairs = _reader(kind, path, image_size, opts, rows=rows, **kw)
+        pairs = reader(kind, path, image_size, opts, rows=rows, **kw)
         chunks = _read_all_rows(pairs, opts.workers)
     else:
         limit = min(x for x in (size, cap, 2**62) if x)
-        pairs = _reader(kind, path, image_size, opts, **kw)
+        pairs = reader(kind, path, image_size, opts, **kw)
         items = [(it, (0, 0, 0)) for it in itertools.islice(pairs, limit)]
         chunks = [collate(0, items)] if items else []
         if len(items) == limit and size == limit:
@@ -426,7 +303,7 @@ def load_eval(kind: str, path: str, image_size: int, opts: FileOptions, how: str
 def _read_all_rows(pairs: CsvPairs, workers: int) -> list[dict[str, Any]]:
     """Every row of a table reader through a DataLoader, back in row order."""
     n = max(1, min(workers, pairs.units()))
-    chunks = _Chunks(pairs, CHUNK, [[0, 0, 0]] * n, [CHUNK] * n, 0)
+    chunks = Chunks(pairs, CHUNK, [[0, 0, 0]] * n, [CHUNK] * n, 0)
     got = list(chunks) if workers == 0 else list(DataLoader(chunks, batch_size=None, num_workers=n))
     if not got:
         return []

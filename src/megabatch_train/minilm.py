@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .files import DataError
+from .datatypes import DataError
 
 WIDTH = 384
 PAD_ID = 0  # BERT's [PAD]

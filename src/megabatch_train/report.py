@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .config import TrainConfig
+from .runconfig import TrainConfig
 
 
 class MetricsLog:

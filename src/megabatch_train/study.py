@@ -95,7 +95,7 @@ def _plan(ns: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--samples ({plan['samples']}) must be at least the largest batch ({max(plan['batches'])})")
     if any(b < 2 for b in plan["memory_batches"]):
         raise ValueError(f"--memory-batches must all be >= 2, got {plan['memory_batches']}")
-    from .config import check_int, check_number
+    from .runconfig import check_int, check_number
 
     check_number("--lr", ns.lr, 0.0, low_open=True)
     for seed in plan["seeds"]:
@@ -108,7 +108,7 @@ def _plan(ns: argparse.Namespace) -> dict[str, Any]:
 def run_config(loss: str, batch: int, seed: int, samples: int, lr: float, output: str, backend: str = "auto",
                image_tower: str = "cnn") -> Any:
     """The TrainConfig of one study run."""
-    from .config import TrainConfig, from_preset
+    from .runconfig import TrainConfig, from_preset
 
     steps = max(1, samples // batch)
     extra: dict[str, Any] = {}
@@ -286,7 +286,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan = _plan(ns)
     except ValueError as e:
         parser.error(str(e))
-    from .files import DataError
+    from .datatypes import DataError
 
     out = Path(ns.output)
     out.mkdir(parents=True, exist_ok=True)

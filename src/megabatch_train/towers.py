@@ -8,9 +8,9 @@ FSDP2's fully_shard refuses 0-dim parameters (0-dim checkpoints still load). Any
 members (e.g. an open_clip model, 0-dim parameters included) can be trained by
 `megabatch_train.loop.train(cfg, model=...)`.
 
-With `center` (the default for SigLIP) each tower's embedding has its batch mean subtracted
-before the loop normalises it (`Center`: BatchNorm's centring without its scaling). Without it
-SigLIP's towers collapse in short runs (health.py says why).
+With `center` (by default for SigLIP: `ModelConfig.centred`) each tower's embedding has its batch
+mean subtracted before the loop normalises it (`Center`: BatchNorm's centring without its scaling).
+Without it SigLIP's towers collapse in short runs (health.py says why).
 
 Both towers are pre-norm transformers. The ViT (fixed 2-D sin-cos positions) mean-pools its patch
 tokens; the text tower reads the output at <cls> (position 0) and masks <pad> out of attention.
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .runconfig import ModelConfig
 from .tokenizer import PAD
 
 
@@ -162,7 +162,7 @@ class ContrastiveModel(nn.Module):
         init_scale = math.log(10.0) if loss == "siglip" else math.log(1 / 0.07)
         self.logit_scale = nn.Parameter(torch.full((1,), init_scale))  # (1,), not 0-dim: FSDP2 shards it
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0), requires_grad=loss == "siglip")
-        center = cfg.center if cfg.center is not None else loss == "siglip"
+        center = cfg.centred(loss)
         self.image_center = Center(cfg.embed_dim) if center else nn.Identity()
         self.text_center = Center(cfg.embed_dim) if center else nn.Identity()
         self.visual.apply(_init)
