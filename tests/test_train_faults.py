@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from _dist_utils import run_world
+from _tracked import Tracked
 from megabatch.train import from_preset, train
 from megabatch.train import checkpoint
 from megabatch.train.cli import main
@@ -40,33 +42,46 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def torchrun_cmd(args: list[str], restarts: int = 0, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "--max-restarts", str(restarts), *flags, "-m", "megabatch.train", *args]
+
+
+def env_with(fault: str = "") -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MEGABATCH_FAULT": fault}
+
+
+def finish(run: Tracked, timeout: float, what: str = "torchrun") -> int:
+    """`run`'s exit code once it ended within `timeout` s and no process of it is left 10 s later
+    (else the test fails with the output; the `with` block then kills what is left)."""
+    rc = run.wait(timeout)
+    if rc is None:
+        pytest.fail(f"{what} did not finish within {timeout} s:\n{run.output[-3000:]}")
+    left = run.wait_gone(10)
+    if left:
+        pytest.fail(f"{len(left)} process(es) outlived {what}: {[p.pid for p in left]}\n{run.output[-3000:]}")
+    return rc
+
+
 def torchrun(args: list[str], fault: str = "", restarts: int = 0, timeout: float = 120) -> tuple[int, str, float]:
-    """Run `torchrun --standalone --nproc_per_node 2 -m megabatch.train ARGS` in its own session;
-    return (exit code, output, seconds). Asserts that no process of the session outlives it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGABATCH_FAULT": fault}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", str(restarts), "-m", "megabatch.train", *args]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {timeout} s:\n{out[-3000:]}")
-    seconds = time.monotonic() - t0
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
+    """Run `torchrun --standalone --nproc_per_node 2 -m megabatch.train ARGS`; return (exit code,
+    output, seconds). Fails if it runs past `timeout` or any process of it outlives it."""
+    with Tracked(torchrun_cmd(args, restarts), env_with(fault)) as run:
+        rc = finish(run, timeout)
+        seconds = time.monotonic() - run.started
+    return rc, run.output, seconds
+
+
+def wait_for_step(run: Tracked, out: Path, step: int, timeout: float = 120) -> None:
+    """Wait until rank 0 has logged `step` in metrics.jsonl (fail with the output at the deadline)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and run.proc.poll() is None:
+        path = out / "metrics.jsonl"
+        if path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()
+                                 if line.strip()):
+            return
         time.sleep(0.05)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("a worker outlived torchrun")
-    return proc.returncode, out, seconds
+    pytest.fail(f"step {step} was not logged within {timeout} s (exit code {run.proc.poll()}):\n{run.output[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +110,22 @@ def test_killed_rank_restarts_and_resumes(tmp_path, uninterrupted, rank):
 
 
 def test_hung_rank_fails_within_the_timeout(tmp_path):
-    rc, log, seconds = torchrun([*TINY, "--steps", "6", "--dist-timeout", "3", "--output", str(tmp_path)],
-                                fault="hang@3:1")
-    assert rc != 0
-    assert "step 3: the clip loss (strategy ring: send/recv around the ring)" in log, log[-3000:]
-    assert "--dist-timeout 3 s" in log
-    assert seconds < 60
+    """The rank that times out names the collective and exits within 30 s of its error while its
+    peer is still hung: it waits for no peer in teardown (before the fix it could deadlock there for
+    good, teardown.py). Then the test ends the run: torchrun would SIGKILL the hung rank only 30 s
+    later (it ignores SIGTERM, the preemption handler)."""
+    args = [*TINY, "--steps", "6", "--dist-timeout", "3", "--output", str(tmp_path)]
+    with Tracked(torchrun_cmd(args), env_with("hang@3:1")) as run:
+        rank0, rank1 = run.process_of_rank(0, 120), run.process_of_rank(1, 120)
+        assert rank0 is not None and rank1 is not None, run.output[-3000:]
+        error = run.wait_for_line(r"error: step 3: the clip loss \(strategy ring: send/recv around the ring\)", 120)
+        assert error is not None, run.output[-3000:]
+        try:
+            rank0.wait(30)
+        except psutil.TimeoutExpired:
+            pytest.fail(f"rank 0 still runs 30 s after its error:\n{run.output[-3000:]}")
+        assert rank1.is_running(), "the hung rank ended first: this run does not test rank 0's own exit"
+    assert "--dist-timeout 3 s" in run.output
 
 
 def _nan_worker(rank: int, world: int, out: str) -> list[torch.Tensor]:

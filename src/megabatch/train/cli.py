@@ -17,7 +17,14 @@ A run whose --output holds checkpoints of the same settings resumes from the new
 (different settings: an error; --fresh deletes them and starts over). A non-finite loss or gradient
 on any rank skips that update on every rank (counted as skipped_steps in metrics.jsonl); after
 --max-bad-steps in a row the run stops. A collective that waits --dist-timeout seconds for a peer
-fails with the collective's name.
+fails with the collective's name, and that rank exits at once (exit 1) without waiting for its peers.
+
+Preemption: SIGTERM (or SIGUSR1) stops every rank at the same step, after one checkpoint at that
+step; the exit code is 128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1) and the same
+command resumes. Under torchrun the agent forwards SIGTERM (SIGUSR1 with --signals-to-handle
+SIGTERM,SIGUSR1) and SIGKILLs workers after --shutdown-timeout (30 s). See docs/operations.md.
+Exit codes: 0 done, 1 failed (non-finite steps, a failed collective), 2 usage or unusable input,
+143 / 138 preempted (checkpoint written).
 
 Presets: tiny, demo, small, base (see megabatch.train.config.PRESETS); flags override a preset.
 Outputs in --output: metrics.jsonl, eval.json, curves.png, config.json, checkpoints/step_*.pt.
@@ -25,15 +32,20 @@ Outputs in --output: metrics.jsonl, eval.json, curves.png, config.json, checkpoi
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Optional
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Parse `argv` (default sys.argv[1:]), train, print the held-out summary. Returns an exit code."""
+    import torch.distributed as dist
+
     from .checkpoint import CheckpointError, resume_config
     from .config import parse_args
     from .loop import CollectiveError, NonFiniteError, train
+    from .preempt import SIGNALS, Preempted
+    from .teardown import exit_now
 
     cfg, given = parse_args(argv, epilog=__doc__)
     if cfg.resume:
@@ -51,12 +63,23 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
     from .files import DataError
 
+    worker = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()  # train() joins torchrun
     try:
         train(cfg)
     except (DataError, CheckpointError) as e:  # files, columns or checkpoints that cannot be used as asked
         print(f"megabatch train: error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteError, CollectiveError) as e:
+    except Preempted as e:  # rank 0 said where the checkpoint is
+        if worker:  # once one rank has exited, torchrun SIGTERMs the others: they are done, let them exit so
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+        return e.exit_code
+    except CollectiveError as e:
+        print(f"megabatch train: error: {e}", file=sys.stderr)
+        if worker:  # the group failed: Python's teardown of it can deadlock (teardown.py); end here
+            exit_now(1)
+        return 1
+    except NonFiniteError as e:
         print(f"megabatch train: error: {e}", file=sys.stderr)
         return 1
     return 0
