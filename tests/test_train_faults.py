@@ -214,3 +214,98 @@ def test_other_settings_are_refused_and_fresh_starts_over(tmp_path, capsys):
     assert checkpoint.read(checkpoint.checkpoint_path(tmp_path, 2))["config"]["lr"] == 0.01
     with pytest.raises(SystemExit):
         main([*TINY, *flags, "--fresh", "--resume", str(tmp_path)])
+
+
+PREEMPTED = r"preempted by (SIG\w+) at step (\d+): checkpoint (\S+) written \([\d.]+ s\); run the same command to resume"
+
+
+def _preempted(log: str, signame: str) -> int:
+    """The step rank 0 says the run stopped at for `signame` (the message appears exactly once)."""
+    found = re.findall(PREEMPTED, log)
+    assert len(found) == 1 and found[0][0] == signame, log[-3000:]
+    return int(found[0][1])
+
+
+def test_sigterm_stops_a_single_process_run_with_a_checkpoint(tmp_path):
+    """`kill <pid>` of `python -m megabatch.train`: exit 143 after a checkpoint at the step it
+    stopped at, every step up to it logged; the same command resumes there and finishes."""
+    args = [*TINY, "--steps", "10", "--output", str(tmp_path)]
+    with Tracked([sys.executable, "-m", "megabatch.train", *args], env_with("slow@1-10")) as run:
+        wait_for_step(run, tmp_path, 2)
+        os.kill(run.proc.pid, signal.SIGTERM)
+        rc = finish(run, 60, "the run")
+    assert rc == 143, run.output[-3000:]
+    step = _preempted(run.output, "SIGTERM")
+    assert 2 <= step < 10
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "checkpoints")] == [f"step_{step:06d}.pt"]
+    assert [r["step"] for r in records(tmp_path)] == list(range(1, step + 1))
+    assert main(args) == 0
+    assert [r["step"] for r in records(tmp_path)] == list(range(1, 11))
+
+
+def test_usr1_fault_stops_at_its_step_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
+    """MEGABATCH_FAULT=usr1@3: SIGUSR1 during step 3 stops the run after step 3 (exit 138, one
+    checkpoint); the previous handlers are back afterwards; resuming ends where an uninterrupted
+    run ends. (The test's own SIGUSR1 handler catches the signal if train() does not.)"""
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: caught.append(signum))
+    try:
+        guard = signal.getsignal(signal.SIGUSR1)
+        args = [*TINY, "--steps", "5", "--output", str(tmp_path / "run")]
+        monkeypatch.setenv("MEGABATCH_FAULT", "usr1@3")
+        assert main(args) == 138
+        assert not caught and signal.getsignal(signal.SIGUSR1) is guard
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert _preempted(capsys.readouterr().out, "SIGUSR1") == 3
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "run" / "checkpoints")] == ["step_000003.pt"]
+    monkeypatch.delenv("MEGABATCH_FAULT")
+    assert main(args) == 0
+    assert main([*TINY, "--steps", "5", "--output", str(tmp_path / "reference")]) == 0
+    got, want = records(tmp_path / "run"), records(tmp_path / "reference")
+    assert [r["step"] for r in got] == list(range(1, 6))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+
+
+def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint(tmp_path):
+    """SIGTERM to torchrun's agent: it forwards it, both ranks stop at one step and exit before
+    torchrun's --shutdown-timeout (none is SIGKILLed), rank 0 wrote that step's checkpoint; torchrun
+    itself ends with SignalException (exit 1). (SIGUSR1 with --signals-to-handle SIGTERM,SIGUSR1 is
+    forwarded the same way: checked by hand, docs/operations.md.)"""
+    args = [*TINY, "--steps", "10", "--output", str(tmp_path)]
+    with Tracked(torchrun_cmd(args), env_with("slow@1-10")) as run:
+        wait_for_step(run, tmp_path, 1)
+        os.kill(run.proc.pid, signal.SIGTERM)
+        rc = finish(run, 60)
+    assert rc == 1 and "SignalException" in run.output, run.output[-3000:]
+    assert "forcefully exiting via" not in run.output  # no rank needed SIGKILL
+    step = _preempted(run.output, "SIGTERM")
+    assert 1 <= step < 10
+    assert checkpoint.checkpoints(tmp_path / "checkpoints")[-1].name == f"step_{step:06d}.pt"
+    assert [r["step"] for r in records(tmp_path)] == list(range(1, step + 1))
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes(tmp_path, uninterrupted):
+    """SIGTERM to rank 1 only: rank 0 learns it through the step's all_reduce, both stop after the
+    same step and exit 143; the same command resumes and ends equal to an uninterrupted run."""
+    args = [*TINY, "--steps", "10", "--ckpt-every", "4", "--output", str(tmp_path)]
+    with Tracked(torchrun_cmd(args), env_with("slow@1-10")) as run:
+        rank1 = run.process_of_rank(1, 120)
+        assert rank1 is not None, run.output[-3000:]
+        wait_for_step(run, tmp_path, 1)
+        rank1.send_signal(signal.SIGTERM)
+        rc = finish(run, 60)
+    assert rc == 1, run.output[-3000:]
+    assert sorted(re.findall(r"exitcode\s+: (-?\d+) \(pid", run.output)) == ["143", "143"], run.output[-3000:]
+    step = _preempted(run.output, "SIGTERM")
+    assert checkpoint.checkpoints(tmp_path / "checkpoints")[-1].name == f"step_{step:06d}.pt"
+    rc, log, _ = torchrun(args)
+    assert rc == 0, log[-3000:]
+    assert f"step_{step:06d}.pt (step {step})" in log
+    got, want = records(tmp_path), records(uninterrupted)
+    assert [r["step"] for r in got] == list(range(1, 11))
+    assert got[-1]["loss"] == pytest.approx(want[-1]["loss"], rel=1e-6, abs=0)
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    reference = json.loads((uninterrupted / "eval.json").read_text())
+    for key in ("zero_shot_top1", "i2t_r1", "t2i_r1", "i2t_r5"):
+        assert evaluation[key] == reference[key], key
