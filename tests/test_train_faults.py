@@ -11,7 +11,13 @@
   files are deleted; --keep-checkpoints keeps that many; a run directory holding checkpoints of
   other settings is a usage error (exit 2), --fresh starts over;
 * hung rank: a rank that stops calling the loss makes the other fail within --dist-timeout with
-  a message naming the collective.
+  a message naming the collective, and that rank exits within 30 s of its error while the hung
+  one still runs (it waits for no peer in teardown);
+* preemption: SIGTERM to a single process, to torchrun's agent, or to one of 2 ranks stops every
+  rank at one step with one checkpoint there (exit 143; SIGUSR1: 138); the same command resumes
+  and, with 2 ranks, ends equal to an uninterrupted run.
+Every command runs under tests/_tracked.py: output read with deadlines, every process of the run
+(torchrun's workers run in sessions of their own) found by an environment tag and killed at the end.
 """
 from __future__ import annotations
 
@@ -216,7 +222,8 @@ def test_other_settings_are_refused_and_fresh_starts_over(tmp_path, capsys):
         main([*TINY, *flags, "--fresh", "--resume", str(tmp_path)])
 
 
-PREEMPTED = r"preempted by (SIG\w+) at step (\d+): checkpoint (\S+) written \([\d.]+ s\); run the same command to resume"
+PREEMPTED = (r"preempted by (SIG\w+) at step (\d+): checkpoint (\S+) written \([\d.]+ s\); "
+             r"run the same command to resume")
 
 
 def _preempted(log: str, signame: str) -> int:
