@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -233,21 +234,40 @@ def _preempted(log: str, signame: str) -> int:
     return int(found[0][1])
 
 
+def _pairs_table(folder: Path, n: int) -> Path:
+    """n 8x8 PNGs and a table of (filepath, title): file data, read by DataLoader worker processes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "img").mkdir(parents=True)
+    lines = ["filepath\ttitle"]
+    for i in range(n):
+        Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).save(folder / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png\tpicture number {i}")
+    (folder / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    return folder / "pairs.tsv"
+
+
 def test_sigterm_stops_a_single_process_run_with_a_checkpoint(tmp_path):
-    """`kill <pid>` of `python -m megabatch.train`: exit 143 after a checkpoint at the step it
-    stopped at, every step up to it logged; the same command resumes there and finishes."""
-    args = [*TINY, "--steps", "10", "--output", str(tmp_path)]
+    """`kill -TERM -PGID` of `python -m megabatch.train` reading files with 2 loader workers (the
+    signal reaches them too): exit 143 after a checkpoint at the step it stopped at, every step up
+    to it logged, no process left; the same command resumes there and finishes."""
+    table = _pairs_table(tmp_path / "data", 80)
+    # --context-length 8: with the fitted default (0) a same-command resume of file data is refused
+    # today ("model.context_length (saved 5, now 0)"), a resume issue outside this test's subject
+    args = [*TINY, "--data", f"csv:{table}", "--workers", "2", "--eval-split", "8", "--batch-size", "24",
+            "--micro-batch-size", "12", "--context-length", "8", "--steps", "10", "--output", str(tmp_path / "run")]
     with Tracked([sys.executable, "-m", "megabatch.train", *args], env_with("slow@1-10")) as run:
-        wait_for_step(run, tmp_path, 2)
-        os.kill(run.proc.pid, signal.SIGTERM)
+        wait_for_step(run, tmp_path / "run", 2)
+        os.killpg(run.proc.pid, signal.SIGTERM)  # its own session: the trainer and its loader workers
         rc = finish(run, 60, "the run")
     assert rc == 143, run.output[-3000:]
     step = _preempted(run.output, "SIGTERM")
     assert 2 <= step < 10
-    assert [p.name for p in checkpoint.checkpoints(tmp_path / "checkpoints")] == [f"step_{step:06d}.pt"]
-    assert [r["step"] for r in records(tmp_path)] == list(range(1, step + 1))
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "run" / "checkpoints")] == [f"step_{step:06d}.pt"]
+    assert [r["step"] for r in records(tmp_path / "run")] == list(range(1, step + 1))
     assert main(args) == 0
-    assert [r["step"] for r in records(tmp_path)] == list(range(1, 11))
+    assert [r["step"] for r in records(tmp_path / "run")] == list(range(1, 11))
 
 
 def test_usr1_fault_stops_at_its_step_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .data import EvalData
 from .files import REASONS, CsvPairs, DataError, TarShards, read_table
+from .preempt import shield_loader_worker
 from .report import percent
 
 MEAN = torch.tensor([0.4815, 0.4578, 0.4082]).view(3, 1, 1)
@@ -227,7 +228,8 @@ class FileStream:
         if self.in_process:
             return iter(chunks)
         self._loader = DataLoader(chunks, batch_size=None, num_workers=self.workers, persistent_workers=True,
-                                  prefetch_factor=PREFETCH, pin_memory=self.device.type == "cuda")
+                                  prefetch_factor=PREFETCH, pin_memory=self.device.type == "cuda",
+                                  worker_init_fn=shield_loader_worker)  # the trainer decides when to stop
         return iter(self._loader)
 
     def _take(self, n: int) -> list[dict[str, Any]]:
