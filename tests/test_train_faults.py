@@ -173,6 +173,7 @@ def test_nan_in_a_row_stops_the_run(tmp_path, monkeypatch):
 
 def test_fault_spec_errors():
     assert parse("kill@6:1,nan@2-4") == [parse("kill@6:1")[0], parse("nan@2-4")[0]]
+    assert [f.kind for f in parse("term@3:1,usr1@2,slow@1-10")] == ["term", "usr1", "slow"]
     for bad in ("boom@3", "nan@x", "nan@0", "nan@5-2", "hang"):
         with pytest.raises(ValueError, match="MEGABATCH_FAULT"):
             parse(bad)
