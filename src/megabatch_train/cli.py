@@ -13,16 +13,21 @@ Usage:
     torchrun --nproc_per_node N -m megabatch_train --fsdp ...  # FSDP2: parameters, gradients and
                                                          # optimizer state sharded N ways (N >= 2)
 
-Exit status: 0 done; 1 the run failed (non-finite steps past --max-bad-steps, a held-out evaluation
-of a non-finite model, a collective failure, a missing [train] extra); 2 a usage error.
-
 A run whose --output holds checkpoints of the same settings resumes from the newest loadable one
 (different settings: an error; --fresh deletes them and starts over); run again once finished, it
 says so and trains nothing. --output is created and proven writable before any work; a checkpoint
 save that fails later is reported and retried at the next save (docs/operations.md). A non-finite loss or gradient
 on any rank skips that update on every rank (counted as skipped_steps in metrics.jsonl); after
 --max-bad-steps in a row the run stops. A collective that waits --dist-timeout seconds for a peer
-fails with the collective's name.
+fails with the collective's name, and that rank exits at once (exit 1) without waiting for its peers.
+
+Preemption: SIGTERM (or SIGUSR1) stops every rank at the same step, after one checkpoint at that
+step; the exit code is 128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1) and the same
+command resumes. Under torchrun the agent forwards SIGTERM (SIGUSR1 with --signals-to-handle
+SIGTERM,SIGUSR1) and SIGKILLs workers after --shutdown-timeout (30 s). See docs/operations.md.
+Exit codes: 0 done; 1 the run failed (non-finite steps past --max-bad-steps, a held-out evaluation
+of a non-finite model, a failed collective, a missing [train] extra); 2 a usage error or unusable
+input; 143 / 138 preempted (checkpoint written).
 
 Presets: tiny, demo, small, base (see megabatch_train.config.PRESETS); flags override a preset.
 Outputs in --output: metrics.jsonl, eval.json, curves.png, config.json, checkpoints/step_*.pt.
@@ -30,6 +35,7 @@ Outputs in --output: metrics.jsonl, eval.json, curves.png, config.json, checkpoi
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -55,8 +61,12 @@ def _main(argv: Optional[list[str]]) -> int:
     from .config import parse_args
 
     cfg, given = parse_args(argv, epilog=__doc__)
+    import torch.distributed as dist
+
     from .checkpoint import CheckpointError, resume_config
     from .loop import CollectiveError, NonFiniteError, train
+    from .preempt import SIGNALS, Preempted
+    from .teardown import exit_now
 
     if cfg.resume:
         try:
@@ -72,11 +82,22 @@ def _main(argv: Optional[list[str]]) -> int:
     from .files import DataError
     from .outputs import OutputError
 
+    worker = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()  # train() joins torchrun
     try:
         final = train(cfg)
     except (DataError, CheckpointError, OutputError) as e:  # files, checkpoints or --output unusable as asked
         return usage_error("megabatch train", str(e))
-    except (NonFiniteError, CollectiveError) as e:
+    except Preempted as e:  # rank 0 said where the checkpoint is
+        if worker:  # once one rank has exited, torchrun SIGTERMs the others: they are done, let them exit so
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+        return e.exit_code
+    except CollectiveError as e:
+        print(f"megabatch train: error: {e}", file=sys.stderr)
+        if worker:  # the group failed: Python's teardown of it can deadlock (teardown.py); end here
+            exit_now(1)
+        return 1
+    except NonFiniteError as e:
         print(f"megabatch train: error: {e}", file=sys.stderr)
         return 1
     if final.get("non_finite"):  # rank 0 only: the others return {}

@@ -3,7 +3,11 @@
 Kinds (steps are 1-based completed-step numbers; `a-b` is a range; rank defaults to every rank):
   kill@K:R   SIGKILL rank R right after the update of step K (before that step's checkpoint);
   nan@K:R    rank R's gradients at step K are NaN (the step must be skipped on every rank);
-  hang@K:R   rank R sleeps before step K's loss instead of calling it (the others must time out).
+  hang@K:R   rank R sleeps before step K's loss instead of calling it (the others must time out);
+  term@K:R   rank R sends itself SIGTERM before step K's loss (every rank must stop after step K,
+             with a checkpoint at K); usr1@K:R the same with SIGUSR1;
+  slow@K:R   rank R sleeps SLOW_S seconds before step K's loss (so that a signal sent from outside
+             after some step lands well before the run ends).
 Faults fire only on the first attempt (TORCHELASTIC_RESTART_COUNT 0), so a run restarted by
 torchrun goes on. Unset, the variable costs one dictionary lookup per step.
 """
@@ -17,7 +21,9 @@ from typing import Optional
 
 from torch import nn
 
-KINDS = ("kill", "nan", "hang")
+KINDS = ("kill", "nan", "hang", "term", "usr1", "slow")
+SIGNALS = {"term": signal.SIGTERM, "usr1": signal.SIGUSR1}
+SLOW_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,14 @@ class Injector:
         return any(f.hits(kind, step, self.rank) for f in self.faults)
 
     def before_loss(self, step: int) -> None:
-        if self.faults and self._hit("hang", step):
+        if not self.faults:
+            return
+        for kind, sig in SIGNALS.items():
+            if self._hit(kind, step):
+                signal.raise_signal(sig)  # handled before it returns: the flag is up for this step's check
+        if self._hit("slow", step):
+            time.sleep(SLOW_S)
+        if self._hit("hang", step):
             time.sleep(3600)
 
     def after_backward(self, step: int, model: nn.Module) -> None:

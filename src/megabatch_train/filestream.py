@@ -45,6 +45,7 @@ from .datatypes import DataError, EvalData
 from .fileloading import (EVAL_CAP, SPLIT_SEED, Chunks, FileOptions, collate, normalize, open_table, reader,
                           split_rows)
 from .pairs import REASONS
+from .preempt import shield_loader_worker
 from .report import percent
 from .tables import CsvPairs
 
@@ -177,7 +178,8 @@ class FileStream:
         if self.in_process:
             return iter(chunks)
         self._loader = DataLoader(chunks, batch_size=None, num_workers=self.workers, persistent_workers=True,
-                                  prefetch_factor=PREFETCH, pin_memory=self.device.type == "cuda")
+                                  prefetch_factor=PREFETCH, pin_memory=self.device.type == "cuda",
+                                  worker_init_fn=shield_loader_worker)  # the trainer decides when to stop
         return iter(self._loader)
 
     def _take(self, n: int) -> list[dict[str, Any]]:

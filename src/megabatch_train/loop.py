@@ -29,7 +29,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 import megabatch as mb
 
-from . import checkpoint, fsdp, hf_model, outputs
+from . import checkpoint, fsdp, hf_model, outputs, preempt, teardown
 from .config import TrainConfig
 from .data import build_data, build_eval, state_of
 from .evaluate import evaluate
@@ -170,22 +170,39 @@ def train(
 
     `model` may be any module with encode_image / encode_text / logit_scale (/ logit_bias); then
     `tokenizer` (list[str] -> (n, L) int64) must match its text tower.
+
+    SIGTERM / SIGUSR1 while it runs: every rank stops at the same step after its checkpoint and
+    raises preempt.Preempted (preempt.py). A CollectiveError in a group this call created (under
+    torchrun) aborts the group instead of destroying it; the process should then end with
+    teardown.exit_now, as the command does, since Python's clean-up of the failed group can deadlock
+    (teardown.py).
     """
     cfg.validate()
-    rt = init_runtime(cfg.device, cfg.dist_timeout)
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        result = _train(cfg, rt, model, tokenizer)
-        if rt.owns_group:
-            dist.barrier()
-            time.sleep(0.05)  # let gloo drain before teardown
-        return result
-    finally:
-        torch.set_num_threads(threads)
-        if rt.owns_group:
-            dist.destroy_process_group()
+    with preempt.StopRequest() as stop:
+        rt = init_runtime(cfg.device, cfg.dist_timeout)
+        threads = torch.get_num_threads()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        intact = rt.owns_group
+        try:
+            result = _train(cfg, rt, model, tokenizer, stop)
+            if rt.owns_group:
+                _barrier("the barrier at the end of the run", cfg, rt.world)
+                time.sleep(0.05)  # let gloo drain before teardown
+            return result
+        except preempt.Preempted:
+            if rt.owns_group:
+                time.sleep(0.05)  # every rank passed the barrier after the checkpoint; let gloo drain
+            raise
+        except CollectiveError:
+            if rt.owns_group:
+                intact = False
+                teardown.abandon_group()
+            raise
+        finally:
+            torch.set_num_threads(threads)
+            if intact:
+                dist.destroy_process_group()
 
 
 @dataclass
@@ -365,7 +382,8 @@ def _build(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
     return parts
 
 
-def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer: Any) -> dict[str, Any]:
+def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer: Any,
+           stop: Optional[preempt.StopRequest] = None) -> dict[str, Any]:
     t_run = time.perf_counter()
     cfg = copy.deepcopy(cfg)  # the caller's config stays as given; _build fits this copy
     given = cfg.to_dict()
@@ -430,7 +448,7 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
             loss = gc(images.to(rt.device), tokens.to(rt.device), *loss_args, **id_kwargs)
         faults.after_backward(done, model)
         with _collective(f"step {done}: the non-finite check's all_reduce", cfg, rt.world):
-            bad_ranks, global_loss = _nonfinite_ranks(loss, model, rt.world)
+            bad_ranks, global_loss, asked = _nonfinite_ranks(loss, model, rt.world, stop.pending() if stop else ())
         if bad_ranks:
             p.skipped, in_a_row = p.skipped + 1, in_a_row + 1
             if rt.rank == 0:
@@ -469,6 +487,19 @@ def _train(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
         if bar is not None:
             bar.update(1)
+        signum = preempt.StopRequest.agreed(asked)
+        if signum is not None and done < cfg.steps:  # every rank saw the same sums: they stop here together
+            if bar is not None:
+                bar.close()
+            def save_now() -> tuple[Optional[Path], Optional[int]]:
+                _save(cfg, rt, done, p)  # rank 0 writes; it alone knows whether the write failed
+                if not lead:
+                    return checkpoint.checkpoint_path(cfg.output, done), done
+                return p.saves.newest, (p.saves.newest_step if p.saves.newest is not None else None)
+
+            preempt.stop(signum, done, save_now,
+                         lambda: _barrier(f"step {done}: the barrier after the preemption checkpoint", cfg, rt.world),
+                         lead)
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
             if eval_data is not None:
                 with (_collective(f"step {done}: the evaluation's parameter all_gathers (--fsdp)", cfg, rt.world)
@@ -572,18 +603,28 @@ def _progress(cfg: TrainConfig, start: int) -> Any:
 
 
 @torch.no_grad()
-def _nonfinite_ranks(loss: Tensor, model: nn.Module, world: int) -> tuple[int, float]:
-    """(ranks whose loss or gradients hold a NaN/inf, the mean of the ranks' losses): one all_reduce,
-    so every rank takes the same decision."""
+def _nonfinite_ranks(loss: Tensor, model: nn.Module, world: int,
+                     requests: Sequence[float] = ()) -> tuple[int, float, list[float]]:
+    """(ranks whose loss or gradients hold a NaN/inf, the mean of the ranks' losses, `requests` summed
+    over ranks): one all_reduce, so every rank takes the same decisions. `requests` are the stop
+    flags of preempt.StopRequest.pending(), carried by this all_reduce so that stopping costs nothing."""
     loss = loss.detach().double().reshape(())
     checks = [torch.isfinite(loss)] + [torch.isfinite(fsdp.local(p.grad)).all() for p in model.parameters()
                                        if p.grad is not None]
     bad = (~torch.stack(checks).all()).double()
     t = torch.stack([bad, loss])  # on the loss's device (NCCL needs CUDA tensors); one host sync below
+    if requests:
+        t = torch.cat([t, torch.tensor(list(requests), dtype=t.dtype).to(t.device)])
     if world > 1:
         dist.all_reduce(t)
-    n_bad, total = t.tolist()
-    return int(n_bad), total / world
+    n_bad, total, *asked = t.tolist()
+    return int(n_bad), total / world, asked
+
+
+def _barrier(what: str, cfg: TrainConfig, world: int) -> None:
+    if world > 1:
+        with _collective(what, cfg, world):
+            dist.barrier()
 
 
 @torch.no_grad()
