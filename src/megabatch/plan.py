@@ -12,9 +12,11 @@ reports. With --act-bytes (the towers' activation bytes per sample) and --micro-
 adds the GradCache step around the loss: the features of the rank's batch and one micro-batch's
 activations (parameters and optimizer state are the user's to add).
 
-Where the formulas come from (B images and N texts in all, b = B/W and n = N/W per rank, D, e the
+Where the formulas come from (B images and N texts in all, b = ceil(B/W) and n = ceil(N/W) on the largest
+rank -- uneven batches are planned, as the library takes them --, D, e the
 feature element size, c the compute element size (4; 8 for float64), T the torch backend's logit
-tile (kernels/torch_chunked.py's TILE_ELEMENTS: this module imports every constant of the kernels),
+tile (kernels/torch_chunked.py's TILE_ELEMENTS: this module imports every constant of the kernels; a tile
+is min(b, max(16, T / cols)) x cols for the cols texts a visit meets, as that module cuts it),
 U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
   * bytes sent: the README's communication table and the strategies' docstrings, term by term,
     plus the 8-int64 layout exchange (_comm.LAYOUT_BYTES, 64 to each of W-1 peers) and, with --ids,
@@ -39,12 +41,13 @@ U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
     has other kernels and allocator);
   * triton backend: benchmarks/memory_accounting.py's measured slopes (CLIP backward and SigLIP
     forward 8 bytes per b*D for 16-bit features: dx 2 + fp32 gy 4 + dy 2) plus the super-block
-    scratch (TritonConfig.default's, 8192 x 8192 in the input dtype); distributed triton rows follow the torch
+    scratch (TritonConfig.default's, min(b, 8192) x min(cols, 8192) in the input dtype, as the kernels
+    allocate it); distributed triton rows follow the torch
     structure without the per-visit gx part (the kernels accumulate in place): predicted;
   * dense backend: the (b, n) logits and their gradient, 4 (CLIP) or 5 (SigLIP) logit-sized
     buffers (the README's measured dense rows): predicted.
 Every row that a GPU has not measured is marked "predicted"; float32 torch-backend rows on CPU are
-"checked on CPU" (within 10% at B >= 4096, D = 256).
+"checked on CPU" (within 10% at B >= 4096, D = 256; within 1 MiB at b from 64 to 1,024, W up to 8).
 """
 from __future__ import annotations
 
@@ -104,13 +107,23 @@ class Shape:
     strategy: str
     backend: str
     world: int
-    b: int
-    n: int
+    b: int  # the largest rank's images (uneven batches: ceil(B / W))
+    n: int  # the largest rank's texts (ceil(N / W))
     N: int
     dim: int
     dtype: str
     device: str
     ids: bool
+    nmin: int = -1  # the smallest rank's texts (floor(N / W)); -1: n (an even split)
+
+    @property
+    def n_low(self) -> int:
+        return self.n if self.nmin < 0 else self.nmin
+
+    @property
+    def cols(self) -> int:
+        """Texts one visit meets: the whole gathered batch (gather) or one block."""
+        return self.N if self.strategy == "gather" else self.n
 
     @property
     def e(self) -> int:
@@ -147,10 +160,19 @@ class Shape:
 
     @property
     def tiles(self) -> int:
-        """The torch backend's two logit tiles (its largest temporaries); 0 for the other backends."""
+        """The torch backend's two logit tiles (its largest temporaries) as torch_chunked.py cuts them:
+        max(16, T // cols) rows (at most b) of `cols` columns; 0 for the other backends."""
         if self.backend != "torch":
             return 0
-        return 2 * (CPU_TILE_ELEMENTS if self.device == "cpu" else GPU_TILE_ELEMENTS) * self.c
+        t = CPU_TILE_ELEMENTS if self.device == "cpu" else GPU_TILE_ELEMENTS
+        return 2 * min(self.b, max(16, t // max(self.cols, 1))) * self.cols * self.c
+
+    @property
+    def scratch(self) -> int:
+        """The triton backend's super-block scratch (input dtype) as triton_kernels.py allocates it:
+        min(b, super_rows) x min(cols, super_cols)."""
+        cfg = TritonConfig.default(getattr(torch, self.dtype))
+        return min(self.b, cfg.super_rows) * min(self.cols, cfg.super_cols) * self.e
 
 
 def _memory(s: Shape) -> dict[str, int]:
@@ -163,7 +185,7 @@ def _memory(s: Shape) -> dict[str, int]:
                 "gradients": ex + ey}
     if s.backend == "triton":
         cfg = TritonConfig.default(getattr(torch, s.dtype))
-        scratch = cfg.super_rows * cfg.super_cols * e
+        scratch = s.scratch
         if s.strategy == "local":
             return {"dx + fp32 gy + dy": ex + uy + ey, "super-block scratch": scratch, "statistics": 16 * (b + n)}
         if s.strategy == "ring":
@@ -197,34 +219,44 @@ def _memory(s: Shape) -> dict[str, int]:
     return terms
 
 
+def _ar(w: int, nbytes: int) -> int:
+    """What one all-reduce of `nbytes` counts (_comm floors each call's count)."""
+    return int(2 * (w - 1) / w * nbytes)
+
+
 def _sent(s: Shape) -> int:
-    """Bytes one rank sends per step (forward + backward) under _comm's ring cost model."""
+    """Bytes the busiest rank sends per step (forward + backward) under _comm's ring cost model, call by
+    call as _comm counts them. Uneven splits: a ring rank forwards every block but its successor's (the
+    smallest, n_low, at worst) and every accumulator; gather pads blocks to the largest (n)."""
     if s.strategy == "local" or s.world == 1:
         return 0
-    w, n, N, c = s.world, s.n, s.N, s.c
-    block = n * (s.dim * s.e + s.idb)
+    w, n, N, c, d = s.world, s.n, s.N, s.c, s.dim
+    row = d * s.e + s.idb  # a text row and its id
     sent = (w - 1) * LAYOUT_BYTES
     clip_ids = s.ids and s.loss == "clip"
     pos_sums = 16 if clip_ids else 0  # with ids: each column's positive count and logit sum
     target = 8 if clip_ids else 0  # with ids: each column's positive target, in the backward
     if clip_ids:
-        sent += 2 * (w - 1) / w * 16  # all-reduce of (rows, columns) with a positive
+        sent += _ar(w, 16)  # all-reduce of (rows, columns) with a positive
     if s.strategy == "ring":
+        passed = N - s.n_low  # the text rows this rank forwards (W - 1 blocks)
         if s.loss == "clip":
-            sent += (w - 1) * block + w * n * (LSE_BYTES + pos_sums)  # forward: blocks, column statistics
-            sent += (w - 1) * (block + n * (LSE_BYTES + target)) + w * n * s.dim * c  # backward: blocks + stats, grads
+            sent += passed * row + N * (LSE_BYTES + pos_sums)  # forward: blocks, column statistics
+            sent += passed * (row + LSE_BYTES + target) + N * d * c  # backward: blocks + stats, grads
         else:
-            sent += (w - 1) * block + w * n * s.dim * c
-        return int(sent)
-    sent += (w - 1) * block  # all_gather of the texts (and their ids), kept for the backward
-    # the text gradients back to their owners: NCCL reduce-scatters, gloo all-reduces
-    share = (w - 1) / w if s.device == "cuda" else 2 * (w - 1) / w
-    reduce = N * s.dim * c * share
+            sent += passed * row + N * d * c
+        return sent
+    sent += (w - 1) * n * row  # all_gather of the texts (and their ids), padded to n, kept for the backward
+
+    def reduce(width: int) -> int:  # (N, width) sums to their owners: NCCL reduce-scatters (padded), gloo all-reduces
+        return (w - 1) * n * width if s.device == "cuda" else _ar(w, N * width)
+
+    sent += reduce(d * c)
     if s.loss == "clip":
-        sent += 2 * (2 * (w - 1) / w * N * LSE_BYTES)  # the column lse: max and sum all-reduces
-        sent += N * pos_sums * share  # with ids: the positive sums reduced to their owners
+        sent += 2 * _ar(w, N * LSE_BYTES)  # the column lse: max and sum all-reduces
+        sent += reduce(pos_sums) if clip_ids else 0  # with ids: the positive counts and sums to their owners
         sent += (w - 1) * n * (LSE_BYTES + target)  # backward: the column statistics gathered again
-    return int(sent + reduce)
+    return sent
 
 
 def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: int, dtype: str, *,
@@ -252,11 +284,11 @@ def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: in
         raise ValueError(f"strategy local is one process: world must be 1, got {world}")
     if strategy != "local" and world == 1:
         raise ValueError(f"strategy {strategy} spreads the batch over ranks: world must be >= 2 (one process: local)")
-    if batch % world or texts % world:
-        raise ValueError(f"batch ({batch}) and texts ({texts}) must be divisible by world ({world})")
     if backend == "triton" and device == "cpu":
         raise ValueError("backend triton runs on cuda (on CPU only through Triton's interpreter): use --device cuda")
-    shape = Shape(loss, strategy, backend, world, batch // world, texts // world, texts, dim, dtype, device, ids)
+    # uneven batches: the largest rank (ceil) is planned; ranks beyond the batch hold nothing
+    shape = Shape(loss, strategy, backend, world, -(-batch // world), -(-texts // world), texts, dim, dtype, device,
+                  ids, texts // world)
     terms = _memory(shape)
     peak = int(sum(terms.values()))
     sent = _sent(shape)
@@ -268,15 +300,17 @@ def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: in
                 activations, peak + inputs + activations, status, terms)
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
 
 
 def parse_bytes(text: str) -> int:
-    """'80GiB', '80 GB', '1.5e9' -> bytes. ValueError naming the value otherwise."""
+    """'80GiB', '80 GB', '80000MiB' -> bytes. The unit is required: a bare 80 is read as nothing (80 bytes
+    is never what was meant), ValueError showing the accepted form."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"expected a size such as 80GiB, 40GB or 1e9, got {text!r}")
+        raise ValueError(f"expected a size with its unit, such as 80GiB, 80GB or 80000MiB "
+                         f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), got {text!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -318,7 +352,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     backend = a.backend if a.backend != "auto" else kernels.auto_backend(a.device)
     common = dict(texts=a.texts, device=a.device, ids=a.ids, act_bytes=a.act_bytes, micro_batch=a.micro_batch)
     try:
-        gpu_mem = parse_bytes(a.gpu_mem) if a.gpu_mem is not None else None
+        try:
+            gpu_mem = parse_bytes(a.gpu_mem) if a.gpu_mem is not None else None
+        except ValueError as e:
+            raise ValueError(f"--gpu-mem: {e}") from None
         chosen = plan(a.loss, strategy, backend, a.world, a.batch, a.dim, a.dtype, **common)
         options = []
         for st in (("local",) if a.world == 1 else ("ring", "gather")):
@@ -336,8 +373,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         out: dict[str, Any] = {**asdict(chosen), "gpu_mem_bytes": gpu_mem, "fits": fits, "options": rows}
         print(json.dumps(out, indent=1))
         return 0
-    print(f"{a.loss}, {a.world} rank(s), B = {a.batch} images, N = {chosen.texts} texts (b = {a.batch // a.world}, "
-          f"n = {chosen.texts // a.world} per rank), D = {a.dim}, {a.dtype} on {a.device}{', ids' if a.ids else ''}")
+    print(f"{a.loss}, {a.world} rank(s), B = {a.batch} images, N = {chosen.texts} texts (b = {-(-a.batch // a.world)}, "
+          f"n = {-(-chosen.texts // a.world)} on the largest rank), D = {a.dim}, {a.dtype} on {a.device}{', ids' if a.ids else ''}")
     print(f"{'strategy':9}{'backend':8}{'peak':>12}{'sent/step':>12}{'total':>12}  {'fits' if gpu_mem else ''}")
     for o in options:
         mark = "" if gpu_mem is None else ("yes" if o.total_bytes <= gpu_mem else "no")
