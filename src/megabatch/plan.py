@@ -58,21 +58,16 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-import torch
-
-from . import kernels, strategies
-from .kernels.torch_chunked import CPU_TILE_ELEMENTS, GPU_TILE_ELEMENTS
-from .kernels.triton_config import TritonConfig
+from . import kernels, strategies, timemodel
 from .losses import LOSSES
-from .strategies._comm import LAYOUT_BYTES
+from .plan_terms import DTYPES, Shape, _memory, _sent, shape_of
+
+__all__ = ["DTYPES", "Plan", "Shape", "main", "parse_bytes", "plan", "shape_of"]
 
 # The concrete names of the library's lists ("auto" is resolved first, as the losses resolve it)
 STRATEGIES = tuple(s for s in strategies.STRATEGIES if s != "auto")
 BACKENDS = tuple(b for b in kernels.BACKENDS if b != "auto")
-DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 DEVICES = ("cuda", "cpu")
-LSE_BYTES = 8  # the torch backend's float64 log-sum-exps
-ID_BYTES = 8
 
 
 @dataclass
@@ -96,167 +91,6 @@ class Plan:
     total_bytes: int
     status: str
     terms: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Shape:
-    """One configuration as one rank sees it, in the module docstring's names: b, n the rank's images and
-    texts, N the global texts; e and c the feature and compute element sizes (bytes)."""
-
-    loss: str
-    strategy: str
-    backend: str
-    world: int
-    b: int  # the largest rank's images (uneven batches: ceil(B / W))
-    n: int  # the largest rank's texts (ceil(N / W))
-    N: int
-    dim: int
-    dtype: str
-    device: str
-    ids: bool
-    nmin: int = -1  # the smallest rank's texts (floor(N / W)); -1: n (an even split)
-
-    @property
-    def n_low(self) -> int:
-        return self.n if self.nmin < 0 else self.nmin
-
-    @property
-    def cols(self) -> int:
-        """Texts one visit meets: the whole gathered batch (gather) or one block."""
-        return self.N if self.strategy == "gather" else self.n
-
-    @property
-    def e(self) -> int:
-        return DTYPES[self.dtype]
-
-    @property
-    def c(self) -> int:
-        return 8 if self.dtype == "float64" else 4
-
-    @property
-    def ux(self) -> int:
-        return self.b * self.dim * self.c
-
-    @property
-    def uy(self) -> int:
-        return self.n * self.dim * self.c
-
-    @property
-    def ex(self) -> int:
-        return self.b * self.dim * self.e
-
-    @property
-    def ey(self) -> int:
-        return self.n * self.dim * self.e
-
-    @property
-    def vy(self) -> int:
-        return self.N * self.dim * self.c
-
-    @property
-    def idb(self) -> int:
-        """Bytes of ids per row that travel with the features."""
-        return ID_BYTES if self.ids else 0
-
-    @property
-    def tiles(self) -> int:
-        """The torch backend's two logit tiles (its largest temporaries) as torch_chunked.py cuts them:
-        max(16, T // cols) rows (at most b) of `cols` columns; 0 for the other backends."""
-        if self.backend != "torch":
-            return 0
-        t = CPU_TILE_ELEMENTS if self.device == "cpu" else GPU_TILE_ELEMENTS
-        return 2 * min(self.b, max(16, t // max(self.cols, 1))) * self.cols * self.c
-
-    @property
-    def scratch(self) -> int:
-        """The triton backend's super-block scratch (input dtype) as triton_kernels.py allocates it:
-        min(b, super_rows) x min(cols, super_cols)."""
-        cfg = TritonConfig.default(getattr(torch, self.dtype))
-        return min(self.b, cfg.super_rows) * min(self.cols, cfg.super_cols) * self.e
-
-
-def _memory(s: Shape) -> dict[str, int]:
-    """Named terms of the peak (bytes); their sum is peak_bytes."""
-    b, n, N, dim, e, c = s.b, s.n, s.N, s.dim, s.e, s.c
-    ux, uy, ex, ey, vy, idb, tiles = s.ux, s.uy, s.ex, s.ey, s.vy, s.idb, s.tiles
-    conv = uy if e != c else 0  # the kernels' compute-dtype copy of a 16-bit text block
-    if s.backend == "dense":
-        return {"logit-sized buffers": (4 if s.loss == "clip" else 5) * b * (N if s.strategy == "gather" else n) * c,
-                "gradients": ex + ey}
-    if s.backend == "triton":
-        cfg = TritonConfig.default(getattr(torch, s.dtype))
-        scratch = s.scratch
-        if s.strategy == "local":
-            return {"dx + fp32 gy + dy": ex + uy + ey, "super-block scratch": scratch, "statistics": 16 * (b + n)}
-        if s.strategy == "ring":
-            blocks = (2 if s.world >= 3 else 1) * (ey + n * idb)
-            return {"text blocks in flight": blocks, "accumulators sent and received": 2 * uy,
-                    "gx + gy part": ux + uy, "super-block scratch": scratch, "statistics": 48 * max(b, n)}
-        # one visit: the row side is finished one row of super-blocks at a time (a (super_rows, D) fp32 buffer)
-        return {"gathered texts": N * dim * e + N * idb, "fp32 text-gradient accumulator": vy,
-                "dx + one row of super-blocks' fp32 gx": ex + min(b, cfg.super_rows) * dim * 4,
-                "super-block scratch": scratch}
-    if s.strategy == "local":  # the row side is finished chunk by chunk into dx (a row sink): no (b, D) gx
-        during = conv + uy + ex + tiles  # the text block's compute copy, gy, dx, 2 tiles
-        if s.loss == "clip":
-            after = uy + ex + (ey if e != c else 0)  # gy, dx and (16-bit) dy
-            return {"conv copy + gy + dx + tiles" if during >= after else "gy + dx + dy": max(during, after),
-                    "statistics": 16 * (b + n)}
-        backward = 2 * (ex + ey)  # the saved dx, dy and their scaled copies
-        return {"forward: conv copy + gy + dx + tiles" if during >= backward else "saved and scaled dx, dy":
-                max(during, backward)}
-    if s.strategy == "ring":
-        blocks = (2 if s.world >= 3 else 1) * (ey + n * idb)
-        terms = {"text blocks in flight": blocks, "accumulators sent and received": 2 * uy,
-                 "gx, its part and the gy part": 2 * ux + uy + conv, "tiles": tiles}
-        if s.loss == "clip":
-            terms["statistics"] = LSE_BYTES * (2 * b + 2 * n + (2 if s.world >= 3 else 1) * n)
-        return terms
-    terms = {"gathered texts": N * dim * e + N * idb, "(N, D) text-gradient accumulator": vy, "dx": ex,
-             "the kernels' compute copy of the gathered texts": N * dim * c if e != c else 0, "tiles": tiles}
-    if s.loss == "clip":
-        terms["statistics"] = 2 * LSE_BYTES * N + LSE_BYTES * b
-    return terms
-
-
-def _ar(w: int, nbytes: int) -> int:
-    """What one all-reduce of `nbytes` counts (_comm floors each call's count)."""
-    return int(2 * (w - 1) / w * nbytes)
-
-
-def _sent(s: Shape) -> int:
-    """Bytes the busiest rank sends per step (forward + backward) under _comm's ring cost model, call by
-    call as _comm counts them. Uneven splits: a ring rank forwards every block but its successor's (the
-    smallest, n_low, at worst) and every accumulator; gather pads blocks to the largest (n)."""
-    if s.strategy == "local" or s.world == 1:
-        return 0
-    w, n, N, c, d = s.world, s.n, s.N, s.c, s.dim
-    row = d * s.e + s.idb  # a text row and its id
-    sent = (w - 1) * LAYOUT_BYTES
-    clip_ids = s.ids and s.loss == "clip"
-    pos_sums = 16 if clip_ids else 0  # with ids: each column's positive count and logit sum
-    target = 8 if clip_ids else 0  # with ids: each column's positive target, in the backward
-    if clip_ids:
-        sent += _ar(w, 16)  # all-reduce of (rows, columns) with a positive
-    if s.strategy == "ring":
-        passed = N - s.n_low  # the text rows this rank forwards (W - 1 blocks)
-        if s.loss == "clip":
-            sent += passed * row + N * (LSE_BYTES + pos_sums)  # forward: blocks, column statistics
-            sent += passed * (row + LSE_BYTES + target) + N * d * c  # backward: blocks + stats, grads
-        else:
-            sent += passed * row + N * d * c
-        return sent
-    sent += (w - 1) * n * row  # all_gather of the texts (and their ids), padded to n, kept for the backward
-
-    def reduce(width: int) -> int:  # (N, width) sums to their owners: NCCL reduce-scatters (padded), gloo all-reduces
-        return (w - 1) * n * width if s.device == "cuda" else _ar(w, N * width)
-
-    sent += reduce(d * c)
-    if s.loss == "clip":
-        sent += 2 * _ar(w, N * LSE_BYTES)  # the column lse: max and sum all-reduces
-        sent += reduce(pos_sums) if clip_ids else 0  # with ids: the positive counts and sums to their owners
-        sent += (w - 1) * n * (LSE_BYTES + target)  # backward: the column statistics gathered again
-    return sent
 
 
 def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: int, dtype: str, *,
@@ -286,9 +120,7 @@ def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: in
         raise ValueError(f"strategy {strategy} spreads the batch over ranks: world must be >= 2 (one process: local)")
     if backend == "triton" and device == "cpu":
         raise ValueError("backend triton runs on cuda (on CPU only through Triton's interpreter): use --device cuda")
-    # uneven batches: the largest rank (ceil) is planned; ranks beyond the batch hold nothing
-    shape = Shape(loss, strategy, backend, world, -(-batch // world), -(-texts // world), texts, dim, dtype, device,
-                  ids, texts // world)
+    shape = shape_of(loss, strategy, backend, world, batch, texts, dim, dtype, device, ids)
     terms = _memory(shape)
     peak = int(sum(terms.values()))
     sent = _sent(shape)
@@ -342,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=0, help="GradCache micro-batch per rank")
     p.add_argument("--gpu-mem", help="memory per rank, e.g. 80GiB: also list which strategies/backends fit")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    timemodel.add_arguments(p)
     return p
 
 
@@ -365,22 +198,43 @@ def main(argv: Optional[list[str]] = None) -> int:
                 options.append(plan(a.loss, st, be, a.world, a.batch, a.dim, a.dtype, **common))
     except ValueError as e:
         parser.error(str(e))
-    fits = None if gpu_mem is None else chosen.total_bytes <= gpu_mem
+    def fit(o: Plan) -> Optional[bool]:
+        return None if gpu_mem is None else o.total_bytes <= gpu_mem
+
+    times: dict[tuple[str, str], dict[str, float]] = {}
+    if a.time:
+        hw = timemodel.hardware(a)
+        times = {(o.strategy, o.backend): timemodel.step_time(
+            shape_of(o.loss, o.strategy, o.backend, o.world, o.batch, o.texts, o.dim, o.dtype, o.device, o.ids), hw)
+            for o in options}
+        if a.strategy == "auto" or a.backend == "auto":  # the layout is known here: auto follows the model
+            pool = [o for o in options if a.strategy == "auto" or o.strategy == strategy]
+            pool = [o for o in pool if a.backend == "auto" or o.backend == backend]
+            chosen = timemodel.fastest([(o, times[(o.strategy, o.backend)], fit(o)) for o in pool]) or chosen
     if a.json:
         keys = ("strategy", "backend", "peak_bytes", "sent_bytes", "total_bytes", "status")
-        rows = [{**{k: getattr(o, k) for k in keys}, "fits": None if gpu_mem is None else o.total_bytes <= gpu_mem}
-                for o in options]
-        out: dict[str, Any] = {**asdict(chosen), "gpu_mem_bytes": gpu_mem, "fits": fits, "options": rows}
+        rows = [{**{k: getattr(o, k) for k in keys}, "fits": fit(o)} for o in options]
+        for r in rows if a.time else ():
+            t = times[(r["strategy"], r["backend"])]
+            r.update(time_ms=1e3 * t["time_s"], time_terms=t)
+        out: dict[str, Any] = {**asdict(chosen), "gpu_mem_bytes": gpu_mem, "fits": fit(chosen), "options": rows}
+        if a.time:
+            out.update(time_ms=1e3 * times[(chosen.strategy, chosen.backend)]["time_s"],
+                       hardware=timemodel.describe(hw))
         print(json.dumps(out, indent=1))
         return 0
     print(f"{a.loss}, {a.world} rank(s), B = {a.batch} images, N = {chosen.texts} texts (b = {-(-a.batch // a.world)}, "
-          f"n = {-(-chosen.texts // a.world)} on the largest rank), D = {a.dim}, {a.dtype} on {a.device}{', ids' if a.ids else ''}")
-    print(f"{'strategy':9}{'backend':8}{'peak':>12}{'sent/step':>12}{'total':>12}  {'fits' if gpu_mem else ''}")
+          f"n = {-(-chosen.texts // a.world)} on the largest rank), D = {a.dim}, {a.dtype} on {a.device}"
+          + (", ids" if a.ids else "") + (f"; time on {hw.name} (predicted)" if a.time else ""))
+    ms_head = format("ms/step", ">10") if a.time else ""
+    print(f"{'strategy':9}{'backend':8}{'peak':>12}{'sent/step':>12}{'total':>12}{ms_head}"
+          f"  {'fits' if gpu_mem else ''}")
     for o in options:
-        mark = "" if gpu_mem is None else ("yes" if o.total_bytes <= gpu_mem else "no")
+        mark = {None: "", True: "yes", False: "no"}[fit(o)]
         star = " <-" if (o.strategy, o.backend) == (chosen.strategy, chosen.backend) else ""
+        ms = f"{1e3 * times[(o.strategy, o.backend)]['time_s']:>10.3f}" if a.time else ""
         print(f"{o.strategy:9}{o.backend:8}{_fmt(o.peak_bytes):>12}{_fmt(o.sent_bytes):>12}{_fmt(o.total_bytes):>12}"
-              f"  {mark:4}{o.status}{star}")
+              f"{ms}  {mark:4}{o.status}{star}")
     print("peak: the loss's forward+backward beyond its inputs; total adds the features"
           + (" and one micro-batch's activations" if a.act_bytes and a.micro_batch else "")
           + "; sent: bytes per rank per step (ring cost model)")

@@ -1,0 +1,181 @@
+"""A time model of one loss step per strategy: `megabatch plan --time` (docs/performance.md, "Which strategy at
+256 GPUs").
+
+Per rank and step, for each strategy, four terms (seconds):
+  * compute: the kernels' FLOP (CLIP 4 GEMM-sized passes of 2*b*cols*D, SigLIP 3) at `gemm_tflops` times the
+    backend's ratio to that GEMM floor (RATIO), but never below `kernel_floor` per kernel launch (small
+    tiles: a visit of a 128-row block is launch-bound, not FLOP-bound);
+  * transfer: bytes over each kind of link. A flat ring rank sends to its successor: within a node over
+    NVLink (`intra_bw`), and (W > ranks_per_node) once per node across InfiniBand (`inter_bw`, one NIC):
+    every step waits for the slowest hop. NCCL's collectives (gather) are bandwidth-optimal and rail-aware:
+    a rank's (W-1)/W share moves over NVLink at `intra_bw` and over the node's ranks_per_node NICs at once;
+  * latency: hops x `latency`. The ring pays one per step and pass (W per pass, plus the accumulators'
+    last hop home), in sequence; a collective pays 2 * ceil(log2 W) (NCCL's tree / PAT schedules);
+  * overlap: what the strategy hides. The ring posts its sends before each visit, so a step costs
+    max(compute, transfer) + latency at `overlap` = 1 (compute + transfer at 0); gather's collectives
+    wait for their data (nothing hidden).
+The hardware figures are assumptions (GPUS: 80% of the dense bf16 spec, NVLink per direction, one NDR/HDR
+NIC per GPU, a 10 us hop); override them with the flags. Which of them were measured, and how far off the
+model was where it could be held against a measurement (CPU, gloo), is in benchmarks/time_model_cpu.json and
+docs/performance.md: everything for a GPU is predicted.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Optional
+
+# Each backend's time over the GEMM floor of its passes (benchmarks/triton_notes.md's predictions for triton;
+# the torch backend's chunked elementwise passes and dense's b x n round trips through memory: guesses, GPU
+# unmeasured). CPU (float32, `megabatch bench`): see docs/performance.md.
+RATIO = {("triton", "siglip"): 1.35, ("triton", "clip"): 1.7, ("torch", "siglip"): 2.5, ("torch", "clip"): 2.5,
+         ("dense", "siglip"): 1.5, ("dense", "clip"): 1.5}
+SUPER = 8192  # the triton super-block (TritonConfig.default): one set of launches per super-block
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Rates per GPU (rank). Bandwidths in bytes/s per direction, latency and kernel_floor in seconds."""
+
+    name: str
+    gemm_flops: float
+    intra_bw: float
+    inter_bw: float
+    latency: float = 10e-6
+    ranks_per_node: int = 8
+    kernel_floor: float = 5e-6
+    overlap: float = 1.0
+
+
+GPUS = {
+    # 80% of 312 dense bf16 TFLOP/s; NVLink 3 300 GB/s per direction; one HDR NIC (200 Gb/s)
+    "A100": Hardware("A100", 250e12, 240e9, 25e9),
+    # 80% of 989; NVLink 4 450 GB/s per direction; one NDR NIC (400 Gb/s)
+    "H100": Hardware("H100", 790e12, 450e9, 50e9),
+    "H200": Hardware("H200", 790e12, 450e9, 50e9),  # the H100's compute and links (more, faster memory)
+}
+
+
+def _launches(backend: str, loss: str, rows: int, cols: int, passes: int, chunk_rows: int) -> int:
+    """Kernel launches of one visit of rows x cols."""
+    if backend == "triton":
+        return 3 * passes * math.ceil(rows / SUPER) * math.ceil(cols / SUPER)
+    if backend == "torch":
+        return 8 * passes * math.ceil(rows / max(chunk_rows, 1))
+    return 6 * passes
+
+
+def _visit(s: Any, hw: Hardware, cols: int, passes: int) -> float:
+    """Seconds of one visit of the rank's b images against `cols` texts, `passes` GEMM-sized passes."""
+    if s.b == 0 or cols == 0:
+        return 0.0
+    flops = passes * 2.0 * s.b * cols * s.dim
+    chunk = min(s.b, max(16, s.tiles // (2 * s.c * max(cols, 1)))) if s.backend == "torch" else s.b
+    floor = _launches(s.backend, s.loss, s.b, cols, passes, chunk) * hw.kernel_floor
+    return max(RATIO[(s.backend, s.loss)] * flops / hw.gemm_flops, floor)
+
+
+def _hop_bw(w: int, hw: Hardware) -> float:
+    """The slowest link of a flat ring of w ranks."""
+    return hw.inter_bw if w > hw.ranks_per_node else hw.intra_bw
+
+
+def _collective(nbytes: float, w: int, hw: Hardware) -> tuple[float, float, float]:
+    """(transfer, latency, bytes over this rank's NIC) of one NCCL collective whose rank sends `nbytes`.
+    Its ring runs ranks_per_node channels, one per NIC: each node boundary carries 1/ranks_per_node of the
+    data per NIC."""
+    t, inter = nbytes / hw.intra_bw, 0.0
+    if w > hw.ranks_per_node:
+        inter = nbytes / hw.ranks_per_node
+        t = max(t, inter / hw.inter_bw)
+    return t, 2 * math.ceil(math.log2(w)) * hw.latency, inter
+
+
+def step_time(s: Any, hw: Hardware) -> dict[str, float]:
+    """The terms of one loss step (forward + backward) on the busiest rank; time_s is their total.
+    `s` is a plan.Shape (b, n the largest rank's images and texts)."""
+    w, n, d = s.world, s.n, s.dim
+    clip = s.loss == "clip"
+    row = d * s.e + s.idb
+    out = {"compute_s": 0.0, "transfer_s": 0.0, "latency_s": 0.0, "hidden_s": 0.0, "messages": 0,
+           "bytes_intra": 0.0, "bytes_inter": 0.0}
+    if s.strategy == "local" or w == 1:
+        out["compute_s"] = _visit(s, hw, s.N, 4 if clip else 3)
+    elif s.strategy == "ring":
+        # (visit passes, block bytes, accumulator bytes) per pass: CLIP's statistics pass then its gradients
+        extra = 16 if (clip and s.ids) else 0
+        passes = [(1, n * row, n * (8 + extra)), (3, n * (row + 8 + extra // 2), n * d * s.c)] if clip \
+            else [(3, n * row, n * d * s.c)]
+        bw = _hop_bw(w, hw)
+        for gemms, blk, acc in passes:
+            c = _visit(s, hw, n, gemms)
+            for t in range(w):
+                nbytes = (blk if t < w - 1 else 0) + (acc if t > 0 else 0)
+                m = nbytes / bw
+                out["compute_s"] += c
+                out["transfer_s"] += m
+                out["hidden_s"] += hw.overlap * min(c, m)
+                out["latency_s"] += hw.latency
+                out["messages"] += 2 if t in range(1, w - 1) else 1
+                out["bytes_inter" if w > hw.ranks_per_node else "bytes_intra"] += nbytes
+            out["transfer_s"] += acc / bw  # the accumulators' last hop home
+            out["latency_s"] += hw.latency
+            out["messages"] += 1
+            out["bytes_inter" if w > hw.ranks_per_node else "bytes_intra"] += acc
+    else:
+        out["compute_s"] = _visit(s, hw, s.N, 4 if clip else 3)
+        colls = [(w - 1) * n * row, (w - 1) / w * w * n * d * s.c]  # all-gather texts; reduce-scatter gradients
+        if clip:
+            colls += [2 * (w - 1) / w * s.N * 8] * 2 + [(w - 1) * n * 8]  # lse max, sum; the statistics again
+        for nbytes in colls:
+            t, lat, inter = _collective(nbytes, w, hw)
+            out["transfer_s"] += t
+            out["latency_s"] += lat
+            out["messages"] += 1
+            out["bytes_intra"] += nbytes - inter
+            out["bytes_inter"] += inter
+    out["time_s"] = out["compute_s"] + out["transfer_s"] + out["latency_s"] - out["hidden_s"]
+    return out
+
+
+def hardware(a: argparse.Namespace) -> Hardware:
+    """The --gpu preset with the flags given over it."""
+    hw = GPUS[a.gpu]
+    over = {"gemm_flops": a.gemm_tflops and a.gemm_tflops * 1e12, "intra_bw": a.intra_bw and a.intra_bw * 1e9,
+            "inter_bw": a.inter_bw and a.inter_bw * 1e9, "latency": a.latency and a.latency * 1e-6,
+            "ranks_per_node": a.ranks_per_node}
+    return replace(hw, **{k: v for k, v in over.items() if v is not None})
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            v = None
+        if v is None or v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return v
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("time model (--time; figures per GPU, the preset's unless given)")
+    g.add_argument("--time", action="store_true", help="predict each option's loss step time; auto picks the fastest")
+    g.add_argument("--gpu", choices=tuple(GPUS), default="H200", help="hardware preset (default H200)")
+    g.add_argument("--gemm-tflops", type=_positive(float), help="achieved dense GEMM TFLOP/s (H200: 790)")
+    g.add_argument("--intra-bw", type=_positive(float), help="GB/s per direction within a node (H200: 450)")
+    g.add_argument("--inter-bw", type=_positive(float), help="GB/s per GPU across nodes (H200: 50, one NDR NIC)")
+    g.add_argument("--latency", type=_positive(float), help="microseconds per hop (default 10)")
+    g.add_argument("--ranks-per-node", type=_positive(int), help="GPUs per node (default 8)")
+
+
+def describe(hw: Hardware) -> dict[str, Any]:
+    return {**asdict(hw), "status": "predicted (assumed rates; see docs/performance.md for the measured error)"}
+
+
+def fastest(rows: list[tuple[Any, dict[str, float], Optional[bool]]]) -> Optional[Any]:
+    """The option with the least time_s among those that fit (fits None: not asked)."""
+    ok = [(t["time_s"], i) for i, (_, t, fits) in enumerate(rows) if fits is not False]
+    return rows[min(ok)[1]][0] if ok else None
