@@ -44,7 +44,7 @@ class Hardware:
     inter_bw: float
     latency: float = 10e-6
     ranks_per_node: int = 8
-    kernel_floor: float = 5e-6
+    kernel_floor: float = 4e-6  # a small kernel's launch-to-finish on a busy stream (assumed)
     overlap: float = 1.0
 
 
@@ -57,13 +57,15 @@ GPUS = {
 }
 
 
-def _launches(backend: str, loss: str, rows: int, cols: int, passes: int, chunk_rows: int) -> int:
-    """Kernel launches of one visit of rows x cols."""
+def _launches(backend: str, rows: int, cols: int, chunk_rows: int) -> int:
+    """Kernel launches of one visit of rows x cols (one pass of the loss: statistics, or gradients): triton
+    3 per super-block (a tile kernel and two merges or two gradient GEMMs), torch about 8 per chunk of rows
+    (a product and its elementwise passes), dense about 6."""
     if backend == "triton":
-        return 3 * passes * math.ceil(rows / SUPER) * math.ceil(cols / SUPER)
+        return 3 * math.ceil(rows / SUPER) * math.ceil(cols / SUPER)
     if backend == "torch":
-        return 8 * passes * math.ceil(rows / max(chunk_rows, 1))
-    return 6 * passes
+        return 8 * math.ceil(rows / max(chunk_rows, 1))
+    return 6
 
 
 def _visit(s: Any, hw: Hardware, cols: int, passes: int) -> float:
@@ -72,7 +74,7 @@ def _visit(s: Any, hw: Hardware, cols: int, passes: int) -> float:
         return 0.0
     flops = passes * 2.0 * s.b * cols * s.dim
     chunk = min(s.b, max(16, s.tiles // (2 * s.c * max(cols, 1)))) if s.backend == "torch" else s.b
-    floor = _launches(s.backend, s.loss, s.b, cols, passes, chunk) * hw.kernel_floor
+    floor = _launches(s.backend, s.b, cols, chunk) * hw.kernel_floor * (2 if passes == 4 else 1)  # CLIP: 2 visits
     return max(RATIO[(s.backend, s.loss)] * flops / hw.gemm_flops, floor)
 
 
