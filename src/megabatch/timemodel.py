@@ -96,21 +96,40 @@ def _collective(nbytes: float, w: int, hw: Hardware) -> tuple[float, float, floa
 
 def step_time(s: Any, hw: Hardware) -> dict[str, float]:
     """The terms of one loss step (forward + backward) on the busiest rank; time_s is their total.
-    `s` is a plan.Shape (b, n the largest rank's images and texts)."""
+    `s` is a plan.Shape (b, n the largest rank's images and texts; even splits for the message count).
+    bytes_intra + bytes_inter and messages are what strategies/_comm.py counts (benchmarks/time_model_check.py)."""
     w, n, d = s.world, s.n, s.dim
-    clip = s.loss == "clip"
+    clip, ids = s.loss == "clip", bool(s.idb)
     row = d * s.e + s.idb
     out = {"compute_s": 0.0, "transfer_s": 0.0, "latency_s": 0.0, "hidden_s": 0.0, "messages": 0,
            "bytes_intra": 0.0, "bytes_inter": 0.0}
     if s.strategy == "local" or w == 1:
         out["compute_s"] = _visit(s, hw, s.N, 4 if clip else 3)
-    elif s.strategy == "ring":
-        # (visit passes, block bytes, accumulator bytes) per pass: CLIP's statistics pass then its gradients
-        extra = 16 if (clip and s.ids) else 0
-        passes = [(1, n * row, n * (8 + extra)), (3, n * (row + 8 + extra // 2), n * d * s.c)] if clip \
-            else [(3, n * row, n * d * s.c)]
+        out["time_s"] = out["compute_s"]
+        return out
+    link = "bytes_inter" if w > hw.ranks_per_node else "bytes_intra"
+
+    def collective(nbytes: float) -> None:
+        t, lat, inter = _collective(nbytes, w, hw)
+        out["transfer_s"] += t
+        out["latency_s"] += lat
+        out["messages"] += 1
+        out["bytes_intra"] += nbytes - inter
+        out["bytes_inter"] += inter
+
+    collective((w - 1) * 64)  # the layout exchange (8 int64 to each peer)
+    if clip and ids:
+        collective(int(2 * (w - 1) / w * 16))  # rows and columns with a positive
+    if s.strategy == "ring":
+        # per pass: (GEMM passes of its visit, block bytes, block tensors, accumulator bytes, accumulator tensors):
+        # CLIP's statistics pass (texts [+ ids]; lse [+ positive sums]) then its gradients (texts [+ ids], the
+        # column statistics [+ targets]; text gradients); SigLIP one pass (texts [+ ids]; text gradients)
+        e16 = 16 if ids else 0
+        passes = [(1, n * row, 1 + ids, n * (8 + e16), 1 + ids),
+                  (3, n * (row + 8 + e16 // 2), 2 + 2 * ids, n * d * s.c, 1)] if clip \
+            else [(3, n * row, 1 + ids, n * d * s.c, 1)]
         bw = _hop_bw(w, hw)
-        for gemms, blk, acc in passes:
+        for gemms, blk, kb, acc, ka in passes:
             c = _visit(s, hw, n, gemms)
             for t in range(w):
                 nbytes = (blk if t < w - 1 else 0) + (acc if t > 0 else 0)
@@ -119,24 +138,29 @@ def step_time(s: Any, hw: Hardware) -> dict[str, float]:
                 out["transfer_s"] += m
                 out["hidden_s"] += hw.overlap * min(c, m)
                 out["latency_s"] += hw.latency
-                out["messages"] += 2 if t in range(1, w - 1) else 1
-                out["bytes_inter" if w > hw.ranks_per_node else "bytes_intra"] += nbytes
+                out["messages"] += (kb if t < w - 1 else 0) + (ka if t > 0 else 0)
+                out[link] += nbytes
             out["transfer_s"] += acc / bw  # the accumulators' last hop home
             out["latency_s"] += hw.latency
-            out["messages"] += 1
-            out["bytes_inter" if w > hw.ranks_per_node else "bytes_intra"] += acc
+            out["messages"] += ka
+            out[link] += acc
     else:
         out["compute_s"] = _visit(s, hw, s.N, 4 if clip else 3)
-        colls = [(w - 1) * n * row, (w - 1) / w * w * n * d * s.c]  # all-gather texts; reduce-scatter gradients
+
+        def reduce(width: int) -> None:  # (N, width) to the owners: NCCL reduce-scatters, gloo all-reduces
+            collective((w - 1) * n * width if s.device == "cuda" else int(2 * (w - 1) / w * s.N * width))
+
+        collective((w - 1) * n * d * s.e)  # all-gather the texts
+        if ids:
+            collective((w - 1) * n * 8)  # and their ids
+        reduce(d * s.c)  # the text gradients
         if clip:
-            colls += [2 * (w - 1) / w * s.N * 8] * 2 + [(w - 1) * n * 8]  # lse max, sum; the statistics again
-        for nbytes in colls:
-            t, lat, inter = _collective(nbytes, w, hw)
-            out["transfer_s"] += t
-            out["latency_s"] += lat
-            out["messages"] += 1
-            out["bytes_intra"] += nbytes - inter
-            out["bytes_inter"] += inter
+            collective(int(2 * (w - 1) / w * s.N * 8))  # the column lse: max, then sum
+            collective(int(2 * (w - 1) / w * s.N * 8))
+            if ids:
+                reduce(16)  # positive counts and sums
+            for _ in range(1 + ids):  # backward: the column statistics [and targets] gathered again
+                collective((w - 1) * n * 8)
     out["time_s"] = out["compute_s"] + out["transfer_s"] + out["latency_s"] - out["hidden_s"]
     return out
 
