@@ -8,7 +8,9 @@ case's shape (torch.mm, b x D @ D x cols) and, at W = 2, one ring hop's latency 
 (nothing assumed but the backend's RATIO and the overlap) and compared term by term with what each loss
 step measured: bytes and messages per step (`_comm.count_bytes()`: exact, or the model is wrong), the
 compute term against the W = 1 step, and the step time at W = 2 with the ring's overlap (1: transfer
-hidden behind compute) and without it (0). Prints a table; --json writes the rows and the environment.
+hidden behind compute) and without it (0), first with RATIO's GPU figure, then ("fit") with the ratio
+the W = 1 step measured (same loss and B), which leaves the transfer, latency and overlap terms to
+judge. Prints a table; --json writes the rows and the environment.
 """
 from __future__ import annotations
 
@@ -105,7 +107,7 @@ def measure(cases: list[dict[str, Any]], world: int) -> list[list[dict[str, Any]
     return out
 
 
-def compare(case: dict[str, Any], world: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+def compare(case: dict[str, Any], world: int, ranks: list[dict[str, Any]], fitted: dict) -> dict[str, Any]:
     m = {k: max(r[k] for r in ranks) for k in ("step_s", "sent_bytes", "messages")}
     rate = min(r["gemm_flops"] for r in ranks)
     hw = timemodel.Hardware("this CPU (gloo)", rate, ranks[0].get("bw", 1e9), ranks[0].get("bw", 1e9),
@@ -113,6 +115,11 @@ def compare(case: dict[str, Any], world: int, ranks: list[dict[str, Any]]) -> di
     shape = shape_of(case["loss"], case["strategy"], "torch", world, case["batch"], case["batch"], case["dim"],
                      "float32", "cpu", False)
     t1, t0 = timemodel.step_time(shape, hw), timemodel.step_time(shape, replace(hw, overlap=0.0))
+    # the ratio measured at W = 1 (same loss and B) in place of RATIO's GPU figure: what is left is the
+    # transfer, latency and overlap terms
+    ratio = fitted.get((case["loss"], case["batch"]))
+    f1 = timemodel.step_time(shape, hw, ratio) if ratio else t1
+    f0 = timemodel.step_time(shape, replace(hw, overlap=0.0), ratio) if ratio else t0
     passes = 4 if case["loss"] == "clip" else 3
     floor = passes * 2.0 * (case["batch"] // world) * case["batch"] * case["dim"] / rate
     return {**case, "world": world, "gemm_gflops": rate / 1e9, "hop_latency_us": 1e6 * hw.latency,
@@ -122,7 +129,9 @@ def compare(case: dict[str, Any], world: int, ranks: list[dict[str, Any]]) -> di
             "model_ms_no_overlap": 1e3 * t0["time_s"], "error_overlap": t1["time_s"] / m["step_s"] - 1,
             "error_no_overlap": t0["time_s"] / m["step_s"] - 1, "measured_sent_bytes": m["sent_bytes"],
             "model_sent_bytes": int(t1["bytes_intra"] + t1["bytes_inter"]), "measured_messages": m["messages"],
-            "model_messages": t1["messages"]}
+            "model_messages": t1["messages"], "fitted_ratio": ratio, "fitted_ms_overlap": 1e3 * f1["time_s"],
+            "fitted_ms_no_overlap": 1e3 * f0["time_s"], "fitted_error_overlap": f1["time_s"] / m["step_s"] - 1,
+            "fitted_error_no_overlap": f0["time_s"] / m["step_s"] - 1}
 
 
 def main() -> None:
@@ -132,23 +141,28 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--json")
     args = p.parse_args()
-    rows = []
+    rows: list[dict[str, Any]] = []
+    fitted: dict[tuple[str, int], float] = {}
     print(f"{'loss':7}{'strategy':9}{'W':>2}{'B':>6}{'GF/s':>7}{'ratio':>7}{'ms':>8}{'model':>8}{'err':>7}"
-          f"{'no-ovl':>8}{'err':>7}{'bytes':>10}{'model':>10}{'msgs':>5}{'model':>6}")
+          f"{'no-ovl':>8}{'err':>7}{'bytes':>10}{'model':>10}{'msgs':>5}{'model':>6}{'fit ovl':>8}{'no-ovl':>8}")
     for world in args.world:
         cases = [dict(loss=loss, strategy=st, batch=batch, dim=args.dim) for loss in ("clip", "siglip")
                  for st in (("ring", "gather") if world > 1 else ("local",)) for batch in args.batch]
         for case, ranks in zip(cases, measure(cases, world)):
-            r = compare(case, world, ranks)
+            r = compare(case, world, ranks, fitted)
             rows.append(r)
+            if world == 1:
+                fitted[(r["loss"], r["batch"])] = r["measured_ratio"]
             print(f"{r['loss']:7}{r['strategy']:9}{world:>2}{r['batch']:>6}{r['gemm_gflops']:>7.1f}"
                   f"{r['measured_ratio']:>7.2f}{r['measured_ms']:>8.1f}{r['model_ms_overlap']:>8.1f}"
                   f"{100 * r['error_overlap']:>6.0f}%{r['model_ms_no_overlap']:>8.1f}"
                   f"{100 * r['error_no_overlap']:>6.0f}%"
                   f"{r['measured_sent_bytes']:>10}{r['model_sent_bytes']:>10}{r['measured_messages']:>5}"
-                  f"{r['model_messages']:>6}", flush=True)
+                  f"{r['model_messages']:>6}{100 * r['fitted_error_overlap']:>7.0f}%"
+                  f"{100 * r['fitted_error_no_overlap']:>7.0f}%", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": environment("cpu", sys.argv), "rows": rows}, indent=1))
+        env = {**environment("cpu", sys.argv), "command": "python " + " ".join(sys.argv)}
+        Path(args.json).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
