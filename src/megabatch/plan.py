@@ -3,6 +3,7 @@
     megabatch plan --loss siglip --strategy ring --backend triton --world 64 --batch 1048576 --dim 512 \\
         --dtype bfloat16 --gpu-mem 80GiB
     megabatch plan ... --json          # one object: peak_bytes, sent_bytes, total_bytes, fits, status, options
+    megabatch plan ... --time --gpu H200   # + each option's predicted ms/step (timemodel.py); auto: the fastest
 
 peak_bytes is what the loss's forward + backward allocates on one rank beyond its inputs (the
 (b, D) image and (n, D) text features), at its highest; sent_bytes what one rank sends per step
@@ -47,7 +48,7 @@ U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
   * dense backend: the (b, n) logits and their gradient, 4 (CLIP) or 5 (SigLIP) logit-sized
     buffers (the README's measured dense rows): predicted.
 Every row that a GPU has not measured is marked "predicted"; float32 torch-backend rows on CPU are
-"checked on CPU" (within 10% at B >= 4096, D = 256; within 1 MiB at b from 64 to 1,024, W up to 8).
+"checked on CPU" (within 10% at B >= 4096, D = 256; within 1 MiB at b from 16 to 1,024, W up to 8).
 """
 from __future__ import annotations
 
