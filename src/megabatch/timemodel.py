@@ -199,8 +199,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ranks-per-node", type=_positive(int), help="GPUs per node (default 8)")
 
 
+# What was held against a measurement, where (benchmarks/time_model_check.py; docs/performance.md)
+MEASURED = {"bytes": "exact: _comm's counters, gloo, W = 1..8 (plan_check.py)",
+            "messages": "exact: _comm's counters, gloo, W = 2 (time_model_check.py)",
+            "compute": "CPU only: torch backend 0.7-1.2x its GEMM floor there, RATIO says 2.5 (2-3.5x high)",
+            "transfer+latency+overlap": "CPU, gloo, W = 2, measured ratio: within 12% at B = 4096; overlap untested",
+            "gpu": "nothing: every GPU rate and ratio is assumed"}
+
+
 def describe(hw: Hardware) -> dict[str, Any]:
-    return {**asdict(hw), "status": "predicted (assumed rates; see docs/performance.md for the measured error)"}
+    return {**asdict(hw), "status": "predicted (assumed rates)", "measured": MEASURED}
 
 
 def fastest(rows: list[tuple[Any, dict[str, float], Optional[bool]]]) -> Optional[Any]:
