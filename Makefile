@@ -45,13 +45,13 @@ gpu-wheels: venv
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl $(GPU_PEERS)
 
 # Longer fault and planner drills (minutes; not part of `make test`): SIGKILL a rank of a
-# `torchrun --max-restarts 1` run 5 times, and check `megabatch plan` against the allocator, W = 1..4.
+# `torchrun --max-restarts 1` run 5 times, and check `megabatch plan` against the allocator, W = 1..8.
 fault-drill: venv
 	$(PY) benchmarks/restart_drill.py --tries 5 --kill-rank 1
 	$(PY) benchmarks/restart_drill.py --tries 3 --kill-rank 0
 
 plan-check: venv
-	$(PY) benchmarks/plan_check.py --world 1 2 3 4 --batch 4096 8192
+	$(PY) benchmarks/plan_check.py --world 1 2 3 4 8 --batch 128 1000 4096 8192
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

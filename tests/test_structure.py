@@ -29,7 +29,8 @@ MAX_LINES = 400
 # Top to bottom; a module belongs to the first layer with a prefix of its name, and may import its own
 # layer or lower ones only.
 LAYERS = [
-    ("commands", ("megabatch.cli", "megabatch.__main__", "megabatch.bench", "megabatch.plan")),
+    ("commands", ("megabatch.cli", "megabatch.__main__", "megabatch.bench", "megabatch.plan", "megabatch.plan_terms",
+                  "megabatch.timemodel")),
     ("integrations", ("megabatch.integrations",)),
     ("public API", ("megabatch.functional", "megabatch.modules", "megabatch.gradcache", "megabatch.reference")),
     ("loss families", ("megabatch.losses",)),

@@ -3,6 +3,7 @@
     megabatch plan --loss siglip --strategy ring --backend triton --world 64 --batch 1048576 --dim 512 \\
         --dtype bfloat16 --gpu-mem 80GiB
     megabatch plan ... --json          # one object: peak_bytes, sent_bytes, total_bytes, fits, status, options
+    megabatch plan ... --time --gpu H200   # + each option's predicted ms/step (timemodel.py); auto: the fastest
 
 peak_bytes is what the loss's forward + backward allocates on one rank beyond its inputs (the
 (b, D) image and (n, D) text features), at its highest; sent_bytes what one rank sends per step
@@ -12,9 +13,11 @@ reports. With --act-bytes (the towers' activation bytes per sample) and --micro-
 adds the GradCache step around the loss: the features of the rank's batch and one micro-batch's
 activations (parameters and optimizer state are the user's to add).
 
-Where the formulas come from (B images and N texts in all, b = B/W and n = N/W per rank, D, e the
+Where the formulas come from (B images and N texts in all, b = ceil(B/W) and n = ceil(N/W) on the largest
+rank -- uneven batches are planned, as the library takes them --, D, e the
 feature element size, c the compute element size (4; 8 for float64), T the torch backend's logit
-tile (kernels/torch_chunked.py's TILE_ELEMENTS: this module imports every constant of the kernels),
+tile (kernels/torch_chunked.py's TILE_ELEMENTS: this module imports every constant of the kernels; a tile
+is min(b, max(16, T / cols)) x cols for the cols texts a visit meets, as that module cuts it),
 U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
   * bytes sent: the README's communication table and the strategies' docstrings, term by term,
     plus the 8-int64 layout exchange (_comm.LAYOUT_BYTES, 64 to each of W-1 peers) and, with --ids,
@@ -39,12 +42,13 @@ U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
     has other kernels and allocator);
   * triton backend: benchmarks/memory_accounting.py's measured slopes (CLIP backward and SigLIP
     forward 8 bytes per b*D for 16-bit features: dx 2 + fp32 gy 4 + dy 2) plus the super-block
-    scratch (TritonConfig.default's, 8192 x 8192 in the input dtype); distributed triton rows follow the torch
+    scratch (TritonConfig.default's, min(b, 8192) x min(cols, 8192) in the input dtype, as the kernels
+    allocate it); distributed triton rows follow the torch
     structure without the per-visit gx part (the kernels accumulate in place): predicted;
   * dense backend: the (b, n) logits and their gradient, 4 (CLIP) or 5 (SigLIP) logit-sized
     buffers (the README's measured dense rows): predicted.
 Every row that a GPU has not measured is marked "predicted"; float32 torch-backend rows on CPU are
-"checked on CPU" (within 10% at B >= 4096, D = 256).
+"checked on CPU" (within 10% at B >= 4096, D = 256; within 1 MiB at b from 16 to 1,024, W up to 8).
 """
 from __future__ import annotations
 
@@ -55,21 +59,16 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-import torch
-
-from . import kernels, strategies
-from .kernels.torch_chunked import CPU_TILE_ELEMENTS, GPU_TILE_ELEMENTS
-from .kernels.triton_config import TritonConfig
+from . import kernels, strategies, timemodel
 from .losses import LOSSES
-from .strategies._comm import LAYOUT_BYTES
+from .plan_terms import DTYPES, Shape, _memory, _sent, shape_of
+
+__all__ = ["DTYPES", "Plan", "Shape", "main", "parse_bytes", "plan", "shape_of"]
 
 # The concrete names of the library's lists ("auto" is resolved first, as the losses resolve it)
 STRATEGIES = tuple(s for s in strategies.STRATEGIES if s != "auto")
 BACKENDS = tuple(b for b in kernels.BACKENDS if b != "auto")
-DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 DEVICES = ("cuda", "cpu")
-LSE_BYTES = 8  # the torch backend's float64 log-sum-exps
-ID_BYTES = 8
 
 
 @dataclass
@@ -93,138 +92,6 @@ class Plan:
     total_bytes: int
     status: str
     terms: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Shape:
-    """One configuration as one rank sees it, in the module docstring's names: b, n the rank's images and
-    texts, N the global texts; e and c the feature and compute element sizes (bytes)."""
-
-    loss: str
-    strategy: str
-    backend: str
-    world: int
-    b: int
-    n: int
-    N: int
-    dim: int
-    dtype: str
-    device: str
-    ids: bool
-
-    @property
-    def e(self) -> int:
-        return DTYPES[self.dtype]
-
-    @property
-    def c(self) -> int:
-        return 8 if self.dtype == "float64" else 4
-
-    @property
-    def ux(self) -> int:
-        return self.b * self.dim * self.c
-
-    @property
-    def uy(self) -> int:
-        return self.n * self.dim * self.c
-
-    @property
-    def ex(self) -> int:
-        return self.b * self.dim * self.e
-
-    @property
-    def ey(self) -> int:
-        return self.n * self.dim * self.e
-
-    @property
-    def vy(self) -> int:
-        return self.N * self.dim * self.c
-
-    @property
-    def idb(self) -> int:
-        """Bytes of ids per row that travel with the features."""
-        return ID_BYTES if self.ids else 0
-
-    @property
-    def tiles(self) -> int:
-        """The torch backend's two logit tiles (its largest temporaries); 0 for the other backends."""
-        if self.backend != "torch":
-            return 0
-        return 2 * (CPU_TILE_ELEMENTS if self.device == "cpu" else GPU_TILE_ELEMENTS) * self.c
-
-
-def _memory(s: Shape) -> dict[str, int]:
-    """Named terms of the peak (bytes); their sum is peak_bytes."""
-    b, n, N, dim, e, c = s.b, s.n, s.N, s.dim, s.e, s.c
-    ux, uy, ex, ey, vy, idb, tiles = s.ux, s.uy, s.ex, s.ey, s.vy, s.idb, s.tiles
-    conv = uy if e != c else 0  # the kernels' compute-dtype copy of a 16-bit text block
-    if s.backend == "dense":
-        return {"logit-sized buffers": (4 if s.loss == "clip" else 5) * b * (N if s.strategy == "gather" else n) * c,
-                "gradients": ex + ey}
-    if s.backend == "triton":
-        cfg = TritonConfig.default(getattr(torch, s.dtype))
-        scratch = cfg.super_rows * cfg.super_cols * e
-        if s.strategy == "local":
-            return {"dx + fp32 gy + dy": ex + uy + ey, "super-block scratch": scratch, "statistics": 16 * (b + n)}
-        if s.strategy == "ring":
-            blocks = (2 if s.world >= 3 else 1) * (ey + n * idb)
-            return {"text blocks in flight": blocks, "accumulators sent and received": 2 * uy,
-                    "gx + gy part": ux + uy, "super-block scratch": scratch, "statistics": 48 * max(b, n)}
-        # one visit: the row side is finished one row of super-blocks at a time (a (super_rows, D) fp32 buffer)
-        return {"gathered texts": N * dim * e + N * idb, "fp32 text-gradient accumulator": vy,
-                "dx + one row of super-blocks' fp32 gx": ex + min(b, cfg.super_rows) * dim * 4,
-                "super-block scratch": scratch}
-    if s.strategy == "local":  # the row side is finished chunk by chunk into dx (a row sink): no (b, D) gx
-        during = conv + uy + ex + tiles  # the text block's compute copy, gy, dx, 2 tiles
-        if s.loss == "clip":
-            after = uy + ex + (ey if e != c else 0)  # gy, dx and (16-bit) dy
-            return {"conv copy + gy + dx + tiles" if during >= after else "gy + dx + dy": max(during, after),
-                    "statistics": 16 * (b + n)}
-        backward = 2 * (ex + ey)  # the saved dx, dy and their scaled copies
-        return {"forward: conv copy + gy + dx + tiles" if during >= backward else "saved and scaled dx, dy":
-                max(during, backward)}
-    if s.strategy == "ring":
-        blocks = (2 if s.world >= 3 else 1) * (ey + n * idb)
-        terms = {"text blocks in flight": blocks, "accumulators sent and received": 2 * uy,
-                 "gx, its part and the gy part": 2 * ux + uy + conv, "tiles": tiles}
-        if s.loss == "clip":
-            terms["statistics"] = LSE_BYTES * (2 * b + 2 * n + (2 if s.world >= 3 else 1) * n)
-        return terms
-    terms = {"gathered texts": N * dim * e + N * idb, "(N, D) text-gradient accumulator": vy, "dx": ex,
-             "the kernels' compute copy of the gathered texts": N * dim * c if e != c else 0, "tiles": tiles}
-    if s.loss == "clip":
-        terms["statistics"] = 2 * LSE_BYTES * N + LSE_BYTES * b
-    return terms
-
-
-def _sent(s: Shape) -> int:
-    """Bytes one rank sends per step (forward + backward) under _comm's ring cost model."""
-    if s.strategy == "local" or s.world == 1:
-        return 0
-    w, n, N, c = s.world, s.n, s.N, s.c
-    block = n * (s.dim * s.e + s.idb)
-    sent = (w - 1) * LAYOUT_BYTES
-    clip_ids = s.ids and s.loss == "clip"
-    pos_sums = 16 if clip_ids else 0  # with ids: each column's positive count and logit sum
-    target = 8 if clip_ids else 0  # with ids: each column's positive target, in the backward
-    if clip_ids:
-        sent += 2 * (w - 1) / w * 16  # all-reduce of (rows, columns) with a positive
-    if s.strategy == "ring":
-        if s.loss == "clip":
-            sent += (w - 1) * block + w * n * (LSE_BYTES + pos_sums)  # forward: blocks, column statistics
-            sent += (w - 1) * (block + n * (LSE_BYTES + target)) + w * n * s.dim * c  # backward: blocks + stats, grads
-        else:
-            sent += (w - 1) * block + w * n * s.dim * c
-        return int(sent)
-    sent += (w - 1) * block  # all_gather of the texts (and their ids), kept for the backward
-    # the text gradients back to their owners: NCCL reduce-scatters, gloo all-reduces
-    share = (w - 1) / w if s.device == "cuda" else 2 * (w - 1) / w
-    reduce = N * s.dim * c * share
-    if s.loss == "clip":
-        sent += 2 * (2 * (w - 1) / w * N * LSE_BYTES)  # the column lse: max and sum all-reduces
-        sent += N * pos_sums * share  # with ids: the positive sums reduced to their owners
-        sent += (w - 1) * n * (LSE_BYTES + target)  # backward: the column statistics gathered again
-    return int(sent + reduce)
 
 
 def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: int, dtype: str, *,
@@ -252,11 +119,9 @@ def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: in
         raise ValueError(f"strategy local is one process: world must be 1, got {world}")
     if strategy != "local" and world == 1:
         raise ValueError(f"strategy {strategy} spreads the batch over ranks: world must be >= 2 (one process: local)")
-    if batch % world or texts % world:
-        raise ValueError(f"batch ({batch}) and texts ({texts}) must be divisible by world ({world})")
     if backend == "triton" and device == "cpu":
         raise ValueError("backend triton runs on cuda (on CPU only through Triton's interpreter): use --device cuda")
-    shape = Shape(loss, strategy, backend, world, batch // world, texts // world, texts, dim, dtype, device, ids)
+    shape = shape_of(loss, strategy, backend, world, batch, texts, dim, dtype, device, ids)
     terms = _memory(shape)
     peak = int(sum(terms.values()))
     sent = _sent(shape)
@@ -268,15 +133,17 @@ def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: in
                 activations, peak + inputs + activations, status, terms)
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
 
 
 def parse_bytes(text: str) -> int:
-    """'80GiB', '80 GB', '1.5e9' -> bytes. ValueError naming the value otherwise."""
+    """'80GiB', '80 GB', '80000MiB' -> bytes. The unit is required: a bare 80 is read as nothing (80 bytes
+    is never what was meant), ValueError showing the accepted form."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"expected a size such as 80GiB, 40GB or 1e9, got {text!r}")
+        raise ValueError(f"expected a size with its unit, such as 80GiB, 80GB or 80000MiB "
+                         f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), got {text!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -308,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=0, help="GradCache micro-batch per rank")
     p.add_argument("--gpu-mem", help="memory per rank, e.g. 80GiB: also list which strategies/backends fit")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    timemodel.add_arguments(p)
     return p
 
 
@@ -318,7 +186,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     backend = a.backend if a.backend != "auto" else kernels.auto_backend(a.device)
     common = dict(texts=a.texts, device=a.device, ids=a.ids, act_bytes=a.act_bytes, micro_batch=a.micro_batch)
     try:
-        gpu_mem = parse_bytes(a.gpu_mem) if a.gpu_mem is not None else None
+        try:
+            gpu_mem = parse_bytes(a.gpu_mem) if a.gpu_mem is not None else None
+        except ValueError as e:
+            raise ValueError(f"--gpu-mem: {e}") from None
         chosen = plan(a.loss, strategy, backend, a.world, a.batch, a.dim, a.dtype, **common)
         options = []
         for st in (("local",) if a.world == 1 else ("ring", "gather")):
@@ -328,22 +199,43 @@ def main(argv: Optional[list[str]] = None) -> int:
                 options.append(plan(a.loss, st, be, a.world, a.batch, a.dim, a.dtype, **common))
     except ValueError as e:
         parser.error(str(e))
-    fits = None if gpu_mem is None else chosen.total_bytes <= gpu_mem
+    def fit(o: Plan) -> Optional[bool]:
+        return None if gpu_mem is None else o.total_bytes <= gpu_mem
+
+    times: dict[tuple[str, str], dict[str, float]] = {}
+    if a.time:
+        hw = timemodel.hardware(a)
+        times = {(o.strategy, o.backend): timemodel.step_time(
+            shape_of(o.loss, o.strategy, o.backend, o.world, o.batch, o.texts, o.dim, o.dtype, o.device, o.ids), hw)
+            for o in options}
+        if a.strategy == "auto" or a.backend == "auto":  # the layout is known here: auto follows the model
+            pool = [o for o in options if a.strategy == "auto" or o.strategy == strategy]
+            pool = [o for o in pool if a.backend == "auto" or o.backend == backend]
+            chosen = timemodel.fastest([(o, times[(o.strategy, o.backend)], fit(o)) for o in pool]) or chosen
     if a.json:
         keys = ("strategy", "backend", "peak_bytes", "sent_bytes", "total_bytes", "status")
-        rows = [{**{k: getattr(o, k) for k in keys}, "fits": None if gpu_mem is None else o.total_bytes <= gpu_mem}
-                for o in options]
-        out: dict[str, Any] = {**asdict(chosen), "gpu_mem_bytes": gpu_mem, "fits": fits, "options": rows}
+        rows = [{**{k: getattr(o, k) for k in keys}, "fits": fit(o)} for o in options]
+        for r in rows if a.time else ():
+            t = times[(r["strategy"], r["backend"])]
+            r.update(time_ms=1e3 * t["time_s"], time_terms=t)
+        out: dict[str, Any] = {**asdict(chosen), "gpu_mem_bytes": gpu_mem, "fits": fit(chosen), "options": rows}
+        if a.time:
+            out.update(time_ms=1e3 * times[(chosen.strategy, chosen.backend)]["time_s"],
+                       hardware=timemodel.describe(hw))
         print(json.dumps(out, indent=1))
         return 0
-    print(f"{a.loss}, {a.world} rank(s), B = {a.batch} images, N = {chosen.texts} texts (b = {a.batch // a.world}, "
-          f"n = {chosen.texts // a.world} per rank), D = {a.dim}, {a.dtype} on {a.device}{', ids' if a.ids else ''}")
-    print(f"{'strategy':9}{'backend':8}{'peak':>12}{'sent/step':>12}{'total':>12}  {'fits' if gpu_mem else ''}")
+    print(f"{a.loss}, {a.world} rank(s), B = {a.batch} images, N = {chosen.texts} texts (b = {-(-a.batch // a.world)}, "
+          f"n = {-(-chosen.texts // a.world)} on the largest rank), D = {a.dim}, {a.dtype} on {a.device}"
+          + (", ids" if a.ids else "") + (f"; time on {hw.name} (predicted)" if a.time else ""))
+    ms_head = format("ms/step", ">10") if a.time else ""
+    print(f"{'strategy':9}{'backend':8}{'peak':>12}{'sent/step':>12}{'total':>12}{ms_head}"
+          f"  {'fits' if gpu_mem else ''}")
     for o in options:
-        mark = "" if gpu_mem is None else ("yes" if o.total_bytes <= gpu_mem else "no")
+        mark = {None: "", True: "yes", False: "no"}[fit(o)]
         star = " <-" if (o.strategy, o.backend) == (chosen.strategy, chosen.backend) else ""
+        ms = f"{1e3 * times[(o.strategy, o.backend)]['time_s']:>10.3f}" if a.time else ""
         print(f"{o.strategy:9}{o.backend:8}{_fmt(o.peak_bytes):>12}{_fmt(o.sent_bytes):>12}{_fmt(o.total_bytes):>12}"
-              f"  {mark:4}{o.status}{star}")
+              f"{ms}  {mark:4}{o.status}{star}")
     print("peak: the loss's forward+backward beyond its inputs; total adds the features"
           + (" and one micro-batch's activations" if a.act_bytes and a.micro_batch else "")
           + "; sent: bytes per rank per step (ring cost model)")

@@ -32,7 +32,7 @@ _META_LEN = 8  # b, n, D, dtype code, requires-grad flags, backend, ids given, d
 LAYOUT_BYTES = 8 * _META_LEN  # what exchange_layout sends each peer (int64s): `megabatch plan` counts it
 _INVALID = -1  # a metadata row of this value: that rank's arguments failed validation
 
-# Bytes sent by this rank while a `count_bytes()` block is open (None: not counting).
+# [bytes, messages] sent by this rank while a `count_bytes()` block is open (None: not counting).
 _sent: Optional[list[int]] = None
 
 # torch >= 2.13 renames the single-tensor collectives; keep the older names working (torch >= 2.4).
@@ -159,20 +159,23 @@ def report_invalid(features: object, group: Optional["dist.ProcessGroup"]) -> No
 
 @contextmanager
 def count_bytes() -> Iterator[list[int]]:
-    """Count the bytes this rank sends inside the block; yields a 1-element list holding the total."""
+    """Count what this rank sends inside the block; yields [bytes, messages]: a message is one collective
+    call or one point-to-point send (what pays a latency; `megabatch plan --time` predicts both)."""
     global _sent
-    outer, _sent = _sent, [0]
+    outer, _sent = _sent, [0, 0]
     try:
         yield _sent
     finally:
         if outer is not None:
             outer[0] += _sent[0]
+            outer[1] += _sent[1]
         _sent = outer
 
 
 def _count(nbytes: float) -> None:
     if _sent is not None:
         _sent[0] += int(nbytes)
+        _sent[1] += 1
 
 
 def _nbytes(t: Tensor) -> int:

@@ -1,0 +1,185 @@
+"""The formulas of `megabatch plan` (src/megabatch/plan.py's docstring says where each comes from): the shape one
+rank sees, the named terms of its peak memory, and the bytes it sends, call by call as strategies/_comm.py
+counts them. The time of a step is timemodel.py's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kernels.torch_chunked import CPU_TILE_ELEMENTS, GPU_TILE_ELEMENTS
+from .kernels.triton_config import TritonConfig
+from .strategies._comm import LAYOUT_BYTES
+
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+LSE_BYTES = 8  # the torch backend's float64 log-sum-exps
+ID_BYTES = 8
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One configuration as one rank sees it, in the module docstring's names: b, n the rank's images and
+    texts, N the global texts; e and c the feature and compute element sizes (bytes)."""
+
+    loss: str
+    strategy: str
+    backend: str
+    world: int
+    b: int  # the largest rank's images (uneven batches: ceil(B / W))
+    n: int  # the largest rank's texts (ceil(N / W))
+    N: int
+    dim: int
+    dtype: str
+    device: str
+    ids: bool
+    nmin: int = -1  # the smallest rank's texts (floor(N / W)); -1: n (an even split)
+
+    @property
+    def n_low(self) -> int:
+        return self.n if self.nmin < 0 else self.nmin
+
+    @property
+    def cols(self) -> int:
+        """Texts one visit meets: the whole gathered batch (gather) or one block."""
+        return self.N if self.strategy == "gather" else self.n
+
+    @property
+    def e(self) -> int:
+        return DTYPES[self.dtype]
+
+    @property
+    def c(self) -> int:
+        return 8 if self.dtype == "float64" else 4
+
+    @property
+    def ux(self) -> int:
+        return self.b * self.dim * self.c
+
+    @property
+    def uy(self) -> int:
+        return self.n * self.dim * self.c
+
+    @property
+    def ex(self) -> int:
+        return self.b * self.dim * self.e
+
+    @property
+    def ey(self) -> int:
+        return self.n * self.dim * self.e
+
+    @property
+    def vy(self) -> int:
+        return self.N * self.dim * self.c
+
+    @property
+    def idb(self) -> int:
+        """Bytes of ids per row that travel with the features."""
+        return ID_BYTES if self.ids else 0
+
+    @property
+    def tiles(self) -> int:
+        """The torch backend's two logit tiles (its largest temporaries) as torch_chunked.py cuts them:
+        max(16, T // cols) rows (at most b) of `cols` columns; 0 for the other backends."""
+        if self.backend != "torch":
+            return 0
+        t = CPU_TILE_ELEMENTS if self.device == "cpu" else GPU_TILE_ELEMENTS
+        return 2 * min(self.b, max(16, t // max(self.cols, 1))) * self.cols * self.c
+
+    @property
+    def scratch(self) -> int:
+        """The triton backend's super-block scratch (input dtype) as triton_kernels.py allocates it:
+        min(b, super_rows) x min(cols, super_cols)."""
+        cfg = TritonConfig.default(getattr(torch, self.dtype))
+        return min(self.b, cfg.super_rows) * min(self.cols, cfg.super_cols) * self.e
+
+
+def _memory(s: Shape) -> dict[str, int]:
+    """Named terms of the peak (bytes); their sum is peak_bytes."""
+    b, n, N, dim, e, c = s.b, s.n, s.N, s.dim, s.e, s.c
+    ux, uy, ex, ey, vy, idb, tiles = s.ux, s.uy, s.ex, s.ey, s.vy, s.idb, s.tiles
+    conv = uy if e != c else 0  # the kernels' compute-dtype copy of a 16-bit text block
+    if s.backend == "dense":
+        return {"logit-sized buffers": (4 if s.loss == "clip" else 5) * b * (N if s.strategy == "gather" else n) * c,
+                "gradients": ex + ey}
+    if s.backend == "triton":
+        cfg = TritonConfig.default(getattr(torch, s.dtype))
+        scratch = s.scratch
+        if s.strategy == "local":
+            return {"dx + fp32 gy + dy": ex + uy + ey, "super-block scratch": scratch, "statistics": 16 * (b + n)}
+        if s.strategy == "ring":
+            blocks = (2 if s.world >= 3 else 1) * (ey + n * idb)
+            return {"text blocks in flight": blocks, "accumulators sent and received": 2 * uy,
+                    "gx + gy part": ux + uy, "super-block scratch": scratch, "statistics": 48 * max(b, n)}
+        # one visit: the row side is finished one row of super-blocks at a time (a (super_rows, D) fp32 buffer)
+        return {"gathered texts": N * dim * e + N * idb, "fp32 text-gradient accumulator": vy,
+                "dx + one row of super-blocks' fp32 gx": ex + min(b, cfg.super_rows) * dim * 4,
+                "super-block scratch": scratch}
+    if s.strategy == "local":  # the row side is finished chunk by chunk into dx (a row sink): no (b, D) gx
+        during = conv + uy + ex + tiles  # the text block's compute copy, gy, dx, 2 tiles
+        if s.loss == "clip":
+            after = uy + ex + (ey if e != c else 0)  # gy, dx and (16-bit) dy
+            return {"conv copy + gy + dx + tiles" if during >= after else "gy + dx + dy": max(during, after),
+                    "statistics": 16 * (b + n)}
+        backward = 2 * (ex + ey)  # the saved dx, dy and their scaled copies
+        return {"forward: conv copy + gy + dx + tiles" if during >= backward else "saved and scaled dx, dy":
+                max(during, backward)}
+    if s.strategy == "ring":
+        blocks = (2 if s.world >= 3 else 1) * (ey + n * idb)
+        terms = {"text blocks in flight": blocks, "accumulators sent and received": 2 * uy,
+                 "gx, its part and the gy part": 2 * ux + uy + conv, "tiles": tiles}
+        if s.loss == "clip":
+            terms["statistics"] = LSE_BYTES * (2 * b + 2 * n + (2 if s.world >= 3 else 1) * n)
+        return terms
+    terms = {"gathered texts": N * dim * e + N * idb, "(N, D) text-gradient accumulator": vy, "dx": ex,
+             "the kernels' compute copy of the gathered texts": N * dim * c if e != c else 0, "tiles": tiles}
+    if s.loss == "clip":
+        terms["statistics"] = 2 * LSE_BYTES * N + LSE_BYTES * b
+    return terms
+
+
+def _ar(w: int, nbytes: int) -> int:
+    """What one all-reduce of `nbytes` counts (_comm floors each call's count)."""
+    return int(2 * (w - 1) / w * nbytes)
+
+
+def _sent(s: Shape) -> int:
+    """Bytes the busiest rank sends per step (forward + backward) under _comm's ring cost model, call by
+    call as _comm counts them. Uneven splits: a ring rank forwards every block but its successor's (the
+    smallest, n_low, at worst) and every accumulator; gather pads blocks to the largest (n)."""
+    if s.strategy == "local" or s.world == 1:
+        return 0
+    w, n, N, c, d = s.world, s.n, s.N, s.c, s.dim
+    row = d * s.e + s.idb  # a text row and its id
+    sent = (w - 1) * LAYOUT_BYTES
+    clip_ids = s.ids and s.loss == "clip"
+    pos_sums = 16 if clip_ids else 0  # with ids: each column's positive count and logit sum
+    target = 8 if clip_ids else 0  # with ids: each column's positive target, in the backward
+    if clip_ids:
+        sent += _ar(w, 16)  # all-reduce of (rows, columns) with a positive
+    if s.strategy == "ring":
+        passed = N - s.n_low  # the text rows this rank forwards (W - 1 blocks)
+        if s.loss == "clip":
+            sent += passed * row + N * (LSE_BYTES + pos_sums)  # forward: blocks, column statistics
+            sent += passed * (row + LSE_BYTES + target) + N * d * c  # backward: blocks + stats, grads
+        else:
+            sent += passed * row + N * d * c
+        return sent
+    sent += (w - 1) * n * row  # all_gather of the texts (and their ids), padded to n, kept for the backward
+
+    def reduce(width: int) -> int:  # (N, width) sums to their owners: NCCL reduce-scatters (padded), gloo all-reduces
+        return (w - 1) * n * width if s.device == "cuda" else _ar(w, N * width)
+
+    sent += reduce(d * c)
+    if s.loss == "clip":
+        sent += 2 * _ar(w, N * LSE_BYTES)  # the column lse: max and sum all-reduces
+        sent += reduce(pos_sums) if clip_ids else 0  # with ids: the positive counts and sums to their owners
+        sent += (w - 1) * n * (LSE_BYTES + target)  # backward: the column statistics gathered again
+    return sent
+
+
+def shape_of(loss: str, strategy: str, backend: str, world: int, batch: int, texts: int, dim: int, dtype: str,
+             device: str, ids: bool) -> Shape:
+    """Uneven batches: the largest rank (ceil) is planned; ranks beyond the batch hold nothing."""
+    return Shape(loss, strategy, backend, world, -(-batch // world), -(-texts // world), texts, dim, dtype, device,
+                 ids, texts // world)

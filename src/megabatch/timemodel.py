@@ -1,0 +1,217 @@
+"""A time model of one loss step per strategy: `megabatch plan --time` (docs/performance.md, "Which strategy at
+256 GPUs").
+
+Per rank and step, for each strategy, four terms (seconds):
+  * compute: the kernels' FLOP (CLIP 4 GEMM-sized passes of 2*b*cols*D, SigLIP 3) at `gemm_tflops` times the
+    backend's ratio to that GEMM floor (RATIO), but never below `kernel_floor` per kernel launch (small
+    tiles: a visit of a 128-row block is launch-bound, not FLOP-bound);
+  * transfer: bytes over each kind of link. A flat ring rank sends to its successor: within a node over
+    NVLink (`intra_bw`), and (W > ranks_per_node) once per node across InfiniBand (`inter_bw`, one NIC):
+    every step waits for the slowest hop. NCCL's collectives (gather) are bandwidth-optimal and rail-aware:
+    a rank's (W-1)/W share moves over NVLink at `intra_bw` and over the node's ranks_per_node NICs at once;
+  * latency: hops x `latency`. The ring pays one per step and pass (W per pass, plus the accumulators'
+    last hop home), in sequence; a collective pays 2 * ceil(log2 W) (NCCL's tree / PAT schedules);
+  * overlap: what the strategy hides. The ring posts its sends before each visit, so a step costs
+    max(compute, transfer) + latency at `overlap` = 1 (compute + transfer at 0); gather's collectives
+    wait for their data (nothing hidden).
+The hardware figures are assumptions (GPUS: 80% of the dense bf16 spec, NVLink per direction, one NDR/HDR
+NIC per GPU, a 10 us hop); override them with the flags. Measured here (benchmarks/time_model_check.py, CPU,
+gloo, W = 1, 2; rows in benchmarks/time_model_cpu.json): bytes and messages per step, exact; the compute
+term, 2-3.5x high on a CPU (the torch backend runs at 0.7-1.2x its GEMM floor there, not RATIO's 2.5);
+with the measured ratio, W = 2 step times within 12% at B = 4096. Everything for a GPU is predicted.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Optional
+
+# Each backend's time over the GEMM floor of its passes (benchmarks/triton_notes.md's predictions for triton;
+# the torch backend's chunked elementwise passes and dense's b x n round trips through memory: guesses, GPU
+# unmeasured). CPU (float32, `megabatch bench`): see docs/performance.md.
+RATIO = {("triton", "siglip"): 1.35, ("triton", "clip"): 1.7, ("torch", "siglip"): 2.5, ("torch", "clip"): 2.5,
+         ("dense", "siglip"): 1.5, ("dense", "clip"): 1.5}
+SUPER = 8192  # the triton super-block (TritonConfig.default): one set of launches per super-block
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Rates per GPU (rank). Bandwidths in bytes/s per direction, latency and kernel_floor in seconds."""
+
+    name: str
+    gemm_flops: float
+    intra_bw: float
+    inter_bw: float
+    latency: float = 10e-6
+    ranks_per_node: int = 8
+    kernel_floor: float = 4e-6  # a small kernel's launch-to-finish on a busy stream (assumed)
+    overlap: float = 1.0
+
+
+GPUS = {
+    # 80% of 312 dense bf16 TFLOP/s; NVLink 3 300 GB/s per direction; one HDR NIC (200 Gb/s)
+    "A100": Hardware("A100", 250e12, 240e9, 25e9),
+    # 80% of 989; NVLink 4 450 GB/s per direction; one NDR NIC (400 Gb/s)
+    "H100": Hardware("H100", 790e12, 450e9, 50e9),
+    "H200": Hardware("H200", 790e12, 450e9, 50e9),  # the H100's compute and links (more, faster memory)
+}
+
+
+def _launches(backend: str, rows: int, cols: int, chunk_rows: int) -> int:
+    """Kernel launches of one visit of rows x cols (one pass of the loss: statistics, or gradients): triton
+    3 per super-block (a tile kernel and two merges or two gradient GEMMs), torch about 8 per chunk of rows
+    (a product and its elementwise passes), dense about 6."""
+    if backend == "triton":
+        return 3 * math.ceil(rows / SUPER) * math.ceil(cols / SUPER)
+    if backend == "torch":
+        return 8 * math.ceil(rows / max(chunk_rows, 1))
+    return 6
+
+
+def _visit(s: Any, hw: Hardware, cols: int, passes: int, ratio: Optional[float] = None) -> float:
+    """Seconds of one visit of the rank's b images against `cols` texts, `passes` GEMM-sized passes."""
+    if s.b == 0 or cols == 0:
+        return 0.0
+    flops = passes * 2.0 * s.b * cols * s.dim
+    chunk = min(s.b, max(16, s.tiles // (2 * s.c * max(cols, 1)))) if s.backend == "torch" else s.b
+    floor = _launches(s.backend, s.b, cols, chunk) * hw.kernel_floor * (2 if passes == 4 else 1)  # CLIP: 2 visits
+    return max((ratio or RATIO[(s.backend, s.loss)]) * flops / hw.gemm_flops, floor)
+
+
+def _hop_bw(w: int, hw: Hardware) -> float:
+    """The slowest link of a flat ring of w ranks."""
+    return hw.inter_bw if w > hw.ranks_per_node else hw.intra_bw
+
+
+def _collective(nbytes: float, w: int, hw: Hardware) -> tuple[float, float, float]:
+    """(transfer, latency, bytes over this rank's NIC) of one NCCL collective whose rank sends `nbytes`.
+    Its ring runs ranks_per_node channels, one per NIC: each node boundary carries 1/ranks_per_node of the
+    data per NIC."""
+    t, inter = nbytes / hw.intra_bw, 0.0
+    if w > hw.ranks_per_node:
+        inter = nbytes / hw.ranks_per_node
+        t = max(t, inter / hw.inter_bw)
+    return t, 2 * math.ceil(math.log2(w)) * hw.latency, inter
+
+
+def step_time(s: Any, hw: Hardware, ratio: Optional[float] = None) -> dict[str, float]:
+    """The terms of one loss step (forward + backward) on the busiest rank; time_s is their total.
+    `s` is a plan.Shape (b, n the largest rank's images and texts; even splits for the message count).
+    bytes_intra + bytes_inter and messages are what strategies/_comm.py counts (benchmarks/time_model_check.py).
+    ratio: the kernels' time over their GEMM floor (None: RATIO's figure for the backend and loss)."""
+    w, n, d = s.world, s.n, s.dim
+    clip, ids = s.loss == "clip", bool(s.idb)
+    row = d * s.e + s.idb
+    out = {"compute_s": 0.0, "transfer_s": 0.0, "latency_s": 0.0, "hidden_s": 0.0, "messages": 0,
+           "bytes_intra": 0.0, "bytes_inter": 0.0}
+    if s.strategy == "local" or w == 1:
+        out["compute_s"] = _visit(s, hw, s.N, 4 if clip else 3, ratio)
+        out["time_s"] = out["compute_s"]
+        return out
+    link = "bytes_inter" if w > hw.ranks_per_node else "bytes_intra"
+
+    def collective(nbytes: float) -> None:
+        t, lat, inter = _collective(nbytes, w, hw)
+        out["transfer_s"] += t
+        out["latency_s"] += lat
+        out["messages"] += 1
+        out["bytes_intra"] += nbytes - inter
+        out["bytes_inter"] += inter
+
+    collective((w - 1) * 64)  # the layout exchange (8 int64 to each peer)
+    if clip and ids:
+        collective(int(2 * (w - 1) / w * 16))  # rows and columns with a positive
+    if s.strategy == "ring":
+        # per pass: (GEMM passes of its visit, block bytes, block tensors, accumulator bytes, accumulator tensors):
+        # CLIP's statistics pass (texts [+ ids]; lse [+ positive sums]) then its gradients (texts [+ ids], the
+        # column statistics [+ targets]; text gradients); SigLIP one pass (texts [+ ids]; text gradients)
+        e16 = 16 if ids else 0
+        passes = [(1, n * row, 1 + ids, n * (8 + e16), 1 + ids),
+                  (3, n * (row + 8 + e16 // 2), 2 + 2 * ids, n * d * s.c, 1)] if clip \
+            else [(3, n * row, 1 + ids, n * d * s.c, 1)]
+        bw = _hop_bw(w, hw)
+        for gemms, blk, kb, acc, ka in passes:
+            c = _visit(s, hw, n, gemms, ratio)
+            for t in range(w):
+                nbytes = (blk if t < w - 1 else 0) + (acc if t > 0 else 0)
+                m = nbytes / bw
+                out["compute_s"] += c
+                out["transfer_s"] += m
+                out["hidden_s"] += hw.overlap * min(c, m)
+                out["latency_s"] += hw.latency
+                out["messages"] += (kb if t < w - 1 else 0) + (ka if t > 0 else 0)
+                out[link] += nbytes
+            out["transfer_s"] += acc / bw  # the accumulators' last hop home
+            out["latency_s"] += hw.latency
+            out["messages"] += ka
+            out[link] += acc
+    else:
+        out["compute_s"] = _visit(s, hw, s.N, 4 if clip else 3, ratio)
+
+        def reduce(width: int) -> None:  # (N, width) to the owners: NCCL reduce-scatters, gloo all-reduces
+            collective((w - 1) * n * width if s.device == "cuda" else int(2 * (w - 1) / w * s.N * width))
+
+        collective((w - 1) * n * d * s.e)  # all-gather the texts
+        if ids:
+            collective((w - 1) * n * 8)  # and their ids
+        reduce(d * s.c)  # the text gradients
+        if clip:
+            collective(int(2 * (w - 1) / w * s.N * 8))  # the column lse: max, then sum
+            collective(int(2 * (w - 1) / w * s.N * 8))
+            if ids:
+                reduce(16)  # positive counts and sums
+            for _ in range(1 + ids):  # backward: the column statistics [and targets] gathered again
+                collective((w - 1) * n * 8)
+    out["time_s"] = out["compute_s"] + out["transfer_s"] + out["latency_s"] - out["hidden_s"]
+    return out
+
+
+def hardware(a: argparse.Namespace) -> Hardware:
+    """The --gpu preset with the flags given over it."""
+    hw = GPUS[a.gpu]
+    over = {"gemm_flops": a.gemm_tflops and a.gemm_tflops * 1e12, "intra_bw": a.intra_bw and a.intra_bw * 1e9,
+            "inter_bw": a.inter_bw and a.inter_bw * 1e9, "latency": a.latency and a.latency * 1e-6,
+            "ranks_per_node": a.ranks_per_node}
+    return replace(hw, **{k: v for k, v in over.items() if v is not None})
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            v = None
+        if v is None or v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return v
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("time model (--time; figures per GPU, the preset's unless given)")
+    g.add_argument("--time", action="store_true", help="predict each option's loss step time; auto picks the fastest")
+    g.add_argument("--gpu", choices=tuple(GPUS), default="H200", help="hardware preset (default H200)")
+    g.add_argument("--gemm-tflops", type=_positive(float), help="achieved dense GEMM TFLOP/s (H200: 790)")
+    g.add_argument("--intra-bw", type=_positive(float), help="GB/s per direction within a node (H200: 450)")
+    g.add_argument("--inter-bw", type=_positive(float), help="GB/s per GPU across nodes (H200: 50, one NDR NIC)")
+    g.add_argument("--latency", type=_positive(float), help="microseconds per hop (default 10)")
+    g.add_argument("--ranks-per-node", type=_positive(int), help="GPUs per node (default 8)")
+
+
+# What was held against a measurement, where (benchmarks/time_model_check.py; docs/performance.md)
+MEASURED = {"bytes": "exact: _comm's counters, gloo, W = 1..8 (plan_check.py)",
+            "messages": "exact: _comm's counters, gloo, W = 2 (time_model_check.py)",
+            "compute": "CPU only: torch backend 0.7-1.2x its GEMM floor there, RATIO says 2.5 (2-3.5x high)",
+            "transfer+latency+overlap": "CPU, gloo, W = 2, measured ratio: within 12% at B = 4096; overlap untested",
+            "gpu": "nothing: every GPU rate and ratio is assumed"}
+
+
+def describe(hw: Hardware) -> dict[str, Any]:
+    return {**asdict(hw), "status": "predicted (assumed rates)", "measured": MEASURED}
+
+
+def fastest(rows: list[tuple[Any, dict[str, float], Optional[bool]]]) -> Optional[Any]:
+    """The option with the least time_s among those that fit (fits None: not asked)."""
+    ok = [(t["time_s"], i) for i, (_, t, fits) in enumerate(rows) if fits is not False]
+    return rows[min(ok)[1]][0] if ok else None
