@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -218,8 +218,12 @@ class MegabatchLoss(nn.Module):
             x = _embed(model, anchors)
             y = _embed(model, texts)
             return self._loss_fn(x, y, *scalars, **ids)
-        cache = GradCache(lambda **f: _embed(inner, f), lambda **f: _embed(inner, f), self._loss_fn,
-                          self.mini_batch_size, modules=[model] if isinstance(model, DDP) else None)
+        # the class's forward: under DDP GradCache runs the last micro-batch inside the wrapper's
+        # forward by swapping the inner module's (instance) forward, which must not call itself
+        encoder = (lambda **f: _embed(lambda d: type(inner).forward(inner, d), f)) if isinstance(model, DDP) \
+            else (lambda **f: _embed(inner, f))
+        cache = GradCache(encoder, encoder, self._loss_fn, self.mini_batch_size,
+                          modules=[model] if isinstance(model, DDP) else None)
         loss = cache(anchors, texts, *scalars, **ids)
         # GradCache has filled every .grad (the model's all-reduced under DDP): the trainer's own
         # backward must add nothing, so it gets a leaf (as CachedMNRL hands it one with a hook)
@@ -278,7 +282,7 @@ def _stack_columns(columns: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return out
 
 
-def _embed(model: nn.Module, features: Mapping[str, Tensor]) -> Tensor:
+def _embed(model: Callable[[dict], Any], features: Mapping[str, Tensor]) -> Tensor:
     """The L2-normalised sentence embeddings (ST's cos_sim normalises the same way)."""
     out = model(dict(features))["sentence_embedding"]  # a copy: ST's modules add keys to the dict
     return F.normalize(out, p=2, dim=-1)
