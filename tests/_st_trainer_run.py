@@ -3,7 +3,8 @@
 argv: OUT RUN [RUN ...], each RUN one trainer on the same tiny float64 model, data and seed (so
 every run sees the same batches): "mnrl", "ours", "cached", "ours_cached" (symmetric, GradCache
 mini-batch 3), "siglip" (MegabatchLoss(loss="siglip", learnable=True), weight decay 0.1, two
-steps). Every rank takes 4 of the 12 (anchor, positive, negative) rows a step. A callback keeps the
+steps); "uneven" is no trainer: rank r calls the loss (UNEVEN) on its own 3 + 2r rows of a batch with
+repeated anchors and averages the gradients itself. Every rank takes 4 of the 12 (anchor, positive, negative) rows a step. A callback keeps the
 gradients as the optimiser is about to see them (after DDP's averaging), the model's and the loss's
 own; rank 0 saves them with the logged loss; every rank saves the learnt scale and bias.
 """
@@ -28,6 +29,30 @@ from megabatch.integrations.sentence_transformers import MegabatchLoss  # noqa: 
 
 N, PER_RANK, MINI = 12, 4, 3
 SYM = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
+UNEVEN = dict(positive_columns=2, positives="anchor", mini_batch_size=2, **SYM)
+
+
+def uneven_rows(world: int) -> list[list[str]]:
+    """(anchor, positive, positive, negative) columns of sum(3 + 2r) rows; anchors repeat (4 distinct)."""
+    n = sum(3 + 2 * r for r in range(world))
+    anchors = [_st_models.sentences(4, 9)[i % 4] for i in range(n)]
+    return [anchors] + [_st_models.sentences(n, 10 + c) for c in range(3)]
+
+
+def uneven(out: str, built) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = copy.deepcopy(built)
+    start = sum(3 + 2 * r for r in range(rank))
+    columns = [col[start:start + 3 + 2 * rank] for col in uneven_rows(world)]
+    loss = MegabatchLoss(model, **UNEVEN)([model.preprocess(c) for c in columns])
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    dist.all_reduce(loss)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    if rank == 0:
+        torch.save({"loss": loss / world, "grads": grads}, os.path.join(out, "uneven-0.pt"))
 
 
 def data() -> Dataset:
@@ -67,6 +92,9 @@ def main() -> None:
     # built before the first trainer initialises torch.distributed (save_pretrained then writes on rank 0 only)
     built = _st_models.build(os.path.join(out, f"model-{rank}")).double()
     for run in sys.argv[2:]:
+        if run == "uneven":
+            uneven(out, built)
+            continue
         model = copy.deepcopy(built)
         loss = make_loss(run, model)
         steps = 2 if run == "siglip" else 1

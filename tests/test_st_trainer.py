@@ -5,7 +5,9 @@ One torchrun launch trains five trainers in turn on the same float64 tiny model 
 gather_across_devices=True, against MegabatchLoss with the same settings: the logged loss and every
 gradient the optimiser sees (after DDP) agree. A learnable SigLIP scale and bias, started from a
 different value on each rank, end equal on every rank, get no weight decay, and their gradient (and
-the model's) is the one-process gradient of the whole global batch.
+the model's) is the one-process gradient of the whole global batch. Without the trainer, uneven
+batches (3, 5, 7 rows) with two positive columns, repeated anchors (positives="anchor") and
+GradCache give the one-process loss and gradients of the 15 rows.
 """
 from __future__ import annotations
 
@@ -21,12 +23,12 @@ pytest.importorskip("sentence_transformers", reason="the [st] extra (sentence-tr
 pytest.importorskip("datasets", reason="SentenceTransformerTrainer needs datasets (the [st] extra)")
 
 import _st_models  # noqa: E402
-from _st_trainer_run import N, data  # noqa: E402
+from _st_trainer_run import N, UNEVEN, data, uneven_rows  # noqa: E402
 
 from megabatch.integrations.sentence_transformers import MegabatchLoss  # noqa: E402
 
 HERE = Path(__file__).parent
-RUNS = ("mnrl", "ours", "cached", "ours_cached", "siglip")
+RUNS = ("mnrl", "ours", "cached", "ours_cached", "siglip", "uneven")
 WORLD = 3
 
 
@@ -38,7 +40,8 @@ def results(tmp_path_factory):
            str(HERE / "_st_trainer_run.py"), str(out), *RUNS]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return {(run, r): torch.load(out / f"{run}-{r}.pt", weights_only=False) for run in RUNS for r in range(WORLD)}
+    return {(run, r): torch.load(path, weights_only=False) for run in RUNS for r in range(WORLD)
+            if (path := out / f"{run}-{r}.pt").exists()}
 
 
 def model_grads(grads: dict) -> dict:
@@ -74,3 +77,17 @@ def test_learnable_scale_and_bias_on_ranks(results, tmp_path):
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_uneven_batches_lists_of_positives_and_duplicates(results, tmp_path):
+    got = results[("uneven", 0)]
+    model = _st_models.build(str(tmp_path / "m")).double()
+    columns = uneven_rows(WORLD)
+    loss = MegabatchLoss(model, **UNEVEN)([model.preprocess(c) for c in columns])
+    ids = MegabatchLoss(model, **UNEVEN)._ids([model.preprocess(c) for c in columns])
+    assert ids["image_ids"].unique().numel() == 4  # the repeated anchors share their id
+    torch.testing.assert_close(got["loss"], loss, rtol=1e-9, atol=1e-12)
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got["grads"].keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got["grads"][name], want[name], rtol=1e-9, atol=1e-12, msg=name)
