@@ -3,10 +3,11 @@
 argv: OUT RUN [RUN ...], each RUN one trainer on the same tiny float64 model, data and seed (so
 every run sees the same batches): "mnrl", "ours", "cached", "ours_cached" (symmetric, GradCache
 mini-batch 3), "siglip" (MegabatchLoss(loss="siglip", learnable=True), weight decay 0.1, two
-steps); "uneven" is no trainer: rank r calls the loss (UNEVEN) on its own 3 + 2r rows of a batch with
-repeated anchors and averages the gradients itself. Every rank takes 4 of the 12 (anchor, positive, negative) rows a step. A callback keeps the
+steps). Every rank takes 4 of the 12 (anchor, positive, negative) rows a step. A callback keeps the
 gradients as the optimiser is about to see them (after DDP's averaging), the model's and the loss's
 own; rank 0 saves them with the logged loss; every rank saves the learnt scale and bias.
+"uneven" runs no trainer: rank r calls the loss (UNEVEN) on its own 3 + 2r rows of a batch with
+repeated anchors and averages the gradients itself.
 """
 from __future__ import annotations
 

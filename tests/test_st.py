@@ -6,6 +6,10 @@ megabatch's float64 references on the same embeddings; bad input.
 """
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -162,3 +166,24 @@ def test_bad_columns(model):
         MegabatchLoss(model)([dict(feats[0]), {k: v[:3] for k, v in feats[1].items()}])
     with pytest.raises(TypeError, match="column 1 is not a text column"):
         MegabatchLoss(model)([dict(feats[0]), {"pixel_values": torch.zeros(4, 3)}])
+
+
+def test_missing_extra_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "megabatch.integrations.sentence_transformers")
+    with pytest.raises(ImportError, match=r"pip install 'megabatch\[st\]'"):
+        importlib.import_module("megabatch.integrations.sentence_transformers")
+
+
+def test_docs_switch_block_trains(tmp_path):
+    """The python block of docs/integrations.md that says it is run here: one step, float32."""
+    from datasets import Dataset
+
+    page = (Path(__file__).parent.parent / "docs" / "integrations.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in page.split("```python\n")[1:]]
+    block = next(b for b in blocks if b.startswith("# run by tests/test_st.py"))
+    model = _st_models.build(str(tmp_path / "m"))
+    train_dataset = Dataset.from_dict({"anchor": _st_models.sentences(64, 1), "positive": _st_models.sentences(64, 2)})
+    before = next(model.parameters()).detach().clone()
+    exec(block, {"model": model, "train_dataset": train_dataset, "output_dir": str(tmp_path / "out")})
+    assert not torch.equal(before, next(model.parameters()).detach())  # it trained
