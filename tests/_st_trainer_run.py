@@ -30,7 +30,7 @@ from megabatch.integrations.sentence_transformers import MegabatchLoss  # noqa: 
 
 N, PER_RANK, MINI = 12, 4, 3
 SYM = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
-UNEVEN = dict(positive_columns=2, positives="anchor", mini_batch_size=2, **SYM)
+UNEVEN = dict(positive_columns=2, positives="anchor", mini_batch_size=2, learnable=True, **SYM)
 
 
 def uneven_rows(world: int) -> list[list[str]]:
@@ -45,13 +45,15 @@ def uneven(out: str, built) -> None:
     model = copy.deepcopy(built)
     start = sum(3 + 2 * r for r in range(rank))
     columns = [col[start:start + 3 + 2 * rank] for col in uneven_rows(world)]
-    loss = MegabatchLoss(model, **UNEVEN)([model.preprocess(c) for c in columns])
-    for p in model.parameters():
+    loss_fn = MegabatchLoss(model, **UNEVEN)
+    loss = loss_fn([model.preprocess(c) for c in columns])
+    for p in model.parameters():  # the loss's own scale averages its gradient itself
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world
     dist.all_reduce(loss)
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    grads["norm.logit_scale"] = loss_fn.norm.logit_scale.grad
     if rank == 0:
         torch.save({"loss": loss / world, "grads": grads}, os.path.join(out, "uneven-0.pt"))
 

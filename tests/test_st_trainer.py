@@ -6,8 +6,8 @@ gather_across_devices=True, against MegabatchLoss with the same settings: the lo
 gradient the optimiser sees (after DDP) agree. A learnable SigLIP scale and bias, started from a
 different value on each rank, end equal on every rank, get no weight decay, and their gradient (and
 the model's) is the one-process gradient of the whole global batch. Without the trainer, uneven
-batches (3, 5, 7 rows) with two positive columns, repeated anchors (positives="anchor") and
-GradCache give the one-process loss and gradients of the 15 rows.
+batches (3, 5, 7 rows) with two positive columns, repeated anchors (positives="anchor"), a learnable
+CLIP scale and GradCache give the one-process loss and gradients of the 15 rows.
 """
 from __future__ import annotations
 
@@ -83,11 +83,13 @@ def test_uneven_batches_lists_of_positives_and_duplicates(results, tmp_path):
     got = results[("uneven", 0)]
     model = _st_models.build(str(tmp_path / "m")).double()
     columns = uneven_rows(WORLD)
-    loss = MegabatchLoss(model, **UNEVEN)([model.preprocess(c) for c in columns])
-    ids = MegabatchLoss(model, **UNEVEN)._ids([model.preprocess(c) for c in columns])
+    loss_fn = MegabatchLoss(model, **UNEVEN)
+    loss = loss_fn([model.preprocess(c) for c in columns])
+    ids = loss_fn._ids([model.preprocess(c) for c in columns])
     assert ids["image_ids"].unique().numel() == 4  # the repeated anchors share their id
     torch.testing.assert_close(got["loss"], loss, rtol=1e-9, atol=1e-12)
     want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    want["norm.logit_scale"] = loss_fn.norm.logit_scale.grad  # CLIP's: each rank's share differs, the mean is exact
     assert got["grads"].keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got["grads"][name], want[name], rtol=1e-9, atol=1e-12, msg=name)
