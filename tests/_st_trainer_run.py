@@ -6,8 +6,8 @@ mini-batch 3), "siglip" (MegabatchLoss(loss="siglip", learnable=True), weight de
 steps). Every rank takes 4 of the 12 (anchor, positive, negative) rows a step. A callback keeps the
 gradients as the optimiser is about to see them (after DDP's averaging), the model's and the loss's
 own; rank 0 saves them with the logged loss; every rank saves the learnt scale and bias.
-"uneven" runs no trainer: rank r calls the loss (UNEVEN) on its own 3 + 2r rows of a batch with
-repeated anchors and averages the gradients itself.
+"uneven_ring" / "uneven_gather" run no trainer: rank r calls the loss (UNEVEN, that
+strategy) on its own 3 + 2r rows of a batch with repeated anchors and averages the gradients itself.
 """
 from __future__ import annotations
 
@@ -40,12 +40,12 @@ def uneven_rows(world: int) -> list[list[str]]:
     return [anchors] + [_st_models.sentences(n, 10 + c) for c in range(3)]
 
 
-def uneven(out: str, built) -> None:
+def uneven(out: str, built, strategy: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     model = copy.deepcopy(built)
     start = sum(3 + 2 * r for r in range(rank))
     columns = [col[start:start + 3 + 2 * rank] for col in uneven_rows(world)]
-    loss_fn = MegabatchLoss(model, **UNEVEN)
+    loss_fn = MegabatchLoss(model, strategy=strategy, **UNEVEN)
     loss = loss_fn([model.preprocess(c) for c in columns])
     for p in model.parameters():  # the loss's own scale averages its gradient itself
         if p.grad is not None:
@@ -55,7 +55,7 @@ def uneven(out: str, built) -> None:
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     grads["norm.logit_scale"] = loss_fn.norm.logit_scale.grad
     if rank == 0:
-        torch.save({"loss": loss / world, "grads": grads}, os.path.join(out, "uneven-0.pt"))
+        torch.save({"loss": loss / world, "grads": grads}, os.path.join(out, f"uneven_{strategy}-0.pt"))
 
 
 def data() -> Dataset:
@@ -95,8 +95,8 @@ def main() -> None:
     # built before the first trainer initialises torch.distributed (save_pretrained then writes on rank 0 only)
     built = _st_models.build(os.path.join(out, f"model-{rank}")).double()
     for run in sys.argv[2:]:
-        if run == "uneven":
-            uneven(out, built)
+        if run.startswith("uneven_"):
+            uneven(out, built, run.split("_", 1)[1])
             continue
         model = copy.deepcopy(built)
         loss = make_loss(run, model)

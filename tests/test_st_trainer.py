@@ -7,7 +7,7 @@ gradient the optimiser sees (after DDP) agree. A learnable SigLIP scale and bias
 different value on each rank, end equal on every rank, get no weight decay, and their gradient (and
 the model's) is the one-process gradient of the whole global batch. Without the trainer, uneven
 batches (3, 5, 7 rows) with two positive columns, repeated anchors (positives="anchor"), a learnable
-CLIP scale and GradCache give the one-process loss and gradients of the 15 rows.
+CLIP scale and GradCache give the one-process loss and gradients of the 15 rows (ring and gather).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from _st_trainer_run import N, UNEVEN, data, uneven_rows  # noqa: E402
 from megabatch.integrations.sentence_transformers import MegabatchLoss  # noqa: E402
 
 HERE = Path(__file__).parent
-RUNS = ("mnrl", "ours", "cached", "ours_cached", "siglip", "uneven")
+RUNS = ("mnrl", "ours", "cached", "ours_cached", "siglip", "uneven_ring", "uneven_gather")
 WORLD = 3
 
 
@@ -79,8 +79,9 @@ def test_learnable_scale_and_bias_on_ranks(results, tmp_path):
         torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_uneven_batches_lists_of_positives_and_duplicates(results, tmp_path):
-    got = results[("uneven", 0)]
+@pytest.mark.parametrize("strategy", ["ring", "gather"])
+def test_uneven_batches_lists_of_positives_and_duplicates(results, tmp_path, strategy):
+    got = results[(f"uneven_{strategy}", 0)]
     model = _st_models.build(str(tmp_path / "m")).double()
     columns = uneven_rows(WORLD)
     loss_fn = MegabatchLoss(model, **UNEVEN)
