@@ -69,6 +69,17 @@ def test_gradcache_equals_cached_mnrl(model, sym):
     assert_same(ours, theirs)
 
 
+def test_evaluation_in_mini_batches(model):
+    feats = columns(model, 7, 3, seed=6)
+    with torch.no_grad():
+        whole = MegabatchLoss(model, **SYM)([dict(f) for f in feats])
+        mini = MegabatchLoss(model, mini_batch_size=3, **SYM)([dict(f) for f in feats])
+        theirs = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3, **SYM)
+        cached = theirs([dict(f) for f in feats], None)
+    torch.testing.assert_close(mini, whole, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(mini, cached, rtol=1e-9, atol=1e-12)
+
+
 def embeddings(model, feats):
     with torch.no_grad():
         return [torch.nn.functional.normalize(model(dict(f))["sentence_embedding"], dim=-1) for f in feats]

@@ -214,9 +214,12 @@ class MegabatchLoss(nn.Module):
         model = self.model
         inner = model.module if isinstance(model, DDP) else model
         scalars = self._scalars()
-        if self.mini_batch_size is None or not torch.is_grad_enabled():
-            x = _embed(model, anchors)
-            y = _embed(model, texts)
+        if self.mini_batch_size is None:
+            return self._loss_fn(_embed(model, anchors), _embed(model, texts), *scalars, **ids)
+        if not torch.is_grad_enabled():  # evaluation: no gradients to cache, the encoder still in mini-batches
+            x, y = (torch.cat([_embed(model, {k: v[i:i + self.mini_batch_size] for k, v in f.items()})
+                               for i in range(0, f["input_ids"].shape[0], self.mini_batch_size)])
+                    for f in (anchors, texts))
             return self._loss_fn(x, y, *scalars, **ids)
         # the class's forward: under DDP GradCache runs the last micro-batch inside the wrapper's
         # forward by swapping the inner module's (instance) forward, which must not call itself
