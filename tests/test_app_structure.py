@@ -17,6 +17,8 @@ import importlib.util
 from pathlib import Path
 from typing import Optional
 
+from test_structure import find_cycle  # one circle finder for the library and the app
+
 APP = Path(__file__).resolve().parents[1] / "src" / "megabatch_train"
 LIMIT = 400
 TOO_LONG_FOR_NOW = {"loop.py"}  # the maintainer's restructuring of the training loop removes this exception
@@ -66,33 +68,6 @@ def _app_edges() -> dict[str, set[str]]:
     return edges
 
 
-def _circle(edges: dict[str, set[str]]) -> Optional[list[str]]:
-    """One import circle as a list of modules (first == last), or None."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
-
-    def visit(m: str) -> Optional[list[str]]:
-        state[m] = 1
-        path.append(m)
-        for n in sorted(edges[m]):
-            if state.get(n) == 1:
-                return path[path.index(n):] + [n]
-            if n not in state:
-                found = visit(n)
-                if found:
-                    return found
-        path.pop()
-        state[m] = 2
-        return None
-
-    for m in sorted(edges):
-        if m not in state:
-            found = visit(m)
-            if found:
-                return found
-    return None
-
-
 def test_no_app_module_is_over_400_lines():
     lengths = {p.relative_to(APP).as_posix(): len(p.read_text().splitlines()) for p in _modules().values()}
     too_long = {name: n for name, n in lengths.items() if n > LIMIT and name not in TOO_LONG_FOR_NOW}
@@ -103,13 +78,13 @@ def test_no_app_module_is_over_400_lines():
 def test_no_import_circle_inside_the_app():
     edges = _app_edges()
     assert len(edges) > 20 and sum(map(len, edges.values())) > 40, edges  # the parse found the app's imports
-    circle = _circle(edges)
+    circle = find_cycle(edges)
     assert circle is None, "import circle: " + " -> ".join(circle or [])
 
 
 def test_the_circle_finder_finds_circles():
-    assert _circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
-    assert _circle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
 def _public_names(module: str) -> Optional[set[str]]:
