@@ -19,6 +19,7 @@ from .files import stable_id
 from .health import balanced_bias, collapse_warning, embedding_stats, recovery_note
 from .runplan import RunPlan
 from .runtime import Runtime, collective, peak_memory_mb, sum_over_ranks
+from .towers import Center
 
 
 class NonFiniteError(RuntimeError):
