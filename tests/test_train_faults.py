@@ -140,15 +140,15 @@ def _nan_worker(rank: int, world: int, out: str) -> list[torch.Tensor]:
     cfg = from_preset("tiny", steps=5, log_every=1, output=out, progress=False, strategy="gather")
     model_box = {}
 
-    import megabatch_train.loop as loop
+    import megabatch_train.build as build
 
-    original = loop.ContrastiveModel
+    original = build.ContrastiveModel
 
     def keep(*a, **k):
         model_box["m"] = original(*a, **k)
         return model_box["m"]
 
-    loop.ContrastiveModel = keep
+    build.ContrastiveModel = keep
     train(cfg)
     return [p.detach().clone() for p in model_box["m"].parameters()]
 

@@ -7,7 +7,7 @@ SIGUSR1 ahead of the time limit when asked (`sbatch --signal=USR1@60`).
 
 Why the handler only records the signal: a rank that saved or raised from inside a handler would
 leave a collective half done and its peers waiting until --dist-timeout. Instead every step's
-non-finite check (one all_reduce that already exists, loop._nonfinite_ranks) carries one flag per
+non-finite check (one all_reduce that already exists, step._nonfinite_ranks) carries one flag per
 signal, so every rank learns at the same step that some rank was asked to stop -- also when the
 signal reached one rank only -- and they stop together after that step: the normal checkpoint
 save at that step, a barrier, and `Preempted`, whose exit code for the command is 128 + the

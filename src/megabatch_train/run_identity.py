@@ -27,7 +27,7 @@ RESUMABLE = {"steps", "output", "resume", "eval_every", "log_every", "ckpt_every
              "strategy", "backend", "device", "micro_batch_size", "threads", "eval_data", "eval_size", "fresh",
              "dist_timeout", "max_bad_steps", "fsdp"}
 
-# Model fields the app may fit when a run is built (loop._build): the context length (0 for csv/wds:
+# Model fields the app may fit when a run is built (build._build): the context length (0 for csv/wds:
 # fitted to the training captions; a Hugging Face tokenizer's, capped by its model) and a Hugging
 # Face model's image size. Their given value is compared; the fitted one is restored on resume.
 FITTED = ("context_length", "image_size")
