@@ -40,7 +40,7 @@ installed (they are optional benchmark dependencies, never dependencies of the l
                    D >= 16 and, below 64, a power of two; x and y of one shape; tf32 dots
                    (MEMEFF_INPUT_PRECISION=ieee at import turns that off). CUDA only (rejects
                    non-CUDA tensors; its tile tables query torch.cuda.get_device_capability).
-                   ../shared/PEERS.md reports fp32 at D=512 failing on H100 with Triton
+                   Its users report fp32 at D=512 failing on H100 with Triton
                    OutOfResources (shared memory); bf16 runs.
   siglip_kernel    fused_siglip_loss(x, y, log_temperature, bias): "temperature" is the
     0.1.2          multiplier (logits = x @ y.T * exp(log_temperature) + bias), so the adapter
