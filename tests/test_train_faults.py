@@ -49,6 +49,17 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_ends_like(run: Path, uninterrupted: Path) -> None:
+    """`run` logged steps 1..10 and ended with the uninterrupted run's final loss and evaluation."""
+    got, want = records(run), records(uninterrupted)
+    assert [r["step"] for r in got] == list(range(1, 11))
+    assert got[-1]["loss"] == pytest.approx(want[-1]["loss"], rel=1e-6, abs=0)
+    evaluation = json.loads((run / "eval.json").read_text())
+    reference = json.loads((uninterrupted / "eval.json").read_text())
+    for key in ("zero_shot_top1", "i2t_r1", "t2i_r1", "i2t_r5"):
+        assert evaluation[key] == reference[key], key
+
+
 def torchrun_cmd(args: list[str], restarts: int = 0, *flags: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "--max-restarts", str(restarts), *flags, "-m", "megabatch_train", *args]
@@ -107,13 +118,7 @@ def test_killed_rank_restarts_and_resumes(tmp_path, uninterrupted, rank):
     assert "Connection refused" not in log
     resumed = [line for line in log.splitlines() if "resuming from" in line]
     assert len(resumed) == 1 and "step_000004.pt (step 4)" in resumed[0] and "attempt 1" in resumed[0], log[-3000:]
-    got, want = records(tmp_path), records(uninterrupted)
-    assert [r["step"] for r in got] == list(range(1, 11))
-    assert got[-1]["loss"] == pytest.approx(want[-1]["loss"], rel=1e-6, abs=0)
-    evaluation = json.loads((tmp_path / "eval.json").read_text())
-    reference = json.loads((uninterrupted / "eval.json").read_text())
-    for key in ("zero_shot_top1", "i2t_r1", "t2i_r1", "i2t_r5"):
-        assert evaluation[key] == reference[key], key
+    assert_ends_like(tmp_path, uninterrupted)
 
 
 def test_hung_rank_fails_within_the_timeout(tmp_path):
@@ -330,10 +335,4 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes(tmp_path, uninte
     rc, log, _ = torchrun(args)
     assert rc == 0, log[-3000:]
     assert f"step_{step:06d}.pt (step {step})" in log
-    got, want = records(tmp_path), records(uninterrupted)
-    assert [r["step"] for r in got] == list(range(1, 11))
-    assert got[-1]["loss"] == pytest.approx(want[-1]["loss"], rel=1e-6, abs=0)
-    evaluation = json.loads((tmp_path / "eval.json").read_text())
-    reference = json.loads((uninterrupted / "eval.json").read_text())
-    for key in ("zero_shot_top1", "i2t_r1", "t2i_r1", "i2t_r5"):
-        assert evaluation[key] == reference[key], key
+    assert_ends_like(tmp_path, uninterrupted)
