@@ -1,7 +1,9 @@
 """The time model (src/megabatch/timemodel.py, `megabatch plan --time`): the flat ring's transfer is hidden
 exactly when a step's compute covers it (the brief's arithmetic: b ~ 15,800 rows a rank over one NDR NIC at
 790 TFLOP/s), every term is carried by --json, `auto` follows the model only where plan knows the layout,
-and W from 8 to 1,024 gives a finite time for every option. Pure arithmetic: well under a second.
+and W from 8 to 1,024 gives a finite time for every option; the node-aware ring (hierarchical, modelled from its
+design) has hand-computed terms, is the flat ring with one rank a node and sends nothing over InfiniBand within
+one node, and is a candidate only where the world is whole nodes. Pure arithmetic: well under a second.
 """
 from __future__ import annotations
 
@@ -71,10 +73,11 @@ def test_every_option_has_a_time_from_8_to_1024_ranks(capsys, world):
     assert main(["plan", "--loss", "clip", "--world", str(world), "--batch", "32768", "--dim", "512", "--time",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert {o["strategy"] for o in out["options"]} == {"ring", "gather"}
+    assert {o["strategy"] for o in out["options"]} == {"ring", "gather", "hierarchical"}  # 8 a node divides W
     for o in out["options"]:
         assert math.isfinite(o["time_ms"]) and o["time_ms"] > 0
         terms = {"compute_s", "transfer_s", "latency_s", "hidden_s", "bytes_intra", "bytes_inter", "messages"}
+        assert all(math.isfinite(o["time_terms"][k]) for k in terms)
         assert terms <= set(o["time_terms"])
     assert out["time_ms"] == min(o["time_ms"] for o in out["options"])  # auto: the fastest that fits
     assert out["hardware"]["name"] == "H200" and "predicted" in out["hardware"]["status"]
@@ -107,3 +110,92 @@ def test_flags_override_the_preset(capsys):
     assert fast["hardware"]["inter_bw"] == 400e9 and fast["hardware"]["latency"] == pytest.approx(1e-6)
     assert fast["hardware"]["gemm_flops"] == timemodel.GPUS["A100"].gemm_flops
     assert fast["time_ms"] != base["time_ms"]
+
+
+TOY = timemodel.Hardware("toy", gemm_flops=1e12, intra_bw=1e9, inter_bw=1e8, latency=1e-6, ranks_per_node=2,
+                         kernel_floor=0.0)
+
+
+def _hier(loss: str, w: int, rows: int, hw: timemodel.Hardware, strategy: str = "hierarchical", ids: bool = False,
+          dim: int = 4) -> dict:
+    s = shape_of(loss, strategy, "torch", w, w * rows, w * rows, dim, "float32", "cuda", ids, hw.ranks_per_node)
+    return timemodel.step_time(s, hw, ratio=1.0)
+
+
+def test_hierarchical_terms_by_hand():
+    """SigLIP, W = 4 ranks, R = 2 a node, M = 2 nodes, 8 rows a rank, D = 4, float32: a slice and its accumulator
+    are 8 * 4 * 4 = 128 B each. Two steps: step 0 sends the slice to the next node, step 1 the accumulator,
+    then it hops home (1.28 us each at 100 MB/s); each step all-gathers one slice and reduce-scatters one
+    accumulator over NVLink (0.256 us at 1 GB/s) around a visit of 8 x 16 (3 * 2 * 8 * 16 * 4 FLOP = 3.072 ns
+    at 1 TFLOP/s). The layout exchange: 3 * 64 B, 96 of them over the NICs (9.6e-7 s), 2 * log2(4) hops."""
+    t = _hier("siglip", 4, 8, TOY)
+    visit, local, inter, layout = 3072 / 1e12, 256 / 1e9, 128 / 1e8, 96 / 1e8
+    assert t["compute_s"] == pytest.approx(2 * visit)
+    assert t["transfer_s"] == pytest.approx(layout + 2 * (inter + local) + inter)
+    assert t["hidden_s"] == pytest.approx(2 * min(inter, local + visit))
+    # layout 4 hops; a step: 1 inter hop + all-gather and reduce-scatter 2 * ceil(log2 2) each; the hop home
+    assert t["latency_s"] == pytest.approx((4 + 2 * (1 + 2 + 2) + 1) * 1e-6)
+    # at overlap 1: max(inter, local + visit) a step, the hop home, the layout, the hops
+    assert t["time_s"] == pytest.approx(2 * inter + inter + layout + 15e-6) and t["time_s"] == pytest.approx(19.8e-6)
+    assert (t["bytes_inter"], t["bytes_intra"]) == (96 + 3 * 128, 96 + 2 * 256)
+    assert t["messages"] == 1 + 3 + 3 + 1  # layout; a step: a p2p, an all-gather, a reduce-scatter; home
+    no_overlap = timemodel.step_time(shape_of("siglip", "hierarchical", "torch", 4, 32, 32, 4, "float32", "cuda",
+                                              False, 2), replace(TOY, overlap=0.0), ratio=1.0)
+    assert no_overlap["time_s"] == pytest.approx(t["time_s"] + t["hidden_s"])
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("ids", [False, True])
+def test_hierarchical_with_one_rank_a_node_is_the_flat_ring(loss, ids):
+    hw = replace(TOY, ranks_per_node=1)
+    for w in (2, 5):
+        assert _hier(loss, w, 64, hw, ids=ids) == _hier(loss, w, 64, hw, "ring", ids)  # every term, exactly
+
+
+def test_hierarchical_within_one_node_sends_nothing_over_infiniband():
+    hw = replace(timemodel.GPUS["H200"], ranks_per_node=8)
+    one = _hier("siglip", 8, 512, hw, dim=512)
+    gather = _hier("siglip", 8, 512, hw, "gather", dim=512)
+    assert one["bytes_inter"] == 0 and one["bytes_intra"] > 0
+    assert one["compute_s"] == pytest.approx(gather["compute_s"])  # M = 1: one visit of all N texts, as gather
+    assert one["latency_s"] == pytest.approx((2 * 3 + 2 * 2 * 3) * hw.latency)  # layout; all-gather + reduce
+    two = _hier("siglip", 16, 512, hw, dim=512)
+    assert two["bytes_inter"] > 0 and two["compute_s"] == pytest.approx(2 * one["compute_s"])  # M = 2 visits
+
+
+def test_hierarchical_bytes_are_the_planners():
+    from megabatch.plan_terms import _sent
+    for loss in ("clip", "siglip"):
+        for ids in (False, True):
+            for w, r in ((2, 2), (4, 2), (16, 8), (6, 3)):
+                s = shape_of(loss, "hierarchical", "torch", w, w * 64, w * 64, 32, "bfloat16", "cuda", ids, r)
+                t = timemodel.step_time(s, replace(TOY, ranks_per_node=r))
+                assert round(t["bytes_intra"] + t["bytes_inter"]) == _sent(s), (loss, ids, w, r)  # 1/R shares
+    with pytest.raises(ValueError, match="ranks per node"):
+        timemodel.step_time(shape_of("clip", "hierarchical", "torch", 4, 64, 64, 8, "float32", "cuda", False, 2),
+                            timemodel.GPUS["H200"])
+
+
+def test_hierarchical_is_planned_for_whole_nodes_only(capsys):
+    from megabatch import plan
+    args = ["plan", "--loss", "siglip", "--world", "1024", "--batch", "1048576", "--dim", "512", "--json"]
+    assert main(args) == 0
+    rows = {(o["strategy"], o["backend"]): o for o in json.loads(capsys.readouterr().out)["options"]}
+    # memory O(R*b*D): between the ring's one block and gather's whole batch
+    for be in ("torch", "triton"):
+        assert rows[("ring", be)]["peak_bytes"] < rows[("hierarchical", be)]["peak_bytes"] \
+            < rows[("gather", be)]["peak_bytes"] / 10
+    assert main([*args[:4], "12", *args[5:]]) == 0  # 12 ranks, 8 a node: not a candidate
+    assert "hierarchical" not in {o["strategy"] for o in json.loads(capsys.readouterr().out)["options"]}
+    assert main([*args[:4], "12", *args[5:], "--ranks-per-node", "4", "--strategy", "hierarchical"]) == 0
+    assert json.loads(capsys.readouterr().out)["strategy"] == "hierarchical"
+    with pytest.raises(SystemExit) as e:
+        main([*args[:4], "12", *args[5:], "--strategy", "hierarchical"])
+    assert e.value.code == 2 and "--ranks-per-node (8)" in capsys.readouterr().err
+    # the hook for auto: the winner for given sizes, as plan --time picks it
+    assert main([*args, "--time"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    best = plan.fastest_plan("siglip", 1024, 1048576, 512, "bfloat16", timemodel.GPUS["H200"])
+    assert (best.strategy, best.backend) == (cli["strategy"], cli["backend"]) == ("gather", "triton")
+    only = plan.fastest_plan("siglip", 1024, 1048576, 512, "bfloat16", timemodel.GPUS["H200"], strategy="hierarchical")
+    assert only.strategy == "hierarchical" and only.ranks_per_node == 8

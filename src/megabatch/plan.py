@@ -34,6 +34,11 @@ U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
       ring          per visit: the block held and (W >= 3) the next one arriving (E_y each), the
                     accumulator sent and the one received (U_y each), gx and this visit's gx and
                     gy parts (2 U_x + U_y), 2 tiles; CLIP adds 8 bytes per row per lse travelling
+      hierarchical  (predicted: planned from its design) the node block of R = --ranks-per-node slices
+                    gathered (R*E_y, + E_y arriving when there are 2+ nodes) and its fp32 gradient
+                    contributions (R*U_y), the accumulators sent and received (2 U_y), gx and its part
+                    (2 U_x), the tiles of a b x R*n visit; bytes: per pass M-1 inter-node hops of the slice,
+                    M of its accumulator and M intra-node all-gathers and reduce-scatters of R-1 slices
       gather        one visit of all N texts (the row side finished chunk by chunk, as local): the
                     gathered texts (N*D*e, kept from forward to backward), the (N, D) compute-dtype
                     text-gradient accumulator, dx and 2 tiles (16-bit: plus the kernels' compute
@@ -63,10 +68,12 @@ from . import kernels, strategies, timemodel
 from .losses import LOSSES
 from .plan_terms import DTYPES, Shape, _memory, _sent, shape_of
 
-__all__ = ["DTYPES", "Plan", "Shape", "main", "parse_bytes", "plan", "shape_of"]
+__all__ = ["DTYPES", "Plan", "STRATEGIES", "Shape", "fastest_plan", "main", "options", "parse_bytes", "plan",
+           "shape_of", "step_times"]
 
-# The concrete names of the library's lists ("auto" is resolved first, as the losses resolve it)
-STRATEGIES = tuple(s for s in strategies.STRATEGIES if s != "auto")
+# The concrete names of the library's lists ("auto" is resolved first, as the losses resolve it), and the
+# node-aware ring ("hierarchical"), planned from its design whether or not this library has it yet
+STRATEGIES = tuple(dict.fromkeys([*(s for s in strategies.STRATEGIES if s != "auto"), "hierarchical"]))
 BACKENDS = tuple(b for b in kernels.BACKENDS if b != "auto")
 DEVICES = ("cuda", "cpu")
 
@@ -92,11 +99,12 @@ class Plan:
     total_bytes: int
     status: str
     terms: dict[str, int] = field(default_factory=dict)
+    ranks_per_node: int = 8  # hierarchical's R
 
 
 def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: int, dtype: str, *,
          texts: Optional[int] = None, device: str = "cuda", ids: bool = False, act_bytes: int = 0,
-         micro_batch: int = 0) -> Plan:
+         micro_batch: int = 0, ranks_per_node: int = 8) -> Plan:
     """The per-rank numbers of one configuration (see the module docstring). ValueError on bad input."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}; got {loss!r}")
@@ -115,22 +123,57 @@ def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: in
     for name, value in (("act_bytes", act_bytes), ("micro_batch", micro_batch)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if not isinstance(ranks_per_node, int) or isinstance(ranks_per_node, bool) or ranks_per_node < 1:
+        raise ValueError(f"ranks_per_node must be a positive integer, got {ranks_per_node!r}")
+    if strategy == "hierarchical" and world % ranks_per_node:
+        raise ValueError(f"strategy hierarchical groups whole nodes: world ({world}) must be a multiple of "
+                         f"--ranks-per-node ({ranks_per_node})")
     if strategy == "local" and world != 1:
         raise ValueError(f"strategy local is one process: world must be 1, got {world}")
     if strategy != "local" and world == 1:
         raise ValueError(f"strategy {strategy} spreads the batch over ranks: world must be >= 2 (one process: local)")
     if backend == "triton" and device == "cpu":
         raise ValueError("backend triton runs on cuda (on CPU only through Triton's interpreter): use --device cuda")
-    shape = shape_of(loss, strategy, backend, world, batch, texts, dim, dtype, device, ids)
+    shape = shape_of(loss, strategy, backend, world, batch, texts, dim, dtype, device, ids, ranks_per_node)
     terms = _memory(shape)
     peak = int(sum(terms.values()))
     sent = _sent(shape)
     inputs = shape.ex + shape.ey + (shape.b + shape.n) * shape.idb
     activations = act_bytes * micro_batch
     checked = device == "cpu" and backend == "torch" and dtype == "float32" and not ids and texts == batch
-    status = "checked on CPU" if checked else "predicted"
+    status = "checked on CPU" if checked and strategy != "hierarchical" else "predicted"
     return Plan(loss, strategy, backend, world, batch, texts, dim, dtype, device, ids, peak, sent, inputs,
-                activations, peak + inputs + activations, status, terms)
+                activations, peak + inputs + activations, status, terms, ranks_per_node)
+
+
+def options(loss: str, world: int, batch: int, dim: int, dtype: str, *, ranks_per_node: int = 8,
+            device: str = "cuda", **common: Any) -> list[Plan]:
+    """Every strategy x backend `auto` may pick: local on one rank; ring, gather and (world a multiple of
+    ranks_per_node) hierarchical on several."""
+    names = ("local",) if world == 1 else ("ring", "gather") + (("hierarchical",) if world % ranks_per_node == 0
+                                                                 else ())
+    return [plan(loss, st, be, world, batch, dim, dtype, device=device, ranks_per_node=ranks_per_node, **common)
+            for st in names for be in BACKENDS if not (be == "triton" and device == "cpu")]
+
+
+def step_times(opts: list[Plan], hw: timemodel.Hardware) -> dict[tuple[str, str], dict[str, float]]:
+    """timemodel.step_time of each option, by (strategy, backend)."""
+    return {(o.strategy, o.backend): timemodel.step_time(shape_of(
+        o.loss, o.strategy, o.backend, o.world, o.batch, o.texts, o.dim, o.dtype, o.device, o.ids, o.ranks_per_node),
+        hw) for o in opts}
+
+
+def fastest_plan(loss: str, world: int, batch: int, dim: int, dtype: str, hw: timemodel.Hardware, *,
+                 gpu_mem: Optional[int] = None, strategy: str = "auto", backend: str = "auto",
+                 **common: Any) -> Optional[Plan]:
+    """The option the time model predicts fastest among those that fit gpu_mem (None: all), restricted to
+    `strategy` / `backend` unless "auto": what `megabatch plan --time` picks for auto, and the hook a caller
+    that knows the layout (sizes, and hw.ranks_per_node) can resolve strategy="auto" with. None if none fits."""
+    opts = [o for o in options(loss, world, batch, dim, dtype, ranks_per_node=hw.ranks_per_node, **common)
+            if strategy in ("auto", o.strategy) and backend in ("auto", o.backend)]
+    times = step_times(opts, hw)
+    return timemodel.fastest([(o, times[(o.strategy, o.backend)],
+                               None if gpu_mem is None else o.total_bytes <= gpu_mem) for o in opts])
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -160,8 +203,9 @@ def _parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="megabatch plan", description=__doc__.split("\n\n")[0],
                       epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loss", choices=LOSSES, default="clip", help="the loss planned (default clip)")
-    p.add_argument("--strategy", choices=strategies.STRATEGIES, default="auto",
-                   help="auto: ring when --world > 1, local otherwise (as the losses pick)")
+    p.add_argument("--strategy", choices=("auto", *STRATEGIES), default="auto",
+                   help="auto: ring when --world > 1, local otherwise (as the losses pick); with --time the "
+                        "fastest option. hierarchical: --world a multiple of --ranks-per-node")
     p.add_argument("--backend", choices=kernels.BACKENDS, default="auto",
                    help="auto: triton on cuda, torch on cpu (as the losses pick)")
     p.add_argument("--world", type=int, default=1, help="ranks W")
@@ -182,39 +226,34 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = _parser()
     a = parser.parse_args(argv)
-    strategy = strategies.resolve_strategy(a.strategy, a.world)
+    strategy = strategies.resolve_strategy(a.strategy, a.world) if a.strategy == "auto" else a.strategy
     backend = a.backend if a.backend != "auto" else kernels.auto_backend(a.device)
-    common = dict(texts=a.texts, device=a.device, ids=a.ids, act_bytes=a.act_bytes, micro_batch=a.micro_batch)
+    hw = timemodel.hardware(a)  # its ranks_per_node places hierarchical's nodes with or without --time
+    common = dict(texts=a.texts, device=a.device, ids=a.ids, act_bytes=a.act_bytes, micro_batch=a.micro_batch,
+                  ranks_per_node=hw.ranks_per_node)
     try:
         try:
             gpu_mem = parse_bytes(a.gpu_mem) if a.gpu_mem is not None else None
         except ValueError as e:
             raise ValueError(f"--gpu-mem: {e}") from None
         chosen = plan(a.loss, strategy, backend, a.world, a.batch, a.dim, a.dtype, **common)
-        options = []
-        for st in (("local",) if a.world == 1 else ("ring", "gather")):
-            for be in BACKENDS:
-                if be == "triton" and a.device == "cpu":
-                    continue
-                options.append(plan(a.loss, st, be, a.world, a.batch, a.dim, a.dtype, **common))
+        opts = options(a.loss, a.world, a.batch, a.dim, a.dtype, **common)
     except ValueError as e:
         parser.error(str(e))
+
     def fit(o: Plan) -> Optional[bool]:
         return None if gpu_mem is None else o.total_bytes <= gpu_mem
 
     times: dict[tuple[str, str], dict[str, float]] = {}
     if a.time:
-        hw = timemodel.hardware(a)
-        times = {(o.strategy, o.backend): timemodel.step_time(
-            shape_of(o.loss, o.strategy, o.backend, o.world, o.batch, o.texts, o.dim, o.dtype, o.device, o.ids), hw)
-            for o in options}
+        times = step_times(opts, hw)
         if a.strategy == "auto" or a.backend == "auto":  # the layout is known here: auto follows the model
-            pool = [o for o in options if a.strategy == "auto" or o.strategy == strategy]
+            pool = [o for o in opts if a.strategy == "auto" or o.strategy == strategy]
             pool = [o for o in pool if a.backend == "auto" or o.backend == backend]
             chosen = timemodel.fastest([(o, times[(o.strategy, o.backend)], fit(o)) for o in pool]) or chosen
     if a.json:
         keys = ("strategy", "backend", "peak_bytes", "sent_bytes", "total_bytes", "status")
-        rows = [{**{k: getattr(o, k) for k in keys}, "fits": fit(o)} for o in options]
+        rows = [{**{k: getattr(o, k) for k in keys}, "fits": fit(o)} for o in opts]
         for r in rows if a.time else ():
             t = times[(r["strategy"], r["backend"])]
             r.update(time_ms=1e3 * t["time_s"], time_terms=t)
@@ -228,13 +267,13 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"n = {-(-chosen.texts // a.world)} on the largest rank), D = {a.dim}, {a.dtype} on {a.device}"
           + (", ids" if a.ids else "") + (f"; time on {hw.name} (predicted)" if a.time else ""))
     ms_head = format("ms/step", ">10") if a.time else ""
-    print(f"{'strategy':9}{'backend':8}{'peak':>12}{'sent/step':>12}{'total':>12}{ms_head}"
+    print(f"{'strategy':13}{'backend':8}{'peak':>12}{'sent/step':>12}{'total':>12}{ms_head}"
           f"  {'fits' if gpu_mem else ''}")
-    for o in options:
+    for o in opts:
         mark = {None: "", True: "yes", False: "no"}[fit(o)]
         star = " <-" if (o.strategy, o.backend) == (chosen.strategy, chosen.backend) else ""
         ms = f"{1e3 * times[(o.strategy, o.backend)]['time_s']:>10.3f}" if a.time else ""
-        print(f"{o.strategy:9}{o.backend:8}{_fmt(o.peak_bytes):>12}{_fmt(o.sent_bytes):>12}{_fmt(o.total_bytes):>12}"
+        print(f"{o.strategy:13}{o.backend:8}{_fmt(o.peak_bytes):>12}{_fmt(o.sent_bytes):>12}{_fmt(o.total_bytes):>12}"
               f"{ms}  {mark:4}{o.status}{star}")
     print("peak: the loss's forward+backward beyond its inputs; total adds the features"
           + (" and one micro-batch's activations" if a.act_bytes and a.micro_batch else "")

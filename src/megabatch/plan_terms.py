@@ -34,6 +34,7 @@ class Shape:
     device: str
     ids: bool
     nmin: int = -1  # the smallest rank's texts (floor(N / W)); -1: n (an even split)
+    node: int = 1  # ranks per node R: hierarchical's intra-node group (the other strategies ignore it)
 
     @property
     def n_low(self) -> int:
@@ -41,8 +42,16 @@ class Shape:
 
     @property
     def cols(self) -> int:
-        """Texts one visit meets: the whole gathered batch (gather) or one block."""
+        """Texts one visit meets: the whole gathered batch (gather), a node's R slices (hierarchical) or one
+        block."""
+        if self.strategy == "hierarchical":
+            return self.node * self.n
         return self.N if self.strategy == "gather" else self.n
+
+    @property
+    def nodes(self) -> int:
+        """M = W / R, hierarchical's steps per pass."""
+        return max(self.world // self.node, 1)
 
     @property
     def e(self) -> int:
@@ -100,7 +109,7 @@ def _memory(s: Shape) -> dict[str, int]:
     ux, uy, ex, ey, vy, idb, tiles = s.ux, s.uy, s.ex, s.ey, s.vy, s.idb, s.tiles
     conv = uy if e != c else 0  # the kernels' compute-dtype copy of a 16-bit text block
     if s.backend == "dense":
-        return {"logit-sized buffers": (4 if s.loss == "clip" else 5) * b * (N if s.strategy == "gather" else n) * c,
+        return {"logit-sized buffers": (4 if s.loss == "clip" else 5) * b * s.cols * c,
                 "gradients": ex + ey}
     if s.backend == "triton":
         cfg = TritonConfig.default(getattr(torch, s.dtype))
@@ -111,6 +120,9 @@ def _memory(s: Shape) -> dict[str, int]:
             blocks = (2 if s.world >= 3 else 1) * (ey + n * idb)
             return {"text blocks in flight": blocks, "accumulators sent and received": 2 * uy,
                     "gx + gy part": ux + uy, "super-block scratch": scratch, "statistics": 48 * max(b, n)}
+        if s.strategy == "hierarchical":
+            return {**_node_block(s), "accumulators sent and received": 2 * uy, "gx": ux,
+                    "super-block scratch": scratch, "statistics": 48 * max(b, s.cols)}
         # one visit: the row side is finished one row of super-blocks at a time (a (super_rows, D) fp32 buffer)
         return {"gathered texts": N * dim * e + N * idb, "fp32 text-gradient accumulator": vy,
                 "dx + one row of super-blocks' fp32 gx": ex + min(b, cfg.super_rows) * dim * 4,
@@ -124,6 +136,13 @@ def _memory(s: Shape) -> dict[str, int]:
         backward = 2 * (ex + ey)  # the saved dx, dy and their scaled copies
         return {"forward: conv copy + gy + dx + tiles" if during >= backward else "saved and scaled dx, dy":
                 max(during, backward)}
+    if s.strategy == "hierarchical":
+        terms = {**_node_block(s), "accumulators sent and received": 2 * uy,
+                 "gx, its part and the node block's compute copy": 2 * ux + (s.cols * dim * c if e != c else 0),
+                 "tiles": tiles}
+        if s.loss == "clip":
+            terms["statistics"] = LSE_BYTES * (2 * b + 2 * s.cols + n)
+        return terms
     if s.strategy == "ring":
         blocks = (2 if s.world >= 3 else 1) * (ey + n * idb)
         terms = {"text blocks in flight": blocks, "accumulators sent and received": 2 * uy,
@@ -136,6 +155,28 @@ def _memory(s: Shape) -> dict[str, int]:
     if s.loss == "clip":
         terms["statistics"] = 2 * LSE_BYTES * N + LSE_BYTES * b
     return terms
+
+
+def _node_block(s: Shape) -> dict[str, int]:
+    """hierarchical (predicted: the strategy is newer than plan_check.py): the node block of R slices gathered
+    (and, M >= 2, the next slice arriving over InfiniBand) and its fp32 gradient contributions before their
+    reduce-scatter, O(R*n*D) a rank."""
+    slice_ = s.ey + s.n * s.idb
+    return {"node block gathered + next slice": (s.node + (s.nodes >= 2)) * slice_,
+            "node block's fp32 gradient contributions": s.node * s.uy}
+
+
+def passes(s: Shape) -> list[tuple[int, int, int, int, int]]:
+    """The passes of a travelling block (ring, hierarchical): per pass (GEMM passes of its visit, block bytes,
+    block tensors, accumulator bytes, accumulator tensors), for the largest rank's block (n rows). CLIP's
+    statistics pass (texts [+ ids]; lse [+ positive sums]) then its gradients (texts [+ ids], the column
+    statistics [+ targets]; text gradients); SigLIP one pass (texts [+ ids]; text gradients)."""
+    n, ids = s.n, int(s.ids)
+    row, e16 = s.dim * s.e + s.idb, 16 if s.ids else 0
+    if s.loss == "clip":
+        return [(1, n * row, 1 + ids, n * (LSE_BYTES + e16), 1 + ids),
+                (3, n * (row + LSE_BYTES + e16 // 2), 2 + 2 * ids, n * s.dim * s.c, 1)]
+    return [(3, n * row, 1 + ids, n * s.dim * s.c, 1)]
 
 
 def _ar(w: int, nbytes: int) -> int:
@@ -157,6 +198,10 @@ def _sent(s: Shape) -> int:
     target = 8 if clip_ids else 0  # with ids: each column's positive target, in the backward
     if clip_ids:
         sent += _ar(w, 16)  # all-reduce of (rows, columns) with a positive
+    if s.strategy == "hierarchical":  # per pass: M - 1 inter hops of the slice, M of its accumulator (the last
+        m, r = s.nodes, s.node      # one home), and at each of M steps an all-gather + reduce-scatter of R slices
+        return sent + sum((m - 1) * blk + (m if m > 1 else 0) * acc + m * (r - 1) * (blk + acc)
+                          for _, blk, _, acc, _ in passes(s))
     if s.strategy == "ring":
         passed = N - s.n_low  # the text rows this rank forwards (W - 1 blocks)
         if s.loss == "clip":
@@ -179,7 +224,8 @@ def _sent(s: Shape) -> int:
 
 
 def shape_of(loss: str, strategy: str, backend: str, world: int, batch: int, texts: int, dim: int, dtype: str,
-             device: str, ids: bool) -> Shape:
-    """Uneven batches: the largest rank (ceil) is planned; ranks beyond the batch hold nothing."""
+             device: str, ids: bool, ranks_per_node: int = 1) -> Shape:
+    """Uneven batches: the largest rank (ceil) is planned; ranks beyond the batch hold nothing. ranks_per_node:
+    hierarchical's R (world must be a multiple of it)."""
     return Shape(loss, strategy, backend, world, -(-batch // world), -(-texts // world), texts, dim, dtype, device,
-                 ids, texts // world)
+                 ids, texts // world, ranks_per_node)

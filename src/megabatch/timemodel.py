@@ -14,6 +14,9 @@ Per rank and step, for each strategy, four terms (seconds):
   * overlap: what the strategy hides. The ring posts its sends before each visit, so a step costs
     max(compute, transfer) + latency at `overlap` = 1 (compute + transfer at 0); gather's collectives
     wait for their data (nothing hidden).
+The node-aware ring (hierarchical; `_hierarchical`) is modelled from its design: W / ranks_per_node steps a
+pass, each max(InfiniBand p2p, NVLink all-gather + one visit of the node's R slices + reduce-scatter) plus
+1 + 4 * ceil(log2 R) hops; its bytes are plan_terms._sent's.
 The hardware figures are assumptions (GPUS: 80% of the dense bf16 spec, NVLink per direction, one NDR/HDR
 NIC per GPU, a 10 us hop); override them with the flags. Measured here (benchmarks/time_model_check.py, CPU,
 gloo, W = 1, 2; rows in benchmarks/time_model_cpu.json): bytes and messages per step, exact; the compute
@@ -26,6 +29,8 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
+
+from .plan_terms import passes
 
 # Each backend's time over the GEMM floor of its passes (benchmarks/triton_notes.md's predictions for triton;
 # the torch backend's chunked elementwise passes and dense's b x n round trips through memory: guesses, GPU
@@ -95,6 +100,37 @@ def _collective(nbytes: float, w: int, hw: Hardware) -> tuple[float, float, floa
     return t, 2 * math.ceil(math.log2(w)) * hw.latency, inter
 
 
+def _hierarchical(s: Any, hw: Hardware, out: dict[str, float], ratio: Optional[float]) -> None:
+    """The node-aware ring's passes into `out` (predicted: modelled from its design, before a run). R ranks a
+    node, M = W / R nodes, M steps a pass. A step: the slice (n rows, the largest) and, one hop behind, its
+    accumulator go to the same local rank of the next node over InfiniBand (all R NICs of a node at once),
+    overlapped with an intra-node all-gather of the R slices ((R-1) slices a rank over NVLink), ONE visit of
+    the b x R*n node block and a reduce-scatter of its contributions to the slice owners ((R-1) accumulators);
+    the intra-node collectives wait for their data. So a step is max(inter, all-gather + visit + reduce-scatter)
+    at overlap 1; hops: one inter a step (and the accumulators' last one home), 2 * ceil(log2 R) a collective."""
+    r, m = s.node, s.nodes
+    hops = 2 * math.ceil(math.log2(r))
+    for gemms, blk, kb, acc, ka in passes(s):
+        c = _visit(s, hw, r * s.n, gemms, ratio)
+        ag, rs = (r - 1) * blk, (r - 1) * acc
+        local = ag / hw.intra_bw + rs / hw.intra_bw
+        for t in range(m):
+            inter = (blk if t < m - 1 else 0) + (acc if t > 0 else 0)
+            x = inter / hw.inter_bw
+            out["compute_s"] += c
+            out["transfer_s"] += x + local
+            out["hidden_s"] += hw.overlap * min(x, local + c)
+            out["latency_s"] += hw.latency * ((m > 1) + 2 * hops)
+            out["messages"] += (kb if t < m - 1 else 0) + (ka if t > 0 else 0) + (kb + ka if r > 1 else 0)
+            out["bytes_inter"] += inter
+            out["bytes_intra"] += ag + rs
+        if m > 1:  # the accumulators' last hop home
+            out["transfer_s"] += acc / hw.inter_bw
+            out["latency_s"] += hw.latency
+            out["messages"] += ka
+            out["bytes_inter"] += acc
+
+
 def step_time(s: Any, hw: Hardware, ratio: Optional[float] = None) -> dict[str, float]:
     """The terms of one loss step (forward + backward) on the busiest rank; time_s is their total.
     `s` is a plan.Shape (b, n the largest rank's images and texts; even splits for the message count).
@@ -102,7 +138,9 @@ def step_time(s: Any, hw: Hardware, ratio: Optional[float] = None) -> dict[str, 
     ratio: the kernels' time over their GEMM floor (None: RATIO's figure for the backend and loss)."""
     w, n, d = s.world, s.n, s.dim
     clip, ids = s.loss == "clip", bool(s.idb)
-    row = d * s.e + s.idb
+    if s.strategy == "hierarchical" and (s.node != hw.ranks_per_node or w % s.node):
+        raise ValueError(f"hierarchical: the shape's ranks per node ({s.node}) must be the hardware's "
+                         f"({hw.ranks_per_node}) and divide the world ({w})")
     out = {"compute_s": 0.0, "transfer_s": 0.0, "latency_s": 0.0, "hidden_s": 0.0, "messages": 0,
            "bytes_intra": 0.0, "bytes_inter": 0.0}
     if s.strategy == "local" or w == 1:
@@ -122,16 +160,11 @@ def step_time(s: Any, hw: Hardware, ratio: Optional[float] = None) -> dict[str, 
     collective((w - 1) * 64)  # the layout exchange (8 int64 to each peer)
     if clip and ids:
         collective(int(2 * (w - 1) / w * 16))  # rows and columns with a positive
-    if s.strategy == "ring":
-        # per pass: (GEMM passes of its visit, block bytes, block tensors, accumulator bytes, accumulator tensors):
-        # CLIP's statistics pass (texts [+ ids]; lse [+ positive sums]) then its gradients (texts [+ ids], the
-        # column statistics [+ targets]; text gradients); SigLIP one pass (texts [+ ids]; text gradients)
-        e16 = 16 if ids else 0
-        passes = [(1, n * row, 1 + ids, n * (8 + e16), 1 + ids),
-                  (3, n * (row + 8 + e16 // 2), 2 + 2 * ids, n * d * s.c, 1)] if clip \
-            else [(3, n * row, 1 + ids, n * d * s.c, 1)]
+    if s.strategy == "hierarchical":
+        _hierarchical(s, hw, out, ratio)
+    elif s.strategy == "ring":
         bw = _hop_bw(w, hw)
-        for gemms, blk, kb, acc, ka in passes:
+        for gemms, blk, kb, acc, ka in passes(s):
             c = _visit(s, hw, n, gemms, ratio)
             for t in range(w):
                 nbytes = (blk if t < w - 1 else 0) + (acc if t > 0 else 0)
