@@ -5,11 +5,12 @@ on a subgroup of ranks 0..3 while ranks 4, 5 run one node of 2 (gather-like) on 
 (ring-like): both losses, uneven and rectangular sizes with ranks that hold no images or no texts,
 positives by ids (repeated within and across nodes), CLIP one way, float64 and float32, the torch
 and dense backends (and triton, interpreted, where the other distributed tests run it), no-grad and
-frozen-image passes. The same world checks what `_comm.count_bytes()` counts against the formula of
-the strategy's docstring, and that a bad or disagreeing ranks_per_node raises ValueError on every rank
-(explicit, and from torchrun's LOCAL_WORLD_SIZE / GROUP_RANK), the world working afterwards. A world
-of 8 compares ring, gather and hierarchical (2 x 4 and 4 x 2). Convention and tolerance as in
-tests/test_distributed.py, whose helpers these cases use.
+frozen-image passes, and CLIP under torch.compile(fullgraph=True) (the custom ops). The same world
+checks what `_comm.count_bytes()` counts against the formula of the strategy's docstring, and that a
+bad or disagreeing ranks_per_node raises ValueError on every rank (explicit, and from torchrun's
+LOCAL_WORLD_SIZE / GROUP_RANK), the world working afterwards. A world of 8 compares ring, gather and
+hierarchical (2 x 4 and 4 x 2). Convention and tolerance as in tests/test_distributed.py, whose
+helpers these cases use.
 """
 from __future__ import annotations
 
@@ -123,6 +124,28 @@ def error_worker(rank: int) -> dict[str, Any]:
     return {"errors": errors, "env_equal": bool(torch.equal(from_env, explicit))}
 
 
+COMPILED = dict(sizes=SIX_IDS[0], tsizes=SIX_IDS[1], ids=4, ranks_per_node=2, dim=9, strategy="hierarchical",
+                loss="clip", dtype=torch.float64, backend="torch", seed=99, big=False, mode="all")
+
+
+def compiled_worker(rank: int) -> dict[str, Any]:
+    """COMPILED through torch.compile(fullgraph=True): the custom ops carry ranks_per_node."""
+    from test_distributed import _slices, make_inputs
+
+    data = make_inputs(COMPILED, torch.float64)
+    rows, cols = _slices(COMPILED["sizes"], rank), _slices(COMPILED["tsizes"], rank)
+    x, y = data["x"][rows].clone().requires_grad_(), data["y"][cols].clone().requires_grad_()
+    scale = torch.tensor(data["scale"], dtype=torch.float64, requires_grad=True)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, y, s, xi, yi: mb.clip_loss(x, y, s, image_ids=xi, text_ids=yi, strategy="hierarchical",
+                                                            ranks_per_node=2, backend="torch"),
+                       fullgraph=True, backend="eager")
+    loss = fn(x, y, scale, data["image_ids"][rows], data["text_ids"][cols])
+    loss.backward()
+    return {"loss": loss.detach(), "dx": x.grad, "dy": y.grad, "ds": scale.grad, "db": None, "dtype": loss.dtype,
+            "grad_dtypes": {torch.float64}}
+
+
 def six_worker(rank: int, world: int) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -132,6 +155,7 @@ def six_worker(rank: int, world: int) -> dict[str, Any]:
     out["sub"] = [compute(c, rank, group=groups[which], pos=rank - 4 * which) for c in sub_cases(which)]
     out["count"] = count_worker(rank, world)
     out["errors"] = error_worker(rank)
+    out["compiled"] = compiled_worker(rank)
     out["healthy"] = compute(six_cases()[0], rank)
     return out
 
@@ -191,6 +215,10 @@ def test_bad_ranks_per_node_raise_on_every_rank(six) -> None:
             assert err[0] == ("TypeError" if kind == "type" else "ValueError") and want in err[1], (r, kind, err)
         assert res["errors"]["env_equal"]
     check_case(six_cases()[0], [res["healthy"] for res in six])
+
+
+def test_compiled(six) -> None:
+    check_case(COMPILED, [r["compiled"] for r in six])
 
 
 def test_eight_ranks_ring_gather_hierarchical() -> None:

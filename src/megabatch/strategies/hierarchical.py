@@ -181,6 +181,8 @@ def env_ranks_per_node(group: Optional["dist.ProcessGroup"]) -> int:
     r_node = int(raw)
     pg = group if group is not None else dist.group.WORLD
     pos, me = dist.get_rank(pg), dist.get_rank()
+    if pos < 0:
+        raise ValueError("this process is not a member of the given process group `group`")
     node = os.environ.get("GROUP_RANK")
     want = int(node) if node is not None and node.isdigit() else me // r_node
     first = pos // r_node * r_node
