@@ -15,8 +15,9 @@ largest slice; a node block without texts is not gathered nor reduced). R = W is
 gather-like, over the group itself); R = 1 is `ring` (no intra-node collective).
 
 Intra-node collectives run on one process group per node (made once per node's ranks and cached,
-by that node's ranks only: `use_local_synchronization`), p2p on the parent group. Inter-node links
-carry 1/R of `ring`'s traffic per rank in M = W/R steps; the node links carry the all-gathers.
+by that node's ranks only: `use_local_synchronization`), p2p on the parent group. Each rank sends
+M-1 slices (and M accumulator slices) across nodes in M steps, where ring's node-boundary rank
+sends W-1 blocks over one link in W steps; the node links carry the all-gathers and reductions.
 
 Communication per rank per pass (bytes sent; e = feature element size, f = 4 (8 for float64) for
 gradients, n = the texts of a slice, N_k = the texts of node k's block, nmax_k its largest slice;
