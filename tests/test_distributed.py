@@ -128,6 +128,8 @@ def compute(case: dict[str, Any], rank: int, group: Any = None, pos: int | None 
     scale = torch.tensor(data["scale"], dtype=case["dtype"], requires_grad=True)
     bias = torch.tensor(data["bias"], dtype=case["dtype"], requires_grad=True)
     kw = dict(strategy=case["strategy"], backend=case["backend"], group=group)
+    if case.get("ranks_per_node"):  # strategy="hierarchical" (tests/test_hierarchical.py)
+        kw.update(ranks_per_node=case["ranks_per_node"])
     if case.get("ids"):
         kw.update(image_ids=data["image_ids"][rows], text_ids=data["text_ids"][cols])
     with torch.set_grad_enabled(mode != "nograd"):

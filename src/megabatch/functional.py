@@ -35,6 +35,7 @@ def clip_loss(
     strategy: str = "auto",
     backend: str = "auto",
     group: Optional["dist.ProcessGroup"] = None,
+    ranks_per_node: Optional[int] = None,
 ) -> Tensor:
     """CLIP's softmax (InfoNCE) loss over the global batch, without materialising the similarity matrix.
 
@@ -57,10 +58,14 @@ def clip_loss(
         directions: "both", "image_to_text" (rows only: sentence-transformers'
             MultipleNegativesRankingLoss) or "text_to_image" (columns only).
         strategy: "auto" (ring when torch.distributed is initialised with >1 rank, else local),
-            "local", "gather" or "ring". See megabatch.strategies.
+            "local", "gather", "ring" or "hierarchical" (a ring between nodes, an all-gather within
+            each). See megabatch.strategies.
         backend: "auto" (triton on CUDA when available, else torch), "torch", "triton" or "dense",
             or a configured backend instance (e.g. ``TritonKernels(TritonConfig(...))``).
         group: process group spanning the contrastive batch (default: the world group).
+        ranks_per_node: "hierarchical" only: ranks per node R (group rank i is on node i // R; R
+            must divide the group's size and be the same on every rank). None: torchrun's
+            LOCAL_WORLD_SIZE.
 
     Returns:
         0-dim loss. Distributed, rank r returns L_r whose mean over ranks is the global loss, and its
@@ -77,8 +82,9 @@ def clip_loss(
         check_directions(directions)
         scale = as_scalar("logit_scale", logit_scale, image_features)
         kernels = get_backend(backend, image_features.device)
+        rpn = strategies.ranks_per_node(name, ranks_per_node, group)
     opts = LossOptions(name, kernels, needs_grad(image_features, text_features, scale), group,
-                       losses.DIRECTIONS[directions], ids, configured=not isinstance(backend, str))
+                       losses.DIRECTIONS[directions], ids, configured=not isinstance(backend, str), ranks_per_node=rpn)
     road = losses.ops.clip if opts.opaque else losses.clip
     return road(opts, image_features, text_features, scale, optional_ids(image_ids), optional_ids(text_ids))
 
@@ -94,6 +100,7 @@ def siglip_loss(
     strategy: str = "auto",
     backend: str = "auto",
     group: Optional["dist.ProcessGroup"] = None,
+    ranks_per_node: Optional[int] = None,
 ) -> Tensor:
     """SigLIP's pairwise sigmoid loss over the global batch, without materialising the matrix.
 
@@ -105,7 +112,7 @@ def siglip_loss(
         text_features: (n, D), same dtype and device; n may differ from b.
         logit_scale: s, the multiplier itself (``logit_scale.exp()``), 0-dim tensor or float.
         logit_bias: b, 0-dim tensor or float (SigLIP initialises it at -10).
-        image_ids, text_ids, strategy, backend, group: as for :func:`clip_loss`.
+        image_ids, text_ids, strategy, backend, group, ranks_per_node: as for :func:`clip_loss`.
 
     Returns:
         0-dim loss, with the same distributed convention as :func:`clip_loss`.
@@ -117,7 +124,8 @@ def siglip_loss(
         scale = as_scalar("logit_scale", logit_scale, image_features)
         bias = as_scalar("logit_bias", logit_bias, image_features)
         kernels = get_backend(backend, image_features.device)
+        rpn = strategies.ranks_per_node(name, ranks_per_node, group)
     opts = LossOptions(name, kernels, needs_grad(image_features, text_features, scale, bias), group, ids=ids,
-                       configured=not isinstance(backend, str))
+                       configured=not isinstance(backend, str), ranks_per_node=rpn)
     road = losses.ops.siglip if opts.opaque else losses.siglip
     return road(opts, image_features, text_features, scale, bias, optional_ids(image_ids), optional_ids(text_ids))

@@ -28,13 +28,17 @@ class _ContrastiveLoss(nn.Module):
         backend: str = "auto",
         group: Optional["dist.ProcessGroup"] = None,
         output_dict: bool = False,
+        ranks_per_node: Optional[int] = None,
     ):
         super().__init__()
         if strategy not in strategies.STRATEGIES:
             raise ValueError(f"strategy must be one of {strategies.STRATEGIES}, got {strategy!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if ranks_per_node is not None and strategy != "hierarchical":
+            raise ValueError(f"ranks_per_node is only for strategy='hierarchical', got strategy={strategy!r}")
         self.strategy, self.backend, self.group, self.output_dict = strategy, backend, group, output_dict
+        self.ranks_per_node = ranks_per_node
 
     def _out(self, loss: Tensor) -> Union[Tensor, dict[str, Tensor]]:
         return {"contrastive_loss": loss} if self.output_dict else loss
@@ -60,7 +64,7 @@ class ClipLoss(_ContrastiveLoss):
         loss = clip_loss(
             image_features, text_features, logit_scale, image_ids=image_ids, text_ids=text_ids,
             directions=self.directions if directions is None else directions,
-            strategy=self.strategy, backend=self.backend, group=self.group,
+            strategy=self.strategy, backend=self.backend, group=self.group, ranks_per_node=self.ranks_per_node,
         )
         return self._out(loss) if output_dict is None else ({"contrastive_loss": loss} if output_dict else loss)
 
@@ -90,5 +94,6 @@ class SigLipLoss(_ContrastiveLoss):
             strategy=self.strategy,
             backend=self.backend,
             group=self.group,
+            ranks_per_node=self.ranks_per_node,
         )
         return self._out(loss) if output_dict is None else ({"contrastive_loss": loss} if output_dict else loss)

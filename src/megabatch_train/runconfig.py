@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 LOSSES = ("clip", "siglip")
-STRATEGIES = ("auto", "local", "gather", "ring")
+STRATEGIES = ("auto", "local", "gather", "ring", "hierarchical")
 BACKENDS = ("auto", "torch", "triton", "dense")
 POSITIVES = ("auto", "index", "caption", "id")
 PRECISIONS = ("fp32", "bf16")

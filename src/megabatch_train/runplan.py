@@ -23,7 +23,8 @@ from .config import TrainConfig
 from .health import balanced_bias
 from .runtime import Runtime
 
-_COLLECTIVES = {"ring": "send/recv around the ring", "gather": "all_gather", "local": "no collective"}
+_COLLECTIVES = {"ring": "send/recv around the ring", "gather": "all_gather", "local": "no collective",
+                "hierarchical": "send/recv between nodes, all_gather within each"}
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ def needs_grad(*tensors: Tensor) -> tuple[bool, ...]:
 class LossOptions:
     """Everything about one loss call that is not a tensor.
 
-    strategy: the concrete strategy ("local", "gather" or "ring"; "auto" already resolved).
+    strategy: the concrete strategy ("local", "gather", "ring" or "hierarchical"; "auto" already resolved).
     kernels: the block kernels (a backend instance).
     needs: which of (x, y, scale[, bias]) need gradients, read when the call was made (`needs_grad`;
         inside an autograd.Function or a custom op the tensors no longer say).
@@ -68,6 +68,8 @@ class LossOptions:
     ids: whether positives are given by image/text ids.
     configured: whether `kernels` is an instance the caller passed (the custom ops name it by a
         `backend_key`), rather than one made from a backend name.
+    ranks_per_node: hierarchical's R (strategies.ranks_per_node; 0 for the other strategies). The
+        custom ops carry it in the strategy string ("hierarchical:R").
     """
 
     strategy: str
@@ -77,6 +79,7 @@ class LossOptions:
     direction: int = 0
     ids: bool = False
     configured: bool = False
+    ranks_per_node: int = 0
 
     @property
     def opaque(self) -> bool:
@@ -93,7 +96,8 @@ class LossOptions:
         """The strategy for this call; a distributed one first agrees on the layout with every rank
         (one all_gather of metadata)."""
         return strategies.create(self.strategy, x, y, extras, self.kernels, self.group, ids=self.ids,
-                                 directions=self.direction, needs=list(self.needs))
+                                 directions=self.direction, needs=list(self.needs),
+                                 ranks_per_node=self.ranks_per_node)
 
     def layout(self, strat: strategies.Strategy, device: torch.device) -> Tensor:
         """The agreed layout as a (2, W) int64 tensor (every rank's image and text counts), on the CPU
@@ -112,7 +116,8 @@ class LossOptions:
         if self.strategy != "local":
             pg = pg if pg is not None else dist.group.WORLD
             rank = dist.get_rank(pg)
-        return strategies.from_layout(self.strategy, strategies.Layout(pg, rank, sizes, tsizes, y_grad, self.ids))
+        return strategies.from_layout(self.strategy, strategies.Layout(pg, rank, sizes, tsizes, y_grad, self.ids,
+                                                                           self.ranks_per_node))
 
     def _layout_device(self, device: torch.device) -> torch.device:
         return device if self.strategy == "local" else torch.device("cpu")
@@ -122,12 +127,14 @@ class LossOptions:
     def op_args(self) -> tuple[str, str, str]:
         """(strategy, group name, backend) as the custom ops' schema takes them; `from_op` reads them."""
         backend = backend_key(self.kernels) if self.configured else self.kernels.name
-        return self.strategy, strategies.group_name(self.group), backend
+        strategy = f"{self.strategy}:{self.ranks_per_node}" if self.ranks_per_node else self.strategy
+        return strategy, strategies.group_name(self.group), backend
 
     @staticmethod
     def from_op(strategy: str, group: str, backend: str, device: torch.device, *, direction: int = 0,
                 ids: bool = False, needs: Sequence[bool] = ()) -> "LossOptions":
         """The options a custom op was called with (`op_args` plus its other arguments)."""
         kernels = _KERNELS[backend] if backend in _KERNELS else get_backend(backend, device)
-        return LossOptions(strategy, kernels, tuple(needs), strategies.resolve_group(group), direction, ids,
-                           configured=backend in _KERNELS)
+        name, _, rpn = strategy.partition(":")
+        return LossOptions(name, kernels, tuple(needs), strategies.resolve_group(group), direction, ids,
+                           configured=backend in _KERNELS, ranks_per_node=int(rpn or 0))

@@ -2,7 +2,8 @@
 
 Every strategy implements one interface (base.py: visit every column block once, combine the
 accumulators that travel with it): `local` (one visit), `gather` (all-gather, one visit, reduce to
-the owners) and `ring` (W visits round the ring). They know nothing of the loss math or of a
+the owners), `ring` (W visits round the ring) and `hierarchical` (a ring between nodes, an
+all-gather within each: W / ranks_per_node visits of a node's block). They know nothing of the loss math or of a
 kernel's insides; the loss families (megabatch.losses) drive them.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .base import Block, Strategy, Visit
 
 # Every name a caller may pass (the losses, their modules, `megabatch bench`, `megabatch plan`, the app);
 # "auto" is resolved by `resolve_strategy`.
-STRATEGIES = ("auto", "local", "gather", "ring")
+STRATEGIES = ("auto", "local", "gather", "ring", "hierarchical")
 
 
 def resolve_strategy(name: str, world: int) -> str:
@@ -53,10 +54,23 @@ def resolve(strategy: str, group: Optional["dist.ProcessGroup"]) -> str:
     return strategy
 
 
+def ranks_per_node(name: str, value: Optional[int], group: Optional["dist.ProcessGroup"]) -> int:
+    """hierarchical's R for a loss call: `value` if given (an int >= 1), else torchrun's LOCAL_WORLD_SIZE
+    (checked: the node's ranks contiguous in the group); 0 for the other strategies, which take none.
+    Local checks only (run them under `validating`); every rank's R is then agreed in the layout exchange."""
+    from .hierarchical import check_ranks_per_node, env_ranks_per_node
+
+    if name != "hierarchical":
+        if value is not None:
+            raise ValueError(f"ranks_per_node is only for strategy='hierarchical', got strategy={name!r}")
+        return 0
+    return env_ranks_per_node(group) if value is None else check_ranks_per_node(value)
+
+
 def create(
     name: str, x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels,
     group: Optional["dist.ProcessGroup"], *, ids: bool, directions: int = 0,
-    needs: Optional[Sequence[bool]] = None,
+    needs: Optional[Sequence[bool]] = None, ranks_per_node: int = 0,
 ) -> Strategy:
     """A strategy for one loss call. Distributed ones first agree on the layout with every rank of
     the group (one all_gather of metadata; see _comm.exchange_layout).
@@ -71,7 +85,8 @@ def create(
         return Local(x.shape[0], y.shape[0], bool(needs[1]), ids)
     from ._comm import exchange_layout
 
-    lay = exchange_layout(x, y, extras, kernels, group, ids=ids, directions=directions, needs=needs)
+    lay = exchange_layout(x, y, extras, kernels, group, ids=ids, directions=directions, needs=needs,
+                          ranks_per_node=ranks_per_node)
     return from_layout(name, lay)
 
 
@@ -86,6 +101,10 @@ def from_layout(name: str, lay: "Layout") -> Strategy:
         from .gather import Gather
 
         return Gather(lay)
+    if name == "hierarchical":
+        from .hierarchical import Hierarchical
+
+        return Hierarchical(lay)
     from .ring import Ring
 
     return Ring(lay)
@@ -120,5 +139,5 @@ def resolve_group(name: str) -> Optional["dist.ProcessGroup"]:
     return _resolve_process_group(name)
 
 
-__all__ = ["Block", "Layout", "STRATEGIES", "Strategy", "Visit", "create", "from_layout", "group_name", "resolve",
-           "resolve_group", "resolve_strategy", "validating"]
+__all__ = ["Block", "Layout", "STRATEGIES", "Strategy", "Visit", "create", "from_layout", "group_name",
+           "ranks_per_node", "resolve", "resolve_group", "resolve_strategy", "validating"]

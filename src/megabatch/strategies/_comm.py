@@ -1,9 +1,10 @@
-"""Communication shared by the `gather` and `ring` strategies.
+"""Communication shared by the `gather`, `ring` and `hierarchical` strategies.
 
 `exchange_layout` is the first thing every distributed loss call does: ONE all_gather of 8 int64
 per rank (image count b, text count n, feature dim D, dtype code, requires-grad flags, backend,
-whether ids are given, the CLIP directions). Every rank then checks the same table, so ranks that
-disagree on D, dtype, backend, ids, directions or which inputs need gradients all raise the same
+whether ids are given, the CLIP directions with hierarchical's ranks_per_node in the bits above
+them). Every rank then checks the same table, so ranks that disagree on D, dtype, backend, ids,
+directions, ranks_per_node or which inputs need gradients all raise the same
 ValueError (never a hang, never a gloo abort), and every rank knows every local batch size: uneven
 and rectangular sizes work exactly. Reading that table on the host (`.tolist()`) is the one host
 sync of a distributed call; it is unavoidable, since receive buffers must be sized before they are
@@ -28,7 +29,8 @@ from ..kernels.base import BlockKernels
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _GRAD_NAMES = ("image_features", "text_features", "logit_scale", "logit_bias")
-_META_LEN = 8  # b, n, D, dtype code, requires-grad flags, backend, ids given, directions
+_META_LEN = 8  # b, n, D, dtype code, requires-grad flags, backend, ids given, directions | ranks_per_node << 8
+_RPN_SHIFT = 8  # the directions code (< 2**8) and ranks_per_node (0: not hierarchical) share the last int64
 LAYOUT_BYTES = 8 * _META_LEN  # what exchange_layout sends each peer (int64s): `megabatch plan` counts it
 _INVALID = -1  # a metadata row of this value: that rank's arguments failed validation
 
@@ -51,6 +53,7 @@ class Layout:
     tsizes: tuple[int, ...]  # texts (columns) of every group rank
     y_grad: bool  # text features need gradients (on every rank, checked)
     ids: bool = False  # positives given by ids (on every rank, checked)
+    ranks_per_node: int = 0  # hierarchical's R (on every rank, checked); 0 for the other strategies
 
     @property
     def world(self) -> int:
@@ -79,10 +82,10 @@ class Layout:
 
 def exchange_layout(
     x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels, group: Optional["dist.ProcessGroup"],
-    *, ids: bool = False, directions: int = 0, needs: Optional[Sequence[bool]] = None,
+    *, ids: bool = False, directions: int = 0, needs: Optional[Sequence[bool]] = None, ranks_per_node: int = 0,
 ) -> Layout:
-    """Agree on sizes, D, dtype, backend, ids, directions and requires_grad across `group` (None:
-    the world group).
+    """Agree on sizes, D, dtype, backend, ids, directions, ranks_per_node and requires_grad across
+    `group` (None: the world group).
 
     x: this rank's (b, D) images, y its (n, D) texts; extras: logit_scale (and logit_bias), 0-dim.
     needs: which of (x, y, *extras) need gradients (None: grad mode and requires_grad).
@@ -96,7 +99,8 @@ def exchange_layout(
         needs = [torch.is_grad_enabled() and t.requires_grad for t in (x, y, *extras)]
     flags = sum(1 << k for k, need in enumerate(needs) if need)
     backend = zlib.crc32(kernels.name.encode()) & 0x7FFFFFFF
-    meta = [x.shape[0], y.shape[0], x.shape[1], _DTYPE_CODES[x.dtype], flags, backend, int(ids), directions]
+    meta = [x.shape[0], y.shape[0], x.shape[1], _DTYPE_CODES[x.dtype], flags, backend, int(ids),
+            directions | ranks_per_node << _RPN_SHIFT]
     assert len(meta) == _META_LEN
     mine = torch.tensor(meta, dtype=torch.int64, device=x.device)
     table_t = mine.new_empty(world * len(meta))
@@ -109,7 +113,10 @@ def exchange_layout(
             f"group rank(s) {invalid} passed invalid arguments to the loss (their own error says which); "
             "no rank computes this call"
         )
-    sizes, tsizes, dims, codes, grads, backends, idss, dirs = (tuple(row[k] for row in table) for k in range(len(meta)))
+    columns = (tuple(row[k] for row in table) for k in range(len(meta)))
+    sizes, tsizes, dims, codes, grads, backends, idss, packed = columns
+    dirs = [p & (1 << _RPN_SHIFT) - 1 for p in packed]
+    rpns = [p >> _RPN_SHIFT for p in packed]
     ranks = f"ranks 0..{world - 1}"
     if sum(sizes) == 0 or sum(tsizes) == 0:
         raise ValueError(
@@ -138,7 +145,14 @@ def exchange_layout(
         )
     if len(set(dirs)) > 1:
         raise ValueError(f"directions must be the same on every rank; got codes {list(dirs)} on {ranks}")
-    return Layout(pg, rank, sizes, tsizes, bool(flags & 2), bool(ids))
+    if len(set(rpns)) > 1:
+        raise ValueError(
+            "strategy='hierarchical' and its ranks_per_node must be the same on every rank; got ranks_per_node "
+            f"{rpns} on {ranks} (0: another strategy)"
+        )
+    if rpns[0] and world % rpns[0]:
+        raise ValueError(f"ranks_per_node={rpns[0]} must divide the group's {world} ranks (nodes of equal size)")
+    return Layout(pg, rank, sizes, tsizes, bool(flags & 2), bool(ids), rpns[0])
 
 
 def report_invalid(features: object, group: Optional["dist.ProcessGroup"]) -> None:
