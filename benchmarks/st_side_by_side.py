@@ -38,35 +38,52 @@ import time
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import _st_models  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments  # noqa: E402
-from sentence_transformers.sentence_transformer import losses as st_losses  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-
-from megabatch.integrations.sentence_transformers import MegabatchLoss  # noqa: E402
-
 
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-class Clock(TrainerCallback):
-    def __init__(self):
-        self.times, self.start = [], 0.0
+def train(args, rank: int, world: int) -> None:
+    """--part megabatch / cached_mnrl (sentence-transformers is imported here: --part predict needs only torch)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    import _st_models
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer import losses as st_losses
+    from transformers import TrainerCallback
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
+    from megabatch.integrations.sentence_transformers import MegabatchLoss
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.start)
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], 0.0
 
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
 
-def make(name: str, model, mini: int):
-    if name == "cached_mnrl":
-        return st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini, gather_across_devices=True)
-    return MegabatchLoss(model, mini_batch_size=mini)
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _st_models.build(os.path.join(tmp, f"m{rank}"))
+        n = args.batch * world * args.steps
+        data = Dataset.from_dict({"anchor": _st_models.sentences(n, 1), "positive": _st_models.sentences(n, 2)})
+        clock = Clock()
+        targs = SentenceTransformerTrainingArguments(
+            output_dir=os.path.join(tmp, "out"), per_device_train_batch_size=args.batch, max_steps=args.steps,
+            learning_rate=1e-4, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+            dataloader_num_workers=0, seed=0, logging_steps=args.steps)
+        if args.part == "cached_mnrl":
+            loss = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini,
+                                                                gather_across_devices=True)
+        else:
+            loss = MegabatchLoss(model, mini_batch_size=args.mini)
+        before = rss_mib()
+        SentenceTransformerTrainer(model=model, args=targs, train_dataset=data, loss=loss, callbacks=[clock]).train()
+        rise = rss_mib() - before
+    if rank == 0:
+        print(f"W={world} {args.part}: batch/rank={args.batch} mini={args.mini}: "
+              f"{statistics.median(clock.times[1:] or clock.times):.3f} s/step, peak RSS rise {rise:.1f} MiB")
 
 
 ALONE_LOSSES = ("megabatch", "mnrl", "cached_mnrl")
@@ -116,6 +133,8 @@ def mnrl_need(world: int, global_batch: int, dim: int) -> tuple[int, str]:
 def one_loss(name: str, b: int, dim: int, mini: int, repeat: int) -> dict:
     """Forward and backward of one loss on random (b, dim) embeddings a rank: seconds per step (between two
     barriers), this rank's peak resident rise over its level before the step, the global loss."""
+    from sentence_transformers.sentence_transformer import losses as st_losses
+
     g = torch.Generator().manual_seed(dist.get_rank())
     q = torch.randn(b, dim, generator=g).requires_grad_()
     d = torch.randn(b, dim, generator=g).requires_grad_()
@@ -253,32 +272,17 @@ def main() -> None:
             p.error(f"--{flag.replace('_', '-')} must be positive integers, got {getattr(args, flag)}")
     if args.keep_free < 0:
         p.error(f"--keep-free must be a number of GB >= 0, got {args.keep_free}")
-    torch.set_num_threads(1)
     if args.part == "predict":
         predict(args)
         return
+    torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.part == "alone":
         dist.init_process_group("gloo")
         alone(args, rank, world)
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            model = _st_models.build(os.path.join(tmp, f"m{rank}"))
-            n = args.batch * world * args.steps
-            data = Dataset.from_dict({"anchor": _st_models.sentences(n, 1), "positive": _st_models.sentences(n, 2)})
-            clock = Clock()
-            targs = SentenceTransformerTrainingArguments(
-                output_dir=os.path.join(tmp, "out"), per_device_train_batch_size=args.batch, max_steps=args.steps,
-                learning_rate=1e-4, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-                dataloader_num_workers=0, seed=0, logging_steps=args.steps)
-            before = rss_mib()
-            SentenceTransformerTrainer(model=model, args=targs, train_dataset=data,
-                                       loss=make(args.part, model, args.mini), callbacks=[clock]).train()
-            rise = rss_mib() - before
-        if rank == 0:
-            print(f"W={world} {args.part}: batch/rank={args.batch} mini={args.mini}: "
-                  f"{statistics.median(clock.times[1:] or clock.times):.3f} s/step, peak RSS rise {rise:.1f} MiB")
+        train(args, rank, world)
     if dist.is_initialized():
         dist.barrier()
         time.sleep(0.05)
