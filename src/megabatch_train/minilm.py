@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -122,9 +122,13 @@ def sentence_embedding(bert: nn.Module, tokens: Tensor) -> Tensor:
 
 
 class MiniLMText(nn.Module):
-    """(n, L) MiniLM token ids -> (n, embed_dim): MiniLM's sentence embedding, then a linear head."""
+    """(n, L) MiniLM token ids -> (n, embed_dim): MiniLM's sentence embedding, then a linear head
+    (no head with embed_dim None: the 384-d embedding itself, for a model that puts its own heads on it).
 
-    def __init__(self, embed_dim: int, locked: bool):
+    train_layers K (unlocked only): the token embeddings and the bottom 6 - K layers are frozen and only
+    the top K layers train; autograd keeps no activations below the first trained layer."""
+
+    def __init__(self, embed_dim: Optional[int], locked: bool, train_layers: Optional[int] = None):
         super().__init__()
         self.locked = locked
         if locked:
@@ -132,8 +136,16 @@ class MiniLMText(nn.Module):
             self._cache = _CAPTIONS  # the frozen tower's embeddings, shared by every locked tower of the process
         else:
             self.bert = load_bert()
-        self.head = nn.Linear(WIDTH, embed_dim, bias=False)
-        nn.init.normal_(self.head.weight, std=WIDTH ** -0.5)
+            if train_layers is not None:
+                layers = self.bert.encoder.layer
+                if not 1 <= train_layers <= len(layers):
+                    raise ValueError(f"--train-layers must be in [1, {len(layers)}], got {train_layers}")
+                self.bert.embeddings.requires_grad_(False)
+                for layer in layers[: len(layers) - train_layers]:
+                    layer.requires_grad_(False)
+        self.head = nn.Identity() if embed_dim is None else nn.Linear(WIDTH, embed_dim, bias=False)
+        if embed_dim is not None:
+            nn.init.normal_(self.head.weight, std=WIDTH ** -0.5)
 
     def _locked_embedding(self, tokens: Tensor) -> Tensor:
         bert = self._frozen[0]
@@ -153,4 +165,5 @@ class MiniLMText(nn.Module):
             features = self._locked_embedding(tokens)
         else:
             features = sentence_embedding(self.bert, tokens)
-        return self.head(features.to(self.head.weight.dtype))
+        weight = getattr(self.head, "weight", None)
+        return self.head(features if weight is None else features.to(weight.dtype))
