@@ -105,6 +105,7 @@ def load_bert() -> nn.Module:
 
 
 _CAPTIONS: dict[bytes, Tensor] = {}  # token ids -> locked MiniLM's 384-d embedding
+_CHUNK = 256  # texts the locked tower embeds at a time
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,7 +115,10 @@ def _frozen_bert() -> nn.Module:
 
 
 def sentence_embedding(bert: nn.Module, tokens: Tensor) -> Tensor:
-    """all-MiniLM-L6-v2's sentence embedding: the mean of the real tokens' last hidden states, L2-normalised."""
+    """all-MiniLM-L6-v2's sentence embedding: the mean of the real tokens' last hidden states, L2-normalised.
+    Padding columns past the longest text are cut first: masked out of attention and of the mean, they change
+    nothing but the cost (4x at a context of 48 for WordNet's definitions, 12 tokens at the median)."""
+    tokens = tokens[:, : max(1, int((tokens != PAD_ID).sum(1).max()))] if len(tokens) else tokens
     mask = (tokens != PAD_ID).to(torch.float32)
     hidden = bert(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
     pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1e-9)
@@ -152,12 +156,17 @@ class MiniLMText(nn.Module):
         if next(bert.parameters()).device != tokens.device:
             bert.to(tokens.device)
         keys = [row.tobytes() for row in tokens.cpu().numpy()]
-        todo = sorted({k for k in keys if k not in self._cache})
-        if todo:
-            rows = [keys.index(k) for k in todo]
+        first = {}
+        for i, k in enumerate(keys):
+            if k not in self._cache:
+                first.setdefault(k, i)
+        # by length, in chunks: each chunk is cut to its own longest text (sentence_embedding)
+        todo = sorted(first, key=lambda k: int((tokens[first[k]] != PAD_ID).sum()))
+        for i in range(0, len(todo), _CHUNK):
+            chunk = todo[i : i + _CHUNK]
             with torch.no_grad():
-                fresh = sentence_embedding(bert, tokens[rows]).cpu()
-            self._cache.update(zip(todo, fresh))
+                fresh = sentence_embedding(bert, tokens[[first[k] for k in chunk]]).cpu()
+            self._cache.update(zip(chunk, fresh))
         return torch.stack([self._cache[k] for k in keys]).to(tokens.device)
 
     def forward(self, tokens: Tensor) -> Tensor:
