@@ -16,14 +16,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 venv: $(VENV)/.installed
 
 # Debian packages of the real data sets (--data emoji needs the Noto font, --data fashion-mnist the
-# IDX files): installed when we are root (CI), else the command is printed and their tests skip.
-DEBS := fonts-noto-color-emoji dataset-fashion-mnist
-DEB_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+# IDX files, megabatch_train.wordnet WordNet 3.0's data files): installed when we are root (CI), else the
+# command is printed and their tests skip. --no-install-recommends: wordnet-base recommends the Tk browser.
+DEBS := fonts-noto-color-emoji dataset-fashion-mnist wordnet-base
+DEB_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf \
+	/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz /usr/share/wordnet/data.noun
 debs:
 	@if ls $(DEB_FILES) >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBS); \
-	else echo "make: the real-data tests need: sudo apt-get install $(DEBS)"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS); \
+	else echo "make: the real-data tests need: sudo apt-get install --no-install-recommends $(DEBS)"; fi
 
 test: venv debs
 	$(PY) -m pytest -q

@@ -25,11 +25,13 @@ from torch import Tensor, nn
 from . import checkpoint, fsdp, hf_model, outputs
 from .config import TrainConfig
 from .data import build_data, build_eval
+from .evaluate import zero_shot_model
 from .files import DataError
+from .runconfig import TEXT_DATA
 from .runplan import RunPlan, make_plan
 from .runtime import Runtime, collective, restart_count
 from .tokenizer import Tokenizer, tokenizer_for
-from .towers import ContrastiveModel
+from .towers import ContrastiveModel, TextPairModel
 
 
 class _Normalized(nn.Module):
@@ -108,6 +110,8 @@ def prepare(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module],
     # Rank 0 evaluates; with --fsdp every rank runs the evaluation's (collective) forwards with it.
     if rt.rank == 0 or plan.fsdp:
         p.eval_data = build_eval(cfg.eval_data, p.stream, cfg.model.image_size, cfg.seed, cfg.eval_size, cfg=cfg)
+        if rt.rank == 0 and p.eval_data is not None and p.eval_data.queries is not None:
+            p.eval_data.reference = zero_shot_model(p.eval_data, cfg.model.context_length, rt.device)  # once a run
     return plan, p, {}
 
 
@@ -202,8 +206,11 @@ def _build(cfg: TrainConfig, plan: RunPlan, rt: Runtime, model: Optional[nn.Modu
                      else tokenizer_for(cfg.model.context_length, stream, cfg.model.text_tower))
     # 0 (the csv/wds default) is fitted to the training captions by the tokenizer
     cfg.model.context_length = getattr(tokenizer, "context_length", cfg.model.context_length)
+    if hasattr(stream, "set_tokenizer"):  # text-text data: its queries are token ids of the run's tokenizer
+        stream.set_tokenizer(tokenizer)
     if model is None:
-        model = ContrastiveModel(cfg.model, tokenizer.vocab_size, plan.loss)
+        two_texts = cfg.data in TEXT_DATA
+        model = (TextPairModel if two_texts else ContrastiveModel)(cfg.model, tokenizer.vocab_size, plan.loss)
     _init_logit_bias(plan, model)
     model.to(rt.device).train()
     if saved:  # before sharding: every rank loads the full state, fully_shard keeps its rows

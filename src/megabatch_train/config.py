@@ -43,11 +43,14 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay of the weight matrices (a finite number "
                    ">= 0; default 0.1)")
     p.add_argument("--data", help="synthetic (default), digits, emoji (real drawings: retrieve names across drawing "
-                   "styles), fashion-mnist, csv:PATH or wds:PATTERN")
+                   "styles), fashion-mnist, wordnet (definition <-> name text pairs, a text tower on each side), "
+                   "csv:PATH or wds:PATTERN")
     p.add_argument("--eval-data", help="evaluation data spec (default: the training data's own held-out split; "
                    "for csv/wds, --eval-split of it)")
-    p.add_argument("--eval-size", type=int, help="evaluate on at most this many pairs of files (default 0: all of "
-                   "them; a cut is stated in the summary)")
+    p.add_argument("--eval-size", type=int, help="evaluate on at most this many pairs of files, or held-out WordNet "
+                   "synsets (default 0: all of them; a cut is stated in the summary)")
+    p.add_argument("--wordnet-synsets", type=int, metavar="N", help="--data wordnet: train on N of its 112,659 "
+                   "training synsets, drawn in whole name groups (default 0: all)")
     files = p.add_argument_group(
         "your own files (--data csv:PATH or wds:PATTERN)",
         "A csv/tsv table holds an image path (relative to the table's folder) and a caption\n"
@@ -104,6 +107,8 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
                    "short runs; not for CLIP)")
     p.add_argument("--lock-text", action="store_true", default=None, help="with --text-tower minilm: freeze "
                    "MiniLM and embed each caption once (LiT with a locked text tower)")
+    p.add_argument("--train-layers", type=int, metavar="K", help="with --text-tower minilm: train only its top K "
+                   "of 6 layers (1 to 6; default: all of them, or none with --lock-text)")
     hf = p.add_argument_group("Hugging Face models")
     hf.add_argument("--model", dest="source", metavar="hf:PATH", help="train a Hugging Face CLIP/SigLIP-like dual "
                     "encoder instead of the built-in towers: hf:DIR (a local save_pretrained directory, with its "

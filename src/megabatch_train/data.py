@@ -5,7 +5,9 @@ A training stream serves slices of global batches: `batch(step, size, start, sto
 W reads [r*b, (r+1)*b) with b = B / W. Streams whose samples are a function of (seed, step, index)
 (synthetic, digits) resume from the step alone; file streams also carry a `state_dict()`.
 
-`--data` specs: "synthetic" (default), "digits", "emoji", "fashion-mnist", "csv:PATH" (also .tsv), "wds:PATTERN". The
+`--data` specs: "synthetic" (default), "digits", "emoji", "fashion-mnist", "wordnet" (text-text pairs: its
+stream yields a definition's token ids where the others yield images; wordnet_data.py), "csv:PATH" (also
+.tsv), "wds:PATTERN". The
 evaluation set is the data's own held-out split (synthetic: unseen combinations; digits: 300
 images; users' files: `--eval-split` of them, which training never sees) unless `--eval-data`
 names another spec (files: all their pairs, or the first `--eval-size`).
@@ -53,6 +55,10 @@ def build_data(spec: str, image_size: int, seed: int, rank: int = 0, world: int 
         from .fashion import FashionMNIST
 
         return FashionMNIST(image_size=image_size, seed=seed, pixels=pixels)
+    if spec == "wordnet":
+        from .wordnet_data import WordNetPairs
+
+        return WordNetPairs(seed, getattr(cfg, "wordnet_synsets", 0), getattr(cfg, "eval_size", 0))
     kind, _, path = spec.partition(":")
     if kind in ("csv", "wds") and path:
         from .filestream import FileOptions, FileStream
@@ -64,7 +70,8 @@ def build_data(spec: str, image_size: int, seed: int, rank: int = 0, world: int 
         if cfg is not None and rank == 0:
             _warn_if_few_pairs(stream, cfg.batch_size)
         return stream
-    raise ValueError(f"--data must be synthetic, digits, emoji, fashion-mnist, csv:PATH or wds:PATTERN, got {spec!r}")
+    raise ValueError(f"--data must be synthetic, digits, emoji, fashion-mnist, wordnet, csv:PATH or wds:PATTERN, "
+                     f"got {spec!r}")
 
 
 def _warn_if_few_pairs(stream: Any, batch_size: int) -> None:

@@ -43,13 +43,19 @@ class ZeroShotTask:
 
 @dataclass
 class EvalData:
-    """Held-out images (n, 3, S, S) with one caption each, and zero-shot tasks over the same images."""
+    """Held-out images (n, 3, S, S) (or a text query's token ids) with one caption each, and zero-shot
+    tasks over the same images."""
 
     images: Tensor
     captions: list[str]
     tasks: list[ZeroShotTask]
     description: str = ""
     ids: Optional[np.ndarray] = None  # (n,) int64 per-pair ids (users' files with an id column/member)
+    # Text-text data (--data wordnet): `images` holds the queries' token ids, `queries` their text, `sides` what
+    # the two sides are ("definition", "name"), `reference` the pretrained model's scores (evaluate.zero_shot_model)
+    queries: Optional[list[str]] = None
+    sides: tuple[str, str] = ("image", "text")
+    reference: Optional[dict[str, Any]] = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Held-out evaluation: zero-shot classification with prompts, and image<->text retrieval R@1/5/10.
+"""Held-out evaluation: zero-shot classification with prompts, and image<->text retrieval R@1/5/10
+(text-text data: query<->caption, e.g. WordNet's definition<->name, scored the same way, beside the
+pretrained MiniLM's own scores: `zero_shot_model`).
 
 Retrieval runs over the evaluation images and their *distinct* captions (several images may share
 one caption); ties rank against the model. image->text: is the image's caption among the k texts
@@ -53,6 +55,49 @@ def _chance_any_in_top_k(n: int, m: np.ndarray, k: int) -> float:
     return float(1.0 - np.mean(miss))
 
 
+def retrieval(images: Tensor, texts: Tensor, caption_of: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+    """(R@k of both directions, their chance levels) for normalised query embeddings `images` (n, D), the
+    distinct captions' `texts` (u, D), and the caption index of each query `caption_of` (n,)."""
+    sims = images @ texts.T  # (n, u)
+    owner = torch.from_numpy(caption_of.astype(np.int64))
+    # Ties count against the model: a collapsed model (all similarities equal) ranks last.
+    is_owner = owner[:, None] == torch.arange(len(texts))[None, :]  # (n, u)
+    correct = sims.gather(1, owner[:, None])
+    i2t_rank = (sims > correct).sum(1) + ((sims == correct) & ~is_owner).sum(1)
+    best = sims.masked_fill(~is_owner, -math.inf).max(0).values
+    t2i_rank = (sims > best[None, :]).sum(0) + ((sims == best[None, :]) & ~is_owner).sum(0)
+    out: dict[str, float] = {}
+    chance: dict[str, float] = {}
+    for k in KS:
+        out[f"i2t_r{k}"] = float((i2t_rank < k).float().mean())
+        out[f"t2i_r{k}"] = float((t2i_rank < k).float().mean())
+        chance[f"i2t_r{k}"] = min(1.0, k / len(texts))
+        chance[f"t2i_r{k}"] = _chance_any_in_top_k(len(images), is_owner.sum(0).numpy(), k)
+    return out, chance
+
+
+@torch.no_grad()
+def zero_shot_model(data: EvalData, context_length: int, device: torch.device, batch: int = 512) -> dict[str, Any]:
+    """The pretrained text model's retrieval on text-text `data` (its `queries` and captions as strings):
+    all-MiniLM-L6-v2's sentence embeddings as they are (no heads, no training), cosine similarity, with
+    `context_length` MiniLM tokens (the run's). Locked MiniLM's process-wide cache keeps the embeddings, so
+    a locked run's evaluations reuse them. {"unavailable": why} when MiniLM is not installed."""
+    from .minilm import MiniLMText, MiniLMTokenizer, MiniLMUnavailable
+
+    if data.queries is None:
+        raise ValueError("zero_shot_model needs text queries (EvalData.queries): text-text data")
+    try:
+        tokenize, encoder = MiniLMTokenizer(max(3, context_length)), MiniLMText(None, locked=True)
+    except MiniLMUnavailable as e:
+        return {"unavailable": str(e)}
+    texts, caption_of = np.unique(np.asarray(data.captions, dtype=object), return_inverse=True)
+    non_finite: list[str] = []
+    queries = _encode(encoder, tokenize(data.queries), device, batch, "queries", non_finite)
+    captions = _encode(encoder, tokenize(list(texts)), device, batch, "captions", non_finite)
+    out, _ = retrieval(queries, captions, caption_of)
+    return {"model": f"all-MiniLM-L6-v2 as pretrained (cosine, no heads; context {max(3, context_length)})", **out}
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, tokenize: Callable[[list[str]], Tensor], data: EvalData, device: torch.device, batch: int = 512
@@ -64,24 +109,11 @@ def evaluate(
     model.eval()
     non_finite: list[str] = []
     try:
-        images = _encode(model.encode_image, data.images, device, batch, "image embeddings", non_finite)
+        images = _encode(model.encode_image, data.images, device, batch, f"{data.sides[0]} embeddings", non_finite)
         texts, caption_of = np.unique(np.asarray(data.captions, dtype=object), return_inverse=True)
-        text_feats = _encode(model.encode_text, tokenize(list(texts)), device, batch, "text embeddings", non_finite)
-        sims = images @ text_feats.T  # (n, u)
-        owner = torch.from_numpy(caption_of.astype(np.int64))
-        # Ties count against the model: a collapsed model (all similarities equal) ranks last.
-        is_owner = owner[:, None] == torch.arange(len(texts))[None, :]  # (n, u)
-        correct = sims.gather(1, owner[:, None])
-        i2t_rank = (sims > correct).sum(1) + ((sims == correct) & ~is_owner).sum(1)
-        best = sims.masked_fill(~is_owner, -math.inf).max(0).values
-        t2i_rank = (sims > best[None, :]).sum(0) + ((sims == best[None, :]) & ~is_owner).sum(0)
-        out: dict[str, Any] = {}
-        chance: dict[str, float] = {}
-        for k in KS:
-            out[f"i2t_r{k}"] = float((i2t_rank < k).float().mean())
-            out[f"t2i_r{k}"] = float((t2i_rank < k).float().mean())
-            chance[f"i2t_r{k}"] = min(1.0, k / len(texts))
-            chance[f"t2i_r{k}"] = _chance_any_in_top_k(len(images), is_owner.sum(0).numpy(), k)
+        text_feats = _encode(model.encode_text, tokenize(list(texts)), device, batch, f"{data.sides[1]} embeddings",
+                             non_finite)
+        out, chance = retrieval(images, text_feats, caption_of)
         accs, chances = [], []
         for task in data.tasks:
             flat = [p for prompts in task.prompts for p in prompts]
@@ -103,6 +135,10 @@ def evaluate(
         if accs:
             out["zero_shot_top1"], chance["zero_shot_top1"] = float(np.mean(accs)), float(np.mean(chances))
         out["n_images"], out["n_texts"], out["eval_set"] = len(images), len(texts), data.description
+        if data.sides != ("image", "text"):
+            out["sides"] = list(data.sides)  # what i2t's "image" and "text" are (report.py labels them so)
+        if data.reference is not None:
+            out["zero_shot_model"] = data.reference
         out["zero_shot_classes"] = {task.name: len(task.classes) for task in data.tasks}
         out["chance"] = chance
         out["not_meaningful"] = [key for key, level in chance.items() if level >= MEANINGLESS_CHANCE]

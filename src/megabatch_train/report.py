@@ -105,10 +105,18 @@ def summary(cfg: TrainConfig, world: int, final: dict[str, Any], seconds: float,
                       and k[10:-5] not in final.get("zero_shot_classes", {})]
         for key in sorted(attributes):
             lines.append(_row(f"  its {key[10:-5]} right", final[key], chance.get(key)))
-        for direction, label in (("i2t", "image->text"), ("t2i", "text->image")):
+        query, caption = final.get("sides") or ("image", "text")
+        gallery = f"{final['n_texts']} {'captions' if caption == 'text' else caption + 's'}"
+        reference = final.get("zero_shot_model") or {}
+        if "unavailable" in reference:
+            lines.append(f"  no zero-shot model scores: {reference['unavailable']}")
+        elif reference:
+            lines.append(f"  beside each: {reference['model']}, untrained")
+        for direction, label in (("i2t", f"{query}->{caption}"), ("t2i", f"{caption}->{query}")):
             for k in (1, 5, 10):
                 key = f"{direction}_r{k}"
-                lines.append(_row(f"{label} R@{k} ({final['n_texts']} captions)", final[key], chance.get(key)))
+                zero = f"   zero-shot {percent(reference[key])}" if key in reference else ""
+                lines.append(_row(f"{label} R@{k} ({gallery})", final[key], chance.get(key)) + zero)
     else:
         lines.append("no evaluation: no held-out data (--eval-split 0 and no --eval-data)")
     lines.append(f"outputs: {cfg.output}/ ({', '.join(_written(cfg))})")

@@ -20,7 +20,10 @@ PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 TEXT_TOWERS = ("builtin", "minilm")
 IMAGE_TOWERS = ("vit", "cnn")
-BUILT_IN_DATA = ("synthetic", "digits", "emoji", "fashion-mnist")
+BUILT_IN_DATA = ("synthetic", "digits", "emoji", "fashion-mnist", "wordnet")
+TEXT_DATA = ("wordnet",)  # text-text data: a text query (a definition) on the image side (towers.TextPairModel)
+MINILM_LAYERS = 6
+WORDNET_CONTEXT = 48  # MiniLM tokens: 99% of WordNet's definitions need <= 41, 99.9% <= 59 (docs/train.md)
 
 
 def _flag(name: str) -> str:
@@ -77,6 +80,7 @@ class ModelConfig:
     dropout: float = 0.0
     text_tower: str = "builtin"  # or "minilm": pretrained MiniLM-L6 (offline) and a linear head
     lock_text: bool = False  # minilm only: freeze MiniLM, embed each caption once (LiT with a locked text tower)
+    train_layers: Optional[int] = None  # minilm only: train its top K of 6 layers (None: all, or none if locked)
     center: Optional[bool] = None  # subtract each tower's batch mean embedding (None: for SigLIP; see centred)
     image_tower: str = "vit"  # or "cnn": a small CNN (towers.ConvTower) with vision_width's channels
     source: str = "builtin"  # or "hf:PATH": a Hugging Face dual encoder (pretrained directory or config JSON)
@@ -113,6 +117,11 @@ class ModelConfig:
             raise ValueError(f"--text-tower must be one of {', '.join(TEXT_TOWERS)}; got {self.text_tower!r}")
         if self.lock_text and self.text_tower != "minilm":
             raise ValueError("--lock-text needs a pretrained text tower: --text-tower minilm")
+        if self.train_layers is not None:
+            check_int("--train-layers", self.train_layers, 1, MINILM_LAYERS)
+            if self.text_tower != "minilm" or self.lock_text:
+                raise ValueError("--train-layers K trains MiniLM's top K layers: it needs --text-tower minilm and "
+                                 "not --lock-text (which trains none)")
         if self.text_tower == "minilm" and self.context_length == 0:
             raise ValueError("--text-tower minilm needs --context-length >= 3 (0 fits a BPE tokenizer)")
         if self.source != "builtin":
@@ -141,6 +150,7 @@ class TrainConfig:
     data: str = "synthetic"
     eval_data: Optional[str] = None
     eval_size: int = 0
+    wordnet_synsets: int = 0  # --data wordnet: train on this many synsets (whole name groups; 0: all 112,659)
     output: str = "runs/train"
     strategy: str = "auto"
     backend: str = "auto"
@@ -207,12 +217,25 @@ class TrainConfig:
                 raise ValueError(f"{_flag(name)} must be {', '.join(BUILT_IN_DATA)}, csv:PATH or wds:PATTERN; "
                                  f"got {spec!r}")
         self._validate_files()
+        self._validate_text_data()
         if self.positives == "id" and not (self.csv_id_key or self.wds_id_key):
             raise ValueError("--positives id needs an id per pair: --csv-id-key COLUMN (csv) or --wds-id-key EXT (wds)")
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
         self.model.validate()
         return self
+
+    def _validate_text_data(self) -> None:
+        check_int("--wordnet-synsets", self.wordnet_synsets, 0)
+        if self.wordnet_synsets and self.data != "wordnet":
+            raise ValueError(f"--wordnet-synsets applies to --data wordnet; got --data {self.data}")
+        text = self.data in TEXT_DATA
+        if self.eval_data is not None and (text or self.eval_data in TEXT_DATA):
+            raise ValueError(f"--eval-data: --data {self.data} evaluates on its own held-out split, and text-text "
+                             f"data cannot evaluate an image-text run; got --eval-data {self.eval_data}")
+        if text and (self.model.source != "builtin" or self.model.image_tower != "vit"):
+            raise ValueError(f"--data {self.data} pairs texts with texts: a text tower on each side (--text-tower); "
+                             "--model hf:... and --image-tower do not apply")
 
     def _validate_files(self) -> None:
         kinds = {(spec or "").partition(":")[0] for spec in (self.data, self.eval_data)}
@@ -272,7 +295,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  eval_every=1000, ckpt_every=1000, model=_BASE_MODEL),
 }
 MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "context_length", "dropout", "text_tower", "lock_text",
-                "center", "image_tower", "source", "tokenizer")
+               "train_layers", "center", "image_tower", "source", "tokenizer")
 
 
 def from_preset(name: str, **overrides: Any) -> TrainConfig:
@@ -292,6 +315,8 @@ def from_preset(name: str, **overrides: Any) -> TrainConfig:
     if data.startswith(("csv:", "wds:")) and "context_length" not in model_overrides and (
             model.text_tower == "builtin"):
         model = dataclasses.replace(model, context_length=0)  # fit to the training captions
+    if data in TEXT_DATA and "context_length" not in model_overrides:
+        model = dataclasses.replace(model, context_length=WORDNET_CONTEXT)  # definitions are longer than captions
     if data == "emoji" and "image_tower" not in model_overrides and model.source == "builtin":
         # measured: R@1 15% vs the ViT's 3% in 600 steps (benchmarks/emoji_cnn_cpu)
         model = dataclasses.replace(model, image_tower="cnn")

@@ -21,6 +21,11 @@ PAD, CLS, UNK = 0, 1, 2
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
+def words(text: str) -> list[str]:
+    """The word-level tokenizer's words of `text` (lower-cased; a data source's vocabulary is made of them)."""
+    return _WORD.findall(text.lower())
+
+
 class _Padded:
     """What every tokenizer here shares: <cls> + the text's tokens, cut or padded with <pad> to a
     fixed context, cached per text. Subclasses say how a text becomes tokens (`_body`)."""
@@ -65,7 +70,7 @@ class Tokenizer(_Padded):
     def _body(self, text: str) -> list[int]:
         if self._ids is None:
             return [3 + b for b in text.encode("utf-8")]
-        return [self._ids.get(w, UNK) for w in _WORD.findall(text.lower())]
+        return [self._ids.get(w, UNK) for w in words(text)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"context_length": self.context_length, "vocabulary": self.vocabulary}
@@ -74,7 +79,7 @@ class Tokenizer(_Padded):
         """Tokens each text needs, <cls> included (before truncation)."""
         if self._ids is None:
             return [1 + len(t.encode("utf-8")) for t in texts]
-        return [1 + len(_WORD.findall(t.lower())) for t in texts]
+        return [1 + len(words(t)) for t in texts]
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "AnyTokenizer":

@@ -159,12 +159,7 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         self.visual = ConvTower(cfg) if cfg.image_tower == "cnn" else VisionTower(cfg)
         self.text = TextTower(cfg, vocab_size) if cfg.text_tower == "builtin" else _minilm(cfg)
-        init_scale = math.log(10.0) if loss == "siglip" else math.log(1 / 0.07)
-        self.logit_scale = nn.Parameter(torch.full((1,), init_scale))  # (1,), not 0-dim: FSDP2 shards it
-        self.logit_bias = nn.Parameter(torch.full((1,), -10.0), requires_grad=loss == "siglip")
-        center = cfg.centred(loss)
-        self.image_center = Center(cfg.embed_dim) if center else nn.Identity()
-        self.text_center = Center(cfg.embed_dim) if center else nn.Identity()
+        _add_scales(self, cfg, loss)
         self.visual.apply(_init)
         if cfg.text_tower == "builtin":
             self.text.apply(_init)
@@ -178,10 +173,57 @@ class ContrastiveModel(nn.Module):
         return self.text_center(self.text(tokens))
 
 
+class TextPairModel(nn.Module):
+    """Text-text pairs (--data wordnet): a definition on the query side, where images go, and a name on
+    the caption side. One text trunk serves both sides (MiniLM, locked or trained, or the built-in text
+    tower) and each side has its own linear head: the trunk's weights are shared because the zero-shot
+    model is one encoder for both kinds of text; the heads let the two sides differ, at the cost of a
+    matrix each. Both heads start equal, so the fresh model ranks as a random projection of the trunk.
+    The loop calls encode_image (the query side) and encode_text as for image-text pairs."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, loss: str = "clip"):
+        super().__init__()
+        if cfg.text_tower == "builtin":
+            self.trunk: nn.Module = TextTower(cfg, vocab_size)
+            self.trunk.apply(_init)
+            width = cfg.embed_dim
+        else:
+            from .minilm import WIDTH, MiniLMText
+
+            self.trunk, width = MiniLMText(None, cfg.lock_text, cfg.train_layers), WIDTH
+        self.query_head = nn.Linear(width, cfg.embed_dim, bias=False)
+        self.name_head = nn.Linear(width, cfg.embed_dim, bias=False)
+        nn.init.normal_(self.query_head.weight, std=width ** -0.5)
+        with torch.no_grad():
+            self.name_head.weight.copy_(self.query_head.weight)
+        _add_scales(self, cfg, loss)
+
+    def _features(self, tokens: Tensor, head: nn.Linear) -> Tensor:
+        return head(self.trunk(tokens).to(head.weight.dtype))
+
+    def encode_image(self, tokens: Tensor) -> Tensor:
+        """The query side: (n, L) int64 definitions -> (n, embed_dim), unnormalised (centred with center)."""
+        return self.image_center(self._features(tokens, self.query_head))
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """The caption side: (n, L) int64 names -> (n, embed_dim), unnormalised (centred with center)."""
+        return self.text_center(self._features(tokens, self.name_head))
+
+
+def _add_scales(model: nn.Module, cfg: ModelConfig, loss: str) -> None:
+    """The learnable temperature, SigLIP's bias, and each side's centring (cfg.centred) of a two-sided model."""
+    init_scale = math.log(10.0) if loss == "siglip" else math.log(1 / 0.07)
+    model.logit_scale = nn.Parameter(torch.full((1,), init_scale))  # (1,), not 0-dim: FSDP2 shards it
+    model.logit_bias = nn.Parameter(torch.full((1,), -10.0), requires_grad=loss == "siglip")
+    center = cfg.centred(loss)
+    model.image_center = Center(cfg.embed_dim) if center else nn.Identity()
+    model.text_center = Center(cfg.embed_dim) if center else nn.Identity()
+
+
 def _minilm(cfg: ModelConfig) -> nn.Module:
     from .minilm import MiniLMText
 
-    return MiniLMText(cfg.embed_dim, cfg.lock_text)
+    return MiniLMText(cfg.embed_dim, cfg.lock_text, cfg.train_layers)
 
 
 def _init(m: nn.Module) -> None:
