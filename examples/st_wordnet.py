@@ -312,7 +312,8 @@ def main(argv=None) -> None:
         plot(progress.curve, out / "curve.png")
         final = progress.curve[-1]
         print(f"done: {trainer.state.global_step} steps in {summary['minutes']} min "
-              f"({summary['seconds_per_step']} s/step); definition->name R@1 {100 * progress.curve[0]['def2name_r1']:.1f}%"
+              f"({summary['seconds_per_step']} s/step); definition->name R@1 "
+              f"{100 * progress.curve[0]['def2name_r1']:.1f}%"
               f" -> {100 * final['def2name_r1']:.1f}%; wrote {out}/summary.json, curve.json, curve.png", flush=True)
     import torch.distributed as dist
 
