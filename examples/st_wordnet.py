@@ -199,13 +199,13 @@ def make_callback(model, heldout, args, out: Path, start: float, summary: dict):
         """Zero-shot point, periodic and final evaluation, progress lines and the stop on the clock."""
 
         def __init__(self):
-            self.curve, self.losses, self.step_s = [], [], []
-            self.eval_s, self.last_eval, self.step_start, self.done = 0.0, start, 0.0, -1
+            self.curve, self.losses, self.step_s, self.cpu_s = [], [], [], []
+            self.eval_s, self.last_eval, self.step_start, self.cpu_start, self.done = 0.0, start, 0.0, 0.0, -1
 
         def point(self, step: int) -> None:
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             metrics = evaluate(model, heldout)
-            self.eval_s = time.perf_counter() - t
+            self.eval_s, cpu = time.perf_counter() - t, time.process_time() - cpu
             self.last_eval, self.done = time.perf_counter(), step
             if _world()[0] != 0:
                 return
@@ -213,18 +213,18 @@ def make_callback(model, heldout, args, out: Path, start: float, summary: dict):
             self.losses = []
             self.curve.append({"step": step, "minutes": round((time.perf_counter() - start) / 60, 3),
                                "pairs_seen": step * summary["global_batch"], "train_loss": loss,
-                               "eval_seconds": round(self.eval_s, 1), **metrics})
+                               "eval_seconds": round(self.eval_s, 1), "eval_cpu_seconds": round(cpu, 1), **metrics})
             print(f"eval step {step} at {self.curve[-1]['minutes']:.1f} min: definition->name R@1 "
                   f"{100 * metrics['def2name_r1']:.1f}% R@5 {100 * metrics['def2name_r5']:.1f}%, name->definition "
                   f"R@1 {100 * metrics['name2def_r1']:.1f}% R@5 {100 * metrics['name2def_r5']:.1f}% "
-                  f"(evaluation {self.eval_s:.0f} s)", flush=True)
+                  f"(evaluation {self.eval_s:.0f} s, {cpu:.0f} CPU s on rank 0)", flush=True)
             (out / "curve.json").write_text(json.dumps(self.curve, indent=1))
 
         def on_train_begin(self, args_, state, control, **kw):
             self.point(0)
 
         def on_step_begin(self, args_, state, control, **kw):
-            self.step_start = time.perf_counter()
+            self.step_start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_log(self, args_, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -233,11 +233,12 @@ def make_callback(model, heldout, args, out: Path, start: float, summary: dict):
         def on_step_end(self, args_, state, control, **kw):
             now = time.perf_counter()
             self.step_s.append(now - self.step_start)
+            self.cpu_s.append(time.process_time() - self.cpu_start)
             step = state.global_step
             if _world()[0] == 0 and step % args.log_steps == 0:
-                recent = statistics.median(self.step_s[-args.log_steps:])
-                print(f"step {step} at {(now - start) / 60:.1f} min: {recent:.2f} s/step (median of the last "
-                      f"{min(args.log_steps, len(self.step_s))})", flush=True)
+                recent, cpu = (statistics.median(t[-args.log_steps:]) for t in (self.step_s, self.cpu_s))
+                print(f"step {step} at {(now - start) / 60:.1f} min: {recent:.2f} s/step, {cpu:.2f} CPU s/step on "
+                      f"rank 0 (medians of the last {min(args.log_steps, len(self.step_s))})", flush=True)
             left = start + 60 * args.minutes - now
             stop = left < 1.2 * (self.step_s[-1] + self.eval_s)  # room for one more step and the final evaluation
             due = (now - self.last_eval >= 60 * args.eval_minutes) or (args.eval_steps and step % args.eval_steps == 0)
@@ -307,6 +308,8 @@ def main(argv=None) -> None:
         steps = progress.step_s[1:] or progress.step_s
         summary.update(steps=trainer.state.global_step, minutes=round((time.perf_counter() - start) / 60, 2),
                        seconds_per_step=round(statistics.median(steps), 3) if steps else None,
+                       cpu_seconds_per_step=round(statistics.median(progress.cpu_s[1:] or progress.cpu_s), 3),
+                       load_average=os.getloadavg(),
                        zero_shot=progress.curve[0], final=progress.curve[-1], curve="curve.json")
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         plot(progress.curve, out / "curve.png")
