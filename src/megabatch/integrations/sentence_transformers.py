@@ -305,7 +305,7 @@ def _by_length(features: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
 def _trimmed(features: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The columns after the last real token of every row dropped. Exact: no real token moves and the
     dropped ones were masked out everywhere. A GradCache mini-batch of short texts then costs what its
-    own texts need, not what the longest text of the collated batch needed (4x on WordNet's glosses)."""
+    own texts need, not what the longest text of the collated batch needed (~3x less on WordNet)."""
     mask = features.get("attention_mask")
     if mask is None or mask.dim() != 2 or mask.shape[1] < 2:
         return dict(features)
