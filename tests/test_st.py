@@ -69,6 +69,33 @@ def test_gradcache_equals_cached_mnrl(model, sym):
     assert_same(ours, theirs)
 
 
+
+def test_gradcache_mini_batches_are_sorted_and_trimmed(model):
+    """GradCache encodes each column's rows shortest first and drops a mini-batch's all-padding columns:
+    with one long text among short ones only the last mini-batch pays its width; the loss and every
+    gradient equal the whole batch's (no GradCache, full padding)."""
+    texts = _st_models.sentences(8, 11)
+    anchors = [" ".join(["w1"] * 12)] + [t.split()[0] for t in texts[1:]]  # one 12-word anchor, seven of one word
+    feats = [model.preprocess(anchors), model.preprocess(texts)]
+    widths = []
+    first = model[0]
+    real_forward = first.forward
+
+    def spy(features, *args, **kwargs):
+        widths.append((features["input_ids"].shape[1], features["attention_mask"].sum(1).tolist()))
+        return real_forward(features, *args, **kwargs)
+
+    first.forward = spy
+    try:
+        ours = run(MegabatchLoss(model, mini_batch_size=3), model, feats)
+    finally:
+        del first.forward
+    assert feats[0]["input_ids"].shape[1] == 14 and len(widths) == 2 * 2 * 3  # 2 passes, 2 columns, 3 minis
+    for width, lengths in widths:
+        assert lengths == sorted(lengths) and width == max(lengths), widths
+    assert sum(w == 14 for w, _ in widths) == 2  # only the long anchor's mini-batch, once a pass (texts: <= 8)
+    assert_same(ours, run(MegabatchLoss(model), model, feats))
+
 def test_evaluation_in_mini_batches(model):
     feats = columns(model, 7, 3, seed=6)
     with torch.no_grad():

@@ -225,7 +225,14 @@ class MegabatchLoss(nn.Module):
         # forward by swapping the inner module's (instance) forward, which must not call itself
         encoder = (lambda **f: _embed(lambda d: type(inner).forward(inner, d), f)) if isinstance(model, DDP) \
             else (lambda **f: _embed(inner, f))
-        cache = GradCache(encoder, encoder, self._loss_fn, self.mini_batch_size,
+        # each column's rows by length, so that a mini-batch's padding (trimmed by _embed) is short; the
+        # loss gets the embeddings back in row order, so the ids and the pairing are those of the batch
+        (anchors, anchor_rows), (texts, text_rows) = _by_length(anchors), _by_length(texts)
+
+        def loss_fn(x: Tensor, y: Tensor, *args: Any, **kw: Tensor) -> Tensor:
+            return self._loss_fn(x[anchor_rows], y[text_rows], *args, **kw)
+
+        cache = GradCache(encoder, encoder, loss_fn, self.mini_batch_size,
                           modules=[model] if isinstance(model, DDP) else None)
         loss = cache(anchors, texts, *scalars, **ids)
         # GradCache has filled every .grad (the model's all-reduced under DDP): the trainer's own
@@ -285,7 +292,32 @@ def _stack_columns(columns: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return out
 
 
+def _by_length(features: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+    """The rows sorted by their number of real tokens (stable), and where each original row went."""
+    mask = features.get("attention_mask")
+    n = features["input_ids"].shape[0]
+    if mask is None or mask.dim() != 2:
+        return features, torch.arange(n, device=features["input_ids"].device)
+    order = torch.argsort(mask.sum(1), stable=True)
+    return {k: v[order] if v.dim() >= 1 and v.shape[0] == n else v for k, v in features.items()}, torch.argsort(order)
+
+
+def _trimmed(features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The columns after the last real token of every row dropped. Exact: no real token moves and the
+    dropped ones were masked out everywhere. A GradCache mini-batch of short texts then costs what its
+    own texts need, not what the longest text of the collated batch needed (~3x less on WordNet)."""
+    mask = features.get("attention_mask")
+    if mask is None or mask.dim() != 2 or mask.shape[1] < 2:
+        return dict(features)
+    width = mask.shape[1]
+    used = mask.any(0).nonzero()
+    keep = int(used[-1]) + 1 if len(used) else 1
+    if keep == width:
+        return dict(features)
+    return {k: v[:, :keep] if v.dim() == 2 and v.shape[1] == width else v for k, v in features.items()}
+
+
 def _embed(model: Callable[[dict], Any], features: Mapping[str, Tensor]) -> Tensor:
     """The L2-normalised sentence embeddings (ST's cos_sim normalises the same way)."""
-    out = model(dict(features))["sentence_embedding"]  # a copy: ST's modules add keys to the dict
+    out = model(_trimmed(features))["sentence_embedding"]  # a copy: ST's modules add keys to the dict
     return F.normalize(out, p=2, dim=-1)
