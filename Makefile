@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 (a local wheel on our machines; a plain `torch` would pull CUDA).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test venv debs study clean gpu-wheels fault-drill plan-check
+.PHONY: demo test venv debs study study-wordnet clean gpu-wheels fault-drill plan-check
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: venv debs
 # memory against batch (docs/train.md "Why 32k?", docs/performance.md). Writes benchmarks/study/study.{json,png}.
 study: venv debs
 	$(VENV)/bin/megabatch study --output benchmarks/study
+
+# The same question for text: WordNet definition->name retrieval against batch, CLIP and SigLIP, at fixed steps
+# and at fixed samples (docs/train.md "Why 32k? For text"). Embeds WordNet once with locked MiniLM (cached under
+# $$MEGABATCH_CACHE or ~/.cache/megabatch), then trains heads only. Writes benchmarks/study_wordnet/study.{json,png}.
+study-wordnet: venv debs
+	$(VENV)/bin/megabatch study --data wordnet --output benchmarks/study_wordnet
 
 # The main job: CLIP at a contrastive batch of 4,096 (2 ranks x 2,048, GradCache micro-batches of
 # 512, ring loss) on the embedded synthetic data; ~2 minutes on 2 CPU cores. Output in runs/demo/.

@@ -4,6 +4,7 @@ on real data, at the same number of samples seen; and the losses' memory against
     megabatch study                      # the full study (`make study`; see README "Why 32k?")
     megabatch study --quick              # a ~1-minute version (the tests run it; ViT, 512 samples a run)
     megabatch study --batches 16 256 --seeds 0 --samples 8192 --output /tmp/s
+    megabatch study --data wordnet       # the same question for text (wordnet_study.py; `make study-wordnet`)
 
 Every run trains an image tower from scratch (`--image-tower`: the small CNN by default, 0.59M
 parameters; or the small preset's ViT) against locked MiniLM-L6 with a trained linear head (LiT
@@ -28,11 +29,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime as _dt
 import io
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,6 +39,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from .study_record import PAPER, environment, mean
 
 # Powers of 4 from 16, and 2,048: the data's limit (3,292 training pairs; a batch of 4,096 would hold pairs twice).
 # 32,768 samples (~10 epochs; at 16,384 every point stayed at 2-3% R@1): the CNN costs ~10x the ViT's
@@ -54,10 +54,7 @@ QUICK = dict(batches=(16, 64), seeds=(0,), samples=512, losses=("clip", "siglip"
 IMAGE_TOWERS = ("cnn", "vit")
 LR = 1e-3
 MEMORY_DIM = 256
-# The SigLIP paper (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", Fig. 2),
-# ImageNet zero-shot of SigLiT/LiT-style runs against batch size, read off its figure: sigmoid
-# ahead below ~16k, both saturating near 32k, sigmoid best at 256k, a million no better.
-PAPER = "Zhai et al. 2023 (arXiv 2303.15343), Fig. 2 and abstract: sigmoid > softmax below ~16k; both saturate ~32k; SigLiT peaks at 256k; 1M no better"
+
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     first, rest = __doc__.split("\n\n", 1)  # the description is the docstring's whole first paragraph
     p = CommandParser(prog="megabatch study", description=" ".join(first.split()), epilog=rest,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", choices=("emoji", "wordnet"), default="emoji", help="emoji (this study) or wordnet "
+                   "(text: `megabatch study --data wordnet --help`)")
     p.add_argument("--quick", action="store_true", help="the short version (2 batch sizes, 1 seed, 512 samples)")
     p.add_argument("--batches", type=int, nargs="+", help="global batch sizes (each >= 2; default 16 64 256 1024 "
                    "2048)")
@@ -188,17 +187,6 @@ def loss_memory(loss: str, backend: str, batch: int, dim: int = MEMORY_DIM) -> d
             "peak_mib": peak / 2**20, "ms": 1000 * sorted(times)[1], "b_squared_fp32_mib": batch * batch * 4 / 2**20}
 
 
-def environment(argv: list[str]) -> dict[str, Any]:
-    return {"command": "megabatch study " + " ".join(argv), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(
-        timespec="seconds"), "machine": platform.machine(), "processor": platform.processor(),
-        "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-        "threads_per_run": 1}
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (loss, batch, backend): the seeds' mean, min and max image->text R@1, steps, mean seconds."""
     out = []
@@ -206,9 +194,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mine = [r for r in rows if (r["loss"], r["batch"], r["backend"]) == key]
         r1 = [r["i2t_r1"] for r in mine]
         out.append({"loss": key[0], "batch": key[1], "backend": key[2], "seeds": len(mine), "steps": mine[0]["steps"],
-                    "i2t_r1_mean": _mean(r1), "i2t_r1_min": min(r1), "i2t_r1_max": max(r1),
-                    "i2t_r5_mean": _mean([r["i2t_r5"] for r in mine]),
-                    "seconds_mean": _mean([r["seconds"] for r in mine]),
+                    "i2t_r1_mean": mean(r1), "i2t_r1_min": min(r1), "i2t_r1_max": max(r1),
+                    "i2t_r5_mean": mean([r["i2t_r5"] for r in mine]),
+                    "seconds_mean": mean([r["seconds"] for r in mine]),
                     "collapsed": sum(bool(r["collapsed"]) for r in mine)})
     return out
 
@@ -235,7 +223,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
             continue
         for r in mine:
             ax.scatter(r["batch"], 100 * r["i2t_r1"], color=color, s=12, alpha=0.5)
-        means = [_mean([100 * r["i2t_r1"] for r in mine if r["batch"] == b]) for b in batches]
+        means = [mean([100 * r["i2t_r1"] for r in mine if r["batch"] == b]) for b in batches]
         ax.plot(batches, means, color=color, marker="o", label=f"{loss} (mean of seeds)")
     if chance is not None:
         ax.axhline(100 * chance, color="gray", ls=":", lw=1, label="chance")
@@ -278,8 +266,22 @@ def _write_partial(out: Path, result: dict[str, Any], total: int) -> None:
                                                indent=1))
 
 
+def _data(args: list[str]) -> Optional[str]:
+    """The value of --data in args (`--data X` or `--data=X`), or None."""
+    for i, arg in enumerate(args):
+        if arg == "--data" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--data="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    if _data(args) == "wordnet":  # the text study has its own flags (wordnet_study.py)
+        from .wordnet_study import main as wordnet_main
+
+        return wordnet_main(args)
     parser = _parser()
     ns = parser.parse_args(args)
     try:
