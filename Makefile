@@ -39,7 +39,7 @@ study: venv debs
 # and at fixed samples (docs/train.md "Why 32k? For text"). Embeds WordNet once with locked MiniLM (cached under
 # $$MEGABATCH_CACHE or ~/.cache/megabatch), then trains heads only. Writes benchmarks/study_wordnet/study.{json,png}.
 study-wordnet: venv debs
-	$(VENV)/bin/megabatch study --data wordnet --output benchmarks/study_wordnet
+	$(VENV)/bin/megabatch study --data wordnet --threads 2 --output benchmarks/study_wordnet
 
 # The main job: CLIP at a contrastive batch of 4,096 (2 ranks x 2,048, GradCache micro-batches of
 # 512, ring loss) on the embedded synthetic data; ~2 minutes on 2 CPU cores. Output in runs/demo/.

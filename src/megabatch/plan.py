@@ -34,7 +34,7 @@ U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
       ring          per visit: the block held and (W >= 3) the next one arriving (E_y each), the
                     accumulator sent and the one received (U_y each), gx and this visit's gx and
                     gy parts (2 U_x + U_y), 2 tiles; CLIP adds 8 bytes per row per lse travelling
-      hierarchical  (predicted: planned from its design) the node block of R = --ranks-per-node slices
+      hierarchical  (predicted) the node block of R = --ranks-per-node slices
                     gathered (R*E_y, + E_y arriving when there are 2+ nodes) and its fp32 gradient
                     contributions (R*U_y), the accumulators sent and received (2 U_y), gx and its part
                     (2 U_x), the tiles of a b x R*n visit; bytes: per pass M-1 inter-node hops of the slice,
@@ -71,9 +71,8 @@ from .plan_terms import DTYPES, Shape, _memory, _sent, shape_of
 __all__ = ["DTYPES", "Plan", "STRATEGIES", "Shape", "fastest_plan", "main", "options", "parse_bytes", "plan",
            "shape_of", "step_times"]
 
-# The concrete names of the library's lists ("auto" is resolved first, as the losses resolve it), and the
-# node-aware ring ("hierarchical"), planned from its design whether or not this library has it yet
-STRATEGIES = tuple(dict.fromkeys([*(s for s in strategies.STRATEGIES if s != "auto"), "hierarchical"]))
+# The concrete names of the library's lists ("auto" is resolved first, as the losses resolve it)
+STRATEGIES = tuple(s for s in strategies.STRATEGIES if s != "auto")
 BACKENDS = tuple(b for b in kernels.BACKENDS if b != "auto")
 DEVICES = ("cuda", "cpu")
 
