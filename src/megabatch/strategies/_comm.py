@@ -257,12 +257,26 @@ def start_p2p(sends: Sequence[tuple[Tensor, int, int]], recvs: Sequence[tuple[Te
     """Post (tensor, group_rank, tag) sends and receives at once; returns the works to wait on.
 
     Tags keep gloo's matching unambiguous (NCCL matches by order, which is the same on both ends).
+    Empty tensors are never sent nor received (both ends know the sizes from the layout).
     """
+    sends = [op for op in sends if op[0].numel() > 0]
+    recvs = [op for op in recvs if op[0].numel() > 0]
     ops = [dist.P2POp(dist.isend, t, lay.peer(p), lay.group, tag) for t, p, tag in sends]
     ops += [dist.P2POp(dist.irecv, t, lay.peer(p), lay.group, tag) for t, p, tag in recvs]
     for t, _, _ in sends:
         _count(_nbytes(t))
     return dist.batch_isend_irecv(ops) if ops else []
+
+
+def hop_home(done: Sequence[Tensor], n: int, to: int, frm: int, tag: int, lay: Layout) -> list[Tensor]:
+    """The last hop of a travelling block's completed accumulators (ring, hierarchical): send `done`, which
+    belong to group rank `to`, there, and receive this rank's own `n` rows from `frm` (tags from `tag` on)."""
+    home = [a.new_empty(n, *a.shape[1:]) for a in done]
+    tags = range(tag, tag + len(done))
+    sends = [(a, to, k) for a, k in zip(done, tags)]
+    recvs = [(a, frm, k) for a, k in zip(home, tags)]
+    wait(start_p2p(sends, recvs, lay))
+    return home
 
 
 def wait(works: list) -> None:

@@ -132,7 +132,7 @@ class Hierarchical:
                 acc_in = [a.new_empty(n_src, *a.shape[1:]) for a in done]
                 sends += [(a, nxt_peer, _TAGS * t + _TAGS // 2 + k) for k, a in enumerate(done)]
                 recvs += [(a, prev_peer, _TAGS * t + _TAGS // 2 + k) for k, a in enumerate(acc_in)]
-            works = _comm.start_p2p(_nonempty(sends), _nonempty(recvs), lay)
+            works = _comm.start_p2p(sends, recvs, lay)
             block = self._gather(cur, src)
             parts = list(visit(Block(block, lay.toffset(src * r_node))))
             assert len(parts) == len(accs)
@@ -149,12 +149,7 @@ class Hierarchical:
         assert done is not None
         if nodes == 1:
             return done
-        home = [a.new_empty(lay.tsizes[lay.rank], *a.shape[1:]) for a in done]
-        tags = range(_TAGS * nodes, _TAGS * nodes + len(done))
-        sends = [(a, nxt_peer, tag) for a, tag in zip(done, tags)]
-        recvs = [(a, prev_peer, tag) for a, tag in zip(home, tags)]
-        _comm.wait(_comm.start_p2p(_nonempty(sends), _nonempty(recvs), lay))
-        return home
+        return _comm.hop_home(done, lay.tsizes[lay.rank], nxt_peer, prev_peer, _TAGS * nodes, lay)
 
     def release(self) -> None:
         pass
@@ -162,10 +157,6 @@ class Hierarchical:
     def all_sum(self, t: Tensor) -> Tensor:
         return _comm.all_reduce(t.clone(), self.lay)
 
-
-def _nonempty(ops: list[tuple[Tensor, int, int]]) -> list[tuple[Tensor, int, int]]:
-    """Empty tensors are never sent nor received (both ends know the sizes)."""
-    return [op for op in ops if op[0].numel() > 0]
 
 
 def env_ranks_per_node(group: Optional["dist.ProcessGroup"]) -> int:

@@ -59,7 +59,7 @@ class Ring:
                 acc_in = [a.new_empty(lay.tsizes[src], *a.shape[1:]) for a in done]
                 sends += [(a, r + 1, _TAGS * t + _TAGS // 2 + k) for k, a in enumerate(done)]
                 recvs += [(a, r - 1, _TAGS * t + _TAGS // 2 + k) for k, a in enumerate(acc_in)]
-            works = _comm.start_p2p(_nonempty(sends), _nonempty(recvs), lay)
+            works = _comm.start_p2p(sends, recvs, lay)
             parts = list(visit(Block(cur, lay.toffset(src))))
             assert len(parts) == len(accs)
             _comm.wait(works)
@@ -75,12 +75,7 @@ class Ring:
         assert done is not None
         if world == 1:
             return done
-        home = [a.new_empty(lay.tsizes[r], *a.shape[1:]) for a in done]
-        tags = range(_TAGS * world, _TAGS * world + len(done))
-        sends = [(a, r + 1, tag) for a, tag in zip(done, tags)]
-        recvs = [(a, r - 1, tag) for a, tag in zip(home, tags)]
-        _comm.wait(_comm.start_p2p(_nonempty(sends), _nonempty(recvs), lay))
-        return home
+        return _comm.hop_home(done, lay.tsizes[r], r + 1, r - 1, _TAGS * world, lay)
 
     def release(self) -> None:
         pass
@@ -88,7 +83,3 @@ class Ring:
     def all_sum(self, t: Tensor) -> Tensor:
         return _comm.all_reduce(t.clone(), self.lay)
 
-
-def _nonempty(ops: list[tuple[Tensor, int, int]]) -> list[tuple[Tensor, int, int]]:
-    """Empty tensors are never sent nor received (both ends know the sizes)."""
-    return [op for op in ops if op[0].numel() > 0]
