@@ -11,6 +11,16 @@ compute term against the W = 1 step, and the step time at W = 2 with the ring's 
 hidden behind compute) and without it (0), first with RATIO's GPU figure, then ("fit") with the ratio
 the W = 1 step measured (same loss and B), which leaves the transfer, latency and overlap terms to
 judge. Prints a table; --json writes the rows and the environment.
+
+    python benchmarks/time_model_check.py --hierarchical [--json out.json]
+
+counts what strategy="hierarchical" sends instead (gloo; W = 4 as 2 nodes x 2 ranks, W = 6 as 3 x 2 and 2 x 3;
+8 images and texts a rank, D = 32, float32, torch backend): bytes and messages of the forward and of the
+backward pass, CLIP and SigLIP, with and without ids, against the model's per pass
+(plan_terms.hierarchical_passes, the layout exchange and CLIP's ids all-reduce in the forward) and per step
+(timemodel.step_time), both for device "cpu" (gloo: the node's "sum" reductions are all-reduces) and, for
+reference, "cuda" (NCCL: reduce-scatters, half those bytes). No timing: these shapes only count. With --json
+an existing file keeps its other rows; its hierarchical rows are replaced.
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from megabatch import timemodel  # noqa: E402
 from megabatch.bench.harness import environment, make_inputs, time_ms  # noqa: E402
 from megabatch.plan import shape_of  # noqa: E402
+from megabatch.plan_terms import hierarchical_passes  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -86,12 +98,63 @@ def _rank(rank: int, world: int, init: str, cases: list[dict[str, Any]], queue: 
         dist.destroy_process_group()
 
 
-def measure(cases: list[dict[str, Any]], world: int) -> list[list[dict[str, Any]]]:
+HIER = ((4, 2), (6, 2), (6, 3))  # (W, R): 2 nodes x 2 ranks, 3 x 2, 2 x 3
+HIER_ROWS, HIER_DIM = 8, 32
+
+
+def _count_rank(rank: int, world: int, init: str, cases: list[dict[str, Any]], queue: Any) -> None:
+    """Bytes and messages this rank sends in a hierarchical loss's forward and in its backward."""
+    import megabatch as mb
+    from megabatch.strategies import _comm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))
+    for i, case in enumerate(cases):
+        x, y, s, bias = make_inputs(case["rows"], case["dim"], "float32", CPU, seed=1000 + rank)
+        kw: dict[str, Any] = dict(strategy="hierarchical", backend="torch", ranks_per_node=case["node"])
+        if case["ids"]:  # pairs repeated within and across ranks: rank r's row j is pair (r * rows + j) // 3
+            ids = (torch.arange(case["rows"]) + rank * case["rows"]) // 3
+            kw.update(image_ids=ids, text_ids=ids.clone())
+        with _comm.count_bytes() as fwd:
+            loss = mb.clip_loss(x, y, s, **kw) if case["loss"] == "clip" else mb.siglip_loss(x, y, s, bias, **kw)
+        with _comm.count_bytes() as bwd:
+            loss.backward()
+        queue.put((i, rank, {"fwd": tuple(fwd), "bwd": tuple(bwd)}))
+    dist.barrier()
+    time.sleep(0.05)
+    dist.destroy_process_group()
+
+
+def compare_hierarchical(case: dict[str, Any], world: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Measured per pass (the same on every rank: equal slices) against the model's, for gloo and NCCL."""
+    row: dict[str, Any] = {**case, "world": world, "nodes": world // case["node"],
+                           "ranks_agree": all(r == ranks[0] for r in ranks)}
+    for k in ("fwd", "bwd"):
+        row[f"measured_{k}_bytes"] = max(r[k][0] for r in ranks)
+        row[f"measured_{k}_messages"] = max(r[k][1] for r in ranks)
+    for device in ("cpu", "cuda"):
+        shape = shape_of(case["loss"], "hierarchical", "torch", world, world * case["rows"], world * case["rows"],
+                         case["dim"], "float32", device, case["ids"], case["node"])
+        hw = timemodel.Hardware("count only", 1e12, 1e9, 1e9, ranks_per_node=case["node"])
+        t = timemodel.step_time(shape, hw)
+        total = (round(t["bytes_intra"] + t["bytes_inter"]), int(t["messages"]))  # shares of a byte: floats
+        bwd = hierarchical_passes(shape)[1] if case["loss"] == "clip" else (0, 0)  # the forward: the rest
+        model = {"fwd": (total[0] - bwd[0], total[1] - bwd[1]), "bwd": bwd}
+        tag = "" if device == "cpu" else "_nccl"
+        for k in ("fwd", "bwd"):
+            row[f"model{tag}_{k}_bytes"], row[f"model{tag}_{k}_messages"] = model[k]
+    row["exact"] = all(row[f"measured_{k}_{q}"] == row[f"model_{k}_{q}"] for k in ("fwd", "bwd")
+                       for q in ("bytes", "messages"))
+    return row
+
+
+def measure(cases: list[dict[str, Any]], world: int, target: Any = _rank) -> list[list[dict[str, Any]]]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     out: list[list[dict[str, Any]]] = [[] for _ in cases]
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank, args=(r, world, os.path.join(tmp, "rdzv"), cases, queue))
+        procs = [ctx.Process(target=target, args=(r, world, os.path.join(tmp, "rdzv"), cases, queue))
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -134,13 +197,39 @@ def compare(case: dict[str, Any], world: int, ranks: list[dict[str, Any]], fitte
             "fitted_error_no_overlap": f0["time_s"] / m["step_s"] - 1}
 
 
+def check_hierarchical(json_path: str | None) -> None:
+    rows = []
+    print(f"{'loss':7}{'ids':>4}{'W':>3}{'R':>3}{'fwd B':>8}{'model':>8}{'nccl':>8}{'msgs':>5}{'model':>6}"
+          f"{'bwd B':>8}{'model':>8}{'nccl':>8}{'msgs':>5}{'model':>6}  exact")
+    for world in sorted({w for w, _ in HIER}):
+        cases = [dict(loss=loss, strategy="hierarchical", ids=ids, node=r, rows=HIER_ROWS, dim=HIER_DIM)
+                 for w, r in HIER if w == world for loss in ("clip", "siglip") for ids in (False, True)]
+        for case, ranks in zip(cases, measure(cases, world, _count_rank)):
+            r = compare_hierarchical(case, world, ranks)
+            rows.append(r)
+            print(f"{r['loss']:7}{int(r['ids']):>4}{world:>3}{r['node']:>3}"
+                  + "".join(f"{r[f'measured_{k}_bytes']:>8}{r[f'model_{k}_bytes']:>8}{r[f'model_nccl_{k}_bytes']:>8}"
+                            f"{r[f'measured_{k}_messages']:>5}{r[f'model_{k}_messages']:>6}" for k in ("fwd", "bwd"))
+                  + f"  {r['exact'] and r['ranks_agree']}", flush=True)
+    if json_path:
+        path = Path(json_path)
+        old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+        env = {**environment("cpu", sys.argv), "command": "python " + " ".join(sys.argv)}
+        old["rows"] = [r for r in old["rows"] if r["strategy"] != "hierarchical"] + rows
+        old["hierarchical_environment"] = env
+        path.write_text(json.dumps(old, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--json")
+    p.add_argument("--hierarchical", action="store_true", help="count hierarchical's bytes and messages only")
     args = p.parse_args()
+    if args.hierarchical:
+        return check_hierarchical(args.json)
     rows: list[dict[str, Any]] = []
     fitted: dict[tuple[str, int], float] = {}
     print(f"{'loss':7}{'strategy':9}{'W':>2}{'B':>6}{'GF/s':>7}{'ratio':>7}{'ms':>8}{'model':>8}{'err':>7}"

@@ -199,3 +199,35 @@ def test_hierarchical_is_planned_for_whole_nodes_only(capsys):
     assert (best.strategy, best.backend) == (cli["strategy"], cli["backend"]) == ("gather", "triton")
     only = plan.fastest_plan("siglip", 1024, 1048576, 512, "bfloat16", timemodel.GPUS["H200"], strategy="hierarchical")
     assert only.strategy == "hierarchical" and only.ranks_per_node == 8
+
+
+# benchmarks/time_model_check.py --hierarchical (gloo, 8 images and texts a rank, D = 32, float32, torch backend):
+# (loss, ids, W, R) -> (forward, backward) as (bytes, messages) that _comm.count_bytes() counted on every rank
+GLOO_COUNTED = {
+    ("clip", False, 4, 2): ((3904, 10), (9408, 10)), ("clip", True, 4, 2): ((4888, 18), (9792, 16)),
+    ("siglip", False, 4, 2): ((9408, 8), (0, 0)), ("siglip", True, 4, 2): ((9600, 11), (0, 0)),
+    ("clip", False, 6, 2): ((6400, 15), (14656, 16)), ("clip", True, 6, 2): ((7898, 27), (15296, 26)),
+    ("siglip", False, 6, 2): ((14656, 12), (0, 0)), ("siglip", True, 6, 2): ((14976, 17), (0, 0)),
+    ("clip", False, 6, 3): ((6592, 10), (15680, 10)), ("clip", True, 6, 3): ((8218, 18), (16320, 16)),
+    ("siglip", False, 6, 3): ((15680, 8), (0, 0)), ("siglip", True, 6, 3): ((16000, 11), (0, 0)),
+}
+
+
+def test_hierarchical_counts_are_what_gloo_counted():
+    """The model's bytes and messages for a CPU shape are what the strategy sent on gloo, per step and (CLIP's
+    backward) per pass. Written from the design, the model had CLIP's column log-sum-exp reduced as one
+    reduce-scatter of 8 B a row (the strategy all-reduces twice: max, then the sum of exp; a message more a
+    step, 4x the bytes) and every node sum as a reduce-scatter (gloo all-reduces: twice the bytes); on CUDA
+    the sums stay reduce-scatters (NCCL), which no machine here can count."""
+    from megabatch.plan_terms import hierarchical_passes
+    for (loss, ids, w, r), (fwd, bwd) in GLOO_COUNTED.items():
+        s = shape_of(loss, "hierarchical", "torch", w, 8 * w, 8 * w, 32, "float32", "cpu", ids, r)
+        t = timemodel.step_time(s, replace(TOY, ranks_per_node=r))
+        assert (round(t["bytes_intra"] + t["bytes_inter"]), t["messages"]) == (fwd[0] + bwd[0], fwd[1] + bwd[1])
+        assert hierarchical_passes(s)[1:] == ([bwd] if loss == "clip" else [])
+        nccl = timemodel.step_time(replace(s, device="cuda"), replace(TOY, ranks_per_node=r))
+        # NCCL reduce-scatters the node sums: (R-1) slices of the gradient (and CLIP's positive sums) a step,
+        # where gloo's all-reduce sends 2(R-1)
+        halved = (w // r) * (r - 1) * 8 * (32 * 4 + (16 if loss == "clip" and ids else 0))
+        assert round(t["bytes_intra"] + t["bytes_inter"]) - round(nccl["bytes_intra"] + nccl["bytes_inter"]) == halved
+        assert nccl["messages"] == t["messages"]

@@ -179,6 +179,40 @@ def passes(s: Shape) -> list[tuple[int, int, int, int, int]]:
     return [(3, n * row, 1 + ids, n * s.dim * s.c, 1)]
 
 
+def node_reduction(s: Shape, k: int) -> tuple[int, int]:
+    """(bytes, collective calls) of one hierarchical step's intra-node reduction in pass k (R > 1): each
+    accumulator of the node block's R*n rows summed back to its slice holders. "sum" (text gradients, CLIP's
+    positive sums) is one call: on CUDA (NCCL) a reduce-scatter, (R-1)*n*width; on CPU (gloo) an all-reduce of
+    the whole block and a slice, 2(R-1)/R * R*n*width, twice as much. CLIP's column log-sum-exp (pass 0) is
+    two all-reduces (max, then the sum of exp) of R*n*8 on either backend (strategies/hierarchical.py)."""
+    r, n = s.node, s.n
+
+    def summed(width: int) -> int:
+        return (r - 1) * n * width if s.device == "cuda" else _ar(r, r * n * width)
+
+    if s.loss == "clip" and k == 0:
+        return 2 * _ar(r, r * n * LSE_BYTES) + (summed(16) if s.ids else 0), 2 + s.ids
+    return summed(s.dim * s.c), 1
+
+
+def hierarchical_passes(s: Shape) -> list[tuple[int, int]]:
+    """(bytes, messages) one hierarchical rank sends in each pass of `passes(s)` (equal slices of n texts; the
+    layout exchange and CLIP's ids all-reduce not included): M - 1 p2p hops of the slice and M of its
+    accumulators (the last one home; none when M = 1), and at each of the M steps (R > 1) an all-gather of the
+    slice's tensors, (R-1) slices each, and the node reduction of its accumulators."""
+    m, r = s.nodes, s.node
+    out = []
+    for k, (_, blk, kb, acc, ka) in enumerate(passes(s)):
+        nbytes, msgs = (m - 1) * blk, (m - 1) * kb
+        if m > 1:
+            nbytes, msgs = nbytes + m * acc, msgs + m * ka
+        if r > 1:
+            red, calls = node_reduction(s, k)
+            nbytes, msgs = nbytes + m * ((r - 1) * blk + red), msgs + m * (kb + calls)
+        out.append((nbytes, msgs))
+    return out
+
+
 def _ar(w: int, nbytes: int) -> int:
     """What one all-reduce of `nbytes` counts (_comm floors each call's count)."""
     return int(2 * (w - 1) / w * nbytes)
@@ -198,10 +232,8 @@ def _sent(s: Shape) -> int:
     target = 8 if clip_ids else 0  # with ids: each column's positive target, in the backward
     if clip_ids:
         sent += _ar(w, 16)  # all-reduce of (rows, columns) with a positive
-    if s.strategy == "hierarchical":  # per pass: M - 1 inter hops of the slice, M of its accumulator (the last
-        m, r = s.nodes, s.node      # one home), and at each of M steps an all-gather + reduce-scatter of R slices
-        return sent + sum((m - 1) * blk + (m if m > 1 else 0) * acc + m * (r - 1) * (blk + acc)
-                          for _, blk, _, acc, _ in passes(s))
+    if s.strategy == "hierarchical":
+        return sent + sum(nbytes for nbytes, _ in hierarchical_passes(s))
     if s.strategy == "ring":
         passed = N - s.n_low  # the text rows this rank forwards (W - 1 blocks)
         if s.loss == "clip":

@@ -15,13 +15,17 @@ Per rank and step, for each strategy, four terms (seconds):
     max(compute, transfer) + latency at `overlap` = 1 (compute + transfer at 0); gather's collectives
     wait for their data (nothing hidden).
 The node-aware ring (hierarchical; `_hierarchical`) is modelled from its design: W / ranks_per_node steps a
-pass, each max(InfiniBand p2p, NVLink all-gather + one visit of the node's R slices + reduce-scatter) plus
-1 + 4 * ceil(log2 R) hops; its bytes are plan_terms._sent's.
+pass, each max(InfiniBand p2p, NVLink all-gather + one visit of the node's R slices + node reduction) plus
+1 + 4 * ceil(log2 R) hops; its bytes are plan_terms._sent's (hierarchical_passes, node_reduction).
 The hardware figures are assumptions (GPUS: 80% of the dense bf16 spec, NVLink per direction, one NDR/HDR
 NIC per GPU, a 10 us hop); override them with the flags. Measured here (benchmarks/time_model_check.py, CPU,
 gloo, W = 1, 2; rows in benchmarks/time_model_cpu.json): bytes and messages per step, exact; the compute
 term, 2-3.5x high on a CPU (the torch backend runs at 0.7-1.2x its GEMM floor there, not RATIO's 2.5);
-with the measured ratio, W = 2 step times within 12% at B = 4096. Everything for a GPU is predicted.
+with the measured ratio, W = 2 step times within 12% at B = 4096. hierarchical (--hierarchical: W = 4 as
+2 x 2, W = 6 as 3 x 2 and 2 x 3; CLIP and SigLIP, with and without ids): bytes and messages per pass, exact
+on gloo, after two fixes the check found (CLIP's column lse is two all-reduces, not one reduce-scatter;
+gloo all-reduces the node sums, twice NCCL's reduce-scatter, which stays the CUDA figure, uncounted);
+its times are not measured (the shapes only count). Everything for a GPU is predicted.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
-from .plan_terms import passes
+from .plan_terms import node_reduction, passes
 
 # Each backend's time over the GEMM floor of its passes (benchmarks/triton_notes.md's predictions for triton;
 # the torch backend's chunked elementwise passes and dense's b x n round trips through memory: guesses, GPU
@@ -105,14 +109,16 @@ def _hierarchical(s: Any, hw: Hardware, out: dict[str, float], ratio: Optional[f
     node, M = W / R nodes, M steps a pass. A step: the slice (n rows, the largest) and, one hop behind, its
     accumulator go to the same local rank of the next node over InfiniBand (all R NICs of a node at once),
     overlapped with an intra-node all-gather of the R slices ((R-1) slices a rank over NVLink), ONE visit of
-    the b x R*n node block and a reduce-scatter of its contributions to the slice owners ((R-1) accumulators);
-    the intra-node collectives wait for their data. So a step is max(inter, all-gather + visit + reduce-scatter)
-    at overlap 1; hops: one inter a step (and the accumulators' last one home), 2 * ceil(log2 R) a collective."""
+    the b x R*n node block and a reduction of its contributions to the slice owners (plan_terms.node_reduction:
+    a reduce-scatter, (R-1) accumulators, on CUDA; gloo's all-reduce, twice that, on CPU; CLIP's column lse two
+    all-reduces on both); the intra-node collectives wait for their data. So a step is max(inter, all-gather +
+    visit + reduction) at overlap 1; hops: one inter a step (and the accumulators' last one home),
+    2 * ceil(log2 R) for the all-gather and for the reduction (as if each were one collective call)."""
     r, m = s.node, s.nodes
     hops = 2 * math.ceil(math.log2(r))
-    for gemms, blk, kb, acc, ka in passes(s):
+    for k, (gemms, blk, kb, acc, ka) in enumerate(passes(s)):
         c = _visit(s, hw, r * s.n, gemms, ratio)
-        ag, rs = (r - 1) * blk, (r - 1) * acc
+        ag, (rs, calls) = (r - 1) * blk, node_reduction(s, k) if r > 1 else (0, 0)
         local = ag / hw.intra_bw + rs / hw.intra_bw
         for t in range(m):
             inter = (blk if t < m - 1 else 0) + (acc if t > 0 else 0)
@@ -121,7 +127,7 @@ def _hierarchical(s: Any, hw: Hardware, out: dict[str, float], ratio: Optional[f
             out["transfer_s"] += x + local
             out["hidden_s"] += hw.overlap * min(x, local + c)
             out["latency_s"] += hw.latency * ((m > 1) + 2 * hops)
-            out["messages"] += (kb if t < m - 1 else 0) + (ka if t > 0 else 0) + (kb + ka if r > 1 else 0)
+            out["messages"] += (kb if t < m - 1 else 0) + (ka if t > 0 else 0) + (kb + calls if r > 1 else 0)
             out["bytes_inter"] += inter
             out["bytes_intra"] += ag + rs
         if m > 1:  # the accumulators' last hop home
@@ -233,8 +239,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # What was held against a measurement, where (benchmarks/time_model_check.py; docs/performance.md)
-MEASURED = {"bytes": "exact: _comm's counters, gloo, W = 1..8 (plan_check.py)",
-            "messages": "exact: _comm's counters, gloo, W = 2 (time_model_check.py)",
+MEASURED = {"bytes": "exact: _comm's counters, gloo, W = 1..8 (plan_check.py); hierarchical W = 4, 6 "
+                     "(time_model_check.py)",
+            "messages": "exact: _comm's counters, gloo, W = 2; hierarchical W = 4, 6 (time_model_check.py)",
             "compute": "CPU only: torch backend 0.7-1.2x its GEMM floor there, RATIO says 2.5 (2-3.5x high)",
             "transfer+latency+overlap": "CPU, gloo, W = 2, measured ratio: within 12% at B = 4096; overlap untested",
             "gpu": "nothing: every GPU rate and ratio is assumed"}
