@@ -8,7 +8,10 @@ counts summed over workers; `repeat` streams epochs without spinning on an empty
 loudly when a whole epoch has nothing usable; shard patterns expand ({000..009}, {a,b}, globs);
 with an id column the items are (image, caption, int64 id): integers as written, other text by a
 stable hash, a blank id skipped and counted; a repeating stream warns about a bad row once (and
-summarises once), not in every epoch.
+summarises once), not in every epoch. Tables and images as tools write them read right: a UTF-8
+byte-order mark, UTF-16, CR LF line ends, quoted captions holding the separator, quotes and a line
+break; CMYK JPEGs, 16-bit greys (scaled, not clipped), palettes with transparency, L, LA and RGBA
+(transparency over white) come out RGB with the colours they show.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from megabatch_train.files import REASONS, CsvPairs, TarShards, expand_urls, parse_id, stable_id
+from megabatch_train.files import REASONS, CsvPairs, DataError, TarShards, expand_urls, parse_id, stable_id
 
 
 def image_bytes(color: tuple[int, int, int], fmt: str = "PNG") -> bytes:
@@ -100,6 +103,43 @@ def test_csv_yields_good_rows_and_counts_bad_ones(tmp_path: Path) -> None:
 
 
 
+def test_tables_and_images_as_tools_write_them(tmp_path: Path) -> None:
+    """Finding: a spreadsheet's "CSV UTF-8" (a byte-order mark) had no column 'filepath' (its header
+    read '\\ufefffilepath'); a 16-bit PNG came out white, a palette's transparent pixels in their
+    palette colour."""
+    (tmp_path / "img").mkdir()
+    images = {
+        "cmyk.jpg": (Image.new("CMYK", (8, 8), (0, 255, 255, 0)), (255, 0, 0)),  # red
+        "grey16.png": (Image.fromarray(np.full((8, 8), 32896, np.uint16)), (128, 128, 128)),  # 32896 = 128 * 257
+        "grey.png": (Image.new("L", (8, 8), 100), (100, 100, 100)),
+        "grey_alpha.png": (Image.new("LA", (8, 8), (100, 0)), (255, 255, 255)),  # transparent: white
+        "half.png": (Image.new("RGBA", (8, 8), (0, 0, 255, 128)), (127, 127, 255)),  # half blue over white
+    }
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([255, 0, 0, 0, 160, 0] + [0] * 762)
+    palette.paste(0, (0, 0, 4, 8))  # the left half: index 0, transparent (red in the palette)
+    palette.save(tmp_path / "img" / "palette.png", transparency=0)
+    for name, (image, _) in images.items():
+        image.save(tmp_path / "img" / name)
+    assert Image.open(tmp_path / "img" / "grey16.png").mode == "I;16"
+    assert Image.open(tmp_path / "img" / "cmyk.jpg").mode == "CMYK"
+    caption = '"a red, ""round"" thing,\r\non two lines"'  # the separator, doubled quotes, a line break
+    lines = ["filepath,title"] + [f"img/{n},{caption if n == 'cmyk.jpg' else n}" for n in images]
+    lines.append("img/palette.png,palette")
+    (tmp_path / "bom.csv").write_bytes("\r\n".join(lines).encode("utf-8-sig") + b"\r\n")
+    (tmp_path / "utf16.csv").write_bytes("\r\n".join(lines).encode("utf-16"))  # its byte-order mark first
+    want = {n: rgb for n, (_, rgb) in images.items()}
+    for table in ("bom.csv", "utf16.csv"):
+        items = list(CsvPairs(tmp_path / table, draft=4))  # the app's reduced JPEG decoding (4 px of 8)
+        assert [c for _, c in items] == ['a red, "round" thing,\r\non two lines', *list(images)[1:], "palette"]
+        got = {n: np.asarray(im) for n, (im, _) in zip(images, items)}
+        for name, rgb in want.items():
+            assert np.abs(got[name].astype(int) - rgb).max() <= 2, (table, name, got[name][0, 0])
+        shown = np.asarray(items[-1][0])
+        assert (shown[:, :4] == 255).all() and (shown[:, 4:] == (0, 160, 0)).all()  # transparent: white
+        assert got["cmyk.jpg"].shape == (4, 4, 3) and got["grey16.png"].shape == (8, 8, 3)
+
+
 def test_a_bad_row_is_warned_about_once_over_epochs(tmp_path: Path) -> None:
     # A repeating stream meets its bad rows again every epoch: one warning each, one summary, not one per epoch.
     (tmp_path / "img").mkdir()
@@ -113,7 +153,7 @@ def test_a_bad_row_is_warned_about_once_over_epochs(tmp_path: Path) -> None:
         got = [c for _, c in itertools.islice(pairs, 30)]  # 10 epochs
     assert set(Counter(got).values()) == {10} and pairs.counts["missing_image"] >= 9
     assert [str(w.message) for w in caught] == [
-        "t.csv: skipping row 2 (img/gone.png): missing_image (No such file or directory)",
+        f"t.csv: skipping row 2 (img/gone.png): missing_image (No such file or directory: {tmp_path}/img/gone.png)",
         "t.csv: skipped 1 bad item(s) in epoch 0: {'missing_image': 1}"]
 
 def test_tsv_columns_root_and_transform(tmp_path: Path) -> None:
@@ -284,7 +324,7 @@ def test_repeat_streams_epochs_and_never_hangs(tmp_path: Path) -> None:
     loader = DataLoader(stream, batch_size=None, num_workers=3, multiprocessing_context="fork")
     assert len(list(itertools.islice(loader, 20))) == 20
     write_shard(tmp_path / "dud.tar", [("d/0", {"txt": b"no image"})])
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no usable item"):
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="no usable item"):
         list(itertools.islice(TarShards(str(tmp_path / "dud.tar"), repeat=True), 5))
 
 

@@ -7,7 +7,13 @@ Contract checked here:
 - Every unusable input is a usage error: exit status 2, no traceback, a message naming the file,
   the columns found and the flag to use (missing file, missing column, empty table, header-less
   file read by name, position past the row, mixed names/positions, bad separator, csv flags
-  without csv data, a held-out split that leaves no training rows or holds no pair, no shard).
+  without csv data, a held-out split that leaves no training rows or holds no pair, no shard, a
+  folder given as a table or shard, a file that is not a tar, data without one caption).
+- A table none of whose images exists (paths written relative to the working directory) is one
+  usage line naming where the first image was looked for and the path rule, before any training,
+  with or without DataLoader workers and --eval-split 0; a worker's share with no usable pair in a
+  whole epoch is one usage line from inside the DataLoader worker too, naming the first item
+  skipped, its resolved path and the rule. A table with only some images missing trains.
 - Without --eval-data a deterministic split is held out (never in the training stream, nor in the
   tokenizer's training captions) and evaluated, the summary says so; --eval-size cuts are stated;
   the outputs listed are the outputs written.
@@ -84,6 +90,8 @@ def test_error_paths_exit_2_with_file_columns_and_flag(tmp_path, capsys):
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "header_only.csv").write_text("filepath,title\n")
     (tmp_path / "noheader.csv").write_text("img/0.png,a cat\nimg/1.png,a dog\n")
+    (tmp_path / "blank.csv").write_text("filepath,title\nimg/0.png,\nimg/1.png, \n")
+    (tmp_path / "text.tar").write_text("not a tar file\n")
     shard(tmp_path / "five.tar", range(5))  # no key of these hashes below 0.02
     run = ["--output", str(tmp_path / "run")] + TINY
     cases = [
@@ -115,6 +123,14 @@ def test_error_paths_exit_2_with_file_columns_and_flag(tmp_path, capsys):
         (["--data", f"wds:{tmp_path / 'five.tar'}", "--batch-size", "4", "--micro-batch-size", "4"],
          ["five.tar", "no usable", "--eval-split"]),
         (["--data", f"wds:{tmp_path / 'five.tar'}", "--eval-split", "3"], ["--eval-split 3", "fraction"]),
+        (["--data", f"csv:{tmp_path}"], [f"{str(tmp_path)!r} is a folder, not a table", "blank.csv",
+                                         "give the table file's path"]),
+        (["--data", f"wds:{tmp_path}"], [f"{str(tmp_path)!r} is a folder, not a tar file", "*.tar'",
+                                         "2 .tar file(s) there"]),
+        (["--data", f"wds:{tmp_path / 'text.tar'}"], ["text.tar: not a tar file", "no training sample",
+                                                      "has a caption"]),
+        (["--data", f"csv:{tmp_path / 'blank.csv'}", "--eval-split", "0"], ["blank.csv", "none of its 2 training rows "
+                                                                             "has a caption", "--csv-caption-key"]),
         (["--context-length", "0"], ["--context-length 0", "csv"]),
     ]
     for args, words in cases:
@@ -192,9 +208,47 @@ def test_tiny_table_and_a_missing_image_said_once_with_counts(tmp_path, capsys):
                in m for m in said) == 1, said
     skipping = [m for m in said if "skipping" in m or "skipped" in m]
     assert len(skipping) == 1 and f"row {train_rows[1] + 1} (img/{train_rows[1]}.png): missing_image" in skipping[0]
+    assert f"(No such file or directory: {tmp_path / 'img' / f'{train_rows[1]}.png'})" in skipping[0]
     times = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["data_skipped"]
     assert times >= 5 and f"pairs.tsv: skipped 1 bad row(s) {times} times" in err, err
     assert f"row {train_rows[1] + 1} (img/{train_rows[1]}.png): missing_image, {times} times" in err
+
+@pytest.mark.filterwarnings("ignore:.*fewer than the global batch")
+def test_no_image_found_is_one_usage_line_naming_where_it_was_looked_for(tmp_path, monkeypatch, capsys):
+    """Finding: image paths written relative to the working directory (data/img/0.png inside
+    data/pairs.csv) blamed the evaluation split and advised --eval-split 0, which ended in a
+    traceback from the stream (exit 1, "Caught RuntimeError in DataLoader worker process 0" with
+    workers); the path looked for was never shown."""
+    monkeypatch.chdir(tmp_path)
+    table = make_table(tmp_path / "data", 6)
+    table.write_text(table.read_text().replace("\timg/", "\tdata/img/"))  # relative to the working directory
+    looked = tmp_path / "data" / "data" / "img"
+    for extra in ([], ["--eval-split", "0"], ["--workers", "0"], ["--workers", "0", "--eval-split", "0"]):
+        code, _, err = cli(["--data", "csv:data/pairs.tsv", "--csv-img-key", "path", "--csv-caption-key", "caption",
+                            "--output", "run", *extra] + TINY, capsys)
+        assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 2, (extra, err)  # + the --help line
+        assert (f"data/pairs.tsv: none of the images its 6 row(s) name exists; the first, 'data/img/0.png' (row 1), "
+                f"was looked for at {looked / '0.png'}. Image paths are taken relative to the table's folder "
+                f"{tmp_path / 'data'}, or as written when absolute; 'data/img/0.png' does exist relative to the "
+                f"working directory {tmp_path}") in err, (extra, err)
+        assert "--eval-split" not in err and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+    # Images there for one DataLoader worker's rows only: the other's share has no usable pair in a whole
+    # epoch, said from inside its worker process as one usage line (the rows' images exist: no up-front error).
+    table = make_table(tmp_path, 6)
+    opts = FileOptions("path", "caption", eval_split=0, workers=2)
+    lost = sorted(FileStream("csv", str(table), 8, options=opts).pairs._mine(0, 0, 2))
+    for r in lost:
+        (tmp_path / "img" / f"{r}.png").unlink()
+    code, _, err = cli(["--data", f"csv:{table}", "--csv-img-key", "path", "--csv-caption-key", "caption",
+                        "--eval-split", "0", "--workers", "2", "--output", "run2"] + TINY, capsys)
+    assert code == 2 and "Traceback" not in err and "DataLoader worker" not in err, err
+    line = next(ln for ln in err.splitlines() if "error:" in ln)
+    assert (f"pairs.tsv: no usable item in a whole epoch of this worker's share (skipped {{'missing_image': "
+            f"{len(lost)}}}); the first: row ") in line
+    assert (f"missing_image (No such file or directory: {tmp_path / 'img'}/" in line and "; image paths are taken "
+            f"relative to the table's folder {tmp_path}, or as written when absolute" in line), line
+
 
 def test_run_resume_and_determinism_with_workers(tmp_path):
     table = make_table(tmp_path, 80)
@@ -264,8 +318,8 @@ def test_stream_reports_bad_rows_from_the_training_process_once(tmp_path):
         warnings.simplefilter("always")
         assert len(take(stream, 80)) == 80  # 16+ epochs of one worker's 4 or 5 rows
     said = [str(w.message) for w in caught]
-    assert said == ["pairs.tsv: skipping row 5 (img/4.png): missing_image (No such file or directory); it is skipped "
-                    "in every epoch, counted at the end of the run"], said
+    assert said == [f"pairs.tsv: skipping row 5 (img/4.png): missing_image (No such file or directory: {tmp_path}/img/"
+                    "4.png); it is skipped in every epoch, counted at the end of the run"], said
     assert stream.skipped >= 5 and stream.skip_summary() == (
         f"pairs.tsv: skipped 1 bad row(s) {stream.skipped} times in all: row 5 (img/4.png): missing_image, "
         f"{stream.skipped} times")

@@ -11,7 +11,9 @@ Contracts:
   * --train-layers K leaves only MiniLM's top K layers (and the two heads) trainable; the trunk is
     shared by both sides and the heads start equal;
   * WordNet not installed is a usage error (exit 2) naming the install command; flags that do not fit
-    text-text data are usage errors.
+    text-text data are usage errors;
+  * a run's checkpoint fingerprints WordNet's four data files where the run read them, and resuming
+    after one changed warns, naming it, as for a csv table (touched only: no warning).
 """
 from __future__ import annotations
 
@@ -153,3 +155,28 @@ def test_wordnet_defaults():
     cfg = parse_args(["--data", "wordnet"])[0]
     assert cfg.model.context_length == 48 and cfg.resolved_positives() == "caption"
     assert parse_args(["--data", "wordnet", "--context-length", "20"])[0].model.context_length == 20
+
+
+def test_a_resume_on_changed_wordnet_files_warns_naming_the_file(tmp_path, monkeypatch):
+    """Finding: a WordNet run's checkpoint held no fingerprint of WordNet's files, so a resume on other
+    files went on silently (a csv table's or shards' change is warned about)."""
+    from megabatch_train import checkpoint
+    from megabatch_train.build import _decide
+
+    root = tmp_path / "wordnet"  # the fingerprint is of the bytes: licence-header lines are enough
+    root.mkdir()
+    for name in wordnet.FILES:
+        (root / f"data.{name}").write_text(f"  1 This is the {name} file of a stand-in WordNet.\n")
+    monkeypatch.setattr(wordnet, "DEFAULT_ROOT", root)
+    cfg = from_preset("tiny", data="wordnet", output=str(tmp_path / "run"), steps=4)
+    saved = checkpoint.data_files(cfg)
+    assert [f["path"] for f in saved["--data"]["files"]] == [str(root / f"data.{n}") for n in wordnet.FILES]
+    checkpoint.save(checkpoint.checkpoint_path(cfg.output, 2), {"config": cfg.to_dict(),
+                                                               "given_config": cfg.to_dict(), "step": 2,
+                                                               "data_files": saved}, keep=2)
+    (root / "data.adv").write_text("  1 This is the adv file of a stand-by WordNet.\n")  # same size
+    with pytest.warns(UserWarning, match=r"resuming step_000002.pt on data that changed since it was saved: "
+                                         r"--data wordnet: data\.adv changed \(.* bytes, other content"):
+        assert _decide(cfg, checkpoint.data_files(cfg)).endswith("step_000002.pt")
+    (root / "data.adv").write_text("  1 This is the adv file of a stand-in WordNet.\n")  # as saved, newer time
+    assert checkpoint.data_changes(saved, checkpoint.data_files(cfg)) == []

@@ -103,12 +103,21 @@ def split_rows(n: int, eval_split: float, world: int, path: str) -> tuple[list[i
 
 
 class Chunks(IterableDataset):
-    """Chunks of pairs of one rank: DataLoader worker i acts as reader worker (i + rotation) % W."""
+    """Chunks of pairs of one rank: DataLoader worker i acts as reader worker (i + rotation) % W.
+    Data that cannot be used (a DataError, e.g. no usable pair in a whole epoch) ends the chunks
+    with {"error": message}: from a DataLoader worker, an exception would reach the training process
+    wrapped in the worker's traceback (`raise_error` raises it there as the DataError it was)."""
 
     def __init__(self, pairs: Any, chunk: int, cursors: list[list[int]], first: list[int], rotation: int):
         self.pairs, self.chunk, self.cursors, self.first, self.rotation = pairs, chunk, cursors, first, rotation
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._chunks()
+        except DataError as e:
+            yield {"error": str(e)}
+
+    def _chunks(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
         w = (wid + self.rotation) % n
@@ -128,6 +137,13 @@ class Chunks(IterableDataset):
                 return
             yield collate(w, items, torch.stack(bad), skips)
             size = self.chunk
+
+
+def raise_error(chunk: dict[str, Any]) -> dict[str, Any]:
+    """`chunk`, unless it is the error that ended a `Chunks` (raised here as a DataError)."""
+    if "error" in chunk:
+        raise DataError(chunk["error"])
+    return chunk
 
 
 def collate(worker: int, items: list[tuple[tuple[Any, ...], Any]], counts: Optional[Tensor] = None,

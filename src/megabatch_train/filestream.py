@@ -42,8 +42,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .datatypes import DataError, EvalData
-from .fileloading import (EVAL_CAP, SPLIT_SEED, Chunks, FileOptions, collate, normalize, open_table, reader,
-                          split_rows)
+from .fileloading import (EVAL_CAP, SPLIT_SEED, Chunks, FileOptions, collate, normalize, open_table, raise_error,
+                          reader, split_rows)
 from .pairs import REASONS
 from .preempt import shield_loader_worker
 from .report import percent
@@ -150,7 +150,10 @@ class FileStream:
         rows of a table (bad images are not looked at); samples with a caption of shards, read in
         order until `limit`."""
         if self.kind != "csv":
-            return len(self.pairs.captions(limit))
+            found = len(self.pairs.captions(limit))
+            if not found:
+                raise self._no_caption()
+            return found
         t, seen = self.table, set()
         for r in self.pairs._order:
             row = t.rows[r]
@@ -158,6 +161,8 @@ class FileStream:
                 seen.add((row[t.image], row[t.caption].strip()))
                 if len(seen) >= limit:
                     break
+        if not seen:
+            raise self._no_caption()
         return len(seen)
 
     def training_captions(self, limit: int = TOKENIZER_SAMPLE) -> list[str]:
@@ -166,8 +171,22 @@ class FileStream:
             rows = self.pairs._order
             if len(rows) > limit:
                 rows = sorted(np.random.default_rng(SPLIT_SEED + 1).choice(rows, limit, replace=False).tolist())
-            return self.table.captions(rows)
-        return self.pairs.captions(limit)
+            out = self.table.captions(rows)
+        else:
+            out = self.pairs.captions(limit)
+        if not out:
+            raise self._no_caption()
+        return out
+
+    def _no_caption(self) -> DataError:
+        if self.kind == "csv":
+            what = (f"none of its {len(self.pairs._order):,} training rows has a caption (--csv-caption-key "
+                    f"{self.opts.caption_key!r})")
+        else:
+            exts = "/".join(f".{e}" for e in self.pairs.caption_exts)
+            what = (f"no training sample of its {len(self.pairs.shards)} shard(s) has a caption (a {exts} member)"
+                    + (f"; {self.pairs.unreadable}: are they webdataset tar files?" if self.pairs.unreadable else ""))
+        return DataError(f"--data {self.name}: {what}")
 
     # -- the stream ------------------------------------------------------------------------------
     def _start(self) -> Iterator[dict[str, Any]]:
@@ -190,7 +209,7 @@ class FileStream:
         pieces = []
         while n:
             if self._buf is None:
-                self._buf, self._offset = next(self._it), 0
+                self._buf, self._offset = raise_error(next(self._it)), 0
             buf, lo = self._buf, self._offset
             hi = min(len(buf["captions"]), lo + n)
             pieces.append({k: (v[lo:hi] if k in ("images", "captions", "ids") and v is not None else v)
@@ -306,7 +325,7 @@ def _read_all_rows(pairs: CsvPairs, workers: int) -> list[dict[str, Any]]:
     """Every row of a table reader through a DataLoader, back in row order."""
     n = max(1, min(workers, pairs.units()))
     chunks = Chunks(pairs, CHUNK, [[0, 0, 0]] * n, [CHUNK] * n, 0)
-    got = list(chunks) if workers == 0 else list(DataLoader(chunks, batch_size=None, num_workers=n))
+    got = [raise_error(c) for c in (chunks if workers == 0 else DataLoader(chunks, batch_size=None, num_workers=n))]
     if not got:
         return []
     order = torch.cat([c["cursors"][:, 1] * n + c["worker"] for c in got]).argsort()

@@ -7,20 +7,25 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
+
+from .datatypes import DataError
 
 REASONS = ("missing_image", "corrupt_image", "empty_caption", "bad_row", "bad_shard", "bad_id")
 _SLOTS = 64  # count rows in shared memory: one per DataLoader worker id (mod _SLOTS)
 _WARN_FIRST = 5  # distinct bad items warned about one by one per process; the rest in a summary
 _BAD_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _INT64 = (-(2**63), 2**63 - 1)
+_ALPHA = ("RGBA", "RGBa", "LA", "PA")  # modes with an alpha band ("LAB"'s A is a colour)
 
 Cursor = tuple[int, int, int]  # (epoch, position in this worker's units, groups passed in that unit)
 
@@ -40,6 +45,23 @@ def parse_id(text: str) -> Optional[int]:
     except ValueError:
         return stable_id(text)
     return value if _INT64[0] <= value <= _INT64[1] else stable_id(text)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` in RGB, whatever mode Pillow opened it in: transparency (an alpha band, a palette's or
+    a "transparency" colour) composited over white; 16-bit and 32-bit integer greys ("I;16*", "I")
+    scaled from 0..65535 to 0..255 (Pillow's own conversion clips them, most to white); the rest
+    (CMYK, YCbCr, palette, "1", "L", "F", ...) by Pillow's conversion. Always a new image (the
+    caller may close `image`)."""
+    mode = image.mode
+    palette_alpha = mode == "P" and image.palette is not None and image.palette.mode == "RGBA"
+    if mode in _ALPHA or palette_alpha or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if mode == "I" or mode.startswith("I;16"):
+        grey = np.asarray(image).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
 
 
 def key_fraction(key: str) -> float:
@@ -76,6 +98,7 @@ class Pairs(IterableDataset):
         self._counts = torch.zeros(_SLOTS, len(REASONS), dtype=torch.int64).share_memory_()
         self.events: Optional[list[tuple[str, str, str]]] = None  # a list: bad items go there, unwarned
         self._seen: set[str] = set()  # distinct bad items met in this process (where they are)
+        self._first_bad: Optional[tuple[str, str, str]] = None  # of this pass: said if the pass has no good item
 
     @property
     def counts(self) -> dict[str, int]:
@@ -138,6 +161,7 @@ class Pairs(IterableDataset):
                 return  # this worker has nothing (more workers than units): end, never spin
             mine_counts = self._counts[self._slot()]
             before, known, yielded, whole = mine_counts.clone(), len(self._seen), 0, pos == 0 and skip == 0
+            self._first_bad = None
             for p in range(pos, len(mine)):
                 for item, passed in self._read(mine[p], skip):
                     yielded += 1
@@ -149,11 +173,22 @@ class Pairs(IterableDataset):
             if not self.repeat:
                 return
             if yielded == 0 and whole:
-                raise RuntimeError(f"{self.name}: no usable item in a whole epoch of this worker's share ({bad})")
+                first = ""
+                if self._first_bad is not None:
+                    reason, where, why = self._first_bad
+                    first = f"; the first: {where}: {reason} ({why}){self._advice(reason)}"
+                raise DataError(f"{self.name}: no usable item in a whole epoch of this worker's share (skipped "
+                                f"{bad}){first}")
             epoch, pos = epoch + 1, 0
+
+    def _advice(self, reason: str) -> str:
+        """What to check when every item of a pass was skipped for `reason` (the readers' own rules)."""
+        return ""
 
     def _skip(self, reason: str, where: str, why: object) -> None:
         self._counts[self._slot(), REASONS.index(reason)] += 1
+        if self._first_bad is None:
+            self._first_bad = (reason, where, str(why))
         if self.events is not None:
             self.events.append((reason, where, str(why)))
             return
@@ -165,15 +200,16 @@ class Pairs(IterableDataset):
             warnings.warn(f"{self.name}: skipping {where}: {reason} ({why}){more}")
 
     def _decode(self, data: Union[bytes, str], where: str) -> Optional[Any]:
-        """A PIL RGB image (or transform(image)) from bytes or a path; None (counted) when bad.
-        With `draft`, a JPEG is decoded at the smallest DCT scale still >= draft pixels a side."""
+        """A PIL RGB image (`to_rgb`; or transform(image)) from bytes or a path; None (counted) when
+        bad. With `draft`, a JPEG is decoded at the smallest DCT scale still >= draft pixels a side."""
         try:
             with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
                 if self.draft is not None:
                     im.draft("RGB", (self.draft, self.draft))
-                image = im.convert("RGB")
+                image = to_rgb(im)
         except FileNotFoundError as e:
-            self._skip("missing_image", where, e.strerror)
+            self._skip("missing_image", where, e.strerror if isinstance(data, bytes) else f"{e.strerror}: "
+                       f"{os.path.abspath(data)}")
             return None
         except _BAD_IMAGE as e:
             self._skip("corrupt_image", where, e)

@@ -8,7 +8,8 @@ the same run when the settings given now equal the given ones saved (the fitted 
 the fitted value); the fitted values are then restored from the checkpoint, not fitted again.
 Checkpoints from before "given_config" compare their config without the fitted fields. The data
 files a run read are fingerprinted ("data_files": a table's size, modification time and sha256, a
-shard list's sizes and times); a resume whose files differ warns, naming them.
+shard list's sizes and times, WordNet's four data files' sizes, times and sha256); a resume whose
+files differ warns, naming them.
 """
 from __future__ import annotations
 
@@ -133,8 +134,10 @@ def _fingerprint_file(path: str) -> dict[str, Any]:
 
 def data_files(cfg: TrainConfig) -> dict[str, Any]:
     """What the run's --data / --eval-data files are now: a csv table's size, modification time and
-    sha256; a wds pattern's shards with their sizes and times. Built-in data has none. Files that
-    cannot be read are left out (the data loader reports them)."""
+    sha256; a wds pattern's shards with their sizes and times; WordNet's data files (where
+    wordnet.py reads them) with their sizes, times and sha256. The other built-in data has none.
+    Files that cannot be read are left out (the data loader reports them)."""
+    from . import wordnet
     from .shards import expand_urls  # (the readers need Pillow; checkpoints alone do not)
 
     out: dict[str, Any] = {}
@@ -143,6 +146,8 @@ def data_files(cfg: TrainConfig) -> dict[str, Any]:
         try:
             if kind == "csv" and path:
                 out[flag] = {"spec": spec, "table": _fingerprint_file(path)}
+            elif spec == "wordnet":
+                out[flag] = {"spec": spec, "files": [_fingerprint_file(str(p)) for p in wordnet.data_paths()]}
             elif kind == "wds" and path:
                 shards = []
                 for shard in expand_urls(path):
@@ -184,15 +189,19 @@ def data_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             if what:
                 changes.append(f"{flag} {then['spec']}: the table changed ({what})")
             continue
-        old = {s["path"]: s for s in then["shards"]}
-        new = {s["path"]: s for s in cur["shards"]}
+        key = "shards" if "shards" in then else "files"
+        if key not in cur:
+            continue
+        old = {s["path"]: s for s in then[key]}
+        new = {s["path"]: s for s in cur[key]}
         parts = []
         added, gone = [p for p in new if p not in old], [p for p in old if p not in new]
+        unit = "shard(s)" if key == "shards" else "file(s)"
         if added:
-            parts.append(f"{len(added)} shard(s) added ({', '.join(Path(p).name for p in added[:3])}"
+            parts.append(f"{len(added)} {unit} added ({', '.join(Path(p).name for p in added[:3])}"
                          f"{', ...' if len(added) > 3 else ''})")
         if gone:
-            parts.append(f"{len(gone)} shard(s) gone ({', '.join(Path(p).name for p in gone[:3])}"
+            parts.append(f"{len(gone)} {unit} gone ({', '.join(Path(p).name for p in gone[:3])}"
                          f"{', ...' if len(gone) > 3 else ''})")
         for p in (p for p in new if p in old):
             what = _file_change(old[p], new[p])

@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 
 from PIL import Image
 
-from .datatypes import MissingDataFile
+from .datatypes import DataError, MissingDataFile
 from .pairs import Pairs, key_fraction, parse_id
 
 
@@ -43,6 +43,13 @@ class TarShards(Pairs):
         if not 0.0 <= held_out < 1.0 or split not in ("train", "eval"):
             raise ValueError(f"need 0 <= held_out < 1 and split 'train' or 'eval', got {held_out!r}, {split!r}")
         self.shards = expand_urls(urls)
+        folder = next((s for s in self.shards if os.path.isdir(s)), None)
+        if folder is not None:
+            inside = os.path.join(folder, "*.tar")
+            raise DataError(f"shard {folder!r} is a folder, not a tar file: name the shards in it, e.g. "
+                            f"'{os.path.join(folder, '{000000..000099}.tar')}' or '{inside}'"
+                            + (f" ({len(glob.glob(inside))} .tar file(s) there)" if glob.glob(inside) else
+                               " (no .tar file there)"))
         if not any(os.path.exists(s) for s in self.shards):
             shown = self.shards[:3] + (["..."] if len(self.shards) > 3 else [])
             raise MissingDataFile(f"no shard of {urls!r} exists (looked for {shown})")
@@ -71,8 +78,11 @@ class TarShards(Pairs):
                     yield item, passed
 
     def captions(self, limit: int) -> list[str]:
-        """Up to `limit` captions of this split, shards in order (all ranks'; images are not read)."""
+        """Up to `limit` captions of this split, shards in order (all ranks'; images are not read).
+        The first shard that could not be read is kept in `unreadable` ("shard: why"), for the
+        message when there is no caption at all."""
         out: list[str] = []
+        self.unreadable: Optional[str] = None
         for shard in self.shards:
             for key, parts in self._groups(shard, self.caption_exts, 0, quiet=True):
                 raw = next((parts[e] for e in self.caption_exts if e in parts), b"")
@@ -111,8 +121,11 @@ class TarShards(Pairs):
                 if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
                     raise tarfile.ReadError(f"ends early at byte {tar.offset} (no end-of-archive block)")
         except (OSError, EOFError, tarfile.TarError) as e:
+            why = _why(e)
             if not quiet:
-                self._skip("bad_shard", f"shard {shard}", e)
+                self._skip("bad_shard", f"shard {shard}", why)
+            elif getattr(self, "unreadable", "") is None:
+                self.unreadable = f"{shard}: {why}"
             return
         if key is not None and seen > skip:
             yield key, parts
@@ -144,6 +157,13 @@ class TarShards(Pairs):
         decoded = self._decode(image, where)
         if decoded is not None:
             yield (decoded, caption) if ident is None else (decoded, caption, ident)
+
+
+def _why(e: BaseException) -> str:
+    """A shard's read error in one line (tarfile's "r:*" lists the compressions it tried, one a line)."""
+    if isinstance(e, tarfile.ReadError) and "could not be opened successfully" in str(e):
+        return "not a tar file (plain, gzip, bz2 or xz)"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 _BRACE = re.compile(r"\{([^{}]*)\}")

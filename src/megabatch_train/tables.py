@@ -1,6 +1,12 @@
 """CSV/TSV tables of image paths and captions: `read_table` reads and checks one (columns by header
 name or 0-based position, the separator by extension), `CsvPairs` streams its rows as pairs (see
 files.py for the splitting, shuffling and bad-row accounting every reader shares).
+
+A table is read as spreadsheets and scripts write them: UTF-8 with or without a byte-order mark
+("CSV UTF-8"), UTF-16 with its mark (a spreadsheet's "Unicode text"), any line ends, fields quoted
+with `"` (a caption may hold the separator, quotes doubled, even a line break). An image path is
+taken relative to the table's folder (or `root`), or as written when absolute; a table none of
+whose images exists is refused when its reader is made, naming where the first one was looked for.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from PIL import Image
 from .datatypes import DataError, MissingDataFile
 from .pairs import Pairs, parse_id
 
+_UTF16 = (b"\xff\xfe", b"\xfe\xff")  # the byte-order marks of UTF-16 LE and BE
 _FLAGS = {"image_column": "--csv-img-key", "caption_column": "--csv-caption-key", "id_column": "--csv-id-key"}
 
 Column = Union[str, int]
@@ -54,6 +61,11 @@ def read_table(
     file has no header line unless `header=True`. The delimiter is a tab for .tsv/.tab files and a
     comma otherwise, unless given. Raises DataError naming the file, its columns and the flag."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        tables = sorted(n for n in os.listdir(path) if n.lower().endswith((".csv", ".tsv", ".tab")))
+        held = f" (it holds {', '.join(tables[:3])}{', ...' if len(tables) > 3 else ''})" if tables else ""
+        raise DataError(f"CSV/TSV file {path!r} is a folder, not a table{held}: give the table file's path, e.g. "
+                        f"csv:{os.path.join(path, tables[0] if tables else 'pairs.csv')}")
     if not os.path.isfile(path):
         where = os.path.dirname(path) or "."
         raise MissingDataFile(f"CSV/TSV file {path!r} does not exist"
@@ -72,11 +84,14 @@ def read_table(
     if any(names) and not all(names):
         raise DataError(f"{path}: give the columns all by header name or all by 0-based position, got "
                         + ", ".join(f"{_FLAGS[a]} {c!r}" for a, c in given.items()))
+    with open(path, "rb") as f:
+        encoding = "utf-16" if f.read(2) in _UTF16 else "utf-8-sig"  # (utf-8-sig: a mark or none)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding=encoding) as f:
             rows = [r for r in csv.reader(f, delimiter=delimiter) if r]  # blank lines are not rows
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e})") from None
+        raise DataError(f"{path} is not UTF-8 text ({e}); save it as UTF-8 (a spreadsheet's \"CSV UTF-8\")"
+                        ) from None
     except csv.Error as e:
         raise DataError(f"{path} is not a readable CSV/TSV table ({e})") from None
     sep = {"\t": "tab", ",": "comma"}.get(delimiter, repr(delimiter))
@@ -139,11 +154,43 @@ class CsvPairs(Pairs):
                                                                 delimiter, header)
         self.table, self.name = table, os.path.basename(table.path)
         self.root = os.fspath(root) if root is not None else os.path.dirname(table.path)
+        self.root_is_table_folder = root is None
         self._order = list(range(len(table.rows))) if rows is None else [int(r) for r in rows]
         if any(not 0 <= r < len(table.rows) for r in self._order):
             raise ValueError(f"rows must be data-row indices in [0, {len(table.rows)}) of {table.path}")
         if len(self._order) < world_size:
             raise ValueError(f"{table.path!r} has {len(self._order)} rows, fewer than world_size={world_size}")
+        self._check_images()
+
+    def _rule(self) -> str:
+        """Where image paths are looked for (the end of a sentence "Image paths are taken ...")."""
+        folder = os.path.abspath(self.root)
+        return (f"relative to the table's folder {folder}" if self.root_is_table_folder else
+                f"relative to root {folder}") + ", or as written when absolute"
+
+    def _check_images(self) -> None:
+        """DataError if no row of the table names an image file that exists (rows are looked at
+        until the first that does: one look for a good table). The commonest cause: paths written
+        relative to the working directory, not to the table's folder."""
+        t, first = self.table, None
+        for n, row in enumerate(t.rows):
+            if t.image >= len(row) or not row[t.image].strip():
+                continue  # a bad row, counted as such when read
+            if os.path.isfile(os.path.join(self.root, row[t.image])):
+                return
+            first = first or (n, row[t.image])
+        if first is None:
+            return  # no row names an image: every row is a bad one, said when read
+        n, cell = first
+        hint = (f"; {cell!r} does exist relative to the working directory {os.getcwd()}: write the paths relative "
+                f"to {os.path.abspath(self.root)}, or absolute" if not os.path.isabs(cell) and os.path.isfile(cell)
+                else "")
+        raise DataError(f"{t.path}: none of the images its {len(t.rows):,} row(s) name exists; the first, {cell!r} "
+                        f"(row {n + 1}), was looked for at {os.path.abspath(os.path.join(self.root, cell))}. "
+                        f"Image paths are taken {self._rule()}{hint}")
+
+    def _advice(self, reason: str) -> str:
+        return f"; image paths are taken {self._rule()}" if reason == "missing_image" else ""
 
     @property
     def num_rows(self) -> int:

@@ -103,11 +103,15 @@ def parse_line(line: str, ss_types: str = "nvasr") -> Synset:
     return Synset(ss_type + offset, normalise_name(lemmas), definition)
 
 
+def data_paths(root: Path | str | None = None) -> list[Path]:
+    """The four data files a run reads: root/data.{noun,verb,adj,adv} (root: DEFAULT_ROOT, read when called)."""
+    return [Path(DEFAULT_ROOT if root is None else root) / f"data.{name}" for name in FILES]
+
+
 def load_synsets(root: Path | str = DEFAULT_ROOT) -> list[Synset]:
     """Every synset of root/data.{noun,verb,adj,adv}, in file order. Malformed lines (and repeated ids) are
     skipped, counted and named once in a warning; WordNetUnavailable if a data file is missing."""
-    root = Path(root)
-    paths = {root / f"data.{name}": types for name, types in FILES.items()}
+    paths = dict(zip(data_paths(root), FILES.values()))
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise WordNetUnavailable(f"WordNet's data files are missing ({', '.join(missing)}): {INSTALL}")
