@@ -31,9 +31,15 @@ layout: consecutive members "<key>.<ext>" form one sample; the image is the firs
 the caption the first of `caption_exts` (UTF-8). Shards are local paths (brace ranges
 "{000..099}", lists "{a,b}" and globs).
 
-Unusable input -- a missing table, a column that is not there, a table without rows, no shard at
-all -- raises `DataError` (a ValueError; `MissingDataFile` is also a FileNotFoundError) naming the
-file, what was found and the `megabatch train` flag that fixes it.
+Unusable input -- a missing table, a folder given as a table or shard, a column that is not there,
+a table without rows, a table none of whose images exists (image paths are relative to the table's
+folder, or absolute), no shard at all, and a repeating stream with no usable item in a whole epoch
+of a worker's share -- raises `DataError` (a ValueError; `MissingDataFile` is also a
+FileNotFoundError) naming the file, what was found (the first bad item and why, a missing image's
+resolved path) and the `megabatch train` flag or rule that fixes it.
+
+Images come out RGB from any mode Pillow opens (`to_rgb`): transparency composited over white,
+16-bit greys scaled to 8 bits, the rest (CMYK, palette, L, ...) by Pillow's conversion.
 
 This module is where the readers are imported from; they live in tables.py (CSV/TSV), shards.py (tar)
 and pairs.py (what both share), the error types in datatypes.py.
@@ -41,9 +47,9 @@ and pairs.py (what both share), the error types in datatypes.py.
 from __future__ import annotations
 
 from .datatypes import DataError, MissingDataFile
-from .pairs import REASONS, Cursor, Pairs, key_fraction, parse_id, stable_id
+from .pairs import REASONS, Cursor, Pairs, key_fraction, parse_id, stable_id, to_rgb
 from .shards import TarShards, expand_urls
 from .tables import Column, CsvPairs, Table, read_table
 
 __all__ = ["REASONS", "Column", "CsvPairs", "Cursor", "DataError", "MissingDataFile", "Pairs", "Table", "TarShards",
-           "expand_urls", "key_fraction", "parse_id", "read_table", "stable_id"]
+           "expand_urls", "key_fraction", "parse_id", "read_table", "stable_id", "to_rgb"]

@@ -46,10 +46,10 @@ class TarShards(Pairs):
         folder = next((s for s in self.shards if os.path.isdir(s)), None)
         if folder is not None:
             inside = os.path.join(folder, "*.tar")
+            there = len(glob.glob(inside))
             raise DataError(f"shard {folder!r} is a folder, not a tar file: name the shards in it, e.g. "
-                            f"'{os.path.join(folder, '{000000..000099}.tar')}' or '{inside}'"
-                            + (f" ({len(glob.glob(inside))} .tar file(s) there)" if glob.glob(inside) else
-                               " (no .tar file there)"))
+                            f"'{os.path.join(folder, '{000000..000099}.tar')}' or '{inside}' "
+                            + (f"({there} .tar file(s) there)" if there else "(no .tar file there)"))
         if not any(os.path.exists(s) for s in self.shards):
             shown = self.shards[:3] + (["..."] if len(self.shards) > 3 else [])
             raise MissingDataFile(f"no shard of {urls!r} exists (looked for {shown})")
@@ -59,6 +59,7 @@ class TarShards(Pairs):
         self.caption_exts = tuple(e.lower().lstrip(".") for e in caption_exts)
         self.id_ext = None if id_ext is None else id_ext.lower().lstrip(".")
         self.held_out, self.split = held_out, split
+        self.unreadable: Optional[str] = None  # the first shard `captions` could not read: "shard: why"
         self.name = os.path.commonprefix(self.shards) + "*" if len(self.shards) > 1 else self.shards[0]
 
     def units(self) -> int:
@@ -82,7 +83,7 @@ class TarShards(Pairs):
         The first shard that could not be read is kept in `unreadable` ("shard: why"), for the
         message when there is no caption at all."""
         out: list[str] = []
-        self.unreadable: Optional[str] = None
+        self.unreadable = None
         for shard in self.shards:
             for key, parts in self._groups(shard, self.caption_exts, 0, quiet=True):
                 raw = next((parts[e] for e in self.caption_exts if e in parts), b"")
@@ -124,7 +125,7 @@ class TarShards(Pairs):
             why = _why(e)
             if not quiet:
                 self._skip("bad_shard", f"shard {shard}", why)
-            elif getattr(self, "unreadable", "") is None:
+            elif self.unreadable is None:
                 self.unreadable = f"{shard}: {why}"
             return
         if key is not None and seen > skip:

@@ -90,8 +90,8 @@ def read_table(
         with open(path, newline="", encoding=encoding) as f:
             rows = [r for r in csv.reader(f, delimiter=delimiter) if r]  # blank lines are not rows
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e}); save it as UTF-8 (a spreadsheet's \"CSV UTF-8\")"
-                        ) from None
+        raise DataError(f"{path} is not {'UTF-16' if encoding == 'utf-16' else 'UTF-8'} text ({e}); save it as "
+                        "UTF-8 (a spreadsheet's \"CSV UTF-8\")") from None
     except csv.Error as e:
         raise DataError(f"{path} is not a readable CSV/TSV table ({e})") from None
     sep = {"\t": "tab", ",": "comma"}.get(delimiter, repr(delimiter))
