@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 import warnings
-from importlib.metadata import PackageNotFoundError
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
@@ -103,7 +103,8 @@ def test_micro_batch_follows_a_smaller_batch_unless_given(capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     cfg, given = parse_args(["--preset", "tiny", "--batch-size", "16"])
     assert (cfg.batch_size, cfg.micro_batch_size) == (16, 16) and given == {"batch_size": 16}
-    assert capsys.readouterr().out == "megabatch train: --micro-batch-size 16 (the preset's 32 exceeds --batch-size 16)\n"
+    said = capsys.readouterr().out
+    assert said == "megabatch train: --micro-batch-size 16 (the preset's 32 exceeds --batch-size 16)\n"
     cfg, _ = parse_args(["--preset", "tiny", "--batch-size", "48"])  # the preset's 32 fits: kept, nothing said
     assert cfg.micro_batch_size == 32 and capsys.readouterr().out == ""
     line = usage_error(["train", "--preset", "tiny", "--batch-size", "16", "--micro-batch-size", "32"], capsys)
@@ -118,7 +119,7 @@ def test_train_help_gives_defaults_and_version_exists(capsys, monkeypatch):
     assert "(default: runs/train with --preset small; demo: runs/demo)" in out  # --output
     assert "ViT patch side in pixels (default: 8)" in out
     code, out, _ = run(["--version"], capsys)
-    assert code == 0 and out == f"megabatch {megabatch.__version__}\n"
+    assert code == 0 and out == f"megabatch {version('megabatch')}\n"
 
     def not_installed(name: str) -> str:
         raise PackageNotFoundError(name)

@@ -9,11 +9,11 @@ line and a pointer to --help (`CommandParser`); a subcommand whose optional depe
 installed names the extra that brings them (`missing_extra`).
 
 Every command runs under `run_command` (here for `megabatch CMD`; also `python -m megabatch.bench` under
-torchrun, and the commands of other packages for their own `python -m` entries): a warning shows as one line, `megabatch CMD: warning: MESSAGE`,
-without the library's source line; and a reader that goes away (`megabatch plan ... | head -1`) ends
-the command quietly with exit status 141 (128 + SIGPIPE), the status a shell reports for any tool a
-closed pipe stops (`yes | head -1`), so `set -o pipefail` sees the same as for those. `megabatch
---version` prints the installed version.
+torchrun, and other packages' commands for their own `python -m` entries): a warning shows as one
+line, `megabatch CMD: warning: MESSAGE`, without the library's source line; and a reader that goes
+away (`megabatch plan ... | head -1`) ends the command quietly with exit status 141 (128 + SIGPIPE),
+the status a shell reports for any tool a closed pipe stops (`yes | head -1`), so `set -o pipefail`
+sees the same as for those. `megabatch --version` prints the installed version.
 """
 from __future__ import annotations
 
