@@ -7,13 +7,23 @@ A command of an optional extra that is not installed says which extra brings it 
 Also `python -m megabatch ...` (megabatch/__main__.py). Usage errors of every subcommand are one
 line and a pointer to --help (`CommandParser`); a subcommand whose optional dependencies are not
 installed names the extra that brings them (`missing_extra`).
+
+Every command runs under `run_command` (here for `megabatch CMD`; also `python -m megabatch.bench` under
+torchrun, and other packages' commands for their own `python -m` entries): a warning shows as one
+line, `megabatch CMD: warning: MESSAGE`, without the library's source line; and a reader that goes
+away (`megabatch plan ... | head -1`) ends the command quietly with exit status 141 (128 + SIGPIPE),
+the status a shell reports for any tool a closed pipe stops (`yes | head -1`), so `set -o pipefail`
+sees the same as for those. `megabatch --version` prints the installed version.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
 import sys
-from importlib.metadata import EntryPoint, entry_points
+import warnings
+from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
 from typing import Callable, NoReturn, Optional
 
 GROUP = "megabatch.commands"
@@ -95,8 +105,87 @@ def usage() -> str:
     commands = _commands()
     width = max(len(c) for c in commands)
     lines = [f"  {name:<{width}}   {text}" for name, text in commands.items()]
-    return (f"usage: megabatch {{{','.join(commands)}}} [options]\n\n" + "\n".join(lines)
-            + "\n\nRun `megabatch COMMAND --help` for a command's options.")
+    return (f"usage: megabatch {{{','.join(commands)}}} [options]\n       megabatch --version\n\n"
+            + "\n".join(lines) + "\n\nRun `megabatch COMMAND --help` for a command's options.")
+
+
+def version_line() -> str:
+    """`megabatch 0.1.0`: the installed distribution's version; a source tree that is not installed
+    (PYTHONPATH=src) gives the package's own __version__."""
+    try:
+        number = version("megabatch")
+    except PackageNotFoundError:
+        from . import __version__ as number
+    return f"megabatch {number}"
+
+
+BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool that a closed pipe stopped
+
+
+def _format_warning(prog: str) -> Callable[..., str]:
+    def format_warning(message: Warning | str, category: type, filename: str, lineno: int,
+                       line: Optional[str] = None) -> str:
+        return f"{prog}: warning: {message}\n"
+    return format_warning
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reading end is closed: poll reports an error on it.
+    Why ask: a BrokenPipeError of another pipe (a worker's, a socket's) is a failure to show."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    if not hasattr(select, "poll"):  # no poll (Windows): take the error for stdout's, as the usual recipe does
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _silence_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null, so what is still buffered (and Python's flush at exit)
+    goes nowhere instead of raising again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    try:
+        sys.stdout.flush()
+    except OSError:
+        pass
+
+
+def run_command(prog: str, run: Callable[[], Optional[int]]) -> int:
+    """run() as the command `prog`, returning its exit status: while it runs, warnings display as
+    `PROG: warning: MESSAGE` (warnings.formatwarning, put back after: the library itself changes no
+    warning state, and warnings recorded by catch_warnings are untouched); stdout is flushed before
+    returning, so a reader that went away is found here, and then the command ends with BROKEN_PIPE and
+    nothing on stderr. SystemExit (argparse's --help, usage errors) passes through; a successful one
+    whose stdout's reader is gone becomes SystemExit(BROKEN_PIPE) (argparse ignores a failed write)."""
+    saved = warnings.formatwarning
+    warnings.formatwarning = _format_warning(prog)
+    try:
+        try:
+            code = int(run() or 0)
+        except SystemExit as e:
+            if sys.stdout is not None:
+                sys.stdout.flush()
+            if e.code in (0, None) and _stdout_reader_gone():  # argparse's --help swallows its write's error
+                _silence_stdout()
+                raise SystemExit(BROKEN_PIPE) from None
+            raise
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        _silence_stdout()
+        return BROKEN_PIPE
+    finally:
+        warnings.formatwarning = saved
 
 
 def _load(command: str) -> Callable[[list[str]], Optional[int]]:
@@ -114,8 +203,9 @@ def _load(command: str) -> Callable[[list[str]], Optional[int]]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
-        print(usage())
-        return 0 if args else 2
+        return run_command("megabatch", lambda: print(usage()) or (0 if args else 2))
+    if args[0] == "--version":
+        return run_command("megabatch", lambda: print(version_line()))
     command, rest = args[0], args[1:]
     known = {**{c: v[1] for c, v in COMMANDS.items()}, **{c: v[0] for c, v in OPTIONAL.items()}}
     if command not in known and command not in _plugins():
@@ -132,7 +222,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(message, file=sys.stderr)
         return 1
     try:
-        return int(run(rest) or 0)
+        return run_command(f"megabatch {command}", lambda: run(rest))
     except ImportError as e:
         message = missing_extra(e, f"megabatch {command}", extra)
         if message is None:

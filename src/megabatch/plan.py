@@ -4,6 +4,10 @@
         --dtype bfloat16 --gpu-mem 80GiB
     megabatch plan ... --json          # one object: peak_bytes, sent_bytes, total_bytes, fits, status, options
     megabatch plan ... --time --gpu H200   # + each option's predicted ms/step (timemodel.py); auto: the fastest
+    megabatch plan ... | head -1           # a reader that goes away ends it quietly (exit status 141)
+
+The table marks the option planned with `<-` (the strategy and backend asked for, auto resolved; with
+--time and auto, the fastest that fits --gpu-mem). --gpu and the time model's rates need --time.
 
 peak_bytes is what the loss's forward + backward allocates on one rank beyond its inputs (the
 (b, D) image and (n, D) text features), at its highest; sent_bytes what one rank sends per step
@@ -211,8 +215,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, required=True, help="GLOBAL image count B (all ranks)")
     p.add_argument("--texts", type=int, help="global text count N (default: --batch; SigLIP may have more)")
     p.add_argument("--dim", type=int, required=True, help="feature dimension D")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="feature dtype")
-    p.add_argument("--device", choices=DEVICES, default="cuda", help="where the loss runs (default cuda)")
+    p.add_argument("--dtype", type=str.lower, choices=tuple(DTYPES), default="bfloat16",
+                   help="feature dtype, any case (default bfloat16)")
+    p.add_argument("--device", type=str.lower, choices=DEVICES, default="cuda",
+                   help="where the loss runs (default cuda)")
     p.add_argument("--ids", action="store_true", help="image/text ids (int64) travel with the features")
     p.add_argument("--act-bytes", type=int, default=0, help="the towers' activation bytes per sample (GradCache)")
     p.add_argument("--micro-batch", type=int, default=0, help="GradCache micro-batch per rank")
@@ -225,6 +231,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = _parser()
     a = parser.parse_args(argv)
+    lone = timemodel.without_time(a)
+    if lone:  # read only by the time model: without --time it would change nothing, silently
+        parser.error(f"{lone} sets the time model: it needs --time")
     strategy = strategies.resolve_strategy(a.strategy, a.world) if a.strategy == "auto" else a.strategy
     backend = a.backend if a.backend != "auto" else kernels.auto_backend(a.device)
     hw = timemodel.hardware(a)  # its ranks_per_node places hierarchical's nodes with or without --time
@@ -277,8 +286,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("peak: the loss's forward+backward beyond its inputs; total adds the features"
           + (" and one micro-batch's activations" if a.act_bytes and a.micro_batch else "")
           + "; sent: bytes per rank per step (ring cost model)")
+    print("<-: the option planned: --strategy and --backend as given; auto as the losses resolve it"
+          + ("; with --time, auto is the fastest" + (" that fits --gpu-mem" if gpu_mem else "") if a.time else ""))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_command
+
+    sys.exit(run_command("megabatch plan", main))

@@ -207,8 +207,8 @@ def step_time(s: Any, hw: Hardware, ratio: Optional[float] = None) -> dict[str, 
 
 
 def hardware(a: argparse.Namespace) -> Hardware:
-    """The --gpu preset with the flags given over it."""
-    hw = GPUS[a.gpu]
+    """The --gpu preset (default H200) with the flags given over it."""
+    hw = GPUS[a.gpu or DEFAULT_GPU]
     over = {"gemm_flops": a.gemm_tflops and a.gemm_tflops * 1e12, "intra_bw": a.intra_bw and a.intra_bw * 1e9,
             "inter_bw": a.inter_bw and a.inter_bw * 1e9, "latency": a.latency and a.latency * 1e-6,
             "ranks_per_node": a.ranks_per_node}
@@ -227,15 +227,30 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+DEFAULT_GPU = "H200"
+# The flags that only the time model reads (--ranks-per-node also places hierarchical's nodes without --time)
+TIME_FLAGS = ("gpu", "gemm_tflops", "intra_bw", "inter_bw", "latency")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("time model (--time; figures per GPU, the preset's unless given)")
+    g = p.add_argument_group("time model (--time; figures per GPU, the preset's unless given; each of these "
+                             "flags but --ranks-per-node needs --time)")
     g.add_argument("--time", action="store_true", help="predict each option's loss step time; auto picks the fastest")
-    g.add_argument("--gpu", choices=tuple(GPUS), default="H200", help="hardware preset (default H200)")
+    g.add_argument("--gpu", type=str.upper, choices=tuple(GPUS), help=f"hardware preset, any case (default "
+                   f"{DEFAULT_GPU})")
     g.add_argument("--gemm-tflops", type=_positive(float), help="achieved dense GEMM TFLOP/s (H200: 790)")
     g.add_argument("--intra-bw", type=_positive(float), help="GB/s per direction within a node (H200: 450)")
     g.add_argument("--inter-bw", type=_positive(float), help="GB/s per GPU across nodes (H200: 50, one NDR NIC)")
     g.add_argument("--latency", type=_positive(float), help="microseconds per hop (default 10)")
-    g.add_argument("--ranks-per-node", type=_positive(int), help="GPUs per node (default 8)")
+    g.add_argument("--ranks-per-node", type=_positive(int), help="GPUs per node (default 8); also how "
+                   "--strategy hierarchical groups ranks, with or without --time")
+
+
+def without_time(a: argparse.Namespace) -> Optional[str]:
+    """The first time-model flag given without --time, as written (e.g. "--gemm-tflops"); None if none."""
+    if a.time:
+        return None
+    return next(("--" + name.replace("_", "-") for name in TIME_FLAGS if getattr(a, name) is not None), None)
 
 
 # What was held against a measurement, where (benchmarks/time_model_check.py; docs/performance.md)

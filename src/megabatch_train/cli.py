@@ -27,7 +27,8 @@ command resumes. Under torchrun the agent forwards SIGTERM (SIGUSR1 with --signa
 SIGTERM,SIGUSR1) and SIGKILLs workers after --shutdown-timeout (30 s). See docs/operations.md.
 Exit codes: 0 done; 1 the run failed (non-finite steps past --max-bad-steps, a held-out evaluation
 of a non-finite model, a failed collective, a missing [train] extra); 2 a usage error or unusable
-input; 143 / 138 preempted (checkpoint written).
+input; 143 / 138 preempted (checkpoint written); 141 stdout's reader went away (`... | head`), quietly.
+A --batch-size below the preset's micro-batch takes --micro-batch-size down to it unless that is given.
 
 Presets: tiny, demo, small, base (see megabatch_train.config.PRESETS); flags override a preset.
 Outputs in --output: metrics.jsonl, eval.json, curves.png, config.json, checkpoints/step_*.pt.
@@ -42,17 +43,22 @@ from typing import Optional
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Parse `argv` (default sys.argv[1:]), train, print the held-out summary. Returns an exit code:
-    0 done; 1 the run failed (a non-finite model, a collective failure, a missing extra); 2 a usage error."""
-    from megabatch.cli import missing_extra
+    0 done; 1 the run failed (a non-finite model, a collective failure, a missing extra); 2 a usage error;
+    141 stdout's reader went away. Warnings show as `megabatch train: warning: ...` (megabatch.cli.run_command,
+    here too for `python -m megabatch_train` under torchrun)."""
+    from megabatch.cli import missing_extra, run_command
 
-    try:
-        return _main(argv)
-    except ImportError as e:  # config.py needs only the standard library: --help and usage errors come first
-        message = missing_extra(e, "megabatch train", "train")
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return 1
+    def run() -> int:
+        try:
+            return _main(argv)
+        except ImportError as e:  # config.py needs only the standard library: --help and usage errors come first
+            message = missing_extra(e, "megabatch train", "train")
+            if message is None:
+                raise
+            print(message, file=sys.stderr)
+            return 1
+
+    return run_command("megabatch train", run)
 
 
 def _main(argv: Optional[list[str]]) -> int:

@@ -2,10 +2,16 @@
 
 The config itself, its validation and its presets are in runconfig.py; their names are importable
 from here too. Standard library only: `--help` and usage errors come before torch loads.
+
+`--help` gives each flag's default: the --preset small's value, and where other presets differ, theirs
+(`_with_defaults`). A --batch-size below the preset's micro-batch, without --micro-batch-size, takes the
+micro-batch down to it and says so (`follow_batch`); a --micro-batch-size given above --batch-size is an error.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 from typing import Any, Optional
 
 from .runconfig import (BACKENDS, BUILT_IN_DATA, DEVICES, IMAGE_TOWERS, LOSSES, MODEL_FLAGS, POSITIVES, PRECISIONS,
@@ -19,6 +25,53 @@ __all__ = ["BACKENDS", "BUILT_IN_DATA", "DEVICES", "IMAGE_TOWERS", "LOSSES", "MO
 
 def _separator(text: str) -> str:
     return {"tab": "\t", "\\t": "\t", "comma": ","}.get(text, text)
+
+
+def preset_value(preset: str, name: str) -> Any:
+    """The value preset `preset` gives field `name` (a TrainConfig or ModelConfig field), before flags."""
+    values = PRESETS[preset]
+    if name in {f.name for f in dataclasses.fields(ModelConfig)}:
+        return values["model"].get(name, getattr(ModelConfig, name))
+    return values.get(name, getattr(TrainConfig, name))
+
+
+def _default_text(name: str, default_preset: str) -> Optional[str]:
+    """'(default: 1024 with --preset small; tiny: 64, demo: 4096, base: 32768)' for a field the presets set
+    differently, '(default: 8)' for one they agree on; None for a field without a default worth showing
+    (None, or a bool: the flag's presence says it)."""
+    base = preset_value(default_preset, name)
+    if base is None or isinstance(base, bool):
+        return None
+    other = [f"{p}: {v:g}" if isinstance(v, float) else f"{p}: {v}"
+             for p in PRESETS if p != default_preset for v in [preset_value(p, name)] if v != base]
+    shown = f"{base:g}" if isinstance(base, float) else str(base)
+    return f"(default: {shown}" + (f" with --preset {default_preset}; {', '.join(other)}" if other else "") + ")"
+
+
+def _with_defaults(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Append each config flag's default to its help, unless the help already gives one and the presets
+    agree on it."""
+    preset = p.get_default("preset")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(ModelConfig)}
+    for action in p._actions:
+        if action.dest not in fields or action.help is None or action.dest == "preset":
+            continue
+        text = _default_text(action.dest, preset)
+        varies = text is not None and " with --preset " in text
+        if text is not None and (varies or "default" not in action.help):
+            action.help = f"{action.help} {text.replace('%', '%%')}"
+    return p
+
+
+def follow_batch(preset: str, given: dict[str, Any]) -> tuple[dict[str, Any], Optional[str]]:
+    """The overrides for from_preset: a --batch-size given below the preset's micro-batch, with no
+    --micro-batch-size, takes the micro-batch down to the batch (the largest one that fits). Returns the
+    overrides and the note saying so (None when nothing changed)."""
+    batch, micro = given.get("batch_size"), preset_value(preset, "micro_batch_size")
+    if "micro_batch_size" in given or not isinstance(batch, int) or not 1 <= batch < micro:
+        return given, None
+    note = f"--micro-batch-size {batch} (the preset's {micro} exceeds --batch-size {batch})"
+    return {**given, "micro_batch_size": batch}, note
 
 
 def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
@@ -35,7 +88,8 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=LOSSES, help="clip (softmax over the batch, both directions) or siglip "
                    "(a sigmoid per pair); default clip")
     p.add_argument("--batch-size", type=int, help="global contrastive batch over all ranks")
-    p.add_argument("--micro-batch-size", type=int, help="encoder micro-batch per rank (GradCache)")
+    p.add_argument("--micro-batch-size", type=int, help="encoder micro-batch per rank (GradCache); not given, "
+                   "the preset's, or --batch-size where that is smaller")
     p.add_argument("--steps", type=int, help="optimizer steps, each over one global batch (> 0)")
     p.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warmup before the cosine decay "
                    "(>= 0)")
@@ -130,20 +184,25 @@ def _parser(epilog: Optional[str]) -> argparse.ArgumentParser:
                      "number > 0; default 1800)")
     ops.add_argument("--max-bad-steps", type=int, metavar="N",
                      help="stop after this many non-finite steps in a row; each is skipped on every rank (default 10)")
-    return p
+    return _with_defaults(p)
 
 
 def parse_args(argv: Optional[list[str]] = None, epilog: Optional[str] = None) -> tuple[TrainConfig, dict[str, Any]]:
     """Parse flags into a validated config; also return the flags given explicitly (for --resume).
 
     Bad flags or values exit with status 2 and two lines: `megabatch train: error: ...` naming the
-    flag, and a pointer to --help (megabatch.cli.CommandParser).
+    flag, and a pointer to --help (megabatch.cli.CommandParser). A micro-batch that follows the batch
+    (`follow_batch`) is said on stdout (rank 0) and is not among the flags given.
     """
     parser = _parser(epilog)
     ns = parser.parse_args(argv)
     given = {k: v for k, v in vars(ns).items() if v is not None and k != "preset"}
+    overrides, note = follow_batch(ns.preset, given)
     try:
-        return from_preset(ns.preset, **given), given
+        cfg = from_preset(ns.preset, **overrides)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
         raise  # unreachable: parser.error exits
+    if note and os.environ.get("RANK", "0") == "0":
+        print(f"megabatch train: {note}", flush=True)
+    return cfg, given

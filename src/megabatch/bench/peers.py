@@ -74,6 +74,8 @@ PEERS: dict[str, tuple[str, ...]] = {
     "siglip_kernel": ("siglip",),
 }
 _MODULES = {"open_clip": "open_clip", "inf_cl": "inf_cl", "memeff": "memeff", "siglip_kernel": "siglip_kernel"}
+# peer -> the pip package that brings it (what a skipped peer's note says to install)
+PACKAGES = {"open_clip": "open-clip-torch", "inf_cl": "inf-cl", "memeff": "memeff", "siglip_kernel": "siglip-kernel"}
 # peers whose code runs on CUDA tensors only (see the module docstring for why)
 CUDA_ONLY = frozenset({"inf_cl", "memeff", "siglip_kernel"})
 # peers whose loss does not depend on logit_scale through autograd (it is read as a fixed number)
@@ -101,6 +103,21 @@ def available(device: Union[str, torch.device, None] = None) -> list[str]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
     return [p for p in PEERS if _installed(p) and (on_cuda or p not in CUDA_ONLY)]
+
+
+def skipped(device: Union[str, torch.device], losses: tuple[str, ...] = ("clip", "siglip")) -> dict[str, str]:
+    """Why each peer that `megabatch bench --peers` does not run on `device` for `losses` is left out:
+    peer -> "not installed (pip install PACKAGE)", "runs on CUDA only (--device cpu)" or "implements clip only"."""
+    on = set(available(device))
+    why: dict[str, str] = {}
+    for peer, implemented in PEERS.items():
+        if not _installed(peer):
+            why[peer] = f"not installed (pip install {PACKAGES[peer]})"
+        elif peer not in on:
+            why[peer] = f"runs on CUDA only (--device {torch.device(device)})"
+        elif not set(implemented) & set(losses):
+            why[peer] = f"implements {' and '.join(implemented)} only (--loss {' '.join(losses)})"
+    return why
 
 
 def _plain_clip(x: Tensor, y: Tensor, s: Tensor, b: Tensor) -> Tensor:

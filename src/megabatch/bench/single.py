@@ -25,6 +25,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -137,6 +138,25 @@ def measure_isolated(case: Case) -> Result:
         proc.join()
 
 
+def device_problem(text: str) -> Optional[str]:
+    """What is wrong with --device `text` on this machine (None: usable): the device types the bench
+    measures are cpu and cuda[:N]; cuda needs a CUDA build of torch and a visible GPU."""
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", text)
+    if not m or m.group(1) == "cpu" and m.group(2):
+        return f"--device must be one of cpu, cuda, cuda:N; got {text!r}"
+    if m.group(1) == "cpu":
+        return None
+    if torch.version.cuda is None and torch.version.hip is None:
+        return f"--device {text}: this torch has no CUDA (CPU build, torch {torch.__version__}); use --device cpu"
+    if not torch.cuda.is_available():
+        return f"--device {text}: no GPU visible (torch.cuda.is_available() is False; CUDA_VISIBLE_DEVICES is " \
+               f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use --device cpu"
+    count = torch.cuda.device_count()
+    if m.group(2) and int(m.group(2)) >= count:
+        return f"--device {text}: {count} GPU(s) visible (cuda:0 to cuda:{count - 1})"
+    return None
+
+
 def gemm_tflops(dim: int, dtype: str, device: str, size: int = 16384) -> float:
     """Matrix-multiply rate for (n, D) @ (D, n), the shape of one pass (n capped for memory)."""
     dev = torch.device(device)
@@ -204,10 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", nargs="+", type=int, default=[1024, 4096],
                    help="batch sizes B, each > 0 (default 1024 4096)")
     p.add_argument("--dim", nargs="+", type=int, default=[64], help="feature dimensions D, each > 0 (default 64)")
-    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"],
-                   help="feature dtypes (default float32)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default cuda when available, else cpu)")
+    p.add_argument("--dtype", nargs="+", type=str.lower, choices=list(DTYPES), default=["float32"],
+                   help="feature dtypes, any case (default float32)")
+    p.add_argument("--device", type=str.lower, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default cuda when available, else cpu)")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats per case, > 0 (median reported; default 3)")
     p.add_argument("--peers", action="store_true", help="also run 'plain' PyTorch and installed peer libraries")
     p.add_argument("--strategy", nargs="+", choices=STRATEGIES,
@@ -227,6 +247,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         build_parser().error("--batch, --dim and --repeat must be positive")
     if not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
         build_parser().error(f"--max-seconds must be a finite number > 0 (got {args.max_seconds!r})")
+    problem = device_problem(args.device)
+    if problem:
+        build_parser().error(problem)
     if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:  # launched by torchrun
         from .distributed import run
 
@@ -234,6 +257,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.strategy:
         build_parser().error("--strategy needs torchrun: torchrun --nproc_per_node N -m megabatch.bench ...")
     methods = list(args.backend) + (peers.available(args.device) if args.peers else [])
+    left_out = peers.skipped(args.device, tuple(args.loss)) if args.peers else {}
+    for peer, why in left_out.items():
+        print(f"megabatch bench: peer {peer} skipped: {why}", flush=True)
     results = []
     for dtype in args.dtype:
         for dim in args.dim:
@@ -259,7 +285,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("\n" + ", ".join(f"{k}={v}" for k, v in env.items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "results": [asdict(r) for r in results]}, f, indent=1)
+            json.dump({"environment": env, "results": [asdict(r) for r in results], "peers_skipped": left_out}, f,
+                      indent=1)
     if args.plot:
         plot(results, args.plot)
     return 0
