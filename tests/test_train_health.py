@@ -5,6 +5,8 @@ Contracts:
     and every pair at one cosine (the spread of the pair cosines near 0, e.g. sd 0.005 around
     0.31) -- with a likely cause (for SigLIP the bias against -ln(B-1)), and stays silent for a
     healthy run and before the warmup and a tenth of the run are over;
+  * the collapse and recovery messages name the run's sides: image-image / text-text for image-text
+    data, definition-definition / name-name for --data wordnet (never "image" there);
   * `embedding_stats` measures those numbers on a probe of the batch and leaves the model's mode;
   * `balanced_bias(B)` = -ln(B-1) (0 for B <= 2), the paper's -10 near B = 22k;
   * after a warning, "recovered" is said once and only when every statistic is on the healthy side
@@ -45,6 +47,37 @@ def test_warning_names_both_collapses():
     assert "0.310" in msg and "sd 0.0050" in msg and "-ln(B-1) = -6.93" in msg and "c = 0.307" in msg
     assert collapse_warning(HEALTHY, 40, 60, 25, "siglip", 1024, 10.0, -6.9) is None
     assert collapse_warning(flat, 20, 60, 25, "siglip", 1024, 10.0, -10.0) is None  # still warming up
+
+
+def test_warnings_name_the_runs_sides():
+    """Image-text data says image-image / text-text; text-text data (--data wordnet: the eval data's sides
+    ("definition", "name")) says definition-definition / name-name, and never "image"."""
+    from megabatch_train.health import recovery_note
+    from megabatch_train.loop import _check_health
+
+    one_way = {**HEALTHY, "cos_image_image": 0.99, "cos_text_text": 0.998}
+    flat = {**HEALTHY, "cos_pairs_mean": 0.31, "cos_pairs_sd": 0.005}
+    msg = collapse_warning(one_way, 40, 60, 25, "clip", 1024, 14.3, None)
+    assert "image-image cosines average 0.990 and text-text 0.998" in msg
+    assert "every image-text pair has cosine 0.310" in collapse_warning(flat, 40, 60, 25, "clip", 1024, 14.3, None)
+    text = ("definition", "name")
+    msg = collapse_warning(one_way, 40, 60, 25, "clip", 1024, 14.3, None, text)
+    assert "definition-definition cosines average 0.990 and name-name 0.998" in msg and "image" not in msg
+    msg = collapse_warning(flat, 40, 60, 25, "siglip", 1024, 10.0, -10.0, text)
+    assert "every definition-name pair has cosine 0.310" in msg and "image" not in msg
+    note = recovery_note(HEALTHY, 15, text)
+    assert "definition-definition cosine 0.060 and name-name 0.060" in note and "image" not in note
+    assert "image-image cosine 0.060 and text-text 0.060" in recovery_note(HEALTHY, 15)
+    # the loop's check passes the sides on: collapsed towers on token ids, then random ones
+    cfg = from_preset("tiny", steps=30, warmup_steps=3)
+    tokens = torch.randint(0, 9, (64, 8))
+    warned: list[str] = []
+    with pytest.warns(RuntimeWarning) as caught:
+        _check_health(cfg, _Constant(), tokens, tokens, {"step": 10, "logit_scale": 14.3}, warned, text)
+    said = str(caught[0].message)
+    assert said.startswith("embeddings collapsed at step 10: definition-definition cosines") and "image" not in said
+    _check_health(cfg, _Random(), tokens, tokens, {"step": 20, "logit_scale": 14.3}, warned, text)
+    assert warned[-1].startswith("embeddings recovered by step 20: definition-definition cosine")
 
 
 class _Constant(nn.Module):

@@ -4,7 +4,12 @@ Layout: every element of each nn.ModuleList in the model (the built-in towers' t
 MiniLM's layers) is its own FSDP unit, and the root unit holds the rest (patch and token embeddings,
 final norms and projections, logit_scale, logit_bias). encode_image / encode_text are registered as
 forward methods, so GradCache's calls gather the root's parameters; GradCache (given the root in
-`modules=`) runs the same encoder calls on every rank and reduce-scatters once per step.
+`modules=`) runs the same encoder calls on every rank and reduce-scatters once per step. A module
+reached under two names (a shared trunk) is one unit: `modules()` yields it once. A unit may mix
+frozen and trained parameters (--train-layers: MiniLM's frozen layers are units of frozen
+parameters, and the root holds the frozen token embeddings beside the trained heads): FSDP2 shards
+each parameter on its own and reduce-scatters only the gradients there are (FSDP1's flat parameter
+wanted one requires_grad per unit; FSDP2 does not).
 
 Outside a forward, parameters are sharded DTensors (rank r holds rows of dim 0; a (1,) parameter
 lives on rank 0 and is empty elsewhere). The loop therefore:

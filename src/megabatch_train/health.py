@@ -13,6 +13,9 @@ that state by then is not learning. A warned run is said to have recovered only 
 those statistics is on the healthy side of its threshold -- both mean cosines at most
 SAME_DIRECTION and the sd at least FLAT_PAIRS -- so "recovered" never comes with an image-image
 cosine of 0.995 (one tower still collapsed: the warning's condition wants both, the recovery none).
+The messages name the run's two sides as its eval data does (`EvalData.sides`): "image-image" and
+"text-text" for image-text pairs, "definition-definition" and "name-name" for --data wordnet. The
+metrics' keys stay cos_image_image and cos_text_text (the query side, the caption side) for any data.
 
 Why SigLIP stalled in short runs (preset small, synthetic, batch 1,024, 60 steps; README "SigLIP
 in short runs" has the numbers). Per pair the sigmoid loss's gradient on the logit is
@@ -42,6 +45,7 @@ from torch import Tensor, nn
 PROBE = 256  # samples of the batch the statistics are measured on
 SAME_DIRECTION = 0.9  # mean image-image and text-text cosines above this: one direction
 FLAT_PAIRS = 0.01  # sd of the image-text cosines below this: every pair at one cosine
+SIDES = ("image", "text")  # the two sides' names in the messages; text-text data names its own
 
 
 def balanced_bias(batch_size: int) -> float:
@@ -71,16 +75,19 @@ def embedding_stats(model: nn.Module, images: Tensor, tokens: Tensor) -> dict[st
 
 
 def collapse_warning(stats: dict[str, float], step: int, steps: int, warmup: int, loss: str,
-                     batch_size: int, logit_scale: float, logit_bias: Optional[float]) -> Optional[str]:
+                     batch_size: int, logit_scale: float, logit_bias: Optional[float],
+                     sides: tuple[str, str] = SIDES) -> Optional[str]:
     """A sentence naming the collapse and its likely cause, or None (also None before the warmup is
-    over and a tenth of the run is done)."""
+    over and a tenth of the run is done). `sides` names what the query and caption sides hold (the
+    eval data's: ("definition", "name") for --data wordnet), as the sentence calls them."""
     if step < max(warmup, steps // 10, 1):
         return None
+    query, caption = sides
     if stats["cos_image_image"] > SAME_DIRECTION and stats["cos_text_text"] > SAME_DIRECTION:
-        what = (f"image-image cosines average {stats['cos_image_image']:.3f} and text-text "
+        what = (f"{query}-{query} cosines average {stats['cos_image_image']:.3f} and {caption}-{caption} "
                 f"{stats['cos_text_text']:.3f} (above {SAME_DIRECTION:g}): every embedding points one way")
     elif stats["cos_pairs_sd"] < FLAT_PAIRS:
-        what = (f"every image-text pair has cosine {stats['cos_pairs_mean']:.3f} "
+        what = (f"every {query}-{caption} pair has cosine {stats['cos_pairs_mean']:.3f} "
                 f"(sd {stats['cos_pairs_sd']:.4f}, below {FLAT_PAIRS:g}): the towers no longer tell pairs apart")
     else:
         return None
@@ -95,12 +102,13 @@ def collapse_warning(stats: dict[str, float], step: int, steps: int, warmup: int
     return f"embeddings collapsed at step {step}: {what}; {cause}"
 
 
-def recovery_note(stats: dict[str, float], step: int) -> Optional[str]:
+def recovery_note(stats: dict[str, float], step: int, sides: tuple[str, str] = SIDES) -> Optional[str]:
     """After a collapse warning: a sentence saying the embeddings recovered, or None while any
     statistic is still on the collapsed side of its threshold (one tower pointing one way is not a
-    recovery, even though the warning needs both)."""
+    recovery, even though the warning needs both). `sides` as for collapse_warning."""
     ii, tt, sd = stats["cos_image_image"], stats["cos_text_text"], stats["cos_pairs_sd"]
     if max(ii, tt) > SAME_DIRECTION or sd < FLAT_PAIRS:
         return None
-    return (f"embeddings recovered by step {step}: image-image cosine {ii:.3f} and text-text {tt:.3f} (both at most "
-            f"{SAME_DIRECTION:g}), pair cosine sd {sd:.3f} (at least {FLAT_PAIRS:g})")
+    query, caption = sides
+    return (f"embeddings recovered by step {step}: {query}-{query} cosine {ii:.3f} and {caption}-{caption} {tt:.3f} "
+            f"(both at most {SAME_DIRECTION:g}), pair cosine sd {sd:.3f} (at least {FLAT_PAIRS:g})")

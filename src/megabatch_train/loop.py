@@ -38,7 +38,7 @@ from .build import _Normalized, _Parts, cosine_with_warmup, make_optimizer, prep
 from .config import TrainConfig
 from .evaluate import evaluate
 from .faults import Injector
-from .health import embedding_stats
+from .health import SIDES, embedding_stats
 from .plots import plot_curves
 from .report import MetricsLog, summary, text_notes
 from .runplan import RunPlan
@@ -121,6 +121,7 @@ def _loop(plan: RunPlan, rt: Runtime, p: _Parts, stop: Optional[preempt.StopRequ
     bar = _progress(plan, p.start) if lead else None
     t_window, n_window = time.perf_counter(), 0
     warned: list[str] = []
+    sides = eval_data.sides if eval_data is not None else SIDES  # what the health messages call the two sides
     faults, in_a_row, what = Injector(rt.rank), 0, plan.collectives(rt.world)
     local = plan.local_batch
     for step in range(p.start, plan.steps):
@@ -171,7 +172,7 @@ def _loop(plan: RunPlan, rt: Runtime, p: _Parts, stop: Optional[preempt.StopRequ
                 record = _record(plan, rt, p, done, loss, n_window * plan.batch_size / (now - t_window), now - t_run)
             t_window, n_window = now, 0
             if log is not None:
-                _check_health(plan, model, images.to(rt.device), tokens.to(rt.device), record, warned)
+                _check_health(plan, model, images.to(rt.device), tokens.to(rt.device), record, warned, sides)
                 log.append(record)
             elif plan.fsdp:  # the probe's forwards gather parameters: every rank runs them with rank 0
                 with collective(f"step {done}: the health probe's parameter all_gathers (--fsdp)", rt):

@@ -16,7 +16,7 @@ from .build import _Parts
 from .config import TrainConfig
 from .data import state_of
 from .files import stable_id
-from .health import balanced_bias, collapse_warning, embedding_stats, recovery_note
+from .health import SIDES, balanced_bias, collapse_warning, embedding_stats, recovery_note
 from .runplan import RunPlan
 from .runtime import Runtime, collective, peak_memory_mb, sum_over_ranks
 from .towers import Center
@@ -44,19 +44,20 @@ def _balance_bias(rt: Runtime, model: nn.Module, images: Tensor, tokens: Tensor,
 
 
 def _check_health(run: RunPlan | TrainConfig, model: nn.Module, images: Tensor, tokens: Tensor,
-                  record: dict[str, Any], warned: list[str]) -> None:
+                  record: dict[str, Any], warned: list[str], sides: tuple[str, str] = SIDES) -> None:
     """Add the probe's embedding statistics to `record`; warn (once) when they show a collapse. `run` gives the
-    steps, warmup steps, loss and global batch (the run's plan, or a config)."""
+    steps, warmup steps, loss and global batch (the run's plan, or a config); `sides` what the messages call
+    the two sides (the eval data's)."""
     record.update(embedding_stats(model, images, tokens))
     message = collapse_warning(record, record["step"], run.steps, run.warmup_steps, run.loss, run.batch_size,
-                               record["logit_scale"], record.get("logit_bias"))
+                               record["logit_scale"], record.get("logit_bias"), sides)
     if message is not None:
         record["collapsed"] = True
         if not warned:
             warned.append(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
     elif len(warned) == 1 and record["step"] > run.warmup_steps:  # said once, when it has left the collapse
-        note = recovery_note(record, record["step"])
+        note = recovery_note(record, record["step"], sides)
         if note is not None:
             warned.append(note)
             print(f"megabatch train: {note}", file=sys.stderr, flush=True)
