@@ -5,6 +5,7 @@ looks at values (a NaN feature gives a NaN loss, as documented).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -74,12 +75,38 @@ def check_directions(directions: object) -> None:
         raise ValueError(f"directions must be one of {DIRECTION_NAMES}, got {directions!r}")
 
 
+def _type_name(value: object) -> str:
+    """`value`'s type as a user would write it (float, numpy.float32), and an array's shape."""
+    cls = type(value)
+    module = cls.__module__.split(".")[0]
+    name = cls.__name__ if module == "builtins" else f"{module}.{cls.__name__}"
+    shape = getattr(value, "shape", None)
+    return name if shape is None else f"{name} of shape {tuple(shape)}"
+
+
+def real_number(value: object) -> Optional[float]:
+    """`value` as a Python float if it is a real number of any kind (float, int, numpy.float32,
+    numpy.int64, a 0-dim numpy array of such), else None. Booleans are not numbers here."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    # a 0-dim numpy array (numpy itself is not imported: megabatch does not need it)
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    if type(value).__name__ == "ndarray" and getattr(value, "shape", None) == () and kind in ("f", "i", "u"):
+        return float(value)  # type: ignore[arg-type]
+    return None
+
+
 def as_scalar(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
-    """Return `value` as a 0-dim or 1-element tensor on `like`'s device (floats become constants)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        raise TypeError(f"{name} must be a float or a 0-dim floating tensor, got {type(value).__name__}")
+    """Return `value` as a 0-dim or 1-element tensor on `like`'s device. A real number of any kind
+    (float, int, numpy scalar) becomes a constant in the compute dtype; a tensor is used as given."""
     if not isinstance(value, torch.Tensor):
-        return torch.tensor(float(value), dtype=compute_dtype(like.dtype), device=like.device)
+        number = real_number(value)
+        if number is None:
+            raise TypeError(f"{name} must be a float (any real number: int, numpy.float32, ...) or a 0-dim "
+                            f"floating tensor, got {_type_name(value)}")
+        return torch.tensor(number, dtype=compute_dtype(like.dtype), device=like.device)
     if value.numel() != 1 or value.dim() > 1:
         raise ValueError(f"{name} must be a scalar (0-dim tensor), got shape {tuple(value.shape)}")
     if value.dtype not in FLOAT_DTYPES:
