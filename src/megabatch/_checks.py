@@ -84,6 +84,15 @@ def _type_name(value: object) -> str:
     return name if shape is None else f"{name} of shape {tuple(shape)}"
 
 
+def _real_array(value: object) -> Optional[torch.Tensor]:
+    """A 0-dim numpy array of a real dtype as a tensor, else None. numpy itself is not imported
+    (megabatch does not need it); under torch.compile dynamo hands numpy scalars over as such arrays."""
+    if type(value).__name__ != "ndarray" or getattr(value, "shape", None) != ():
+        return None
+    t = torch.as_tensor(value)
+    return None if t.dtype == torch.bool or t.is_complex() else t
+
+
 def real_number(value: object) -> Optional[float]:
     """`value` as a Python float if it is a real number of any kind (float, int, numpy.float32,
     numpy.int64, a 0-dim numpy array of such), else None. Booleans are not numbers here."""
@@ -91,22 +100,22 @@ def real_number(value: object) -> Optional[float]:
         return None
     if isinstance(value, numbers.Real):
         return float(value)
-    # a 0-dim numpy array (numpy itself is not imported: megabatch does not need it)
-    kind = getattr(getattr(value, "dtype", None), "kind", None)
-    if type(value).__name__ == "ndarray" and getattr(value, "shape", None) == () and kind in ("f", "i", "u"):
-        return float(value)  # type: ignore[arg-type]
-    return None
+    array = _real_array(value)
+    return None if array is None else float(array)
 
 
 def as_scalar(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
     """Return `value` as a 0-dim or 1-element tensor on `like`'s device. A real number of any kind
     (float, int, numpy scalar) becomes a constant in the compute dtype; a tensor is used as given."""
     if not isinstance(value, torch.Tensor):
-        number = real_number(value)
-        if number is None:
+        dtype = compute_dtype(like.dtype)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return torch.tensor(float(value), dtype=dtype, device=like.device)
+        array = _real_array(value)
+        if array is None:
             raise TypeError(f"{name} must be a float (any real number: int, numpy.float32, ...) or a 0-dim "
                             f"floating tensor, got {_type_name(value)}")
-        return torch.tensor(number, dtype=compute_dtype(like.dtype), device=like.device)
+        return array.to(dtype=dtype, device=like.device, copy=True)  # not the caller's buffer
     if value.numel() != 1 or value.dim() > 1:
         raise ValueError(f"{name} must be a scalar (0-dim tensor), got shape {tuple(value.shape)}")
     if value.dtype not in FLOAT_DTYPES:
