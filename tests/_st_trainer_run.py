@@ -6,8 +6,9 @@ mini-batch 3), "siglip" (MegabatchLoss(loss="siglip", learnable=True), weight de
 steps). Every rank takes 4 of the 12 (anchor, positive, negative) rows a step. A callback keeps the
 gradients as the optimiser is about to see them (after DDP's averaging), the model's and the loss's
 own; rank 0 saves them with the logged loss; every rank saves the learnt scale and bias.
-"uneven_ring" / "uneven_gather" run no trainer: rank r calls the loss (UNEVEN, that
-strategy) on its own 3 + 2r rows of a batch with repeated anchors and averages the gradients itself.
+"uneven_ring" / "uneven_gather" / "uneven_hierarchical" (ranks_per_node=1, LOCAL_WORLD_SIZE removed
+first) run no trainer: rank r calls the loss (UNEVEN, that strategy) on its own 3 + 2r rows of a batch
+with repeated anchors and averages the gradients itself.
 """
 from __future__ import annotations
 
@@ -45,7 +46,11 @@ def uneven(out: str, built, strategy: str) -> None:
     model = copy.deepcopy(built)
     start = sum(3 + 2 * r for r in range(rank))
     columns = [col[start:start + 3 + 2 * rank] for col in uneven_rows(world)]
-    loss_fn = MegabatchLoss(model, strategy=strategy, **UNEVEN)
+    extra = {}
+    if strategy == "hierarchical":  # 3 nodes of 1 rank, said by the keyword alone (torchrun's R would be 3)
+        os.environ.pop("LOCAL_WORLD_SIZE", None)
+        extra = dict(ranks_per_node=1)
+    loss_fn = MegabatchLoss(model, strategy=strategy, **UNEVEN, **extra)
     loss = loss_fn([model.preprocess(c) for c in columns])
     for p in model.parameters():  # the loss's own scale averages its gradient itself
         if p.grad is not None:

@@ -146,6 +146,67 @@ def test_modules_match_functional_and_output_dict():
     assert "strategy='auto'" in repr(mb.ClipLoss())
 
 
+def test_any_real_number_is_a_scale_or_bias():
+    """numpy.float32 (and numpy.float64, numpy.int64, a Python int, a 0-dim numpy array) is a scale
+    and a bias like the Python float of its value: same loss, bit for bit, functions and modules."""
+    np = pytest.importorskip("numpy")
+    x, y = _xy(b=6, d=4)
+    want_clip, want_siglip = mb.clip_loss(x, y, 8.0), mb.siglip_loss(x, y, 8.0, -3.0)
+    for s, b in ((np.float32(8), np.float32(-3)), (np.float64(8), np.float64(-3)), (np.int64(8), np.int32(-3)),
+                 (8, -3), (np.array(8.0, dtype=np.float32), np.array(-3))):
+        name = type(s).__name__
+        assert torch.equal(mb.clip_loss(x, y, s), want_clip), name
+        assert torch.equal(mb.ClipLoss()(x, y, s), want_clip), name
+        assert torch.equal(mb.siglip_loss(x, y, s, b), want_siglip), name
+        assert torch.equal(mb.SigLipLoss()(x, y, s, b), want_siglip), name
+
+
+def test_what_is_no_real_number_is_a_type_error_naming_the_argument():
+    np = pytest.importorskip("numpy")
+    x, y = _xy()
+    arrays = ((np.array([8.0]), r"got numpy.ndarray of shape \(1,\)"),
+              (np.array(1 + 1j), r"got numpy.ndarray of shape \(\)"))
+    for bad, got in ((2 + 1j, "got complex"), ("10", "got str"), (True, "got bool"), (None, "got NoneType"), *arrays):
+        with pytest.raises(TypeError, match=r"logit_scale must be a float \(any real number: int, numpy.float32, "
+                                            rf"...\) or a 0-dim floating tensor, {got}"):
+            mb.clip_loss(x, y, bad)
+        with pytest.raises(TypeError, match=rf"logit_bias must be a float \(any real number.* {got}"):
+            mb.siglip_loss(x, y, 8.0, bad)
+    with pytest.raises(TypeError, match="logit_scale must be a floating tensor, got torch.int64"):
+        mb.SigLipLoss()(x, y, torch.tensor(8), -3.0)
+
+
+def test_clip_loss_module_refuses_a_bias_in_open_clips_output_dict_place():
+    """ClipLoss's 4th positional argument is open_clip's output_dict: a SigLIP bias there used to give
+    a dict silently."""
+    x, y = _xy()
+    s, bias = torch.tensor(8.0), torch.tensor(-3.0)
+    for bad in (bias, -3.0, 0, "yes"):
+        with pytest.raises(TypeError, match=r"ClipLoss takes no logit_bias; the 4th positional argument is "
+                                            r"open_clip's output_dict \(a bool\), got \w+: for a sigmoid loss "
+                                            r"with a bias use megabatch.SigLipLoss"):
+            mb.ClipLoss()(x, y, s, bad)
+    with pytest.raises(TypeError, match=r"the 5th positional argument of SigLipLoss is open_clip's output_dict "
+                                        r"\(a bool\), got Tensor"):
+        mb.SigLipLoss()(x, y, s, bias, bias)
+    with pytest.raises(TypeError, match="output_dict must be a bool, got Tensor"):
+        mb.ClipLoss(output_dict=bias)
+    want = mb.clip_loss(x, y, s)  # open_clip's own uses still work: a bool, positional or keyword
+    assert torch.equal(mb.ClipLoss()(x, y, s, True)["contrastive_loss"], want)
+    assert torch.equal(mb.ClipLoss(output_dict=True)(x, y, s, False), want)
+    assert torch.equal(mb.ClipLoss()(x, y, s, output_dict=True)["contrastive_loss"], want)
+    assert torch.equal(mb.SigLipLoss()(x, y, s, bias, True)["contrastive_loss"], mb.siglip_loss(x, y, s, bias))
+
+
+def test_modules_check_ranks_per_node_when_built():
+    with pytest.raises(ValueError, match="ranks_per_node is only for strategy='hierarchical', got strategy='ring'"):
+        mb.ClipLoss(strategy="ring", ranks_per_node=2)
+    with pytest.raises(TypeError, match="ranks_per_node must be an int or None, got float"):
+        mb.SigLipLoss(strategy="hierarchical", ranks_per_node=2.0)
+    with pytest.raises(ValueError, match="ranks_per_node must be >= 1, got 0"):
+        mb.ClipLoss(strategy="hierarchical", ranks_per_node=0)
+
+
 def test_clip_loss_of_one_pair_is_zero_and_gradients_finite():
     x, y = (t.requires_grad_(True) for t in _xy(b=1, d=3))
     loss = mb.clip_loss(x, y, 100.0)

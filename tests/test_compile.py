@@ -10,7 +10,8 @@ triton backend and every strategy, and runs forward and backward through AOTAuto
   forward op and whose backward graph -- made by AOTAutograd -- calls the backward op (CLIP) or
   scales the saved gradients (SigLIP); loss and every gradient equal the eager call (same kernels,
   to 1e-6) and meet the float64 reference under tests/_tolerance.py's rule. Also: a configured
-  backend instance (TritonKernels(TritonConfig(16 ...))), logit_scale and logit_bias as floats,
+  backend instance (TritonKernels(TritonConfig(16 ...))), logit_scale and logit_bias as floats
+  and as numpy numbers (which dynamo hands over as 0-dim arrays),
   no-grad calls (the inference graph), a changing batch size (one recompile, dynamic), and the
   torch.compile example of docs/integrations.md (with aot_eager for inductor).
 - strategies gather and ring on W = 3 gloo processes, uneven and rectangular local batches (one case
@@ -170,6 +171,18 @@ def test_local_scalars_as_floats_and_no_grad():
     mb.clip_loss(xe, y, 10.0, backend="triton").backward()
     assert rec.dynamo == 1
     torch.testing.assert_close(xg.grad, xe.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_numpy_scalars_under_fullgraph():
+    """dynamo hands numpy numbers to the loss as 0-dim arrays: they are still a scale and a bias (one graph)."""
+    np = pytest.importorskip("numpy")
+    x, y = _features(9, 9, 8, 4)
+
+    fast, rec = compiled(lambda x, y: mb.siglip_loss(x, y, np.float32(10), np.int64(-3), backend="torch"))
+    got = fast(x, y)
+    assert rec.dynamo == 1
+    want = mb.siglip_loss(x, y, 10.0, -3.0, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_batch_size_change_recompiles_once_with_a_dynamic_size():

@@ -8,7 +8,8 @@
 - Distributed (real gloo processes, W = 3, uneven local batches 3 / 5 / 2, DDP-wrapped model): the
   ranks' losses average to HF's loss on the concatenated batch, and after DDP's averaging every
   parameter gradient equals HF's full-batch gradient: CLIP and SigLIP, strategies ring and gather,
-  with and without GradCache; and under FSDP2 (fully_shard per encoder layer and the root, after
+  with and without GradCache; hierarchical with ranks_per_node given (1: CLIP without GradCache,
+  3: SigLIP with it), LOCAL_WORLD_SIZE unset; and under FSDP2 (fully_shard per encoder layer and the root, after
   hf.shardable makes CLIP's 0-dim logit_scale 1-element), the gathered gradients likewise (ring
   without GradCache, gather with it).
 - ``import megabatch`` (and megabatch.integrations) imports nothing from transformers.
@@ -17,6 +18,7 @@
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -110,12 +112,25 @@ def _distributed(rank: int, world: int) -> dict[str, float]:
         got = {n: p.grad.full_tensor().reshape(want[n].shape) for n, p in fsdp.named_parameters()}
         assert_grads_equal(got, want, rtol=1e-9)
         losses[f"{kind}/{strategy}/fsdp2/{micro}"] = loss.item()
+    # hierarchical with ranks_per_node given (3 nodes of 1 rank: a ring; 1 node of 3: a gather), and
+    # LOCAL_WORLD_SIZE unset so that only the keyword can tell the loss
+    os.environ.pop("LOCAL_WORLD_SIZE", None)
+    for kind, rpn, micro in (("clip", 1, None), ("siglip", world, 2)):
+        inputs = H.batch(kind, sum(sizes), seed=12)
+        model = H.build(kind)
+        want_loss, want = H.reference(model, inputs)
+        loss_fn = hf.ContrastiveLoss(strategy="hierarchical", ranks_per_node=rpn, micro_batch_size=micro)
+        loss = _step(loss_fn, DDP(model), H.rows(inputs, start, start + sizes[rank]))
+        torch.distributed.all_reduce(loss)
+        torch.testing.assert_close(loss / world, want_loss, rtol=1e-11, atol=1e-12)
+        assert_grads_equal(H.grads_of(model), want, rtol=1e-9)
+        losses[f"{kind}/hierarchical/{rpn}/{micro}"] = (loss / world).item()
     return losses
 
 
 def test_distributed_three_ranks_uneven_matches_hf_full_batch(tmp_path) -> None:
     results = run_world(_distributed, 3, tmp_path, timeout=180)
-    assert len(results) == 3 and all(len(r) == 12 for r in results)
+    assert len(results) == 3 and all(len(r) == 14 for r in results)
 
 
 def test_import_megabatch_imports_no_transformers() -> None:
@@ -154,3 +169,10 @@ def test_bad_inputs_are_clear_errors() -> None:
     for bad in (dict(loss="infonce"), dict(strategy="tree"), dict(micro_batch_size=0), dict(directions="up")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             hf.ContrastiveLoss(**bad)
+    with pytest.raises(ValueError, match="ranks_per_node is only for strategy='hierarchical', got strategy='ring'"):
+        hf.ContrastiveLoss(strategy="ring", ranks_per_node=2)
+    with pytest.raises(ValueError, match="ranks_per_node must be >= 1, got 0"):
+        hf.ContrastiveLoss(strategy="hierarchical", ranks_per_node=0)
+    # the evaluation copy (ContrastiveTrainer's, without micro-batches) keeps it
+    cached = hf.ContrastiveLoss(strategy="hierarchical", ranks_per_node=2, micro_batch_size=2)
+    assert cached._whole().ranks_per_node == 2

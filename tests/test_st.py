@@ -179,6 +179,42 @@ def test_siglip_learnable_against_reference(model):
     model.zero_grad(set_to_none=True)
 
 
+def test_siglip_starts_where_the_paper_does_unless_given(model):
+    """loss="siglip" without scale or bias is SigLIP at t = 10, b = -10 (it used to take CLIP's 20);
+    a numpy.float32 scale and bias are numbers like any other."""
+    np = pytest.importorskip("numpy")
+    feats = columns(model, 5, 2, seed=8)
+    x, y = embeddings(model, feats)
+    with torch.no_grad():
+        default = MegabatchLoss(model, loss="siglip")
+        value = default([dict(f) for f in feats])
+        numpy_value = MegabatchLoss(model, loss="siglip", scale=np.float32(10), bias=np.float32(-10))(
+            [dict(f) for f in feats])
+        clip = MegabatchLoss(model, scale=np.float32(20))([dict(f) for f in feats])
+    assert (default.get_config_dict()["scale"], default.get_config_dict()["bias"]) == (10.0, -10.0)
+    assert MegabatchLoss(model).get_config_dict()["scale"] == 20.0
+    ref = mb.siglip_loss_reference(x, y, 10.0, -10.0)
+    torch.testing.assert_close(value, ref.to(value.dtype), rtol=1e-9, atol=1e-12)
+    assert torch.equal(numpy_value, value)
+    ref = mb.clip_loss_reference(x, y, 20.0, directions="image_to_text")
+    torch.testing.assert_close(clip, ref.to(clip.dtype), rtol=1e-9, atol=1e-12)
+
+
+def test_bad_scalars_and_ranks_per_node(model):
+    with pytest.raises(TypeError, match=r"scale must be a positive real number \(float, int, numpy.float32, ...\) "
+                                        "or None, got str"):
+        MegabatchLoss(model, scale="20")
+    with pytest.raises(ValueError, match="scale must be a positive finite number, got 0"):
+        MegabatchLoss(model, loss="siglip", scale=0)
+    with pytest.raises(TypeError, match=r"bias must be a real number \(float, int, numpy.float32, ...\) or None, "
+                                        "got complex"):
+        MegabatchLoss(model, loss="siglip", bias=1j)
+    with pytest.raises(ValueError, match="ranks_per_node is only for strategy='hierarchical', got strategy='ring'"):
+        MegabatchLoss(model, strategy="ring", ranks_per_node=2)
+    with pytest.raises(TypeError, match="ranks_per_node must be an int or None, got str"):
+        MegabatchLoss(model, strategy="hierarchical", ranks_per_node="2")
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(loss="infonce"), "loss must be one of"),
     (dict(directions=("query_to_doc", "query_to_query")), "directions must be"),

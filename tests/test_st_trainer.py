@@ -7,7 +7,8 @@ gradient the optimiser sees (after DDP) agree. A learnable SigLIP scale and bias
 different value on each rank, end equal on every rank, get no weight decay, and their gradient (and
 the model's) is the one-process gradient of the whole global batch. Without the trainer, uneven
 batches (3, 5, 7 rows) with two positive columns, repeated anchors (positives="anchor"), a learnable
-CLIP scale and GradCache give the one-process loss and gradients of the 15 rows (ring and gather).
+CLIP scale and GradCache give the one-process loss and gradients of the 15 rows (ring, gather, and
+hierarchical as 3 nodes of 1 rank given by ranks_per_node=1 alone: LOCAL_WORLD_SIZE is removed first).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from _st_trainer_run import N, UNEVEN, data, uneven_rows  # noqa: E402
 from megabatch.integrations.sentence_transformers import MegabatchLoss  # noqa: E402
 
 HERE = Path(__file__).parent
-RUNS = ("mnrl", "ours", "cached", "ours_cached", "siglip", "uneven_ring", "uneven_gather")
+RUNS = ("mnrl", "ours", "cached", "ours_cached", "siglip", "uneven_ring", "uneven_gather", "uneven_hierarchical")
 WORLD = 3
 
 
@@ -79,18 +80,25 @@ def test_learnable_scale_and_bias_on_ranks(results, tmp_path):
         torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("strategy", ["ring", "gather"])
-def test_uneven_batches_lists_of_positives_and_duplicates(results, tmp_path, strategy):
-    got = results[(f"uneven_{strategy}", 0)]
-    model = _st_models.build(str(tmp_path / "m")).double()
+@pytest.fixture(scope="module")
+def uneven_want(tmp_path_factory):
+    """The one-process loss and gradients of the uneven runs' 15 rows (one computation for every strategy)."""
+    model = _st_models.build(str(tmp_path_factory.mktemp("uneven") / "m")).double()
     columns = uneven_rows(WORLD)
     loss_fn = MegabatchLoss(model, **UNEVEN)
     loss = loss_fn([model.preprocess(c) for c in columns])
     ids = loss_fn._ids([model.preprocess(c) for c in columns])
     assert ids["image_ids"].unique().numel() == 4  # the repeated anchors share their id
-    torch.testing.assert_close(got["loss"], loss, rtol=1e-9, atol=1e-12)
     want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     want["norm.logit_scale"] = loss_fn.norm.logit_scale.grad  # CLIP's: each rank's share differs, the mean is exact
+    return loss.detach(), want
+
+
+@pytest.mark.parametrize("strategy", ["ring", "gather", "hierarchical"])
+def test_uneven_batches_lists_of_positives_and_duplicates(results, uneven_want, strategy):
+    got = results[(f"uneven_{strategy}", 0)]
+    loss, want = uneven_want
+    torch.testing.assert_close(got["loss"], loss, rtol=1e-9, atol=1e-12)
     assert got["grads"].keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got["grads"][name], want[name], rtol=1e-9, atol=1e-12, msg=name)

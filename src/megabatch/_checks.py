@@ -5,6 +5,7 @@ looks at values (a NaN feature gives a NaN loss, as documented).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -74,12 +75,47 @@ def check_directions(directions: object) -> None:
         raise ValueError(f"directions must be one of {DIRECTION_NAMES}, got {directions!r}")
 
 
+def _type_name(value: object) -> str:
+    """`value`'s type as a user would write it (float, numpy.float32), and an array's shape."""
+    cls = type(value)
+    module = cls.__module__.split(".")[0]
+    name = cls.__name__ if module == "builtins" else f"{module}.{cls.__name__}"
+    shape = getattr(value, "shape", None)
+    return name if shape is None else f"{name} of shape {tuple(shape)}"
+
+
+def _real_array(value: object) -> Optional[torch.Tensor]:
+    """A 0-dim numpy array of a real dtype as a tensor, else None. numpy itself is not imported
+    (megabatch does not need it); under torch.compile dynamo hands numpy scalars over as such arrays."""
+    if type(value).__name__ != "ndarray" or getattr(value, "shape", None) != ():
+        return None
+    t = torch.as_tensor(value)
+    return None if t.dtype == torch.bool or t.is_complex() else t
+
+
+def real_number(value: object) -> Optional[float]:
+    """`value` as a Python float if it is a real number of any kind (float, int, numpy.float32,
+    numpy.int64, a 0-dim numpy array of such), else None. Booleans are not numbers here."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    array = _real_array(value)
+    return None if array is None else float(array)
+
+
 def as_scalar(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
-    """Return `value` as a 0-dim or 1-element tensor on `like`'s device (floats become constants)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        raise TypeError(f"{name} must be a float or a 0-dim floating tensor, got {type(value).__name__}")
+    """Return `value` as a 0-dim or 1-element tensor on `like`'s device. A real number of any kind
+    (float, int, numpy scalar) becomes a constant in the compute dtype; a tensor is used as given."""
     if not isinstance(value, torch.Tensor):
-        return torch.tensor(float(value), dtype=compute_dtype(like.dtype), device=like.device)
+        dtype = compute_dtype(like.dtype)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return torch.tensor(float(value), dtype=dtype, device=like.device)
+        array = _real_array(value)
+        if array is None:
+            raise TypeError(f"{name} must be a float (any real number: int, numpy.float32, ...) or a 0-dim "
+                            f"floating tensor, got {_type_name(value)}")
+        return array.to(dtype=dtype, device=like.device, copy=True)  # not the caller's buffer
     if value.numel() != 1 or value.dim() > 1:
         raise ValueError(f"{name} must be a scalar (0-dim tensor), got shape {tuple(value.shape)}")
     if value.dtype not in FLOAT_DTYPES:

@@ -50,7 +50,7 @@ def clip_loss(
             yourself, as with open_clip).
         text_features: (n, D), same dtype and device; n may differ from b (hard negatives).
         logit_scale: s, the multiplier itself (open_clip's ``logit_scale.exp()``): a 0-dim tensor
-            (gradients flow to it) or a float.
+            (gradients flow to it) or a real number of any kind (float, int, numpy.float32, ...).
         image_ids, text_ids: (b,) and (n,) int64 on the features' device, comparable across ranks:
             pair (i, j) is positive iff image_ids[i] == text_ids[j] (repeated captions, several
             captions per image). Both or neither. None: image i pairs with text i of the same rank
@@ -110,8 +110,8 @@ def siglip_loss(
     Args:
         image_features: (b, D) float16/bfloat16/float32/float64.
         text_features: (n, D), same dtype and device; n may differ from b.
-        logit_scale: s, the multiplier itself (``logit_scale.exp()``), 0-dim tensor or float.
-        logit_bias: b, 0-dim tensor or float (SigLIP initialises it at -10).
+        logit_scale: s, the multiplier itself (``logit_scale.exp()``), 0-dim tensor or real number.
+        logit_bias: b, 0-dim tensor or real number (SigLIP initialises it at -10).
         image_ids, text_ids, strategy, backend, group, ranks_per_node: as for :func:`clip_loss`.
 
     Returns:

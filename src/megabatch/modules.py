@@ -35,13 +35,16 @@ class _ContrastiveLoss(nn.Module):
             raise ValueError(f"strategy must be one of {strategies.STRATEGIES}, got {strategy!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if ranks_per_node is not None and strategy != "hierarchical":
-            raise ValueError(f"ranks_per_node is only for strategy='hierarchical', got strategy={strategy!r}")
+        if not isinstance(output_dict, bool):
+            raise TypeError(f"output_dict must be a bool, got {type(output_dict).__name__}")
+        if ranks_per_node is not None:  # an int >= 1, and only with strategy='hierarchical'
+            strategies.ranks_per_node(strategy, ranks_per_node, group)
         self.strategy, self.backend, self.group, self.output_dict = strategy, backend, group, output_dict
         self.ranks_per_node = ranks_per_node
 
-    def _out(self, loss: Tensor) -> Union[Tensor, dict[str, Tensor]]:
-        return {"contrastive_loss": loss} if self.output_dict else loss
+    def _out(self, loss: Tensor, output_dict: Optional[bool]) -> Union[Tensor, dict[str, Tensor]]:
+        as_dict = self.output_dict if output_dict is None else output_dict
+        return {"contrastive_loss": loss} if as_dict else loss
 
     def extra_repr(self) -> str:
         extra = f", directions={self.directions!r}" if hasattr(self, "directions") else ""
@@ -61,12 +64,17 @@ class ClipLoss(_ContrastiveLoss):
         self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar, output_dict: Optional[bool] = None,
         *, image_ids: Optional[Tensor] = None, text_ids: Optional[Tensor] = None, directions: Optional[str] = None,
     ) -> Union[Tensor, dict[str, Tensor]]:
+        if output_dict is not None and not isinstance(output_dict, bool):
+            raise TypeError(
+                f"ClipLoss takes no logit_bias; the 4th positional argument is open_clip's output_dict (a bool), "
+                f"got {type(output_dict).__name__}: for a sigmoid loss with a bias use megabatch.SigLipLoss"
+            )
         loss = clip_loss(
             image_features, text_features, logit_scale, image_ids=image_ids, text_ids=text_ids,
             directions=self.directions if directions is None else directions,
             strategy=self.strategy, backend=self.backend, group=self.group, ranks_per_node=self.ranks_per_node,
         )
-        return self._out(loss) if output_dict is None else ({"contrastive_loss": loss} if output_dict else loss)
+        return self._out(loss, output_dict)
 
 
 class SigLipLoss(_ContrastiveLoss):
@@ -84,6 +92,9 @@ class SigLipLoss(_ContrastiveLoss):
         image_ids: Optional[Tensor] = None,
         text_ids: Optional[Tensor] = None,
     ) -> Union[Tensor, dict[str, Tensor]]:
+        if output_dict is not None and not isinstance(output_dict, bool):
+            raise TypeError(f"the 5th positional argument of SigLipLoss is open_clip's output_dict (a bool), got "
+                            f"{type(output_dict).__name__}")
         loss = siglip_loss(
             image_features,
             text_features,
@@ -96,4 +107,4 @@ class SigLipLoss(_ContrastiveLoss):
             group=self.group,
             ranks_per_node=self.ranks_per_node,
         )
-        return self._out(loss) if output_dict is None else ({"contrastive_loss": loss} if output_dict else loss)
+        return self._out(loss, output_dict)

@@ -130,6 +130,8 @@ class ContrastiveLoss:
         directions: CLIP only: "both", "image_to_text" or "text_to_image".
         strategy, backend, group: as for :func:`megabatch.clip_loss` ("auto": ring when
             torch.distributed is initialised with several ranks).
+        ranks_per_node: strategy="hierarchical" only, as for :func:`megabatch.clip_loss`: ranks per
+            node (None: torchrun's LOCAL_WORLD_SIZE).
         micro_batch_size: None, or the examples per encoder call for GradCache (activations for
             that many at a time; exact gradients). Then use :meth:`backward`.
 
@@ -148,6 +150,7 @@ class ContrastiveLoss:
         backend: str = "auto",
         group: Optional["dist.ProcessGroup"] = None,
         micro_batch_size: Optional[int] = None,
+        ranks_per_node: Optional[int] = None,
     ):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -160,8 +163,10 @@ class ContrastiveLoss:
             isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size <= 0
         ):
             raise ValueError(f"micro_batch_size must be None or a positive int, got {micro_batch_size!r}")
+        if ranks_per_node is not None:  # an int >= 1, and only with strategy='hierarchical'
+            strategies.ranks_per_node(strategy, ranks_per_node, group)
         self.loss, self.directions, self.strategy, self.backend = loss, directions, strategy, backend
-        self.group, self.micro_batch_size = group, micro_batch_size
+        self.group, self.micro_batch_size, self.ranks_per_node = group, micro_batch_size, ranks_per_node
 
     def __repr__(self) -> str:
         return (f"ContrastiveLoss(loss={self.loss!r}, strategy={self.strategy!r}, backend={self.backend!r}, "
@@ -212,10 +217,11 @@ class ContrastiveLoss:
 
     def _whole(self) -> "ContrastiveLoss":
         return ContrastiveLoss(loss=self.loss, directions=self.directions, strategy=self.strategy,
-                               backend=self.backend, group=self.group)
+                               backend=self.backend, group=self.group, ranks_per_node=self.ranks_per_node)
 
     def _loss_fn(self, family: str) -> Callable[..., Tensor]:
-        settings = dict(strategy=self.strategy, backend=self.backend, group=self.group)
+        settings = dict(strategy=self.strategy, backend=self.backend, group=self.group,
+                        ranks_per_node=self.ranks_per_node)
         if family == "clip":
             return lambda x, y, s, **ids: functional.clip_loss(x, y, s, directions=self.directions, **ids, **settings)
         return lambda x, y, s, b, **ids: functional.siglip_loss(x, y, s, b, **ids, **settings)
@@ -263,7 +269,7 @@ class ContrastiveTrainer(Trainer):
 
     Under torchrun every rank's batch joins one contrastive batch (ring or gather), and DDP's
     gradient averaging gives exactly the global batch's gradient. Keywords (besides Trainer's):
-    ``loss``, ``directions``, ``strategy``, ``backend``, ``micro_batch_size`` as for
+    ``loss``, ``directions``, ``strategy``, ``backend``, ``ranks_per_node``, ``micro_batch_size`` as for
     :class:`ContrastiveLoss`. With ``micro_batch_size`` the towers run through GradCache (each
     rank's batch may then be much larger than its activations allow).
 
@@ -274,9 +280,10 @@ class ContrastiveTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, loss: str = "auto", directions: str = "both", strategy: str = "auto",
-                 backend: str = "auto", micro_batch_size: Optional[int] = None, **kwargs: Any):
+                 backend: str = "auto", micro_batch_size: Optional[int] = None,
+                 ranks_per_node: Optional[int] = None, **kwargs: Any):
         self.contrastive = ContrastiveLoss(loss=loss, directions=directions, strategy=strategy, backend=backend,
-                                           micro_batch_size=micro_batch_size)
+                                           micro_batch_size=micro_batch_size, ranks_per_node=ranks_per_node)
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError(

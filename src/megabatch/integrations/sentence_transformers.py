@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import functional, strategies
+from .._checks import real_number
 from ..gradcache import GradCache
 from ..kernels import BACKENDS
 
@@ -40,6 +41,9 @@ except ImportError as e:  # pragma: no cover - the dev install has it
     ) from e
 
 LOSSES = ("clip", "siglip")
+# Where the scale (and SigLIP's bias) start unless given: MNRL's 20 for CLIP, the SigLIP paper's t = 10, b = -10.
+DEFAULT_SCALE = {"clip": 20.0, "siglip": 10.0}
+DEFAULT_BIAS = -10.0
 POSITIVES = ("position", "anchor", "positive")
 ONE_WAY, SYMMETRIC = ("query_to_doc",), ("query_to_doc", "doc_to_query")
 # Ids of one rank's rows: rank * SPAN + row (SPAN rows a rank at most); hashes are masked to 62 bits.
@@ -105,8 +109,9 @@ class MegabatchLoss(nn.Module):
     Args:
         model: the SentenceTransformer (the trainer swaps in its DDP wrapper).
         loss: "clip" (MNRL's InfoNCE) or "siglip" (pairwise sigmoid, scale and bias).
-        scale: the multiplier of the cosine similarities (MNRL's 20; SigLIP's usual 10).
-        bias: SigLIP's bias (default -10); not for CLIP.
+        scale: the multiplier of the cosine similarities, any positive real number. None: 20 for
+            "clip" (MNRL's), 10 for "siglip" (where the SigLIP paper starts it).
+        bias: SigLIP's bias, any real number. None: -10 for "siglip" (the paper's start); CLIP has none.
         learnable: make scale (and bias) parameters. They live in ``self.norm`` so that the
             trainer's weight-decay rule (no decay for names with a ``norm`` part) spares them, and
             their gradient is averaged over the ranks, so they stay equal on every rank.
@@ -121,23 +126,39 @@ class MegabatchLoss(nn.Module):
         mini_batch_size: None, or GradCache's micro-batch (CachedMNRL's ``mini_batch_size``).
         strategy, backend, group: as for :func:`megabatch.clip_loss`; "auto" spans every rank
             (MNRL's ``gather_across_devices=True``); "local" is MNRL's default per-rank loss.
+        ranks_per_node: strategy="hierarchical" only, as for :func:`megabatch.clip_loss`: ranks per
+            node (None: torchrun's LOCAL_WORLD_SIZE).
     """
 
-    def __init__(self, model: nn.Module, *, loss: str = "clip", scale: float = 20.0, bias: Optional[float] = None,
+    def __init__(self, model: nn.Module, *, loss: str = "clip", scale: Optional[float] = None,
+                 bias: Optional[float] = None,
                  learnable: bool = False, directions: Iterable[str] = ONE_WAY, partition_mode: str = "joint",
                  positive_columns: int = 1, positives: str = "position", mini_batch_size: Optional[int] = None,
-                 strategy: str = "auto", backend: str = "auto", group: Optional[Any] = None):
+                 strategy: str = "auto", backend: str = "auto", group: Optional[Any] = None,
+                 ranks_per_node: Optional[int] = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a SentenceTransformer, got {type(model).__name__}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(f"scale must be a positive float, got {scale!r}")
+        if scale is None:
+            scale = DEFAULT_SCALE[loss]
+        number = real_number(scale)
+        if number is None:
+            raise TypeError(f"scale must be a positive real number (float, int, numpy.float32, ...) or None, "
+                            f"got {type(scale).__name__}")
+        if not (number > 0 and math.isfinite(number)):
+            raise ValueError(f"scale must be a positive finite number, got {scale!r}")
         if loss == "clip" and bias is not None:
             raise ValueError("bias is SigLIP's (loss='siglip'); CLIP has none")
-        if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float))):
-            raise ValueError(f"bias must be a float, got {bias!r}")
+        if loss == "siglip" and bias is None:
+            bias = DEFAULT_BIAS
+        if bias is not None:
+            bias_number = real_number(bias)
+            if bias_number is None:
+                raise TypeError(f"bias must be a real number (float, int, numpy.float32, ...) or None, "
+                                f"got {type(bias).__name__}")
+            bias = bias_number
         directions = tuple(directions) if not isinstance(directions, str) else (directions,)
         if directions not in (ONE_WAY, SYMMETRIC):
             raise ValueError(f"directions must be {ONE_WAY} or {SYMMETRIC}, got {directions!r} "
@@ -164,22 +185,23 @@ class MegabatchLoss(nn.Module):
             raise ValueError(f"strategy must be one of {strategies.STRATEGIES}, got {strategy!r}")
         if isinstance(backend, str) and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if ranks_per_node is not None:  # an int >= 1, and only with strategy='hierarchical'
+            strategies.ranks_per_node(strategy, ranks_per_node, group)
         self.model = model
         self.loss, self.directions, self.partition_mode = loss, directions, partition_mode
         self.positive_columns, self.positives, self.mini_batch_size = positive_columns, positives, mini_batch_size
-        self.strategy, self.backend, self.group = strategy, backend, group
-        if loss == "siglip" and bias is None:
-            bias = -10.0
+        self.strategy, self.backend, self.group, self.ranks_per_node = strategy, backend, group, ranks_per_node
         self.learnable = bool(learnable)
-        self.scale, self.bias = float(scale), bias
-        self.norm = _Scalars(scale, bias) if self.learnable else None
+        self.scale, self.bias = number, bias
+        self.norm = _Scalars(number, bias) if self.learnable else None
         self._synced = False
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"loss": self.loss, "scale": self.scale, "bias": self.bias, "learnable": self.learnable,
                 "directions": self.directions, "partition_mode": self.partition_mode,
                 "positive_columns": self.positive_columns, "positives": self.positives,
-                "mini_batch_size": self.mini_batch_size, "strategy": self.strategy}
+                "mini_batch_size": self.mini_batch_size, "strategy": self.strategy,
+                "ranks_per_node": self.ranks_per_node}
 
     # -- the scalars ---------------------------------------------------------------------------
     def _distributed(self) -> bool:
@@ -201,7 +223,8 @@ class MegabatchLoss(nn.Module):
 
     # -- the loss ------------------------------------------------------------------------------
     def _loss_fn(self, x: Tensor, y: Tensor, *scalars: Any, **ids: Tensor) -> Tensor:
-        settings = dict(strategy=self.strategy, backend=self.backend, group=self.group)
+        settings = dict(strategy=self.strategy, backend=self.backend, group=self.group,
+                        ranks_per_node=self.ranks_per_node)
         if self.loss == "siglip":
             return functional.siglip_loss(x, y, *scalars, **ids, **settings)
         direction = "image_to_text" if self.directions == ONE_WAY else "both"
