@@ -312,8 +312,8 @@ def _error(call: Any) -> Any:
 
 def mismatch_worker(rank: int, world: int) -> dict[str, Any]:
     """Every rank records the exception each disagreement raised, then runs one healthy case: the
-    group survives a ValueError raised after the layout exchange. Rank `world - 1` (or the odd rank
-    of DISAGREEMENTS, k % world for case k) is the one that differs."""
+    group survives a ValueError raised after the layout exchange. In DISAGREEMENTS' case k, rank
+    k % world is the one that differs."""
     errors = {}
     for kind, strategy, loss in itertools.product(MISMATCHES, (*STRATEGIES, "hierarchical"), LOSSES):
         dim = 16 if kind == "dim" and rank == 1 else 17
@@ -341,19 +341,23 @@ def mismatch_worker(rank: int, world: int) -> dict[str, Any]:
         call = (lambda: mb.clip_loss(x, y, 10.0, **kw)) if loss == "clip" else \
             (lambda: mb.siglip_loss(x, y, 10.0, -5.0, **kw))
         errors[what, usual, odd, other] = _error(call)
-    # gather's compiled CLIP backward gathers the texts again: compiled on rank 0 only must raise;
-    # ring's roads run the same collectives, so there they mix (and give the eager bits' value).
-    torch._dynamo.reset()
+    # gather's compiled CLIP backward gathers the texts again: the compiled road on rank 0 only must raise;
+    # ring's roads run the same collectives, so there they mix (and give the eager value). The compiled
+    # road is losses.ops.clip, what torch.compile's graph calls (tests/test_compile.py), called here directly.
+    from megabatch.kernels import get_backend
+    from megabatch.losses import LossOptions, needs_grad, ops
+    from megabatch.losses import clip as eager_clip
+
     road: dict[str, Any] = {}
     for strategy in STRATEGIES:
-        def loss_of(x: torch.Tensor, y: torch.Tensor, strategy: str = strategy) -> torch.Tensor:
-            return mb.clip_loss(x, y, 10.0, strategy=strategy, backend="torch")
-
-        fn = torch.compile(loss_of, fullgraph=True, backend="eager") if rank == 0 else loss_of
         xd, yd = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
-        road[strategy] = _error(lambda: fn(xd, yd).backward())
+        scale = torch.tensor(10.0, dtype=torch.float64)
+        opts = LossOptions(strategy, get_backend("torch", xd.device), needs_grad(xd, yd, scale))
+        fn = ops.clip if rank == 0 else eager_clip
+        road[strategy] = _error(lambda: fn(opts, xd, yd, scale).backward())
         if road[strategy] is None:
-            road[strategy + "_value"] = (float(fn(xd, yd)), float(loss_of(xd, yd)))
+            road[strategy + "_value"] = (float(fn(opts, xd, yd, scale).detach()),
+                                          float(eager_clip(opts, xd, yd, scale).detach()))
     return {"errors": errors, "road": road, "healthy": compute(make_cases(world)[0], rank)}
 
 
