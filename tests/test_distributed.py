@@ -11,9 +11,10 @@ runs both ways and one way. Checked for W = 1..4, both losses, both strategies, 
 bfloat16/float16 at W = 2), the 'torch', 'dense' and (W = 2 and 3, interpreted) 'triton' backends,
 gather's NCCL reduce-scatter path (driven on gloo), uneven sizes with a rank of b = 1, no-grad /
 frozen-image / scaled-loss backward, a subgroup (4 ranks in two groups of 2), strategy="auto"
-picking ring, and ranks disagreeing on D, dtype, backend, requires_grad, ids given or directions (or a
-global batch without images, or one rank whose own arguments are malformed) all raising ValueError on
-every rank (and the world still working afterwards).
+picking ring, and ranks disagreeing on D, dtype, backend, requires_grad, ids given, directions, the
+strategy (ring / gather / hierarchical), the loss (clip / siglip) or gather's CLIP road (compiled on one
+rank only) -- or a global batch without images, or one rank whose own arguments are malformed -- all
+raising ValueError on every rank of a world of 2 and of 3 (the world still working afterwards).
 Tolerance: tests/_tolerance.py's rule, 2x plain PyTorch's error at the same precision + a floor.
 Each world is spawned once (module-scoped) and runs many cases; results come back through files.
 """
@@ -41,6 +42,10 @@ LOSSES = ("clip", "siglip")
 SIZES = {1: [(7,), (1,)], 2: [(5, 1), (4, 4)], 3: [(6, 2, 5), (1, 3, 3)], 4: [(3, 1, 7, 2), (2, 2, 2, 2)]}
 MODES = ("all", "nograd", "frozen_x", "scaled")
 MISMATCHES = ("dim", "dtype", "grad", "backend", "empty", "malformed", "ids", "directions")
+# Ranks calling different strategies or losses: (what, most ranks, the odd rank, with).
+DISAGREEMENTS = [("strategy", a, b, loss) for (a, b), loss in itertools.product(
+    [("ring", "gather"), ("ring", "hierarchical"), ("gather", "hierarchical")], LOSSES)]
+DISAGREEMENTS += [("loss", "clip", "siglip", s) for s in ("gather", "ring", "hierarchical")]
 
 
 def make_inputs(case: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
@@ -272,8 +277,8 @@ def world_worker(rank: int, world: int) -> dict[str, Any]:
         default, _comm.use_reduce_scatter = _comm.use_reduce_scatter, lambda t, lay: True
         out["reduce_scatter"] = [compute(c, rank) for c in make_cases(world) if c["strategy"] == "gather"]
         _comm.use_reduce_scatter = default
-    if world == 3:
-        out["mismatch"] = mismatch_worker(rank)
+    if world in (2, 3):
+        out["mismatch"] = mismatch_worker(rank, world)
     if world == 4:
         out["subgroups"] = subgroup_worker(rank)
     return out
@@ -296,30 +301,64 @@ def subgroup_cases(which: int) -> list[dict[str, Any]]:
                  mode="all") for s, l, d in itertools.product(STRATEGIES, LOSSES, (torch.float64, torch.float32))]
 
 
-def mismatch_worker(rank: int) -> dict[str, Any]:
-    """Every rank records the exception each disagreement raised, then runs one healthy case."""
+def _error(call: Any) -> Any:
+    """(exception type name, message) of what call() raised, None if it returned."""
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - the parent checks type and message
+        return type(e).__name__, str(e)
+    return None
+
+
+def mismatch_worker(rank: int, world: int) -> dict[str, Any]:
+    """Every rank records the exception each disagreement raised, then runs one healthy case: the
+    group survives a ValueError raised after the layout exchange. In DISAGREEMENTS' case k, rank
+    k % world is the one that differs."""
     errors = {}
-    for kind, strategy, loss in itertools.product(MISMATCHES, STRATEGIES, LOSSES):
+    for kind, strategy, loss in itertools.product(MISMATCHES, (*STRATEGIES, "hierarchical"), LOSSES):
         dim = 16 if kind == "dim" and rank == 1 else 17
-        dtype = torch.float64 if kind == "dtype" and rank == 2 else torch.float32
+        dtype = torch.float64 if kind == "dtype" and rank == world - 1 else torch.float32
         b = 0 if kind == "empty" else 2 + rank  # no rank has an image left: no global batch
         x = torch.randn(b, dim, dtype=dtype, requires_grad=not (kind == "grad" and rank == 0))
         if kind == "malformed" and rank == 1:  # fails this rank's own validation, before any collective
             x = x[:, 0]
         y = torch.randn(2 + rank, dim, dtype=dtype, requires_grad=True)
-        kw: dict[str, Any] = dict(strategy=strategy, backend="dense" if kind == "backend" and rank == 1 else "torch")
+        kw: dict[str, Any] = dict(strategy=strategy, backend="dense" if kind == "backend" and rank == 1 else "torch",
+                                  ranks_per_node=1 if strategy == "hierarchical" else None)
         if kind == "ids" and rank == 1:
             kw.update(image_ids=torch.zeros(x.shape[0], dtype=torch.int64), text_ids=torch.zeros(3, dtype=torch.int64))
-        try:
-            if loss == "clip" or kind == "directions":
-                direction = "image_to_text" if kind == "directions" and rank == 0 else "both"
-                mb.clip_loss(x, y, 10.0, directions=direction, **kw)
-            else:
-                mb.siglip_loss(x, y, 10.0, -5.0, **kw)
-            errors[kind, strategy, loss] = None
-        except Exception as e:  # noqa: BLE001 - the parent checks type and message
-            errors[kind, strategy, loss] = (type(e).__name__, str(e))
-    return {"errors": errors, "healthy": compute(make_cases(3)[0], rank)}
+        if loss == "clip" or kind == "directions":
+            direction = "image_to_text" if kind == "directions" and rank == 0 else "both"
+            errors[kind, strategy, loss] = _error(lambda: mb.clip_loss(x, y, 10.0, directions=direction, **kw))
+        else:
+            errors[kind, strategy, loss] = _error(lambda: mb.siglip_loss(x, y, 10.0, -5.0, **kw))
+    x = torch.randn(2 + rank, 17, requires_grad=True)
+    y = torch.randn(3, 17, requires_grad=True)
+    for k, (what, usual, odd, other) in enumerate(DISAGREEMENTS):
+        mine = odd if rank == k % world else usual
+        strategy, loss = (mine, other) if what == "strategy" else (other, mine)
+        kw = dict(strategy=strategy, backend="torch", ranks_per_node=1 if strategy == "hierarchical" else None)
+        call = (lambda: mb.clip_loss(x, y, 10.0, **kw)) if loss == "clip" else \
+            (lambda: mb.siglip_loss(x, y, 10.0, -5.0, **kw))
+        errors[what, usual, odd, other] = _error(call)
+    # gather's compiled CLIP backward gathers the texts again: the compiled road on rank 0 only must raise;
+    # ring's roads run the same collectives, so there they mix (and give the eager value). The compiled
+    # road is losses.ops.clip, what torch.compile's graph calls (tests/test_compile.py), called here directly.
+    from megabatch.kernels import get_backend
+    from megabatch.losses import LossOptions, needs_grad, ops
+    from megabatch.losses import clip as eager_clip
+
+    road: dict[str, Any] = {}
+    for strategy in STRATEGIES:
+        xd, yd = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+        scale = torch.tensor(10.0, dtype=torch.float64)
+        opts = LossOptions(strategy, get_backend("torch", xd.device), needs_grad(xd, yd, scale))
+        fn = ops.clip if rank == 0 else eager_clip
+        road[strategy] = _error(lambda: fn(opts, xd, yd, scale).backward())
+        if road[strategy] is None:
+            road[strategy + "_value"] = (float(fn(opts, xd, yd, scale).detach()),
+                                          float(eager_clip(opts, xd, yd, scale).detach()))
+    return {"errors": errors, "road": road, "healthy": compute(make_cases(world)[0], rank)}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -378,15 +417,35 @@ def test_subgroups(world_results) -> None:
             check_case(case, [m[k] for m in members])
 
 
-def test_disagreeing_ranks_raise_everywhere(world_results) -> None:
-    results = [r["mismatch"] for r in world_results(3)]
+@pytest.mark.parametrize("world", [2, 3])
+def test_disagreeing_ranks_raise_everywhere(world: int, world_results) -> None:
+    results = [r["mismatch"] for r in world_results(world)]
     words = {"dim": "feature dim D", "dtype": "same dtype", "grad": "need gradients", "backend": "same backend",
              "empty": "at least one image and one text", "malformed": "group rank(s) [1] passed invalid arguments",
              "ids": "on every rank or on none", "directions": "directions must be the same on every rank"}
     for r, res in enumerate(results):
-        assert len(res["errors"]) == len(MISMATCHES) * len(STRATEGIES) * len(LOSSES)
-        for (kind, strategy, loss), err in res["errors"].items():
-            assert err is not None, f"rank {r}: {kind} mismatch with {strategy}/{loss} did not raise"
+        assert len(res["errors"]) == len(MISMATCHES) * (len(STRATEGIES) + 1) * len(LOSSES) + len(DISAGREEMENTS)
+        for key, err in res["errors"].items():
+            assert err is not None, f"rank {r}: {key} mismatch did not raise"
+            if key[0] in ("strategy", "loss"):
+                continue
+            kind = key[0]
             expected = "image_features must be 2-D" if kind == "malformed" and r == 1 else words[kind]
-            assert err[0] == "ValueError" and expected in err[1], (r, kind, strategy, loss, err)
-    check_case(make_cases(3)[0], [res["healthy"] for res in results])
+            assert err[0] == "ValueError" and expected in err[1], (r, key, err)
+    for k, (what, usual, odd, other) in enumerate(DISAGREEMENTS):
+        names = [odd if r == k % world else usual for r in range(world)]
+        if what == "strategy":
+            want = f"every rank of the group must use the same strategy; got {names} on ranks 0..{world - 1}"
+        else:
+            names = [f"{name}_loss" for name in names]
+            want = f"every rank of the group must call the same loss; got {names} on ranks 0..{world - 1}"
+        assert [res["errors"][what, usual, odd, other] for res in results] == [("ValueError", want)] * world
+    compiled = [True] + [False] * (world - 1)
+    want = ("strategy='gather' with clip_loss needs torch.compile on every rank or on none (the compiled backward "
+            f"gathers the texts again); compiled per rank 0..{world - 1}: {compiled}")
+    assert [res["road"]["gather"] for res in results] == [("ValueError", want)] * world
+    for r, res in enumerate(results):
+        assert res["road"]["ring"] is None, (r, res["road"]["ring"])
+        mixed, eager = res["road"]["ring_value"]
+        assert abs(mixed - eager) <= 1e-12 * abs(eager), (r, mixed, eager)
+    check_case(make_cases(world)[0], [res["healthy"] for res in results])

@@ -1,7 +1,7 @@
 """Contract: `megabatch bench` under torchrun (the distributed mode) runs every strategy on every rank
 and reports, per rank, a time, a peak memory and the bytes sent, which equal the communication
 volume the strategies document (ring cost model, strategies/_comm.py): checked exactly here for
-W = 2 with the 'dense' backend (column statistics in float64), plus the 8-int64 metadata exchange."""
+W = 2 with the 'dense' backend (column statistics in float64), plus the 12-int64 metadata exchange."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,7 @@ def expected_bytes(loss: str, strategy: str) -> int:
     e = f = 4
     st = 8  # column statistics travel as float64 log-sum-exps
     b, total = B_LOCAL, W * B_LOCAL
-    meta = (W - 1) * 8 * 8
+    meta = (W - 1) * 12 * 8
     all_reduce = lambda n: 2 * (W - 1) / W * n  # noqa: E731
     if strategy == "gather":
         sent = (W - 1) * b * D * e + all_reduce(total * D * f)  # gather y; reduce the text gradients

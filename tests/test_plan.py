@@ -47,7 +47,7 @@ def test_json_and_fit(capsys):
     b, dim = 1048576 // 64, 512
     assert out["strategy"] == "ring" and out["backend"] == "triton" and out["status"] == "predicted"
     # SigLIP ring: (W-1) bf16 blocks + W fp32 text-gradient accumulators + the layout exchange
-    assert out["sent_bytes"] == 63 * b * dim * 2 + 64 * b * dim * 4 + 63 * 64  # + the 8-int64 layout rows
+    assert out["sent_bytes"] == 63 * b * dim * 2 + 64 * b * dim * 4 + 63 * 96  # + the 12-int64 layout rows
     assert 0 < out["peak_bytes"] < out["total_bytes"] <= 80 * 2**30 and out["fits"] is True
     fits = {(o["strategy"], o["backend"]): o["fits"] for o in out["options"]}
     assert fits[("gather", "dense")] is False and fits[("ring", "torch")] is True
@@ -58,12 +58,12 @@ def test_texts_and_ids_add_what_travels():
     assert base.status == "checked on CPU"
     more = plan.plan("siglip", "ring", "torch", 4, 4096, 256, "float32", device="cpu", texts=8192, ids=True)
     n = 8192 // 4
-    assert more.sent_bytes == 3 * n * (256 * 4 + 8) + 4 * n * 256 * 4 + 3 * 64
+    assert more.sent_bytes == 3 * n * (256 * 4 + 8) + 4 * n * 256 * 4 + 3 * 96
     assert more.peak_bytes > base.peak_bytes and more.status == "predicted"
     gather = plan.plan("clip", "gather", "torch", 2, 4096, 256, "float32", device="cpu")
     # the texts gathered, the column lse (max and sum all-reduces), gathered again for the backward,
     # the text gradients all-reduced (gloo), the layout rows
-    assert gather.sent_bytes == 2048 * 256 * 4 + 2 * 4096 * 8 + 2048 * 8 + 4096 * 256 * 4 + 64
+    assert gather.sent_bytes == 2048 * 256 * 4 + 2 * 4096 * 8 + 2048 * 8 + 4096 * 256 * 4 + 96
     assert plan.plan("clip", "gather", "torch", 2, 4096, 256, "float32", device="cuda").sent_bytes < gather.sent_bytes
 
 
@@ -108,7 +108,7 @@ def test_scratch_is_charged_for_the_shapes_given():
 
 def test_uneven_batches_plan_the_largest_rank():
     one = plan.plan("clip", "ring", "triton", 64, 1, 512, "bfloat16")  # 63 ranks hold nothing
-    assert one.sent_bytes == 63 * 64 + (512 * 2) + 8 + (512 * 2 + 8) + 512 * 4  # layout; block, lse; backward
+    assert one.sent_bytes == 63 * 96 + (512 * 2) + 8 + (512 * 2 + 8) + 512 * 4  # layout; block, lse; backward
     odd = plan.plan("siglip", "ring", "torch", 3, 4099, 256, "float32", device="cpu")  # ranks hold 1367, 1366, 1366
-    assert odd.sent_bytes == 2 * 64 + (4099 - 1366) * 256 * 4 + 4099 * 256 * 4
+    assert odd.sent_bytes == 2 * 96 + (4099 - 1366) * 256 * 4 + 4099 * 256 * 4
     assert odd.terms == plan.plan("siglip", "ring", "torch", 3, 4101, 256, "float32", device="cpu").terms

@@ -24,7 +24,7 @@ tile (kernels/torch_chunked.py's TILE_ELEMENTS: this module imports every consta
 is min(b, max(16, T / cols)) x cols for the cols texts a visit meets, as that module cuts it),
 U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
   * bytes sent: the README's communication table and the strategies' docstrings, term by term,
-    plus the 8-int64 layout exchange (_comm.LAYOUT_BYTES, 64 to each of W-1 peers) and, with --ids,
+    plus the layout exchange (_comm.LAYOUT_BYTES, 96: 12 int64 to each of W-1 peers) and, with --ids,
     8 bytes per text row wherever a text block travels (ids go with their blocks), and for CLIP the
     positive counts and logit sums (16 bytes per text) with the forward's statistics, the column
     targets (8 more) with the backward's, and an all-reduce of two float64 (rows and columns with a

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
 from .plan_terms import node_reduction, passes
+from .strategies._comm import LAYOUT_BYTES
 
 # Each backend's time over the GEMM floor of its passes (benchmarks/triton_notes.md's predictions for triton;
 # the torch backend's chunked elementwise passes and dense's b x n round trips through memory: guesses, GPU
@@ -163,7 +164,7 @@ def step_time(s: Any, hw: Hardware, ratio: Optional[float] = None) -> dict[str, 
         out["bytes_intra"] += nbytes - inter
         out["bytes_inter"] += inter
 
-    collective((w - 1) * 64)  # the layout exchange (8 int64 to each peer)
+    collective((w - 1) * LAYOUT_BYTES)  # the layout exchange (a row of int64 to each peer)
     if clip and ids:
         collective(int(2 * (w - 1) / w * 16))  # rows and columns with a positive
     if s.strategy == "hierarchical":

@@ -92,7 +92,7 @@ def clip_forward(opts: LossOptions, f: Features, scale: Tensor) -> tuple[Tensor,
     """This rank's loss L_r (compute dtype, 0-dim), what `clip_backward` needs, and the strategy it
     started (`opts.start`), which the backward goes on with (the eager road keeps it; the compiled
     one resumes it from its layout)."""
-    strat = opts.start(f.x, f.y, (scale,))
+    strat = opts.start("clip", f.x, f.y, (scale,))
     kernels, direction = opts.kernels, opts.direction
     x, y, xid, yid = f
     lay = strat.lay

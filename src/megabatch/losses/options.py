@@ -9,7 +9,9 @@ Both end in the same functions of the families (clip_forward, clip_backward, sig
 take the options, start (or resume) the strategy from them and call the kernels they name. The only
 difference is the custom ops' schema, which takes tensors, ints, strings and bools: `op_args` writes
 the options that way and `from_op` reads them back (the process group by name, a configured backend
-instance by a key under which it is kept, see `backend_key`).
+instance by a key under which it is kept, see `backend_key`), marked `compiled`. The family names
+itself when it starts the strategy (`start("clip", ...)`), so the layout exchange sees the same
+options whichever road a call takes, plus that one flag (gather's CLIP backward differs by road).
 """
 from __future__ import annotations
 
@@ -70,6 +72,9 @@ class LossOptions:
         `backend_key`), rather than one made from a backend name.
     ranks_per_node: hierarchical's R (strategies.ranks_per_node; 0 for the other strategies). The
         custom ops carry it in the strategy string ("hierarchical:R").
+    compiled: whether the call takes the compiled road (a custom op; `from_op` sets it). The layout
+        exchange carries it: gather's compiled CLIP backward gathers the texts again, the eager one
+        keeps them.
     """
 
     strategy: str
@@ -80,6 +85,7 @@ class LossOptions:
     ids: bool = False
     configured: bool = False
     ranks_per_node: int = 0
+    compiled: bool = False
 
     @property
     def opaque(self) -> bool:
@@ -92,12 +98,12 @@ class LossOptions:
 
     # ---- the strategy ----------------------------------------------------------------------------
 
-    def start(self, x: Tensor, y: Tensor, extras: Sequence[Tensor]) -> strategies.Strategy:
-        """The strategy for this call; a distributed one first agrees on the layout with every rank
-        (one all_gather of metadata)."""
-        return strategies.create(self.strategy, x, y, extras, self.kernels, self.group, ids=self.ids,
+    def start(self, loss: str, x: Tensor, y: Tensor, extras: Sequence[Tensor]) -> strategies.Strategy:
+        """The strategy for this call of `loss` ("clip" or "siglip"); a distributed one first agrees on
+        the layout and these options with every rank (one all_gather of metadata)."""
+        return strategies.create(self.strategy, x, y, extras, self.kernels, self.group, loss=loss, ids=self.ids,
                                  directions=self.direction, needs=list(self.needs),
-                                 ranks_per_node=self.ranks_per_node)
+                                 ranks_per_node=self.ranks_per_node, compiled=self.compiled)
 
     def layout(self, strat: strategies.Strategy, device: torch.device) -> Tensor:
         """The agreed layout as a (2, W) int64 tensor (every rank's image and text counts), on the CPU
@@ -137,4 +143,4 @@ class LossOptions:
         kernels = _KERNELS[backend] if backend in _KERNELS else get_backend(backend, device)
         name, _, rpn = strategy.partition(":")
         return LossOptions(name, kernels, tuple(needs), strategies.resolve_group(group), direction, ids,
-                           configured=backend in _KERNELS, ranks_per_node=int(rpn or 0))
+                           configured=backend in _KERNELS, ranks_per_node=int(rpn or 0), compiled=True)

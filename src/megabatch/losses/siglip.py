@@ -40,7 +40,7 @@ def siglip_forward(opts: LossOptions, f: Features, scale: Tensor, bias: Tensor) 
     """This rank's loss L_r (compute dtype, 0-dim) and, if any of `opts.needs`, its gradients for an
     upstream gradient of 1 (see SiglipResult), over the strategy it starts (`opts.start`)."""
     want = any(opts.needs)
-    strat = opts.start(f.x, f.y, (scale, bias))
+    strat = opts.start("siglip", f.x, f.y, (scale, bias))
     kernels = opts.kernels
     x, y, xid, yid = f
     lay = strat.lay

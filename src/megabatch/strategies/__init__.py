@@ -69,11 +69,13 @@ def ranks_per_node(name: str, value: Optional[int], group: Optional["dist.Proces
 
 def create(
     name: str, x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels,
-    group: Optional["dist.ProcessGroup"], *, ids: bool, directions: int = 0,
-    needs: Optional[Sequence[bool]] = None, ranks_per_node: int = 0,
+    group: Optional["dist.ProcessGroup"], *, loss: str, ids: bool, directions: int = 0,
+    needs: Optional[Sequence[bool]] = None, ranks_per_node: int = 0, compiled: bool = False,
 ) -> Strategy:
-    """A strategy for one loss call. Distributed ones first agree on the layout with every rank of
-    the group (one all_gather of metadata; see _comm.exchange_layout).
+    """A strategy for one loss call. Distributed ones first agree with every rank of the group on
+    the layout and on everything else that decides the collectives (one all_gather of metadata; see
+    _comm.exchange_layout): the strategy, the loss ("clip" or "siglip"), ids, CLIP's directions,
+    ranks_per_node, which inputs need gradients, and whether the call is compiled (a custom op).
 
     needs: which of (x, y, *extras) need gradients; None reads grad mode and requires_grad (the
     compiled path passes them, since inside a custom op the tensors no longer carry them)."""
@@ -85,8 +87,8 @@ def create(
         return Local(x.shape[0], y.shape[0], bool(needs[1]), ids)
     from ._comm import exchange_layout
 
-    lay = exchange_layout(x, y, extras, kernels, group, ids=ids, directions=directions, needs=needs,
-                          ranks_per_node=ranks_per_node)
+    lay = exchange_layout(x, y, extras, kernels, group, strategy=name, loss=loss, ids=ids, directions=directions,
+                          needs=needs, ranks_per_node=ranks_per_node, compiled=compiled)
     return from_layout(name, lay)
 
 

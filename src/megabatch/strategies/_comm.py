@@ -1,14 +1,17 @@
 """Communication shared by the `gather`, `ring` and `hierarchical` strategies.
 
-`exchange_layout` is the first thing every distributed loss call does: ONE all_gather of 8 int64
-per rank (image count b, text count n, feature dim D, dtype code, requires-grad flags, backend,
-whether ids are given, the CLIP directions with hierarchical's ranks_per_node in the bits above
-them). Every rank then checks the same table, so ranks that disagree on D, dtype, backend, ids,
-directions, ranks_per_node or which inputs need gradients all raise the same
-ValueError (never a hang, never a gloo abort), and every rank knows every local batch size: uneven
-and rectangular sizes work exactly. Reading that table on the host (`.tolist()`) is the one host
-sync of a distributed call; it is unavoidable, since receive buffers must be sized before they are
-posted. Collectives use the features' device: CPU tensors need gloo, CUDA tensors NCCL.
+`exchange_layout` is the first thing every distributed loss call does: ONE all_gather of one int64
+per `_COLUMNS` entry per rank: image count b, text count n, feature dim D, dtype code, requires-grad
+flags, backend, whether ids are given, the strategy, the loss (clip or siglip), CLIP's directions,
+hierarchical's ranks_per_node, and whether the call takes the compiled road (a custom op). That is
+everything that decides which collectives a call runs and their sizes, so every rank checks the same
+table and ranks that disagree on any of it all raise the same ValueError before any other collective
+(never a hang, never a gloo abort), and every rank knows every local batch size: uneven and
+rectangular sizes work exactly. Reading that table on the host (`.tolist()`) is the one host sync of
+a distributed call; it is unavoidable, since receive buffers must be sized before they are posted.
+Collectives use the features' device: CPU tensors need gloo, CUDA tensors NCCL. A rank that never
+enters the exchange (it never calls the loss, or calls it with strategy="local") is not seen: the
+others wait for it until the process group's timeout, as with any collective.
 
 The collective wrappers below are the only places the strategies talk to torch.distributed, so
 `count_bytes()` can tally what this rank sends under the usual bandwidth-optimal (ring) cost
@@ -29,10 +32,13 @@ from ..kernels.base import BlockKernels
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _GRAD_NAMES = ("image_features", "text_features", "logit_scale", "logit_bias")
-_META_LEN = 8  # b, n, D, dtype code, requires-grad flags, backend, ids given, directions | ranks_per_node << 8
-_RPN_SHIFT = 8  # the directions code (< 2**8) and ranks_per_node (0: not hierarchical) share the last int64
-LAYOUT_BYTES = 8 * _META_LEN  # what exchange_layout sends each peer (int64s): `megabatch plan` counts it
-_INVALID = -1  # a metadata row of this value: that rank's arguments failed validation
+_STRATEGY_CODES = ("gather", "ring", "hierarchical")  # the distributed strategies, by code
+_LOSS_CODES = ("clip", "siglip")  # the loss families, by code
+# The layout exchange's row: one int64 per column, in this order.
+_COLUMNS = ("images", "texts", "dim", "dtype", "grads", "backend", "ids", "strategy", "loss", "directions",
+            "ranks_per_node", "compiled")
+LAYOUT_BYTES = 8 * len(_COLUMNS)  # what exchange_layout sends each peer (int64s): `megabatch plan` counts it
+_INVALID = -1  # a row of this value (report_invalid): that rank's arguments failed validation
 
 # [bytes, messages] sent by this rank while a `count_bytes()` block is open (None: not counting).
 _sent: Optional[list[int]] = None
@@ -82,12 +88,15 @@ class Layout:
 
 def exchange_layout(
     x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels, group: Optional["dist.ProcessGroup"],
-    *, ids: bool = False, directions: int = 0, needs: Optional[Sequence[bool]] = None, ranks_per_node: int = 0,
+    *, strategy: str, loss: str, ids: bool = False, directions: int = 0, needs: Optional[Sequence[bool]] = None,
+    ranks_per_node: int = 0, compiled: bool = False,
 ) -> Layout:
-    """Agree on sizes, D, dtype, backend, ids, directions, ranks_per_node and requires_grad across
-    `group` (None: the world group).
+    """Agree on everything that decides a call's collectives (see `_COLUMNS`) across `group` (None:
+    the world group).
 
     x: this rank's (b, D) images, y its (n, D) texts; extras: logit_scale (and logit_bias), 0-dim.
+    strategy: "gather", "ring" or "hierarchical"; loss: "clip" or "siglip"; directions: CLIP's code;
+    ranks_per_node: hierarchical's R (0 for the others); compiled: whether the call is a custom op.
     needs: which of (x, y, *extras) need gradients (None: grad mode and requires_grad).
     Any disagreement raises the same ValueError on every rank.
     """
@@ -97,62 +106,83 @@ def exchange_layout(
         raise ValueError("this process is not a member of the given process group `group`")
     if needs is None:
         needs = [torch.is_grad_enabled() and t.requires_grad for t in (x, y, *extras)]
-    flags = sum(1 << k for k, need in enumerate(needs) if need)
-    backend = zlib.crc32(kernels.name.encode()) & 0x7FFFFFFF
-    meta = [x.shape[0], y.shape[0], x.shape[1], _DTYPE_CODES[x.dtype], flags, backend, int(ids),
-            directions | ranks_per_node << _RPN_SHIFT]
-    assert len(meta) == _META_LEN
-    mine = torch.tensor(meta, dtype=torch.int64, device=x.device)
-    table_t = mine.new_empty(world * len(meta))
+    row = dict(images=x.shape[0], texts=y.shape[0], dim=x.shape[1], dtype=_DTYPE_CODES[x.dtype],
+               grads=sum(1 << k for k, need in enumerate(needs) if need),
+               backend=zlib.crc32(kernels.name.encode()) & 0x7FFFFFFF, ids=int(ids),
+               strategy=_STRATEGY_CODES.index(strategy), loss=_LOSS_CODES.index(loss), directions=directions,
+               ranks_per_node=ranks_per_node, compiled=int(compiled))
+    mine = torch.tensor([row[c] for c in _COLUMNS], dtype=torch.int64, device=x.device)
+    table_t = mine.new_empty(world * len(_COLUMNS))
     _all_gather_single(table_t, mine, group=pg)
     _count((world - 1) * _nbytes(mine))
-    table = table_t.view(world, len(meta)).tolist()
-    invalid = [r for r, row in enumerate(table) if row[0] == _INVALID]
+    table = table_t.view(world, len(_COLUMNS)).tolist()
+    invalid = [r for r, values in enumerate(table) if values[0] == _INVALID]
     if invalid:
         raise ValueError(
             f"group rank(s) {invalid} passed invalid arguments to the loss (their own error says which); "
             "no rank computes this call"
         )
-    columns = (tuple(row[k] for row in table) for k in range(len(meta)))
-    sizes, tsizes, dims, codes, grads, backends, idss, packed = columns
-    dirs = [p & (1 << _RPN_SHIFT) - 1 for p in packed]
-    rpns = [p >> _RPN_SHIFT for p in packed]
+    cols = {c: [values[k] for values in table] for k, c in enumerate(_COLUMNS)}
+    _check(cols, kernels)
+    return Layout(pg, rank, tuple(cols["images"]), tuple(cols["texts"]), bool(row["grads"] & 2), bool(ids),
+                  ranks_per_node)
+
+
+def _check(cols: dict[str, list[int]], kernels: BlockKernels) -> None:
+    """Raise the ValueError naming the first disagreement in the exchanged table (the same on every rank)."""
+    world = len(cols["images"])
     ranks = f"ranks 0..{world - 1}"
-    if sum(sizes) == 0 or sum(tsizes) == 0:
+    differ = {c: len(set(v)) > 1 for c, v in cols.items()}
+    if differ["strategy"]:
+        names = [_STRATEGY_CODES[c] for c in cols["strategy"]]
+        raise ValueError(f"every rank of the group must use the same strategy; got {names} on {ranks}")
+    if differ["loss"]:
+        names = [f"{_LOSS_CODES[c]}_loss" for c in cols["loss"]]
+        raise ValueError(f"every rank of the group must call the same loss; got {names} on {ranks}")
+    if sum(cols["images"]) == 0 or sum(cols["texts"]) == 0:
         raise ValueError(
-            f"the global batch needs at least one image and one text; images per rank {list(sizes)}, "
-            f"texts per rank {list(tsizes)}"
+            f"the global batch needs at least one image and one text; images per rank {cols['images']}, "
+            f"texts per rank {cols['texts']}"
         )
-    if len(set(dims)) > 1:
-        raise ValueError(f"every rank of the group must have the same feature dim D; got D = {list(dims)} on {ranks}")
-    if len(set(codes)) > 1:
+    if differ["dim"]:
+        raise ValueError(f"every rank of the group must have the same feature dim D; got D = {cols['dim']} on {ranks}")
+    if differ["dtype"]:
         names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
         raise ValueError(
-            f"every rank of the group must pass features of the same dtype; got {[names[c] for c in codes]} on {ranks}"
+            f"every rank of the group must pass features of the same dtype; got {[names[c] for c in cols['dtype']]} "
+            f"on {ranks}"
         )
-    if len(set(grads)) > 1:
-        needing = [[n for k, n in enumerate(_GRAD_NAMES) if g >> k & 1] for g in grads]
+    if differ["grads"]:
+        needing = [[n for k, n in enumerate(_GRAD_NAMES) if g >> k & 1] for g in cols["grads"]]
         raise ValueError(
             "every rank of the group must need gradients for the same inputs (the backward pass "
             f"communicates); requires_grad per rank 0..{world - 1}: {needing}"
         )
-    if len(set(backends)) > 1:
-        raise ValueError(f"every rank of the group must use the same backend; this rank uses {kernels.name!r}, others differ")
-    if len(set(idss)) > 1:
+    if differ["backend"]:
+        raise ValueError(
+            f"every rank of the group must use the same backend; this rank uses {kernels.name!r}, others differ"
+        )
+    if differ["ids"]:
         raise ValueError(
             f"image_ids/text_ids must be given on every rank or on none; given per rank 0..{world - 1}: "
-            f"{[bool(v) for v in idss]}"
+            f"{[bool(v) for v in cols['ids']]}"
         )
-    if len(set(dirs)) > 1:
-        raise ValueError(f"directions must be the same on every rank; got codes {list(dirs)} on {ranks}")
-    if len(set(rpns)) > 1:
+    if differ["directions"]:
+        raise ValueError(f"directions must be the same on every rank; got codes {cols['directions']} on {ranks}")
+    rpn = cols["ranks_per_node"]
+    if differ["ranks_per_node"]:
+        raise ValueError(f"ranks_per_node (hierarchical) must be the same on every rank; got {rpn} on {ranks}")
+    if rpn[0] and world % rpn[0]:
+        raise ValueError(f"ranks_per_node={rpn[0]} must divide the group's {world} ranks (nodes of equal size)")
+    # Only gather's CLIP backward differs between the roads: the eager one keeps the texts it gathered
+    # in the forward, the compiled one (a separate custom op) gathers them again.
+    gather_clip = _STRATEGY_CODES[cols["strategy"][0]] == "gather" and _LOSS_CODES[cols["loss"][0]] == "clip"
+    if differ["compiled"] and gather_clip and cols["grads"][0]:
+        compiled = [bool(v) for v in cols["compiled"]]
         raise ValueError(
-            "strategy='hierarchical' and its ranks_per_node must be the same on every rank; got ranks_per_node "
-            f"{rpns} on {ranks} (0: another strategy)"
+            "strategy='gather' with clip_loss needs torch.compile on every rank or on none (the compiled "
+            f"backward gathers the texts again); compiled per rank 0..{world - 1}: {compiled}"
         )
-    if rpns[0] and world % rpns[0]:
-        raise ValueError(f"ranks_per_node={rpns[0]} must divide the group's {world} ranks (nodes of equal size)")
-    return Layout(pg, rank, sizes, tsizes, bool(flags & 2), bool(ids), rpns[0])
 
 
 def report_invalid(features: object, group: Optional["dist.ProcessGroup"]) -> None:
@@ -167,8 +197,8 @@ def report_invalid(features: object, group: Optional["dist.ProcessGroup"]) -> No
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    mine = torch.full((_META_LEN,), _INVALID, dtype=torch.int64, device=device)
-    _all_gather_single(mine.new_empty(world * _META_LEN), mine, group=pg)
+    mine = torch.full((len(_COLUMNS),), _INVALID, dtype=torch.int64, device=device)
+    _all_gather_single(mine.new_empty(world * len(_COLUMNS)), mine, group=pg)
 
 
 @contextmanager

@@ -13,7 +13,7 @@ Communication per rank (bytes sent, ring cost model; e = feature element size): 
 with ids, a reduce of N*16 (positive counts and logit sums) and an all-reduce of 2 floats; CLIP
 backward an all-gather of (W-1)*nmax*8 (16 with ids) column statistics and the (N, D) text-gradient
 reduction, N*D*f*(W-1)/W with NCCL's reduce-scatter (2x with gloo's all-reduce), f = 4 (8 for
-float64); SigLIP the same gradient reduction, in the forward. Plus 8 int64 per rank of metadata.
+float64); SigLIP the same gradient reduction, in the forward. Plus 12 int64 per rank of metadata.
 Memory per rank: O(N * D) (the gathered texts and the (N, D) text gradients): it grows with W.
 """
 from __future__ import annotations

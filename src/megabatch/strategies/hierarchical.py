@@ -30,7 +30,7 @@ with equal sizes N_k = R * n, nmax_k = n), summed over the M steps (t = 0..M-1, 
   CLIP forward: block y (D*e) [+ ids 8], accumulators column lse (8) [+ ids: positive sums 16, "sum"],
             plus with ids an all_sum of 2 float64 over the group; CLIP backward: block y, the column
             shift (8) [+ ids, the column targets 8], accumulator gy (D*f, "sum"); SigLIP (forward only):
-            block y [+ ids], accumulator gy (D*f, "sum"). Plus 8 int64 per rank of metadata.
+            block y [+ ids], accumulator gy (D*f, "sum"). Plus 12 int64 per rank of metadata.
 Messages per pass: one per non-empty p2p send, one per intra-node collective call (two per "lse").
 Memory per rank: O(R * (bmax + nmax) * D) independent of M: the node block being visited and its
 contributions (R slices each), the next slice arriving, the accumulator slices in flight.

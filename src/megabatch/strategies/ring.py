@@ -15,7 +15,7 @@ n_q = the blocks passing through): every pass sends (W-1) blocks of n_q * (D*e [
 [+ the travelling statistics]) and W accumulators of n_q * (their width): CLIP forward 8 (16 more
 with ids) per text, CLIP backward the column statistics 8 (16 with ids) with the block and text
 gradients D*f as the accumulator, SigLIP (forward only) text gradients D*f. About an all-gather plus
-a reduce-scatter, spread over W steps that overlap the compute. Plus 8 int64 per rank of metadata.
+a reduce-scatter, spread over W steps that overlap the compute. Plus 12 int64 per rank of metadata.
 Memory per rank: O((bmax + nmax) * D), independent of W (W >= 3): the block being computed on, the
 next one arriving, the accumulators received and the ones being sent, and this step's contribution.
 """
