@@ -9,6 +9,7 @@ kernel's insides; the loss families (megabatch.losses) drive them.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -65,6 +66,36 @@ def ranks_per_node(name: str, value: Optional[int], group: Optional["dist.Proces
             raise ValueError(f"ranks_per_node is only for strategy='hierarchical', got strategy={name!r}")
         return 0
     return env_ranks_per_node(group) if value is None else check_ranks_per_node(value)
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """How the blocks of one loss call meet: the strategy asked for and the settings only it reads.
+    Built and validated once, by `make_spec`; everything below takes it as it is.
+
+    name: "auto", "local", "gather", "ring" or "hierarchical".
+    ranks_per_node: hierarchical's R (group rank i is on node i // R); 0 for the other strategies.
+    memory_budget: bytes a rank may spend on the loss's peak, what "auto" plans with (None: the device's
+        free memory); only "auto" reads it.
+    """
+
+    name: str = "auto"
+    ranks_per_node: int = 0
+    memory_budget: Optional[int] = None
+
+
+def make_spec(strategy: object, group: Optional["dist.ProcessGroup"], *, ranks_per_node: Optional[int] = None,
+              memory_budget: Optional[int] = None) -> StrategySpec:
+    """The one validation of a strategy and its settings, for every front (ValueError/TypeError naming
+    the argument). "auto" is resolved here for now (`resolve`)."""
+    name = resolve(strategy, group)  # type: ignore[arg-type]
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget <= 0):
+        raise ValueError(f"memory_budget must be a positive number of bytes (int) or None, got {memory_budget!r}")
+    return StrategySpec(name, _ranks_per_node(name, ranks_per_node, group), memory_budget)
+
+
+_ranks_per_node = ranks_per_node  # make_spec's keyword shadows it
 
 
 def create(
@@ -141,5 +172,5 @@ def resolve_group(name: str) -> Optional["dist.ProcessGroup"]:
     return _resolve_process_group(name)
 
 
-__all__ = ["Block", "Layout", "STRATEGIES", "Strategy", "Visit", "create", "from_layout", "group_name",
+__all__ = ["Block", "Layout", "STRATEGIES", "Strategy", "StrategySpec", "Visit", "create", "make_spec", "from_layout", "group_name",
            "ranks_per_node", "resolve", "resolve_group", "resolve_strategy", "validating"]
