@@ -64,15 +64,18 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _main(argv: Optional[list[str]]) -> int:
     from megabatch.cli import usage_error
 
-    from .config import parse_args
+    from .config.flags import parse_args
 
     cfg, given = parse_args(argv, epilog=__doc__)
     import torch.distributed as dist
 
-    from .checkpoint import CheckpointError, resume_config
-    from .loop import CollectiveError, NonFiniteError, train
-    from .preempt import SIGNALS, Preempted
-    from .teardown import exit_now
+    from .run.checkpoint import CheckpointError
+    from .run.identity import resume_config
+    from .run.loop import train
+    from .run.runtime import CollectiveError
+    from .run.step import NonFiniteError
+    from .run.preempt import SIGNALS, Preempted
+    from .run.teardown import exit_now
 
     if cfg.resume:
         try:
@@ -80,13 +83,13 @@ def _main(argv: Optional[list[str]]) -> int:
         except (ValueError, FileNotFoundError) as e:
             return usage_error("megabatch train", str(e))
     if cfg.fsdp:
-        from .fsdp import unusable
+        from .run.fsdp import unusable
 
         reason = unusable(int(os.environ.get("WORLD_SIZE", "1")))
         if reason:
             return usage_error("megabatch train", reason)
-    from .files import DataError
-    from .outputs import OutputError
+    from .data.types import DataError
+    from .evaluation.outputs import OutputError
 
     worker = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()  # train() joins torchrun
     try:
