@@ -30,7 +30,7 @@ of a non-finite model, a failed collective, a missing [train] extra); 2 a usage 
 input; 143 / 138 preempted (checkpoint written); 141 stdout's reader went away (`... | head`), quietly.
 A --batch-size below the preset's micro-batch takes --micro-batch-size down to it unless that is given.
 
-Presets: tiny, demo, small, base (see megabatch_train.config.PRESETS); flags override a preset.
+Presets: tiny, demo, small, base (see megabatch_train.config.sections.PRESETS); flags override a preset.
 Outputs in --output: metrics.jsonl, eval.json, curves.png, config.json, checkpoints/step_*.pt.
 """
 from __future__ import annotations

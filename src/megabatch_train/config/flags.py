@@ -1,7 +1,7 @@
 """The command line of a training run: `parse_args` turns flags into a validated `TrainConfig`.
 
-The config itself, its validation and its presets are in runconfig.py; their names are importable
-from here too. Standard library only: `--help` and usage errors come before torch loads.
+The config itself, its validation and its presets are in sections.py.
+Standard library only: `--help` and usage errors come before torch loads.
 
 `--help` gives each flag's default: the --preset small's value, and where other presets differ, theirs
 (`_with_defaults`). A --batch-size below the preset's micro-batch, without --micro-batch-size, takes the

@@ -1,4 +1,4 @@
-"""The typed, validated configuration of a training run and its presets (config.py: the command line).
+"""The typed, validated configuration of a training run and its presets (flags.py: the command line).
 
 A run is one `TrainConfig` (with a nested `ModelConfig` for the towers). A preset fills every field;
 explicit flags override it; `validate()` rejects inconsistent values with a ValueError that names
@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .data_spec import DataSection, DataSpec, parse_data
+
 LOSSES = ("clip", "siglip")
 STRATEGIES = ("auto", "local", "gather", "ring", "hierarchical")
 BACKENDS = ("auto", "torch", "triton", "dense")
@@ -20,7 +22,6 @@ PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 TEXT_TOWERS = ("builtin", "minilm")
 IMAGE_TOWERS = ("vit", "cnn")
-BUILT_IN_DATA = ("synthetic", "digits", "emoji", "fashion-mnist", "wordnet")
 TEXT_DATA = ("wordnet",)  # text-text data: a text query (a definition) on the image side (towers.TextPairModel)
 MINILM_LAYERS = 6
 WORDNET_CONTEXT = 48  # MiniLM tokens: 99% of WordNet's definitions need <= 41, 99.9% <= 59 (docs/train.md)
@@ -188,6 +189,22 @@ class TrainConfig:
             return self.positives
         return "id" if self.csv_id_key or self.wds_id_key else "caption"
 
+    @property
+    def data_spec(self) -> DataSpec:
+        """--data, parsed (config/data_spec.py)."""
+        return parse_data(self.data, "--data")
+
+    @property
+    def eval_spec(self) -> Optional[DataSpec]:
+        """--eval-data, parsed; None: the training data's own held-out split."""
+        return None if self.eval_data is None else parse_data(self.eval_data, "--eval-data")
+
+    def data_section(self) -> DataSection:
+        """What the data builders take from this config."""
+        return DataSection(self.data_spec, self.eval_spec, self.eval_size, self.wordnet_synsets, self.csv_img_key,
+                           self.csv_caption_key, self.csv_id_key, self.csv_separator, self.wds_id_key,
+                           self.eval_split, self.workers, self.batch_size)
+
     def validate(self) -> "TrainConfig":
         choices = {"loss": LOSSES, "strategy": STRATEGIES, "backend": BACKENDS, "precision": PRECISIONS,
                    "device": DEVICES, "positives": POSITIVES}
@@ -209,13 +226,9 @@ class TrainConfig:
         if self.micro_batch_size > self.batch_size:
             raise ValueError(f"--micro-batch-size ({self.micro_batch_size}) must not exceed --batch-size "
                              f"({self.batch_size})")
-        for name in ("data", "eval_data"):
-            spec = getattr(self, name)
-            kind, _, path = (spec or "").partition(":")
-            if not (spec is None and name == "eval_data" or spec in BUILT_IN_DATA
-                    or kind in ("csv", "wds") and path):
-                raise ValueError(f"{_flag(name)} must be {', '.join(BUILT_IN_DATA)}, csv:PATH or wds:PATTERN; "
-                                 f"got {spec!r}")
+        parse_data(self.data, "--data")
+        if self.eval_data is not None:
+            parse_data(self.eval_data, "--eval-data")
         self._validate_files()
         self._validate_text_data()
         if self.positives == "id" and not (self.csv_id_key or self.wds_id_key):
@@ -238,7 +251,7 @@ class TrainConfig:
                              "--model hf:... and --image-tower do not apply")
 
     def _validate_files(self) -> None:
-        kinds = {(spec or "").partition(":")[0] for spec in (self.data, self.eval_data)}
+        kinds = {spec.kind for spec in (self.data_spec, self.eval_spec) if spec is not None}
         for name, kind in (("csv_img_key", "csv"), ("csv_caption_key", "csv"), ("csv_id_key", "csv"),
                            ("csv_separator", "csv"), ("wds_id_key", "wds")):
             value = getattr(self, name)
@@ -253,7 +266,7 @@ class TrainConfig:
                 keys and keys[0].isdigit() and (self.csv_img_key is None or self.csv_caption_key is None)):
             raise ValueError("--csv-img-key, --csv-caption-key (and --csv-id-key) must all be header names or all "
                              f"0-based column positions (a file without a header); got {keys}")
-        if self.model.context_length == 0 and (self.data or "").partition(":")[0] not in ("csv", "wds"):
+        if self.model.context_length == 0 and not self.data_spec.files:
             raise ValueError("--context-length 0 (fit to the captions) needs --data csv:... or wds:...")
         split = self.eval_split
         if isinstance(split, bool) or not isinstance(split, (int, float)) or not (
@@ -312,7 +325,11 @@ def from_preset(name: str, **overrides: Any) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
     data = str(overrides.get("data", preset.get("data", "synthetic")))
-    if data.startswith(("csv:", "wds:")) and "context_length" not in model_overrides and (
+    try:
+        files = parse_data(data).files
+    except ValueError:
+        files = False  # validate() names the bad spec
+    if files and "context_length" not in model_overrides and (
             model.text_tower == "builtin"):
         model = dataclasses.replace(model, context_length=0)  # fit to the training captions
     if data in TEXT_DATA and "context_length" not in model_overrides:

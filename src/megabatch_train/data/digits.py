@@ -5,7 +5,7 @@ digit three", "a handwritten three", ...); zero-shot classification averages eve
 class, as CLIP's prompt ensembles do. Sample i of batch `step` depends only on (seed, step, i).
 Images are upsampled (bilinear) to (3, S, S) float32, roughly zero mean and unit variance; for a
 pretrained Hugging Face model (`pixels`), to its processor's resize side in [0, 1], then
-centre-cropped to S (`datatypes.Pixels`).
+centre-cropped to S (`types.Pixels`).
 """
 from __future__ import annotations
 

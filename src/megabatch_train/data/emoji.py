@@ -21,7 +21,7 @@ names: concepts never seen in training) and `category` (9 categories, every imag
 The same name drawn in two styles is one concept: a batch may hold both drawings, so train with
 caption positives (--positives caption), or each is the other's false negative.
 For a pretrained Hugging Face model (`pixels`) the drawings are made at its processor's resize side
-and come out in [0, 1], centre-cropped to its size (`datatypes.Pixels`).
+and come out in [0, 1], centre-cropped to its size (`types.Pixels`).
 Rendering takes ~10 s and is cached (an .npz under $MEGABATCH_CACHE, default
 ~/.cache/megabatch) per image size and package versions.
 """

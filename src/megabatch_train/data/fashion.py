@@ -7,7 +7,7 @@ training images; sample i of batch `step` depends only on (seed, step, i). Evalu
 embedding averages every template of the class (CLIP's prompt ensembles), and retrieval against
 the 10 first-template captions. Images are upsampled (bilinear) to (3, S, S) float32; for a
 pretrained Hugging Face model (`pixels`), to its processor's resize side in [0, 1], then
-centre-cropped to S (`datatypes.Pixels`).
+centre-cropped to S (`types.Pixels`).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ W reads [r*b, (r+1)*b) with b = B / W. Streams whose samples are a function of (
 (synthetic, digits) resume from the step alone; file streams also carry a `state_dict()`.
 
 `--data` specs: "synthetic" (default), "digits", "emoji", "fashion-mnist", "wordnet" (text-text pairs: its
-stream yields a definition's token ids where the others yield images; wordnet_data.py), "csv:PATH" (also
+stream yields a definition's token ids where the others yield images; wordnet_pairs.py), "csv:PATH" (also
 .tsv), "wds:PATTERN". The
 evaluation set is the data's own held-out split (synthetic: unseen combinations; digits: 300
 images; users' files: `--eval-split` of them, which training never sees) unless `--eval-data`
@@ -28,50 +28,50 @@ the side the processor resizes a square image to, then take its centre crop.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+from ..config.data_spec import DataSection, parse_data
 from .types import EvalData, Pixels, TrainStream
 
 
-def build_data(spec: str, image_size: int, seed: int, rank: int = 0, world: int = 1, *, cfg: Any = None,
+def build_data(data: Union[str, DataSection], image_size: int, seed: int, rank: int = 0, world: int = 1, *,
                device: Any = "cpu", pixels: Optional[Pixels] = None) -> TrainStream:
-    """Resolve a `--data` spec to a stream (file streams read only this rank's shard, with the
-    columns, held-out split and workers of `cfg`, a TrainConfig, and put batches on `device`).
-    With `pixels`, the stream yields a pretrained model's [0, 1] images (see the module docstring)
-    and keeps `pixels` as its attribute, for the evaluation set."""
-    if spec == "synthetic":
+    """The training stream of `data` (a DataSection, or a bare spec such as "synthetic" read with the
+    default options) for rank `rank` of `world`: images of `image_size` pixels, drawn from `seed`.
+
+    File streams read only this rank's shard, with the section's columns, held-out split and workers,
+    and put batches on `device`. With `pixels`, the stream yields a pretrained model's [0, 1] images
+    (see the module docstring) and keeps `pixels` as its attribute, for the evaluation set."""
+    section = data if isinstance(data, DataSection) else DataSection(parse_data(data))
+    spec = section.train
+    if spec.kind == "synthetic":
         from .synthetic import SyntheticShapes
 
         return SyntheticShapes(image_size=image_size, seed=seed, pixels=pixels)
-    if spec == "digits":
+    if spec.kind == "digits":
         from .digits import Digits
 
         return Digits(image_size=image_size, seed=seed, pixels=pixels)
-    if spec == "emoji":
+    if spec.kind == "emoji":
         from .emoji import Emoji
 
         return Emoji(image_size=image_size, seed=seed, pixels=pixels)
-    if spec == "fashion-mnist":
+    if spec.kind == "fashion-mnist":
         from .fashion import FashionMNIST
 
         return FashionMNIST(image_size=image_size, seed=seed, pixels=pixels)
-    if spec == "wordnet":
+    if spec.kind == "wordnet":
         from .wordnet_pairs import WordNetPairs
 
-        return WordNetPairs(seed, getattr(cfg, "wordnet_synsets", 0), getattr(cfg, "eval_size", 0))
-    kind, _, path = spec.partition(":")
-    if kind in ("csv", "wds") and path:
-        from .files.stream import FileOptions, FileStream
+        return WordNetPairs(seed, section.wordnet_synsets, section.eval_size)
+    from .files.stream import FileOptions, FileStream
 
-        opts = FileOptions.from_config(cfg) if cfg is not None else FileOptions()
-        opts.pixels = pixels
-        held_out = cfg is None or cfg.eval_data is None
-        stream = FileStream(kind, path, image_size, seed, rank, world, opts, device, held_out)
-        if cfg is not None and rank == 0:
-            _warn_if_few_pairs(stream, cfg.batch_size)
-        return stream
-    raise ValueError(f"--data must be synthetic, digits, emoji, fashion-mnist, wordnet, csv:PATH or wds:PATTERN, "
-                     f"got {spec!r}")
+    opts = FileOptions.from_section(section)
+    opts.pixels = pixels
+    stream = FileStream(spec.kind, spec.path, image_size, seed, rank, world, opts, device, section.eval is None)
+    if section.batch_size and rank == 0:
+        _warn_if_few_pairs(stream, section.batch_size)
+    return stream
 
 
 def _warn_if_few_pairs(stream: Any, batch_size: int) -> None:
@@ -81,22 +81,20 @@ def _warn_if_few_pairs(stream: Any, batch_size: int) -> None:
                       f"{batch_size}: each batch repeats pairs; give more data or a smaller --batch-size", stacklevel=3)
 
 
-def build_eval(spec: Optional[str], stream: TrainStream, image_size: int, seed: int, limit: int, *,
-               cfg: Any = None) -> Optional[EvalData]:
-    """The evaluation set: `spec`'s (--eval-data) if given, else the training data's own held-out set.
-    `limit`: at most this many pairs of users' files (0: all). Its images are made as the training
+def build_eval(section: DataSection, stream: TrainStream, image_size: int, seed: int) -> Optional[EvalData]:
+    """The evaluation set: `section.eval`'s (--eval-data) if given, else the training data's own held-out
+    set. At most `section.eval_size` pairs of users' files (0: all). Its images are made as the training
     stream's are (`stream.pixels`: a pretrained model's processor, or None)."""
-    if spec is None:
+    if section.eval is None:
         return stream.eval_set()
     pixels = getattr(stream, "pixels", None)
-    kind, _, path = spec.partition(":")
-    if kind in ("csv", "wds") and path:
+    if section.eval.files:
         from .files.stream import FileOptions, file_eval_set
 
-        opts = FileOptions.from_config(cfg) if cfg is not None else FileOptions()
-        opts.eval_size, opts.pixels = limit, pixels
-        return file_eval_set(kind, path, image_size, opts)
-    return build_data(spec, image_size, seed, pixels=pixels).eval_set()
+        opts = FileOptions.from_section(section)
+        opts.pixels = pixels
+        return file_eval_set(section.eval.kind, section.eval.path, image_size, opts)
+    return build_data(DataSection(section.eval), image_size, seed, pixels=pixels).eval_set()
 
 
 def state_of(stream: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ the global batch and a world of 1 or 8 ranks sees the same global batch; resumin
 step. Rendering is vectorised (about 50 ms for 4,096 images of 32 x 32 on one core).
 Images come out as float32 (n, 3, S, S), normalised to roughly zero mean and unit variance; for a
 pretrained Hugging Face model (`pixels`), drawn in [0, 1] at its processor's resize side, then
-centre-cropped to S (`datatypes.Pixels`).
+centre-cropped to S (`types.Pixels`).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ data source: the size, resize and centre crop, rescale, mean and std of the dire
 pretrained directory saved without its processor, or a config JSON) they are CLIP's or SigLIP's
 processor defaults at the vision tower's ``image_size``, and the run says so in one line. `pixels`
 reads the processor; the data yields [0, 1] RGB at its output size, through its own resize and crop
-(users' files) or drawn at its resize side and centre-cropped (the rendered sets; `datatypes.Pixels`);
+(users' files) or drawn at its resize side and centre-cropped (the rendered sets; `types.Pixels`);
 ``HFDualEncoder.encode_image`` then applies its mean and std. These values come from the model
 directory, not from the run's settings: a resumed run reads them again.
 

@@ -6,7 +6,7 @@ one-element parameters `logit_scale` (log of the multiplier; CLIP init log(1/0.0
 clamped at log(100) after every step) and `logit_bias` (SigLIP, init -10), of shape (1,) because
 FSDP2's fully_shard refuses 0-dim parameters (0-dim checkpoints still load). Any module with those
 members (e.g. an open_clip model, 0-dim parameters included) can be trained by
-`megabatch_train.loop.train(cfg, model=...)`.
+`megabatch_train.run.loop.train(cfg, model=...)`.
 
 With `center` (by default for SigLIP: `ModelConfig.centred`) each tower's embedding has its batch
 mean subtracted before the loop normalises it (`Center`: BatchNorm's centring without its scaling).

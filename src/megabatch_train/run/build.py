@@ -2,12 +2,12 @@
 
 `prepare` does everything before the first step: it checks the output folder, chooses the
 checkpoint (rank 0 decides, every rank loads the same file), takes the run's decisions once
-(runplan.make_plan), builds or restores the parts (fitting the image size and context length),
-and records the fitted plan.
+(plan.make_plan) on the config fitted to its data and model (`_fit`: image size, context length), builds
+or restores the parts, and records the fitted config (config.json).
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import math
 import random
@@ -79,7 +79,7 @@ class Parts:
     start: int
     evals: list[dict[str, Any]]
     skipped: int = 0  # non-finite steps skipped so far (all attempts)
-    given: dict[str, Any] = field(default_factory=dict)  # the config as given, before _build fitted it
+    given: dict[str, Any] = field(default_factory=dict)  # the config as given, before _fit fitted it
     files: dict[str, Any] = field(default_factory=dict)  # the data files' fingerprints (rank 0)
     saves: outputs.Saves = field(default_factory=outputs.Saves)  # checkpoints written / failed (rank 0)
     eval_data: Any = None  # the held-out set (rank 0; every rank with --fsdp)
@@ -88,7 +88,6 @@ class Parts:
 def prepare(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module],
             tokenizer: Any) -> tuple[RunPlan, Optional[Parts], dict[str, Any]]:
     """(plan, parts, {}) for a run to train; (plan, None, final evaluation) for a finished run run again."""
-    cfg = copy.deepcopy(cfg)  # the caller's config stays as given; _build fits this copy
     given = cfg.to_dict()
     if cfg.batch_size % rt.world:
         raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of ranks ({rt.world})")
@@ -96,24 +95,79 @@ def prepare(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module],
         raise ValueError(fsdp.unusable(rt.world))
     with collective("checking --output (broadcast from rank 0)", rt):
         outputs.check(cfg.output, rt.rank, rt.world)  # before any work: an OutputError on every rank
-    plan = make_plan(cfg, rt)
     files = identity.data_files(cfg) if rt.rank == 0 else {}
     chosen = _choose_checkpoint(cfg, rt, files)
     if chosen and chosen[1]["step"] >= cfg.steps:  # a finished run, run again: nothing to train
         if rt.rank == 0:
             print(outputs.describe_complete(cfg.output, chosen[1], chosen[0], cfg.steps), flush=True)
-        return plan, None, (chosen[1].get("evals") or [{}])[-1] if rt.rank == 0 else {}
-    p = _build(cfg, plan, rt, model, tokenizer, chosen)
-    plan = plan.fitted(cfg)
+        return make_plan(cfg, rt), None, (chosen[1].get("evals") or [{}])[-1] if rt.rank == 0 else {}
+    fit = _fit(cfg, rt, model, tokenizer, chosen[1] if chosen else None)
+    cfg = fit.config
+    plan = make_plan(cfg, rt)  # every decision, on the fitted config; nothing changes it afterwards
+    p = _build(cfg, plan, rt, fit, chosen)
     p.given, p.files = given, files
     if rt.rank == 0:
         outputs.write_text(plan.output / "config.json", json.dumps(cfg.to_dict(), indent=2))
     # Rank 0 evaluates; with --fsdp every rank runs the evaluation's (collective) forwards with it.
     if rt.rank == 0 or plan.fsdp:
-        p.eval_data = build_eval(cfg.eval_data, p.stream, cfg.model.image_size, cfg.seed, cfg.eval_size, cfg=cfg)
+        p.eval_data = build_eval(cfg.data_section(), p.stream, plan.image_size, cfg.seed)
         if rt.rank == 0 and p.eval_data is not None and p.eval_data.queries is not None:
-            p.eval_data.reference = zero_shot_model(p.eval_data, cfg.model.context_length, rt.device)  # once a run
+            p.eval_data.reference = zero_shot_model(p.eval_data, plan.context_length, rt.device)  # once a run
     return plan, p, {}
+
+
+@dataclass
+class Fitted:
+    """What fitting a run to its data and model settled (`_fit`): the config with its image size and
+    context length fitted, and the parts fitting them needed."""
+
+    config: TrainConfig
+    stream: Any
+    model: Optional[nn.Module]  # a Hugging Face model (built with its tokenizer), the caller's, or None
+    tokenizer: Any
+
+
+def _fit(cfg: TrainConfig, rt: Runtime, model: Optional[nn.Module], tokenizer: Any,
+         saved: Optional[dict[str, Any]]) -> Fitted:
+    """Fit the image size and context length: restored from a checkpoint (`saved`; identity.FITTED), the
+    image size a Hugging Face model takes, the context length the tokenizer fitted to the training
+    captions (0, the csv/wds default). Returns a new config; `cfg` stays as given."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    hf = model is None and hf_model.is_hf(cfg.model.source)
+    sizes: dict[str, Any] = {}
+    if saved:  # what the saved run fitted is restored, not fitted again
+        ran = identity.saved_configs(saved)[1]
+        sizes = {name: getattr(ran.model, name) for name in identity.fitted_fields(cfg)}
+    elif hf:
+        sizes = {"image_size": hf_model.image_size(cfg.model.source)}  # the data renders at the model's size
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **sizes))
+    # a pretrained model's image processor decides its pixels (read again from the folder on resume)
+    pixels = hf_model.pixels(cfg.model.source, announce=rt.rank == 0) if hf else None
+    try:
+        stream = build_data(cfg.data_section(), cfg.model.image_size, cfg.seed, rt.rank, rt.world,
+                            device=rt.device, pixels=pixels)
+    except ValueError as e:
+        if not hf:
+            raise
+        raise DataError(f"--model {cfg.model.source} takes {cfg.model.image_size}-pixel images: {e}") from e
+    if hf:
+        def app_tokenizer(s: Any) -> Any:
+            inner = (saved or {}).get("tokenizer") or {}
+            return (Tokenizer.from_state_dict(inner["inner"]) if inner.get("inner")
+                    else tokenizer_for(cfg.model.context_length, s, "builtin"))
+
+        model, hf_tokenizer = hf_model.build(cfg.model.source, cfg.model.tokenizer, cfg.model.context_length, stream,
+                                             cfg.loss, app_tokenizer, pixels)
+        tokenizer = tokenizer or hf_tokenizer
+    if tokenizer is None:
+        tokenizer = (Tokenizer.from_state_dict(saved["tokenizer"]) if saved
+                     else tokenizer_for(cfg.model.context_length, stream, cfg.model.text_tower))
+    # 0 (the csv/wds default) is fitted to the training captions by the tokenizer
+    context = getattr(tokenizer, "context_length", cfg.model.context_length)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, context_length=context))
+    return Fitted(cfg, stream, model, tokenizer)
 
 
 def _choose_checkpoint(cfg: TrainConfig, rt: Runtime, files: dict[str, Any]) -> Optional[tuple[Path, dict[str, Any]]]:
@@ -171,42 +225,11 @@ def decide_resume(cfg: TrainConfig, files: dict[str, Any]) -> Optional[str]:
     return str(path)
 
 
-def _build(cfg: TrainConfig, plan: RunPlan, rt: Runtime, model: Optional[nn.Module], tokenizer: Any,
+def _build(cfg: TrainConfig, plan: RunPlan, rt: Runtime, fit: Fitted,
            chosen: Optional[tuple[Path, dict[str, Any]]]) -> Parts:
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    """The model, optimizer and scheduler of the fitted `cfg`, restored from `chosen` when it resumes."""
     saved = chosen[1] if chosen else None
-    hf = model is None and hf_model.is_hf(cfg.model.source)
-    if saved:  # what the saved run fitted is restored, not fitted again (identity.FITTED)
-        ran = identity.saved_configs(saved)[1]
-        for name in identity.fitted_fields(cfg):
-            setattr(cfg.model, name, getattr(ran.model, name))
-    elif hf:
-        cfg.model.image_size = hf_model.image_size(cfg.model.source)  # the data renders at the model's size
-    # a pretrained model's image processor decides its pixels (read again from the folder on resume)
-    pixels = hf_model.pixels(cfg.model.source, announce=rt.rank == 0) if hf else None
-    try:
-        stream = build_data(cfg.data, cfg.model.image_size, cfg.seed, rt.rank, rt.world, cfg=cfg, device=rt.device,
-                            pixels=pixels)
-    except ValueError as e:
-        if not hf:
-            raise
-        raise DataError(f"--model {cfg.model.source} takes {cfg.model.image_size}-pixel images: {e}") from e
-    if hf:
-        def app_tokenizer(s: Any) -> Any:
-            inner = (saved or {}).get("tokenizer") or {}
-            return (Tokenizer.from_state_dict(inner["inner"]) if inner.get("inner")
-                    else tokenizer_for(cfg.model.context_length, s, "builtin"))
-
-        model, hf_tokenizer = hf_model.build(cfg.model.source, cfg.model.tokenizer, cfg.model.context_length, stream,
-                                             plan.loss, app_tokenizer, pixels)
-        tokenizer = tokenizer or hf_tokenizer
-    if tokenizer is None:
-        tokenizer = (Tokenizer.from_state_dict(saved["tokenizer"]) if saved
-                     else tokenizer_for(cfg.model.context_length, stream, cfg.model.text_tower))
-    # 0 (the csv/wds default) is fitted to the training captions by the tokenizer
-    cfg.model.context_length = getattr(tokenizer, "context_length", cfg.model.context_length)
+    stream, model, tokenizer = fit.stream, fit.model, fit.tokenizer
     if hasattr(stream, "set_tokenizer"):  # text-text data: its queries are token ids of the run's tokenizer
         stream.set_tokenizer(tokenizer)
     if model is None:

@@ -1,4 +1,11 @@
-"""Checkpoint files (checkpoint.py says what a checkpoint holds).
+"""Checkpoint files that resume a run exactly: the same loss curve as if it had never stopped.
+
+A checkpoint (`<output>/checkpoints/step_000123.pt`, written by rank 0) holds the completed step,
+the config, model / optimizer / scheduler state, the tokenizer, the evaluation history, the count
+of skipped non-finite steps, and for every rank its RNG states (python, numpy, torch CPU and CUDA)
+and its data stream's position. Synthetic and digits streams are addressed by (seed, step, index),
+so the step is their position; file streams add their own state. Whether a checkpoint belongs to
+the run being started is identity.py's.
 
 Safety and atomicity:
   * written to a hidden temp file in the same folder, flushed and fsync'ed, renamed over the final

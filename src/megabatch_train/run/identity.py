@@ -141,14 +141,16 @@ def data_files(cfg: TrainConfig) -> dict[str, Any]:
     from ..data.files.shards import expand_urls
 
     out: dict[str, Any] = {}
-    for flag, spec in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
-        kind, _, path = (spec or "").partition(":")
+    for flag, parsed in (("--data", cfg.data_spec), ("--eval-data", cfg.eval_spec)):
+        if parsed is None:
+            continue
+        spec, kind, path = str(parsed), parsed.kind, parsed.path
         try:
-            if kind == "csv" and path:
+            if kind == "csv":
                 out[flag] = {"spec": spec, "table": _fingerprint_file(path)}
-            elif spec == "wordnet":
+            elif kind == "wordnet":
                 out[flag] = {"spec": spec, "files": [_fingerprint_file(str(p)) for p in wordnet.data_paths()]}
-            elif kind == "wds" and path:
+            elif kind == "wds":
                 shards = []
                 for shard in expand_urls(path):
                     st = os.stat(shard)

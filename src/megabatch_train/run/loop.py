@@ -12,7 +12,7 @@ One step over a global contrastive batch B with W ranks (b = B / W per rank):
   4. AdamW with linear warmup then cosine decay; the logit scale is clamped at log(100).
 Rank 0 logs metrics.jsonl, evaluates, checkpoints, and draws curves.png.
 
-The loop reads the run's plan (runplan.py), never the config's fields: the decisions are taken
+The loop reads the run's plan (plan.py), never the config's fields: the decisions are taken
 once, before the first step. Its parts: runtime.py (processes, collectives), build.py (checkpoint
 choice, model, data, optimizer), step.py (the step's pieces).
 """

@@ -3,12 +3,11 @@
 make_plan turns the validated config and the runtime (world, device) into a frozen RunPlan: the
 loss and its arguments, DDP or FSDP, the concrete strategy ("auto" resolved here), positives,
 centring, the logit bias's start, and the step's sizes and cadences. The training loop reads the
-plan, never the config's fields, so a decision cannot be taken twice, two ways. The image size and
-context length are fitted while the parts are built (build.py); `fitted` records them.
+plan, never the config's fields, so a decision cannot be taken twice, two ways. The plan is made
+from the fitted config (build._fit settles the image size and context length first) and is frozen.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,12 +53,8 @@ class RunPlan:
     output: Path
     data: str
     progress: bool
-    image_size: int = 0  # fitted while building (build.py); 0 until then
-    context_length: int = 0
-
-    def fitted(self, cfg: TrainConfig) -> "RunPlan":
-        """This plan with the image size and context length that building the parts fitted into `cfg`."""
-        return dataclasses.replace(self, image_size=cfg.model.image_size, context_length=cfg.model.context_length)
+    image_size: int  # fitted to the data and model before the plan is made (build._fit)
+    context_length: int
 
     def collectives(self, world: int) -> str:
         """What a step waits on other ranks for, for a CollectiveError's message."""

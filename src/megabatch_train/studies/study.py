@@ -40,6 +40,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..config.sections import TrainConfig, from_preset
 from .record import PAPER, environment, mean
 
 # Powers of 4 from 16, and 2,048: the data's limit (3,292 training pairs; a batch of 4,096 would hold pairs twice).
@@ -105,10 +106,8 @@ def _plan(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_config(loss: str, batch: int, seed: int, samples: int, lr: float, output: str, backend: str = "auto",
-               image_tower: str = "cnn") -> Any:
+               image_tower: str = "cnn") -> TrainConfig:
     """The TrainConfig of one study run."""
-    from ..config.sections import TrainConfig, from_preset
-
     steps = max(1, samples // batch)
     extra: dict[str, Any] = {}
     if "positives" in {f.name for f in dataclasses.fields(TrainConfig)}:
@@ -120,7 +119,7 @@ def run_config(loss: str, batch: int, seed: int, samples: int, lr: float, output
                        threads=1, progress=False, backend=backend, output=output, keep_checkpoints=1, **extra)
 
 
-def train_point(cfg: Any) -> dict[str, Any]:
+def train_point(cfg: TrainConfig) -> dict[str, Any]:
     """Train one study run quietly; its row."""
     from ..run.loop import train
 
@@ -133,7 +132,7 @@ def train_point(cfg: Any) -> dict[str, Any]:
     last = records[-1]
     return {"loss": cfg.loss, "batch": cfg.batch_size, "seed": cfg.seed, "steps": cfg.steps,
             "samples": cfg.steps * cfg.batch_size, "backend": cfg.backend, "image_tower": cfg.model.image_tower,
-            "positives": getattr(cfg, "positives", "index"),
+            "positives": cfg.positives,
             "i2t_r1": final["i2t_r1"], "i2t_r5": final["i2t_r5"], "t2i_r1": final["t2i_r1"],
             "zero_shot_concept_top1": final.get("zero_shot_concept_top1"),
             "zero_shot_category_top1": final.get("zero_shot_category_top1"),

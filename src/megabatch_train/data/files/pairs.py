@@ -1,4 +1,4 @@
-"""The part every reader of users' files shares (`files.CsvPairs`, `files.TarShards`; see files.py):
+"""The part every reader of users' files shares (`tables.CsvPairs`, `shards.TarShards`):
 splitting by rank, then by DataLoader worker, epochs and their shuffle, the resumable `walk`, image
 decoding, and the accounting of bad items (counted in shared memory, warned about once). Also the
 per-pair ids (`stable_id`, `parse_id`) and the key hash that holds samples out (`key_fraction`).

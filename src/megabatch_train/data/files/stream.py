@@ -1,8 +1,8 @@
 """Training streams and evaluation sets over users' files: CSV/TSV tables and webdataset shards.
 
-Wraps the readers of `megabatch_train.files` (which split rows/shards by rank, then by worker,
+Wraps the readers of tables.py and shards.py (which split rows/shards by rank, then by worker,
 shuffle per epoch with the seed, loop forever, and skip and count bad items). The pieces it is
-built from (options, decoding, the held-out rows of a table, chunks of pairs) are in fileloading.py.
+built from (options, decoding, the held-out rows of a table, chunks of pairs) are in loading.py.
 
 Loading. Each rank reads its share through a torch DataLoader with `workers` processes (0: in the
 training process), persistent, prefetching, with pinned memory on CUDA. A worker decodes whole
