@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 venv: $(VENV)/.installed
 
 # Debian packages of the real data sets (--data emoji needs the Noto font, --data fashion-mnist the
-# IDX files, megabatch_train.wordnet WordNet 3.0's data files): installed when we are root (CI), else the
+# IDX files, megabatch_train.data.wordnet WordNet 3.0's data files): installed when we are root (CI), else the
 # command is printed and their tests skip. --no-install-recommends: wordnet-base recommends the Tk browser.
 DEBS := fonts-noto-color-emoji dataset-fashion-mnist wordnet-base
 DEB_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf \

@@ -32,8 +32,8 @@ import torch.multiprocessing as mp
 
 def worker(rank: int, world: int, mode: str, args: argparse.Namespace, init: str, out: str) -> None:
     import megabatch as mb
-    from megabatch_train.config import ModelConfig
-    from megabatch_train.towers import ContrastiveModel
+    from megabatch_train.config.sections import ModelConfig
+    from megabatch_train.models.towers import ContrastiveModel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
@@ -47,7 +47,7 @@ def worker(rank: int, world: int, mode: str, args: argparse.Namespace, init: str
     if mode == "ddp":
         wrapper = torch.nn.parallel.DistributedDataParallel(model)
     else:
-        from megabatch_train import fsdp
+        from megabatch_train.run import fsdp
 
         wrapper = fsdp.shard(model, torch.device("cpu"), world)
         if mode == "fsdp_every":

@@ -34,9 +34,9 @@ import PIL
 import torch
 from PIL import Image
 
-from megabatch_train.config import from_preset
-from megabatch_train.filestream import FileOptions, FileStream
-from megabatch_train.loop import train
+from megabatch_train.config.sections import from_preset
+from megabatch_train.data.files.stream import FileOptions, FileStream
+from megabatch_train.run.loop import train
 
 
 def photo(rng: np.random.Generator, size: int) -> Image.Image:

@@ -3,7 +3,7 @@ within a wall-time budget, and keep the held-out retrieval curve.
 
     torchrun --nproc_per_node 2 examples/st_wordnet.py --minutes 60 --out runs/st_wordnet
 
-Data: WordNet 3.0's training synsets (megabatch_train.wordnet.split) as a `datasets.Dataset` of (anchor =
+Data: WordNet 3.0's training synsets (megabatch_train.data.wordnet.split) as a `datasets.Dataset` of (anchor =
 definition, positive = name) rows. Synsets with equal names are positives of each other: the loss takes
 `positives="positive"`, i.e. every text of the global batch whose input ids equal an anchor's name is a positive
 of that anchor (on any rank), so a repeated name is never pushed away from its own definitions.
@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_data(n: int, seed: int):
-    from megabatch_train import wordnet
+    from megabatch_train.data import wordnet
 
     train, heldout = wordnet.split(wordnet.load_synsets())
     if n:
@@ -273,7 +273,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.model == "minilm":
-        from megabatch_train.minilm import model_path
+        from megabatch_train.models.minilm import model_path
 
         path = str(model_path())
     else:

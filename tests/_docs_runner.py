@@ -65,7 +65,7 @@ def run_target(argv: list[str], module: bool) -> None:
     """`python -m MODULE ARGS` (module=True) or `python SCRIPT ARGS`, parsed only."""
     target, args = argv[0], argv[1:]
     if module and target == "megabatch_train":  # the app validates its whole config after parsing
-        from megabatch_train.config import parse_args
+        from megabatch_train.config.flags import parse_args
 
         parse_args(args)
         return
@@ -88,7 +88,7 @@ def megabatch_command(argv: list[str]) -> None:
         rc = cli.main(argv)
         assert rc == 0, f"megabatch plan exited {rc}"
     elif argv[:1] == ["train"]:
-        from megabatch_train.config import parse_args
+        from megabatch_train.config.flags import parse_args
 
         parse_args(argv[1:])
     else:

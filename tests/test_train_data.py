@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from megabatch_train import synthetic as syn
-from megabatch_train.datatypes import EvalData, ZeroShotTask
-from megabatch_train.digits import Digits
-from megabatch_train.evaluate import evaluate
+from megabatch_train.data import synthetic as syn
+from megabatch_train.data.digits import Digits
+from megabatch_train.data.types import EvalData, ZeroShotTask
+from megabatch_train.evaluation.evaluate import evaluate
 
 
 def test_deterministic_and_sliceable():

@@ -37,10 +37,11 @@ import torch
 from _dist_utils import run_world
 from _tracked import Tracked
 from megabatch_train import from_preset, train
-from megabatch_train import checkpoint
 from megabatch_train.cli import main
-from megabatch_train.faults import parse
-from megabatch_train.loop import NonFiniteError, cosine_with_warmup
+from megabatch_train.run import checkpoint
+from megabatch_train.run.build import cosine_with_warmup
+from megabatch_train.run.faults import parse
+from megabatch_train.run.step import NonFiniteError
 
 TINY = ["--preset", "tiny", "--log-every", "1", "--no-progress"]
 
@@ -145,7 +146,7 @@ def _nan_worker(rank: int, world: int, out: str) -> list[torch.Tensor]:
     cfg = from_preset("tiny", steps=5, log_every=1, output=out, progress=False, strategy="gather")
     model_box = {}
 
-    import megabatch_train.build as build
+    import megabatch_train.run.build as build
 
     original = build.ContrastiveModel
 

@@ -28,7 +28,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from megabatch_train.files import REASONS, CsvPairs, DataError, TarShards, expand_urls, parse_id, stable_id
+from megabatch_train.data.files.pairs import REASONS, parse_id, stable_id
+from megabatch_train.data.files.shards import TarShards, expand_urls
+from megabatch_train.data.files.tables import CsvPairs
+from megabatch_train.data.types import DataError
 
 
 def image_bytes(color: tuple[int, int, int], fmt: str = "PNG") -> bytes:

@@ -27,13 +27,14 @@ import pytest
 import torch
 
 from megabatch.cli import main as megabatch
-from megabatch_train.config import TrainConfig, from_preset, parse_args
-from megabatch_train.datatypes import EvalData, ZeroShotTask
-from megabatch_train.evaluate import evaluate
-from megabatch_train.report import summary
-from megabatch_train.synthetic import SyntheticShapes
-from megabatch_train.tokenizer import tokenizer_for
-from megabatch_train.towers import ContrastiveModel
+from megabatch_train.config.flags import parse_args
+from megabatch_train.config.sections import TrainConfig, from_preset
+from megabatch_train.data.synthetic import SyntheticShapes
+from megabatch_train.data.tokenizer import tokenizer_for
+from megabatch_train.data.types import EvalData, ZeroShotTask
+from megabatch_train.evaluation.evaluate import evaluate
+from megabatch_train.evaluation.report import summary
+from megabatch_train.models.towers import ContrastiveModel
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TINY_RUN = ["train", "--preset", "tiny", "--no-progress"]
@@ -285,8 +286,8 @@ def test_missing_extra_names_the_extra_that_brings_the_module():
 def _parsers():
     from megabatch.bench.single import build_parser
     from megabatch.plan import _parser as plan_parser
-    from megabatch_train.config import _parser as train_parser
-    from megabatch_train.study import _parser as study_parser
+    from megabatch_train.config.flags import build_parser as train_parser
+    from megabatch_train.studies.study import build_parser as study_parser
 
     return {"train": train_parser(None), "study": study_parser(), "bench": build_parser(), "plan": plan_parser()}
 

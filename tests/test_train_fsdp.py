@@ -25,8 +25,9 @@ import pytest
 import torch
 
 from _dist_utils import run_world
-from megabatch_train import from_preset, train, wordnet
+from megabatch_train import from_preset, train
 from megabatch_train.cli import main
+from megabatch_train.data import wordnet
 
 STEPS = 4
 # A fixed bias start: the balanced default gives the bias a near-zero first gradient, whose Adam step
@@ -133,7 +134,7 @@ class SharedTrunk(ZeroDim):
 def resume_sharded(rank: int, world: int, checkpoint: str, output: str) -> dict:
     train(from_preset("tiny", output=output, resume=checkpoint, fsdp=True, **FLAGS))
     # and: fsdp.shard turns a user model's 0-dim parameters into (1,) ones, skips parameter-less blocks
-    from megabatch_train import fsdp
+    from megabatch_train.run import fsdp
 
     model = fsdp.shard(ZeroDim(), torch.device("cpu"), world)
     out = model.encode_image(torch.ones(2, 4))
@@ -189,9 +190,9 @@ def ddp_then_fsdp(rank: int, world: int, root: str) -> dict:
         train(from_preset("tiny", output=f"{root}/{name}", fsdp=sharded, **TEXT_PAIRS))
     if rank:
         return {}
-    from megabatch_train.minilm import _frozen_bert
+    from megabatch_train.models.minilm import frozen_bert
 
-    initial = _frozen_bert().state_dict()  # the package's weights, as the zero-shot reference loaded them
+    initial = frozen_bert().state_dict()  # the package's weights, as the zero-shot reference loaded them
     changed = {}
     for name in ("ddp", "fsdp"):
         model = ckpt(Path(root) / name, 2)["model"]

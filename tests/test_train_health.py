@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from megabatch_train import from_preset, train
-from megabatch_train.health import balanced_bias, collapse_warning, embedding_stats
+from megabatch_train.run.health import balanced_bias, collapse_warning, embedding_stats
 
 HEALTHY = {"cos_image_image": 0.06, "cos_text_text": 0.06, "cos_pairs_mean": 0.05, "cos_pairs_sd": 0.43}
 
@@ -52,8 +52,8 @@ def test_warning_names_both_collapses():
 def test_warnings_name_the_runs_sides():
     """Image-text data says image-image / text-text; text-text data (--data wordnet: the eval data's sides
     ("definition", "name")) says definition-definition / name-name, and never "image"."""
-    from megabatch_train.health import recovery_note
-    from megabatch_train.loop import _check_health
+    from megabatch_train.run.health import recovery_note
+    from megabatch_train.run.step import check_health
 
     one_way = {**HEALTHY, "cos_image_image": 0.99, "cos_text_text": 0.998}
     flat = {**HEALTHY, "cos_pairs_mean": 0.31, "cos_pairs_sd": 0.005}
@@ -73,10 +73,10 @@ def test_warnings_name_the_runs_sides():
     tokens = torch.randint(0, 9, (64, 8))
     warned: list[str] = []
     with pytest.warns(RuntimeWarning) as caught:
-        _check_health(cfg, _Constant(), tokens, tokens, {"step": 10, "logit_scale": 14.3}, warned, text)
+        check_health(cfg, _Constant(), tokens, tokens, {"step": 10, "logit_scale": 14.3}, warned, text)
     said = str(caught[0].message)
     assert said.startswith("embeddings collapsed at step 10: definition-definition cosines") and "image" not in said
-    _check_health(cfg, _Random(), tokens, tokens, {"step": 20, "logit_scale": 14.3}, warned, text)
+    check_health(cfg, _Random(), tokens, tokens, {"step": 20, "logit_scale": 14.3}, warned, text)
     assert warned[-1].startswith("embeddings recovered by step 20: definition-definition cosine")
 
 
@@ -129,7 +129,7 @@ def test_fresh_siglip_bias_starts_balanced(tmp_path):
 
 
 def test_center():
-    from megabatch_train.towers import Center, ContrastiveModel
+    from megabatch_train.models.towers import Center, ContrastiveModel
 
     c = Center(3, momentum=0.5).train()
     x = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], requires_grad=True)
@@ -157,16 +157,16 @@ class _Random(_Constant):
 
 
 def test_collapse_then_recovery_is_said_once_each(capsys):
-    from megabatch_train.loop import _check_health
+    from megabatch_train.run.step import check_health
 
     cfg = from_preset("tiny", steps=30, warmup_steps=3)
     images, tokens = torch.randn(64, 3, 4, 4), torch.randint(0, 9, (64, 8))
     warned: list[str] = []
     with pytest.warns(RuntimeWarning, match="embeddings collapsed at step 10"):
-        _check_health(cfg, _Constant(), images, tokens, {"step": 10, "logit_scale": 14.3}, warned)
+        check_health(cfg, _Constant(), images, tokens, {"step": 10, "logit_scale": 14.3}, warned)
     record = {"step": 20, "logit_scale": 14.3}
-    _check_health(cfg, _Random(), images, tokens, record, warned)
-    _check_health(cfg, _Random(), images, tokens, {"step": 25, "logit_scale": 14.3}, warned)
+    check_health(cfg, _Random(), images, tokens, record, warned)
+    check_health(cfg, _Random(), images, tokens, {"step": 25, "logit_scale": 14.3}, warned)
     assert "collapsed" not in record and capsys.readouterr().err.count("embeddings recovered by step 20") == 1
 
 
@@ -178,8 +178,8 @@ class _ImagesCollapsed(_Random):
 
 
 def test_recovery_is_said_only_once_every_statistic_left_the_collapse(capsys):
-    from megabatch_train.health import recovery_note
-    from megabatch_train.loop import _check_health
+    from megabatch_train.run.health import recovery_note
+    from megabatch_train.run.step import check_health
 
     assert recovery_note({**HEALTHY, "cos_image_image": 0.995}, 15) is None  # one tower still one way
     assert recovery_note({**HEALTHY, "cos_pairs_sd": 0.005}, 15) is None  # pairs still at one cosine
@@ -189,9 +189,9 @@ def test_recovery_is_said_only_once_every_statistic_left_the_collapse(capsys):
     images, tokens = torch.randn(64, 3, 4, 4), torch.randint(0, 9, (64, 8))
     warned: list[str] = []
     with pytest.warns(RuntimeWarning, match="embeddings collapsed at step 5"):
-        _check_health(cfg, _Constant(), images, tokens, {"step": 5, "logit_scale": 14.3}, warned)
+        check_health(cfg, _Constant(), images, tokens, {"step": 5, "logit_scale": 14.3}, warned)
     half = {"step": 15, "logit_scale": 14.3}
-    _check_health(cfg, _ImagesCollapsed(), images, tokens, half, warned)
+    check_health(cfg, _ImagesCollapsed(), images, tokens, half, warned)
     assert half["cos_image_image"] > 0.99 and half["cos_text_text"] < 0.9 and "recovered" not in capsys.readouterr().err
-    _check_health(cfg, _Random(), images, tokens, {"step": 20, "logit_scale": 14.3}, warned)
+    check_health(cfg, _Random(), images, tokens, {"step": 20, "logit_scale": 14.3}, warned)
     assert capsys.readouterr().err.count("embeddings recovered by step 20") == 1

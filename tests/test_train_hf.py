@@ -34,9 +34,9 @@ import _hf_models as H  # noqa: E402
 from test_hf import assert_grads_equal  # noqa: E402
 
 import megabatch as mb  # noqa: E402
-from megabatch_train import from_preset, train  # noqa: E402
-from megabatch_train.cli import main  # noqa: E402
-from megabatch_train.hf_model import PAD, HFDualEncoder  # noqa: E402
+from megabatch_train import from_preset, train
+from megabatch_train.cli import main
+from megabatch_train.models.hf_model import PAD, HFDualEncoder
 
 RUN = dict(steps=3, batch_size=16, micro_batch_size=8, warmup_steps=1, log_every=1, eval_every=0, eval_size=64,
            progress=False)
@@ -267,8 +267,8 @@ def test_pretrained_model_gets_its_processors_pixels_from_synthetic(clip_dir: Pa
     processor are what the model gets, in training and in evaluation."""
     import dataclasses
 
-    from megabatch_train import hf_model
-    from megabatch_train.data import build_data
+    from megabatch_train.models import hf_model
+    from megabatch_train.data.sources import build_data
 
     seen = _recorded(monkeypatch)
     train(from_preset("tiny", **RUN, source=f"hf:{clip_dir}", output=str(tmp_path)))
@@ -288,9 +288,9 @@ def test_rendered_sets_draw_at_the_resize_side_then_crop(clip_dir: Path, spec: s
     32x32 of their drawing at the processor's resize side (36), in training and evaluation."""
     import dataclasses
 
-    from megabatch_train import hf_model
-    from megabatch_train.data import build_data
-    from megabatch_train.files import DataError
+    from megabatch_train.models import hf_model
+    from megabatch_train.data.sources import build_data
+    from megabatch_train.data.types import DataError
 
     pixels = hf_model.pixels(f"hf:{clip_dir}")
     try:
@@ -311,8 +311,8 @@ def test_a_processor_that_does_not_fit_the_tower_is_refused(clip_dir: Path, tmp_
 
     import transformers as tf
 
-    from megabatch_train import hf_model
-    from megabatch_train.files import DataError
+    from megabatch_train.models import hf_model
+    from megabatch_train.data.types import DataError
 
     shutil.copy(clip_dir / "config.json", tmp_path / "config.json")
     tf.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 24, "width": 24}).save_pretrained(tmp_path)

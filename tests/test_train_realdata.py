@@ -31,8 +31,9 @@ import numpy as np
 import pytest
 import torch
 
-from megabatch_train import emoji, fashion
-from megabatch_train.config import from_preset, parse_args
+from megabatch_train.config.flags import parse_args
+from megabatch_train.config.sections import from_preset
+from megabatch_train.data import emoji, fashion
 
 HAS_NOTO = emoji.NOTO_FONT.exists()
 HAS_FASHION = (fashion.FOLDER / "train-images-idx3-ubyte.gz").exists()
@@ -166,7 +167,7 @@ def test_bad_flags(argv, message, capsys):
 
 @needs_minilm
 def test_minilm_matches_sentence_transformers():
-    from megabatch_train.minilm import MiniLMTokenizer, load_bert, model_path, sentence_embedding
+    from megabatch_train.models.minilm import MiniLMTokenizer, load_bert, model_path, sentence_embedding
 
     texts = ["grinning face", "a photo of a pullover", "keycap: *", "flag: united kingdom"]
     tok = MiniLMTokenizer(16)
@@ -182,8 +183,8 @@ def test_minilm_matches_sentence_transformers():
 
 @needs_minilm
 def test_locked_minilm_embeds_each_caption_once():
-    from megabatch_train.towers import ContrastiveModel
-    from megabatch_train.minilm import MiniLMTokenizer
+    from megabatch_train.models.towers import ContrastiveModel
+    from megabatch_train.models.minilm import MiniLMTokenizer
 
     cfg = from_preset("tiny", text_tower="minilm", lock_text=True, context_length=12).model
     tok = MiniLMTokenizer(12)
@@ -213,7 +214,7 @@ def test_image_tower_default_is_cnn_for_emoji_only():
 
 
 def test_cnn_tower_shapes_and_batch_independence():
-    from megabatch_train.towers import ContrastiveModel, ConvTower
+    from megabatch_train.models.towers import ContrastiveModel, ConvTower
 
     cfg = from_preset("small", image_tower="cnn").model
     tower = ConvTower(cfg)
@@ -227,7 +228,7 @@ def test_cnn_tower_shapes_and_batch_independence():
 
 def test_cnn_gradcache_micro_batches_give_the_full_batch_gradient():
     import megabatch as mb
-    from megabatch_train.towers import ConvTower
+    from megabatch_train.models.towers import ConvTower
 
     torch.manual_seed(0)
     cfg = from_preset("tiny", image_tower="cnn", embed_dim=16).model

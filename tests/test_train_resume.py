@@ -36,10 +36,12 @@ import torch
 from _dist_utils import run_world
 from test_train_faults import torchrun
 from test_train_userdata import make_table, shard
-from megabatch_train import checkpoint, from_preset, loop, outputs, plots
+from megabatch_train import from_preset
 from megabatch_train.cli import main
-from megabatch_train.config import parse_args
-from megabatch_train.report import MetricsLog
+from megabatch_train.config.flags import parse_args
+from megabatch_train.evaluation import outputs, plots
+from megabatch_train.evaluation.report import MetricsLog
+from megabatch_train.run import checkpoint, identity, loop
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 CSV = ["--preset", "tiny", "--data", "csv:pairs.tsv", "--csv-img-key", "path", "--csv-caption-key", "caption",
@@ -252,10 +254,10 @@ def test_changed_data_is_warned(data, tmp_path, monkeypatch, capsys):
     assert not [str(w.message) for w in seen if "changed since" in str(w.message)]
 
     cfg = from_preset("tiny", data="wds:shards/*.tar")
-    before = checkpoint.data_files(cfg)
+    before = identity.data_files(cfg)
     shard(tmp_path / "shards" / "s-2.tar", range(80, 90), with_id=False)
     shard(tmp_path / "shards" / "s-0.tar", range(0, 30), with_id=False)
-    changes = checkpoint.data_changes(before, checkpoint.data_files(cfg))
+    changes = identity.data_changes(before, identity.data_files(cfg))
     assert len(changes) == 1 and changes[0].startswith("--data wds:shards/*.tar: 1 shard(s) added (s-2.tar); "
                                                        "s-0.tar changed (")
 
@@ -350,15 +352,15 @@ def test_fitted_fields_are_not_compared():
     new = {"step": 2, "config": ran.to_dict(), "given_config": given.to_dict()}
     old = {"step": 2, "config": ran.to_dict()}
     for payload in (new, old):
-        assert checkpoint.differences(payload, given) == []
-        assert checkpoint.differences(payload, ran) == []
+        assert identity.differences(payload, given) == []
+        assert identity.differences(payload, ran) == []
     other = from_preset("tiny", source="hf:clip.json", tokenizer="app", context_length=20, lr=0.01)
-    assert checkpoint.differences(new, other) == ["--lr (saved 0.001, now 0.01)",
+    assert identity.differences(new, other) == ["--lr (saved 0.001, now 0.01)",
                                                   "--context-length (saved 16, now 20)"]
-    assert checkpoint.differences(old, other) == ["--lr (saved 0.001, now 0.01)"]  # fitted: not compared
+    assert identity.differences(old, other) == ["--lr (saved 0.001, now 0.01)"]  # fitted: not compared
     csv = from_preset("tiny", data="csv:t.tsv")
     fitted = from_preset("tiny", data="csv:t.tsv", context_length=9)
-    assert checkpoint.differences({"config": fitted.to_dict()}, csv) == []
-    assert checkpoint.differences({"config": fitted.to_dict()}, from_preset("tiny", data="csv:t.tsv",
+    assert identity.differences({"config": fitted.to_dict()}, csv) == []
+    assert identity.differences({"config": fitted.to_dict()}, from_preset("tiny", data="csv:t.tsv",
                                                                            image_size=16)) == \
         ["--image-size (saved 32, now 16)"]

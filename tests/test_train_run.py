@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from megabatch_train import from_preset, train
-from megabatch_train.checkpoint import resume_config
 from megabatch_train.cli import main
+from megabatch_train.run.identity import resume_config
 
 STEP_KEYS = {"step", "loss", "logit_scale", "lr", "samples_per_s", "peak_mem_mb", "elapsed_s"}
 EVAL_KEYS = {"zero_shot_top1", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "chance", "step"}

@@ -43,15 +43,15 @@ import pytest
 import torch
 from PIL import Image
 
-from megabatch_train import filestream
-from megabatch_train.checkpoint import resume_config
 from megabatch_train.cli import main
-from megabatch_train.config import from_preset
-from megabatch_train.files import stable_id
-from megabatch_train.filestream import FileOptions, FileStream
-from megabatch_train.loop import train
-from megabatch_train.report import percent
-from megabatch_train.tokenizer import BpeTokenizer, fit_context, truncation
+from megabatch_train.config.sections import from_preset
+from megabatch_train.data.files import stream as filestream
+from megabatch_train.data.files.pairs import stable_id
+from megabatch_train.data.files.stream import FileOptions, FileStream
+from megabatch_train.data.tokenizer import BpeTokenizer, fit_context, truncation
+from megabatch_train.evaluation.report import percent
+from megabatch_train.run.identity import resume_config
+from megabatch_train.run.loop import train
 
 WORDS = "red green blue small large round square cat dog bird tree house boat".split()
 
@@ -383,7 +383,7 @@ def test_bpe_tokenizer_fit_truncation_and_state():
 def test_percentages_and_one_evaluation_plot(tmp_path):
     assert [percent(x) for x in (0.00055, 0.0027, 0.054, 0.813, 1.0, 0.0)] == \
         ["0.055%", "0.27%", "5.4%", "81.3%", "100.0%", "0.0%"]
-    from megabatch_train.plots import plot_curves
+    from megabatch_train.evaluation.plots import plot_curves
 
     metrics = [{"step": s, "loss": 3 - s / 100, "logit_scale": 14 + s / 1000, "logit_bias": -10 + s * 1e-5}
                for s in range(5, 85, 5)]

