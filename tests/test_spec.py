@@ -92,7 +92,8 @@ def test_every_front_refuses_the_same_mistake_alike():
     # memory_budget (auto's): make_spec's check, at the call (for the modules: their first call)
     x, y = _xy()
     for fn in (lambda: mb.clip_loss(x, y, 10.0, memory_budget=0),
-               lambda: mb.SigLipLoss(memory_budget=-1)(x, y, 1.0, 0.0), lambda: mb.ClipLoss(memory_budget=2.5)(x, y, 10.0)):
+               lambda: mb.SigLipLoss(memory_budget=-1)(x, y, 1.0, 0.0),
+               lambda: mb.ClipLoss(memory_budget=2.5)(x, y, 10.0)):
         kind, msg = _raised(fn)
         assert kind is ValueError and "memory_budget must be a positive number of bytes" in msg, msg
 

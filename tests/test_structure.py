@@ -216,7 +216,8 @@ def strategy_checks(module: str) -> list[int]:
 
     tree = ast.parse(MODULES[module].read_text())
     return sorted(n.lineno for n in ast.walk(tree) if isinstance(n, ast.Compare)
-                  and any(isinstance(op, (ast.In, ast.NotIn)) and names_strategies(c) for op, c in zip(n.ops, n.comparators)))
+                  and any(isinstance(op, (ast.In, ast.NotIn)) and names_strategies(c)
+                          for op, c in zip(n.ops, n.comparators)))
 
 
 def test_the_checks_of_strategy_names_see_what_they_check(tmp_path):
@@ -228,7 +229,8 @@ def test_the_checks_of_strategy_names_see_what_they_check(tmp_path):
         assert strategy_checks(probe) == [1, 2]
     finally:
         del MODULES[probe]
-    assert PACKED.search('f"{self.strategy}:{self.ranks_per_node}"') and PACKED.search('name, _, r = strategy.partition(":")')
+    assert PACKED.search('f"{self.strategy}:{self.ranks_per_node}"')
+    assert PACKED.search('name, _, r = strategy.partition(":")')
     assert PACKED.search('"hierarchical:4"') and not PACKED.search('f"hierarchical: the shape\'s ranks per node"')
 
 

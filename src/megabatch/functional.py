@@ -2,8 +2,8 @@
 
 Both validate their arguments (shapes, dtypes, devices only: no device sync) and resolve the backend
 (block kernels) and the strategy (how blocks meet across ranks) into one LossSpec, once
-(megabatch.spec.loss_spec), and hand it with the tensors to the loss family (megabatch.losses). They return a 0-dim loss in the compute
-dtype (float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs).
+(megabatch.spec.loss_spec), and hand it with the tensors to the loss family (megabatch.losses).
+They return a 0-dim loss in the compute dtype (float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs).
 
 Two roads, same arguments: eager calls, and under torch.compile one process with the torch/dense
 kernels (traced), take losses.clip / losses.siglip; otherwise while dynamo traces (Triton, gather,

@@ -73,4 +73,5 @@ def get_backend(name: Union[str, BlockKernels], device: torch.device) -> BlockKe
     return triton
 
 
-__all__ = ["BACKENDS", "BlockKernels", "DenseKernels", "TorchChunkedKernels", "auto_backend", "check_backend", "get_backend"]
+__all__ = ["BACKENDS", "BlockKernels", "DenseKernels", "TorchChunkedKernels", "auto_backend", "check_backend",
+           "get_backend"]

@@ -54,7 +54,8 @@ def _own(t: Tensor) -> Tensor:
 @torch.library.custom_op("megabatch::clip_forward", mutates_args=())
 def clip_forward_op(x: Tensor, y: Tensor, scale: Tensor, image_ids: Optional[Tensor], text_ids: Optional[Tensor],
                     direction: int, strategy: str, ranks_per_node: int, memory_budget: int, group: str,
-                    backend: str, needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    backend: str, needs: Sequence[bool]
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     spec = LossSpec.from_op("clip", strategy, ranks_per_node, memory_budget, group, backend, x.device,
                             direction=direction, ids=image_ids is not None, needs=needs)
     loss, saved, strat = clip_forward(spec, Features(x, y, image_ids, text_ids), scale)
@@ -74,7 +75,8 @@ def _(x, y, scale, image_ids, text_ids, direction, strategy, ranks_per_node, mem
 def clip_backward_op(grad: Tensor, x: Tensor, y: Tensor, scale: Tensor, image_ids: Optional[Tensor],
                      text_ids: Optional[Tensor], row_lse: Tensor, col_lse: Tensor, row_cnt: Tensor, col_cnt: Tensor,
                      weights: Tensor, layout: Tensor, direction: int, strategy: str, ranks_per_node: int,
-                     memory_budget: int, group: str, backend: str, needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                     memory_budget: int, group: str, backend: str, needs: Sequence[bool]
+                     ) -> tuple[Tensor, Tensor, Tensor]:
     spec = LossSpec.from_op("clip", strategy, ranks_per_node, memory_budget, group, backend, x.device,
                             direction=direction, ids=image_ids is not None, needs=needs)
     saved = ClipSaved.unpacked(row_lse, col_lse, row_cnt, col_cnt, weights)
