@@ -103,12 +103,13 @@ def test_opcheck(ids):
     leaves = [t.clone().requires_grad_() for t in (x, y, s, bias)]
     ops = torch.ops.megabatch
     every = [True] * 4
-    torch.library.opcheck(ops.clip_forward.default, (*leaves[:3], xid, yid, 0, "local", "", "triton", every[:3]))
-    torch.library.opcheck(ops.siglip_forward.default, (*leaves, xid, yid, "local", "", "triton", every))
-    torch.library.opcheck(ops.siglip_forward.default, (x, y, s, bias, xid, yid, "local", "", "triton", [False] * 4))
-    stats = ops.clip_forward(x, y, s, xid, yid, 1, "local", "", "triton", every[:3])[1:]
+    spec = ("local", 0, -1, "", "triton")  # LossSpec.op_args(): strategy, ranks_per_node, memory_budget, group, backend
+    torch.library.opcheck(ops.clip_forward.default, (*leaves[:3], xid, yid, 0, *spec, every[:3]))
+    torch.library.opcheck(ops.siglip_forward.default, (*leaves, xid, yid, *spec, every))
+    torch.library.opcheck(ops.siglip_forward.default, (x, y, s, bias, xid, yid, *spec, [False] * 4))
+    stats = ops.clip_forward(x, y, s, xid, yid, 1, *spec, every[:3])[1:]
     torch.library.opcheck(ops.clip_backward.default, (torch.tensor(1.5, device=DEVICE), x, y, s, xid, yid, *stats, 1,
-                                                      "local", "", "triton", [True, False, True]))
+                                                      *spec, [True, False, True]))
 
 
 # ----------------------------------------------------------------------------- local strategy

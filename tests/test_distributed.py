@@ -344,15 +344,16 @@ def mismatch_worker(rank: int, world: int) -> dict[str, Any]:
     # gather's compiled CLIP backward gathers the texts again: the compiled road on rank 0 only must raise;
     # ring's roads run the same collectives, so there they mix (and give the eager value). The compiled
     # road is losses.ops.clip, what torch.compile's graph calls (tests/test_compile.py), called here directly.
-    from megabatch.kernels import get_backend
-    from megabatch.losses import LossOptions, needs_grad, ops
+    from megabatch.losses import ops
     from megabatch.losses import clip as eager_clip
+    from megabatch.spec import loss_spec
 
     road: dict[str, Any] = {}
     for strategy in STRATEGIES:
         xd, yd = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
-        scale = torch.tensor(10.0, dtype=torch.float64)
-        opts = LossOptions(strategy, get_backend("torch", xd.device), needs_grad(xd, yd, scale))
+        opts, (scale,) = loss_spec("clip", xd, yd, [("logit_scale", torch.tensor(10.0, dtype=torch.float64))],
+                                   image_ids=None, text_ids=None, strategy=strategy, backend="torch",
+                                   ranks_per_node=1 if strategy == "hierarchical" else None)
         fn = ops.clip if rank == 0 else eager_clip
         road[strategy] = _error(lambda: fn(opts, xd, yd, scale).backward())
         if road[strategy] is None:

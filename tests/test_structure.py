@@ -7,14 +7,18 @@
   `megabatch.train`), not even as a string: the app adds its commands through an entry-point group.
 - No library module is longer than MAX_LINES.
 - The loss has one road: the eager functions (losses.clip, losses.siglip) and the compiled ones
-  (losses.ops.clip, losses.ops.siglip) take the same arguments (one LossOptions, then the tensors),
+  (losses.ops.clip, losses.ops.siglip) take the same arguments (one LossSpec, then the tensors),
   and every backend's gradient kernels return their named result type, never a bare tuple.
+- A strategy name is validated in one place, megabatch.strategies (make_spec): no other module tests
+  a value for membership in STRATEGIES or in a literal list of strategy names, and no module packs
+  two settings into one "hierarchical:R" string.
 The app (APP, src/megabatch_train/) is outside the graph (tests/test_app_structure.py checks it); all of this reads source text with
 `ast`, imports nothing, and runs in well under a second.
 """
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +36,8 @@ LAYERS = [
     ("commands", ("megabatch.cli", "megabatch.__main__", "megabatch.bench", "megabatch.plan", "megabatch.plan_terms",
                   "megabatch.timemodel")),
     ("integrations", ("megabatch.integrations",)),
-    ("public API", ("megabatch.functional", "megabatch.modules", "megabatch.gradcache", "megabatch.reference")),
+    ("public API", ("megabatch.functional", "megabatch.modules", "megabatch.gradcache", "megabatch.reference",
+                    "megabatch.spec")),
     ("loss families", ("megabatch.losses",)),
     ("strategies", ("megabatch.strategies",)),
     ("block kernels", ("megabatch.kernels",)),
@@ -185,7 +190,56 @@ def test_eager_and_compiled_roads_take_the_same_arguments(family):
     eager = _function(f"megabatch.losses.{family}", family)
     compiled = _function("megabatch.losses.ops", family)
     assert ast.unparse(eager.args) == ast.unparse(compiled.args)
-    assert ast.unparse(eager.args).startswith("opts: LossOptions")
+    assert ast.unparse(eager.args).startswith("spec: LossSpec")
+
+
+STRATEGY_NAMES = {"local", "gather", "ring", "hierarchical"}
+# megabatch.plan's own check of its --strategy choice is being routed through strategies.make_spec on
+# another branch (wt-auto); drop this entry when it is merged.
+PENDING = {"megabatch.plan"}
+# "hierarchical:2", f"hierarchical:{r}", f"{name}:{self.ranks_per_node}", or reading one back.
+PACKED = re.compile(r"hierarchical:[\d{]|\}:\{[\w.]*ranks_per_node|strategy\w*\.(partition|split)\(\":\"\)")
+
+
+def strategy_checks(module: str) -> list[int]:
+    """Lines of `module` that test a value for membership (in / not in) in STRATEGIES (any spelling:
+    a name, strategies.STRATEGIES) or in a literal tuple/list/set naming two or more strategies."""
+    def names_strategies(node: ast.expr) -> bool:
+        if isinstance(node, ast.Name) and node.id == "STRATEGIES":
+            return True
+        if isinstance(node, ast.Attribute) and node.attr == "STRATEGIES":
+            return True
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            values = {e.value for e in node.elts if isinstance(e, ast.Constant)}
+            return len(values & STRATEGY_NAMES) >= 2
+        return False
+
+    tree = ast.parse(MODULES[module].read_text())
+    return sorted(n.lineno for n in ast.walk(tree) if isinstance(n, ast.Compare)
+                  and any(isinstance(op, (ast.In, ast.NotIn)) and names_strategies(c)
+                          for op, c in zip(n.ops, n.comparators)))
+
+
+def test_the_checks_of_strategy_names_see_what_they_check(tmp_path):
+    probe = "megabatch._probe"
+    MODULES[probe] = tmp_path / "probe.py"
+    try:
+        MODULES[probe].write_text("if s not in strategies.STRATEGIES: pass\nok = s in ('ring', 'gather')\n"
+                                  "fine = s in ('clip', 'siglip') or s == 'local'\n")
+        assert strategy_checks(probe) == [1, 2]
+    finally:
+        del MODULES[probe]
+    assert PACKED.search('f"{self.strategy}:{self.ranks_per_node}"')
+    assert PACKED.search('name, _, r = strategy.partition(":")')
+    assert PACKED.search('"hierarchical:4"') and not PACKED.search('f"hierarchical: the shape\'s ranks per node"')
+
+
+def test_only_strategies_validates_a_strategy_name():
+    found = {m: lines for m in MODULES if not (m == "megabatch.strategies" or m.startswith("megabatch.strategies."))
+             and m not in PENDING and (lines := strategy_checks(m))}
+    assert not found, f"strategy names checked outside megabatch.strategies (call strategies.make_spec): {found}"
+    packed = {m for m, p in MODULES.items() if PACKED.search(p.read_text())}
+    assert not packed, f"modules packing ranks_per_node into a strategy string: {sorted(packed)}"
 
 
 @pytest.mark.parametrize("module,cls", [("megabatch.kernels.torch_chunked", "TorchChunkedKernels"),

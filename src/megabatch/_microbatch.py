@@ -17,6 +17,19 @@ Batch = Union[Tensor, Mapping[str, Any], Sequence[Any]]
 Encoder = Callable[..., Tensor]
 
 
+def check_size(name: str, value: object, *, optional: bool = False) -> None:
+    """A micro-batch size as the caller named it (`name`: micro_batch_size, mini_batch_size): a
+    positive int (or None when `optional`). TypeError for a non-int, ValueError for a value < 1;
+    GradCache and the integrations all check it here."""
+    if optional and value is None:
+        return
+    expected = "None or a positive int" if optional else "a positive int"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be {expected}, got {value}")
+
+
 def rows(batch: Batch) -> int:
     """Rows of a batch already checked by `batch_size` (its first tensor's dim 0)."""
     return next(leaves(batch)).shape[0]

@@ -1,9 +1,9 @@
 """The functional API: `clip_loss` and `siglip_loss`.
 
-Both validate their arguments (shapes, dtypes, devices only: no device sync), resolve the backend
-(block kernels) and the strategy (how blocks meet across ranks) into one LossOptions, and hand it
-with the tensors to the loss family (megabatch.losses). They return a 0-dim loss in the compute
-dtype (float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs).
+Both validate their arguments (shapes, dtypes, devices only: no device sync) and resolve the backend
+(block kernels) and the strategy (how blocks meet across ranks) into one LossSpec, once
+(megabatch.spec.loss_spec), and hand it with the tensors to the loss family (megabatch.losses).
+They return a 0-dim loss in the compute dtype (float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs).
 
 Two roads, same arguments: eager calls, and under torch.compile one process with the torch/dense
 kernels (traced), take losses.clip / losses.siglip; otherwise while dynamo traces (Triton, gather,
@@ -16,10 +16,9 @@ from typing import Optional, Union
 import torch.distributed as dist
 from torch import Tensor
 
-from . import losses, strategies
-from ._checks import as_scalar, check_directions, check_features, check_ids, optional_ids
-from .kernels import get_backend
-from .losses import LossOptions, needs_grad
+from . import losses
+from ._checks import optional_ids
+from .spec import Backend, loss_spec
 
 Scalar = Union[float, Tensor]
 
@@ -33,9 +32,10 @@ def clip_loss(
     text_ids: Optional[Tensor] = None,
     directions: str = "both",
     strategy: str = "auto",
-    backend: str = "auto",
+    backend: Backend = "auto",
     group: Optional["dist.ProcessGroup"] = None,
     ranks_per_node: Optional[int] = None,
+    memory_budget: Optional[int] = None,
 ) -> Tensor:
     """CLIP's softmax (InfoNCE) loss over the global batch, without materialising the similarity matrix.
 
@@ -66,6 +66,7 @@ def clip_loss(
         ranks_per_node: "hierarchical" only: ranks per node R (group rank i is on node i // R; R
             must divide the group's size and be the same on every rank). None: torchrun's
             LOCAL_WORLD_SIZE.
+        memory_budget: auto's per-rank byte budget (None: the device's free memory); a positive int.
 
     Returns:
         0-dim loss. Distributed, rank r returns L_r whose mean over ranks is the global loss, and its
@@ -75,18 +76,12 @@ def clip_loss(
         NaN or inf in the inputs propagate to a NaN loss, and a global batch without any positive
         pair gives NaN: neither is checked (that would sync with the device).
     """
-    name = strategies.resolve(strategy, group)
-    with strategies.validating(name, image_features, group):
-        check_features(image_features, text_features, allow_empty=name != "local")
-        ids = check_ids(image_ids, text_ids, image_features, text_features)
-        check_directions(directions)
-        scale = as_scalar("logit_scale", logit_scale, image_features)
-        kernels = get_backend(backend, image_features.device)
-        rpn = strategies.ranks_per_node(name, ranks_per_node, group)
-    opts = LossOptions(name, kernels, needs_grad(image_features, text_features, scale), group,
-                       losses.DIRECTIONS[directions], ids, configured=not isinstance(backend, str), ranks_per_node=rpn)
-    road = losses.ops.clip if opts.opaque else losses.clip
-    return road(opts, image_features, text_features, scale, optional_ids(image_ids), optional_ids(text_ids))
+    spec, (scale,) = loss_spec("clip", image_features, text_features, [("logit_scale", logit_scale)],
+                               image_ids=image_ids, text_ids=text_ids, directions=directions, strategy=strategy,
+                               backend=backend, group=group, ranks_per_node=ranks_per_node,
+                               memory_budget=memory_budget)
+    road = losses.ops.clip if spec.opaque else losses.clip
+    return road(spec, image_features, text_features, scale, optional_ids(image_ids), optional_ids(text_ids))
 
 
 def siglip_loss(
@@ -98,9 +93,10 @@ def siglip_loss(
     image_ids: Optional[Tensor] = None,
     text_ids: Optional[Tensor] = None,
     strategy: str = "auto",
-    backend: str = "auto",
+    backend: Backend = "auto",
     group: Optional["dist.ProcessGroup"] = None,
     ranks_per_node: Optional[int] = None,
+    memory_budget: Optional[int] = None,
 ) -> Tensor:
     """SigLIP's pairwise sigmoid loss over the global batch, without materialising the matrix.
 
@@ -112,20 +108,15 @@ def siglip_loss(
         text_features: (n, D), same dtype and device; n may differ from b.
         logit_scale: s, the multiplier itself (``logit_scale.exp()``), 0-dim tensor or real number.
         logit_bias: b, 0-dim tensor or real number (SigLIP initialises it at -10).
-        image_ids, text_ids, strategy, backend, group, ranks_per_node: as for :func:`clip_loss`.
+        image_ids, text_ids, strategy, backend, group, ranks_per_node, memory_budget: as for
+            :func:`clip_loss`.
 
     Returns:
         0-dim loss, with the same distributed convention as :func:`clip_loss`.
     """
-    name = strategies.resolve(strategy, group)
-    with strategies.validating(name, image_features, group):
-        check_features(image_features, text_features, allow_empty=name != "local")
-        ids = check_ids(image_ids, text_ids, image_features, text_features)
-        scale = as_scalar("logit_scale", logit_scale, image_features)
-        bias = as_scalar("logit_bias", logit_bias, image_features)
-        kernels = get_backend(backend, image_features.device)
-        rpn = strategies.ranks_per_node(name, ranks_per_node, group)
-    opts = LossOptions(name, kernels, needs_grad(image_features, text_features, scale, bias), group, ids=ids,
-                       configured=not isinstance(backend, str), ranks_per_node=rpn)
-    road = losses.ops.siglip if opts.opaque else losses.siglip
-    return road(opts, image_features, text_features, scale, bias, optional_ids(image_ids), optional_ids(text_ids))
+    spec, (scale, bias) = loss_spec("siglip", image_features, text_features,
+                                    [("logit_scale", logit_scale), ("logit_bias", logit_bias)], image_ids=image_ids,
+                                    text_ids=text_ids, strategy=strategy, backend=backend, group=group,
+                                    ranks_per_node=ranks_per_node, memory_budget=memory_budget)
+    road = losses.ops.siglip if spec.opaque else losses.siglip
+    return road(spec, image_features, text_features, scale, bias, optional_ids(image_ids), optional_ids(text_ids))

@@ -87,10 +87,7 @@ class GradCache:
         for name, fn in (("image_encoder", image_encoder), ("text_encoder", text_encoder), ("loss_fn", loss_fn)):
             if not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
-        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int):
-            raise TypeError(f"micro_batch_size must be a positive int, got {type(micro_batch_size).__name__}")
-        if micro_batch_size <= 0:
-            raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size}")
+        micro.check_size("micro_batch_size", micro_batch_size)
         modules = () if modules is None else (modules,) if isinstance(modules, nn.Module) else tuple(modules)
         for m in modules:
             if not isinstance(m, nn.Module):
@@ -313,13 +310,23 @@ def _through_ddp(wrappers: Sequence[DDP], step: Callable[..., tuple], *inputs: A
         box.append(grads)
         return outs
 
-    saved = inner.__dict__.get("forward", None)
-    inner.forward = forward  # an instance attribute shadows the class's forward for this one call
-    try:
+    with swapped_forward(inner, forward):
         outs = ddp(*inputs)
+    return tuple(outs), box[0]
+
+
+@contextlib.contextmanager
+def swapped_forward(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """`module.forward` is `forward` inside the block (an instance attribute shadows the class's),
+    so that calling the module's wrapper (DDP, FSDP2) runs `forward` with the wrapper's hooks; an
+    instance forward already there (e.g. accelerate's autocast wrapper) comes back afterwards.
+    GradCache's last micro-batch and megabatch.integrations.hf's feature calls both go through it."""
+    saved = module.__dict__.get("forward", None)
+    module.forward = forward
+    try:
+        yield
     finally:
         if saved is None:
-            del inner.forward
+            del module.forward
         else:
-            inner.forward = saved
-    return tuple(outs), box[0]
+            module.forward = saved

@@ -5,7 +5,10 @@
 
 Like open_clip, `output_dict=True` returns {"contrastive_loss": loss}. They hold settings only;
 forward also takes the functional API's `image_ids=` / `text_ids=` keywords (and ClipLoss
-`directions=`, defaulting to the module's own).
+`directions=`, defaulting to the module's own). Settings are checked when the module is built
+(megabatch.spec.check_settings: what needs no process group yet) and each call builds its spec
+through the functional API. `backend` may be a name or a configured instance, as for clip_loss;
+`memory_budget` is auto's per-rank byte budget (None: the device's free memory).
 """
 from __future__ import annotations
 
@@ -14,10 +17,9 @@ from typing import Optional, Union
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import strategies
 from ._checks import check_directions
 from .functional import Scalar, clip_loss, siglip_loss
-from .kernels import BACKENDS
+from .spec import Backend, check_settings
 
 
 class _ContrastiveLoss(nn.Module):
@@ -25,22 +27,23 @@ class _ContrastiveLoss(nn.Module):
         self,
         *,
         strategy: str = "auto",
-        backend: str = "auto",
+        backend: Backend = "auto",
         group: Optional["dist.ProcessGroup"] = None,
         output_dict: bool = False,
         ranks_per_node: Optional[int] = None,
+        memory_budget: Optional[int] = None,
     ):
         super().__init__()
-        if strategy not in strategies.STRATEGIES:
-            raise ValueError(f"strategy must be one of {strategies.STRATEGIES}, got {strategy!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_settings(strategy=strategy, backend=backend, group=group, ranks_per_node=ranks_per_node)
         if not isinstance(output_dict, bool):
             raise TypeError(f"output_dict must be a bool, got {type(output_dict).__name__}")
-        if ranks_per_node is not None:  # an int >= 1, and only with strategy='hierarchical'
-            strategies.ranks_per_node(strategy, ranks_per_node, group)
         self.strategy, self.backend, self.group, self.output_dict = strategy, backend, group, output_dict
-        self.ranks_per_node = ranks_per_node
+        self.ranks_per_node, self.memory_budget = ranks_per_node, memory_budget
+
+    def _settings(self) -> dict[str, object]:
+        """The functional API's keywords these settings are (it builds each call's spec)."""
+        return dict(strategy=self.strategy, backend=self.backend, group=self.group,
+                    ranks_per_node=self.ranks_per_node, memory_budget=self.memory_budget)
 
     def _out(self, loss: Tensor, output_dict: Optional[bool]) -> Union[Tensor, dict[str, Tensor]]:
         as_dict = self.output_dict if output_dict is None else output_dict
@@ -72,7 +75,7 @@ class ClipLoss(_ContrastiveLoss):
         loss = clip_loss(
             image_features, text_features, logit_scale, image_ids=image_ids, text_ids=text_ids,
             directions=self.directions if directions is None else directions,
-            strategy=self.strategy, backend=self.backend, group=self.group, ranks_per_node=self.ranks_per_node,
+            **self._settings(),  # type: ignore[arg-type]
         )
         return self._out(loss, output_dict)
 
@@ -102,9 +105,6 @@ class SigLipLoss(_ContrastiveLoss):
             logit_bias,
             image_ids=image_ids,
             text_ids=text_ids,
-            strategy=self.strategy,
-            backend=self.backend,
-            group=self.group,
-            ranks_per_node=self.ranks_per_node,
+            **self._settings(),  # type: ignore[arg-type]
         )
         return self._out(loss, output_dict)

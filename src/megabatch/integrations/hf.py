@@ -22,20 +22,19 @@ Siglip2Model), CLIP's otherwise (CLIPModel, ChineseCLIPModel, MetaClip2Model, ..
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .. import functional, strategies
-from .._checks import check_directions
-from ..gradcache import GradCache
-from ..kernels import BACKENDS
+from .. import functional
+from .._microbatch import check_size
+from ..gradcache import GradCache, swapped_forward
+from ..spec import Backend, check_settings
 from .fsdp import is_fsdp, shardable  # noqa: F401 - shardable: part of this module's API
 
 from transformers import Trainer
@@ -132,6 +131,7 @@ class ContrastiveLoss:
             torch.distributed is initialised with several ranks).
         ranks_per_node: strategy="hierarchical" only, as for :func:`megabatch.clip_loss`: ranks per
             node (None: torchrun's LOCAL_WORLD_SIZE).
+        memory_budget: auto's per-rank byte budget (None: the device's free memory).
         micro_batch_size: None, or the examples per encoder call for GradCache (activations for
             that many at a time; exact gradients). Then use :meth:`backward`.
 
@@ -147,26 +147,20 @@ class ContrastiveLoss:
         loss: str = "auto",
         directions: str = "both",
         strategy: str = "auto",
-        backend: str = "auto",
+        backend: Backend = "auto",
         group: Optional["dist.ProcessGroup"] = None,
         micro_batch_size: Optional[int] = None,
         ranks_per_node: Optional[int] = None,
+        memory_budget: Optional[int] = None,
     ):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        check_directions(directions)
-        if strategy not in strategies.STRATEGIES:
-            raise ValueError(f"strategy must be one of {strategies.STRATEGIES}, got {strategy!r}")
-        if isinstance(backend, str) and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if micro_batch_size is not None and (
-            isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size <= 0
-        ):
-            raise ValueError(f"micro_batch_size must be None or a positive int, got {micro_batch_size!r}")
-        if ranks_per_node is not None:  # an int >= 1, and only with strategy='hierarchical'
-            strategies.ranks_per_node(strategy, ranks_per_node, group)
+        check_settings(strategy=strategy, backend=backend, group=group, ranks_per_node=ranks_per_node,
+                       directions=directions)
+        check_size("micro_batch_size", micro_batch_size, optional=True)
         self.loss, self.directions, self.strategy, self.backend = loss, directions, strategy, backend
         self.group, self.micro_batch_size, self.ranks_per_node = group, micro_batch_size, ranks_per_node
+        self.memory_budget = memory_budget
 
     def __repr__(self) -> str:
         return (f"ContrastiveLoss(loss={self.loss!r}, strategy={self.strategy!r}, backend={self.backend!r}, "
@@ -217,11 +211,12 @@ class ContrastiveLoss:
 
     def _whole(self) -> "ContrastiveLoss":
         return ContrastiveLoss(loss=self.loss, directions=self.directions, strategy=self.strategy,
-                               backend=self.backend, group=self.group, ranks_per_node=self.ranks_per_node)
+                               backend=self.backend, group=self.group, ranks_per_node=self.ranks_per_node,
+                               memory_budget=self.memory_budget)
 
     def _loss_fn(self, family: str) -> Callable[..., Tensor]:
         settings = dict(strategy=self.strategy, backend=self.backend, group=self.group,
-                        ranks_per_node=self.ranks_per_node)
+                        ranks_per_node=self.ranks_per_node, memory_budget=self.memory_budget)
         if family == "clip":
             return lambda x, y, s, **ids: functional.clip_loss(x, y, s, directions=self.directions, **ids, **settings)
         return lambda x, y, s, b, **ids: functional.siglip_loss(x, y, s, b, **ids, **settings)
@@ -233,21 +228,8 @@ def as_forward(wrapper: nn.Module, fn: Callable[[], tuple[Tensor, ...]]) -> tupl
     target = wrapper.module if isinstance(wrapper, DDP) else wrapper
     if not isinstance(target, nn.Module):
         return fn()
-    with _swapped_forward(target, lambda *_a, **_k: fn()):
+    with swapped_forward(target, lambda *_a, **_k: fn()):
         return tuple(wrapper())
-
-
-@contextlib.contextmanager
-def _swapped_forward(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
-    saved = module.__dict__.get("forward", None)  # e.g. accelerate's autocast wrapper
-    module.forward = forward  # an instance attribute shadows the class's forward for this call
-    try:
-        yield
-    finally:
-        if saved is None:
-            del module.forward
-        else:
-            module.forward = saved
 
 
 def _named_parameters(method: Callable[..., Any]) -> frozenset[str]:
@@ -269,7 +251,8 @@ class ContrastiveTrainer(Trainer):
 
     Under torchrun every rank's batch joins one contrastive batch (ring or gather), and DDP's
     gradient averaging gives exactly the global batch's gradient. Keywords (besides Trainer's):
-    ``loss``, ``directions``, ``strategy``, ``backend``, ``ranks_per_node``, ``micro_batch_size`` as for
+    ``loss``, ``directions``, ``strategy``, ``backend``, ``ranks_per_node``, ``memory_budget``,
+    ``micro_batch_size`` as for
     :class:`ContrastiveLoss`. With ``micro_batch_size`` the towers run through GradCache (each
     rank's batch may then be much larger than its activations allow).
 
@@ -280,10 +263,11 @@ class ContrastiveTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, loss: str = "auto", directions: str = "both", strategy: str = "auto",
-                 backend: str = "auto", micro_batch_size: Optional[int] = None,
-                 ranks_per_node: Optional[int] = None, **kwargs: Any):
+                 backend: Backend = "auto", micro_batch_size: Optional[int] = None,
+                 ranks_per_node: Optional[int] = None, memory_budget: Optional[int] = None, **kwargs: Any):
         self.contrastive = ContrastiveLoss(loss=loss, directions=directions, strategy=strategy, backend=backend,
-                                           micro_batch_size=micro_batch_size, ranks_per_node=ranks_per_node)
+                                           micro_batch_size=micro_batch_size, ranks_per_node=ranks_per_node,
+                                           memory_budget=memory_budget)
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError(

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .. import functional, strategies
+from .. import functional
 from .._checks import real_number
+from .._microbatch import check_size
 from ..gradcache import GradCache
-from ..kernels import BACKENDS
+from ..spec import Backend, check_settings
 
 try:
     import sentence_transformers  # noqa: F401 - only to fail early with the extra's name
@@ -128,14 +129,15 @@ class MegabatchLoss(nn.Module):
             (MNRL's ``gather_across_devices=True``); "local" is MNRL's default per-rank loss.
         ranks_per_node: strategy="hierarchical" only, as for :func:`megabatch.clip_loss`: ranks per
             node (None: torchrun's LOCAL_WORLD_SIZE).
+        memory_budget: auto's per-rank byte budget (None: the device's free memory).
     """
 
     def __init__(self, model: nn.Module, *, loss: str = "clip", scale: Optional[float] = None,
                  bias: Optional[float] = None,
                  learnable: bool = False, directions: Iterable[str] = ONE_WAY, partition_mode: str = "joint",
                  positive_columns: int = 1, positives: str = "position", mini_batch_size: Optional[int] = None,
-                 strategy: str = "auto", backend: str = "auto", group: Optional[Any] = None,
-                 ranks_per_node: Optional[int] = None):
+                 strategy: str = "auto", backend: Backend = "auto", group: Optional[Any] = None,
+                 ranks_per_node: Optional[int] = None, memory_budget: Optional[int] = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a SentenceTransformer, got {type(model).__name__}")
@@ -177,20 +179,13 @@ class MegabatchLoss(nn.Module):
         if positives == "positive" and positive_columns != 1:
             raise ValueError("positives='positive' needs positive_columns=1 (an anchor takes one text's hash); "
                              "use positives='anchor' with several positive columns")
-        if mini_batch_size is not None and (
-            isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size <= 0
-        ):
-            raise ValueError(f"mini_batch_size must be None or a positive int, got {mini_batch_size!r}")
-        if strategy not in strategies.STRATEGIES:
-            raise ValueError(f"strategy must be one of {strategies.STRATEGIES}, got {strategy!r}")
-        if isinstance(backend, str) and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if ranks_per_node is not None:  # an int >= 1, and only with strategy='hierarchical'
-            strategies.ranks_per_node(strategy, ranks_per_node, group)
+        check_size("mini_batch_size", mini_batch_size, optional=True)
+        check_settings(strategy=strategy, backend=backend, group=group, ranks_per_node=ranks_per_node)
         self.model = model
         self.loss, self.directions, self.partition_mode = loss, directions, partition_mode
         self.positive_columns, self.positives, self.mini_batch_size = positive_columns, positives, mini_batch_size
         self.strategy, self.backend, self.group, self.ranks_per_node = strategy, backend, group, ranks_per_node
+        self.memory_budget = memory_budget
         self.learnable = bool(learnable)
         self.scale, self.bias = number, bias
         self.norm = _Scalars(number, bias) if self.learnable else None
@@ -201,7 +196,7 @@ class MegabatchLoss(nn.Module):
                 "directions": self.directions, "partition_mode": self.partition_mode,
                 "positive_columns": self.positive_columns, "positives": self.positives,
                 "mini_batch_size": self.mini_batch_size, "strategy": self.strategy,
-                "ranks_per_node": self.ranks_per_node}
+                "ranks_per_node": self.ranks_per_node, "memory_budget": self.memory_budget}
 
     # -- the scalars ---------------------------------------------------------------------------
     def _distributed(self) -> bool:
@@ -224,7 +219,7 @@ class MegabatchLoss(nn.Module):
     # -- the loss ------------------------------------------------------------------------------
     def _loss_fn(self, x: Tensor, y: Tensor, *scalars: Any, **ids: Tensor) -> Tensor:
         settings = dict(strategy=self.strategy, backend=self.backend, group=self.group,
-                        ranks_per_node=self.ranks_per_node)
+                        ranks_per_node=self.ranks_per_node, memory_budget=self.memory_budget)
         if self.loss == "siglip":
             return functional.siglip_loss(x, y, *scalars, **ids, **settings)
         direction = "image_to_text" if self.directions == ONE_WAY else "both"

@@ -28,6 +28,19 @@ def _triton_kernels() -> BlockKernels | None:
     return TritonKernels()
 
 
+def check_backend(backend: object) -> bool:
+    """A backend as a caller may give it, before any device is known: a name of BACKENDS (True) or
+    an instance with the BlockKernels interface (False); ValueError otherwise. The one check of a
+    backend argument (get_backend and every front's construction run it)."""
+    if isinstance(backend, str):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        return True
+    if not all(hasattr(backend, a) for a in ("name", "supports", "clip_stats", "clip_grads", "siglip_block")):
+        raise ValueError(f"backend must be one of {BACKENDS} or a BlockKernels instance, got {backend!r}")
+    return False
+
+
 def get_backend(name: Union[str, BlockKernels], device: torch.device) -> BlockKernels:
     """Resolve a backend name (or a configured backend instance, e.g. ``TritonKernels(TritonConfig(...))``)
     for features on `device`.
@@ -35,12 +48,11 @@ def get_backend(name: Union[str, BlockKernels], device: torch.device) -> BlockKe
     "auto" picks "triton" for CUDA tensors when Triton is importable, else "torch"; it never picks
     "dense". Asking for "triton" where it cannot run raises ValueError.
     """
-    if not isinstance(name, str) and all(hasattr(name, a) for a in ("name", "supports", "clip_stats", "clip_grads", "siglip_block")):
+    if not check_backend(name):
+        assert not isinstance(name, str)
         if not name.supports(device):
             raise ValueError(f"backend {name.name!r} cannot run on features on {device}")
         return name
-    if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "torch":
         return TorchChunkedKernels()
     if name == "dense":
@@ -61,4 +73,5 @@ def get_backend(name: Union[str, BlockKernels], device: torch.device) -> BlockKe
     return triton
 
 
-__all__ = ["BACKENDS", "BlockKernels", "DenseKernels", "TorchChunkedKernels", "auto_backend", "get_backend"]
+__all__ = ["BACKENDS", "BlockKernels", "DenseKernels", "TorchChunkedKernels", "auto_backend", "check_backend",
+           "get_backend"]

@@ -1,10 +1,10 @@
 """The loss families: CLIP's and SigLIP's math, once each (one autograd.Function per family), over
 any strategy (megabatch.strategies) and any block-kernel backend (megabatch.kernels). A call's
-options travel as one `LossOptions` (options.py) down either road: `clip` / `siglip` (eager) or
+spec travels as one `LossSpec` (options.py) down either road: `clip` / `siglip` (eager) or
 `ops.clip` / `ops.siglip` (the torch.library custom ops torch.compile traces), same arguments."""
 from . import ops
 from .clip import DIRECTIONS, clip
-from .options import LOSSES, Features, LossOptions, needs_grad
+from .options import LOSSES, Features, LossSpec, needs_grad
 from .siglip import siglip
 
-__all__ = ["DIRECTIONS", "LOSSES", "Features", "LossOptions", "clip", "needs_grad", "ops", "siglip"]
+__all__ = ["DIRECTIONS", "LOSSES", "Features", "LossSpec", "clip", "needs_grad", "ops", "siglip"]

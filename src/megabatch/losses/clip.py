@@ -31,7 +31,7 @@ from torch import Tensor
 from .._numerics import RowFinisher, compute_dtype, no_autocast, scalar_grad
 from ..kernels.base import Target
 from ..strategies import Block, Strategy
-from .options import Features, LossOptions
+from .options import Features, LossSpec
 from .positives import block_positives, id_counts
 
 DIRECTIONS = {"both": 0, "image_to_text": 1, "text_to_image": 2}
@@ -88,12 +88,12 @@ class ClipGrads(NamedTuple):
     dscale: Optional[Tensor]
 
 
-def clip_forward(opts: LossOptions, f: Features, scale: Tensor) -> tuple[Tensor, ClipSaved, Strategy]:
+def clip_forward(spec: LossSpec, f: Features, scale: Tensor) -> tuple[Tensor, ClipSaved, Strategy]:
     """This rank's loss L_r (compute dtype, 0-dim), what `clip_backward` needs, and the strategy it
-    started (`opts.start`), which the backward goes on with (the eager road keeps it; the compiled
+    started (`spec.start`), which the backward goes on with (the eager road keeps it; the compiled
     one resumes it from its layout)."""
-    strat = opts.start("clip", f.x, f.y, (scale,))
-    kernels, direction = opts.kernels, opts.direction
+    strat = spec.start(f.x, f.y, (scale,))
+    kernels, direction = spec.kernels, spec.direction
     x, y, xid, yid = f
     lay = strat.lay
     b, n = x.shape[0], y.shape[0]
@@ -154,12 +154,12 @@ def clip_forward(opts: LossOptions, f: Features, scale: Tensor) -> tuple[Tensor,
     return loss, ClipSaved(row_lse, col_lse, row_cnt, col_cnt, (w_r, w_c)), strat
 
 
-def clip_backward(opts: LossOptions, strat: Strategy, f: Features, scale: Tensor, saved: ClipSaved, grad: Tensor,
+def clip_backward(spec: LossSpec, strat: Strategy, f: Features, scale: Tensor, saved: ClipSaved, grad: Tensor,
                   needs: Sequence[bool]) -> ClipGrads:
     """(dx, dy, dscale) for the upstream `grad` (None where `needs` (x, y, scale) says not wanted),
     over the strategy `clip_forward` started."""
     row_lse, col_lse, row_cnt, col_cnt = saved.row_lse, saved.col_lse, saved.row_cnt, saved.col_cnt
-    kernels, direction = opts.kernels, opts.direction
+    kernels, direction = spec.kernels, spec.direction
     x, y, xid, yid = f
     lay = strat.lay
     b, ids = x.shape[0], xid is not None
@@ -211,23 +211,23 @@ def clip_backward(opts: LossOptions, strat: Strategy, f: Features, scale: Tensor
 
 class _Clip(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, opts: LossOptions, x: Tensor, y: Tensor, scale: Tensor, xid: Optional[Tensor],
+    def forward(ctx: Any, spec: LossSpec, x: Tensor, y: Tensor, scale: Tensor, xid: Optional[Tensor],
                 yid: Optional[Tensor]) -> Tensor:
-        loss, saved, strat = clip_forward(opts, Features(x, y, xid, yid), scale)
-        ctx.opts, ctx.strat, ctx.weights = opts, strat, saved.weights
+        loss, saved, strat = clip_forward(spec, Features(x, y, xid, yid), scale)
+        ctx.spec, ctx.strat, ctx.weights = spec, strat, saved.weights
         ctx.save_for_backward(x, y, scale, xid, yid, saved.row_lse, saved.col_lse, saved.row_cnt, saved.col_cnt)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         x, y, scale, xid, yid, *stats = ctx.saved_tensors
-        grads = clip_backward(ctx.opts, ctx.strat, Features(x, y, xid, yid), scale, ClipSaved(*stats, ctx.weights),
+        grads = clip_backward(ctx.spec, ctx.strat, Features(x, y, xid, yid), scale, ClipSaved(*stats, ctx.weights),
                               grad, ctx.needs_input_grad[1:4])
         return (None, *grads, None, None)
 
 
-def clip(opts: LossOptions, x: Tensor, y: Tensor, scale: Tensor, xid: Optional[Tensor] = None,
+def clip(spec: LossSpec, x: Tensor, y: Tensor, scale: Tensor, xid: Optional[Tensor] = None,
          yid: Optional[Tensor] = None) -> Tensor:
     """This rank's CLIP loss L_r, the eager road (losses.ops.clip is the compiled one, same arguments).
     x (b_r, D), y (n_r, D); scale 0-dim; ids (b_r,), (n_r,) or None."""
-    return _Clip.apply(opts, x, y, scale, xid, yid)
+    return _Clip.apply(spec, x, y, scale, xid, yid)

@@ -1,22 +1,23 @@
-"""One loss call's options, built once and handed down whichever road the call takes.
+"""One loss call's spec, built and validated once and handed down whichever road the call takes.
 
-megabatch.functional resolves the arguments into a `LossOptions` (strategy, backend, group, CLIP's
-directions, whether positives come as ids, which inputs need gradients) and passes it, with the
-tensors, to either road:
+megabatch.spec builds a `LossSpec` (the family, how its blocks meet -- a strategies.StrategySpec --,
+the kernels, the group, CLIP's directions, whether positives come as ids, which inputs need
+gradients) and passes it, with the tensors, to either road:
   eager     losses.clip / losses.siglip (one autograd.Function per family), and
   compiled  losses.ops.clip / losses.ops.siglip, the torch.library custom ops that dynamo sees.
 Both end in the same functions of the families (clip_forward, clip_backward, siglip_forward), which
-take the options, start (or resume) the strategy from them and call the kernels they name. The only
-difference is the custom ops' schema, which takes tensors, ints, strings and bools: `op_args` writes
-the options that way and `from_op` reads them back (the process group by name, a configured backend
-instance by a key under which it is kept, see `backend_key`), marked `compiled`. The family names
-itself when it starts the strategy (`start("clip", ...)`), so the layout exchange sees the same
-options whichever road a call takes, plus that one flag (gather's CLIP backward differs by road).
+take the spec, start (or resume) the strategy from it and call the kernels it names. Nothing below
+validates it again. The only difference is the custom ops' schema, which takes tensors, ints,
+strings and bools: `op_args` writes the spec that way (the strategy's name, ranks per node and
+memory budget as three arguments, the process group by name, a configured backend instance by a key
+under which it is kept, see `backend_key`) and `from_op` reads it back, marked `compiled`, so the
+layout exchange sees the same spec whichever road a call takes, plus that one flag (gather's CLIP
+backward differs by road).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -58,34 +59,41 @@ def needs_grad(*tensors: Tensor) -> tuple[bool, ...]:
 
 
 @dataclass(frozen=True)
-class LossOptions:
-    """Everything about one loss call that is not a tensor.
+class LossSpec:
+    """Everything about one loss call that is not a tensor (built by megabatch.spec.loss_spec).
 
-    strategy: the concrete strategy ("local", "gather", "ring" or "hierarchical"; "auto" already resolved).
-    kernels: the block kernels (a backend instance).
+    family: "clip" or "siglip".
+    strategy: how the blocks meet, as strategies.make_spec built it (its name, hierarchical's ranks
+        per node, auto's memory budget).
+    backend: the backend as named ("torch", "triton", "dense"; "auto" already resolved for the
+        features' device) or the configured instance the caller passed (e.g.
+        ``TritonKernels(TritonConfig(...))``).
+    kernels: the block kernels `backend` resolved to, once (kernels.get_backend); the instance
+        itself when one was passed.
     needs: which of (x, y, scale[, bias]) need gradients, read when the call was made (`needs_grad`;
         inside an autograd.Function or a custom op the tensors no longer say).
     group: the process group (None: the world group; unused by "local").
     direction: CLIP's directions code (losses.clip.DIRECTIONS; 0 for SigLIP).
     ids: whether positives are given by image/text ids.
-    configured: whether `kernels` is an instance the caller passed (the custom ops name it by a
-        `backend_key`), rather than one made from a backend name.
-    ranks_per_node: hierarchical's R (strategies.ranks_per_node; 0 for the other strategies). The
-        custom ops carry it in the strategy string ("hierarchical:R").
     compiled: whether the call takes the compiled road (a custom op; `from_op` sets it). The layout
         exchange carries it: gather's compiled CLIP backward gathers the texts again, the eager one
         keeps them.
     """
 
-    strategy: str
+    family: str
+    strategy: strategies.StrategySpec
+    backend: Union[str, BlockKernels]
     kernels: BlockKernels
     needs: tuple[bool, ...]
     group: Optional["dist.ProcessGroup"] = None
     direction: int = 0
     ids: bool = False
-    configured: bool = False
-    ranks_per_node: int = 0
     compiled: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the call's strategy spans ranks (anything but "local")."""
+        return self.strategy.name != "local"
 
     @property
     def opaque(self) -> bool:
@@ -94,16 +102,16 @@ class LossOptions:
         (Triton). Eager calls always take the direct road (no dispatcher overhead)."""
         if not torch.compiler.is_compiling():
             return False
-        return self.strategy != "local" or not isinstance(self.kernels, (TorchChunkedKernels, DenseKernels))
+        return self.distributed or not isinstance(self.kernels, (TorchChunkedKernels, DenseKernels))
 
     # ---- the strategy ----------------------------------------------------------------------------
 
-    def start(self, loss: str, x: Tensor, y: Tensor, extras: Sequence[Tensor]) -> strategies.Strategy:
-        """The strategy for this call of `loss` ("clip" or "siglip"); a distributed one first agrees on
-        the layout and these options with every rank (one all_gather of metadata)."""
-        return strategies.create(self.strategy, x, y, extras, self.kernels, self.group, loss=loss, ids=self.ids,
-                                 directions=self.direction, needs=list(self.needs),
-                                 ranks_per_node=self.ranks_per_node, compiled=self.compiled)
+    def start(self, x: Tensor, y: Tensor, extras: Sequence[Tensor]) -> strategies.Strategy:
+        """The strategy for this call; a distributed one first agrees on the layout and this spec with
+        every rank (one all_gather of metadata). The one place the spec meets strategies.create."""
+        return strategies.create(self.strategy.name, x, y, extras, self.kernels, self.group, loss=self.family,
+                                 ids=self.ids, directions=self.direction, needs=list(self.needs),
+                                 ranks_per_node=self.strategy.ranks_per_node, compiled=self.compiled)
 
     def layout(self, strat: strategies.Strategy, device: torch.device) -> Tensor:
         """The agreed layout as a (2, W) int64 tensor (every rank's image and text counts), on the CPU
@@ -112,35 +120,40 @@ class LossOptions:
 
     def empty_layout(self, device: torch.device) -> Tensor:
         """What `layout` returns, without values (the custom ops' fake implementations)."""
-        world = 1 if self.strategy == "local" else dist.get_world_size(self.group)
+        world = dist.get_world_size(self.group) if self.distributed else 1
         return torch.empty(2, world, dtype=torch.int64, device=self._layout_device(device))
 
     def resume(self, layout: Tensor, y_grad: bool) -> strategies.Strategy:
         """The strategy again, from the layout its forward returned: no second size exchange."""
         sizes, tsizes = (tuple(row) for row in layout.tolist())
         pg, rank = self.group, 0
-        if self.strategy != "local":
+        if self.distributed:
             pg = pg if pg is not None else dist.group.WORLD
             rank = dist.get_rank(pg)
-        return strategies.from_layout(self.strategy, strategies.Layout(pg, rank, sizes, tsizes, y_grad, self.ids,
-                                                                           self.ranks_per_node))
+        return strategies.from_layout(self.strategy.name, strategies.Layout(pg, rank, sizes, tsizes, y_grad, self.ids,
+                                                                                self.strategy.ranks_per_node))
 
     def _layout_device(self, device: torch.device) -> torch.device:
-        return device if self.strategy == "local" else torch.device("cpu")
+        return torch.device("cpu") if self.distributed else device
 
-    # ---- as the custom ops carry them ------------------------------------------------------------
+    # ---- as the custom ops carry it --------------------------------------------------------------
 
-    def op_args(self) -> tuple[str, str, str]:
-        """(strategy, group name, backend) as the custom ops' schema takes them; `from_op` reads them."""
-        backend = backend_key(self.kernels) if self.configured else self.kernels.name
-        strategy = f"{self.strategy}:{self.ranks_per_node}" if self.ranks_per_node else self.strategy
-        return strategy, strategies.group_name(self.group), backend
+    def op_args(self) -> tuple[str, int, int, str, str]:
+        """(strategy, ranks_per_node, memory_budget (-1: None), group name, backend) as the custom ops'
+        schema takes them; `from_op` reads them back."""
+        backend = self.backend if isinstance(self.backend, str) else backend_key(self.backend)
+        st = self.strategy
+        budget = -1 if st.memory_budget is None else st.memory_budget
+        return st.name, st.ranks_per_node, budget, strategies.group_name(self.group), backend
 
     @staticmethod
-    def from_op(strategy: str, group: str, backend: str, device: torch.device, *, direction: int = 0,
-                ids: bool = False, needs: Sequence[bool] = ()) -> "LossOptions":
-        """The options a custom op was called with (`op_args` plus its other arguments)."""
-        kernels = _KERNELS[backend] if backend in _KERNELS else get_backend(backend, device)
-        name, _, rpn = strategy.partition(":")
-        return LossOptions(name, kernels, tuple(needs), strategies.resolve_group(group), direction, ids,
-                           configured=backend in _KERNELS, ranks_per_node=int(rpn or 0), compiled=True)
+    def from_op(family: str, strategy: str, ranks_per_node: int, memory_budget: int, group: str, backend: str,
+                device: torch.device, *, direction: int = 0, ids: bool = False,
+                needs: Sequence[bool] = ()) -> "LossSpec":
+        """The spec a custom op was called with (`op_args` plus its other arguments). Read back, not
+        validated again: `op_args` wrote a spec strategies.make_spec had built."""
+        configured = _KERNELS.get(backend)
+        kernels = configured if configured is not None else get_backend(backend, device)
+        st = strategies.StrategySpec(strategy, ranks_per_node, None if memory_budget < 0 else memory_budget)
+        return LossSpec(family, st, backend if configured is None else configured, kernels, tuple(needs),
+                        strategies.resolve_group(group), direction, ids, compiled=True)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .._numerics import RowFinisher, compute_dtype, no_autocast, replay_grads, stash_grads
 from ..strategies import Block
-from .options import Features, LossOptions
+from .options import Features, LossSpec
 from .positives import block_positives
 
 
@@ -36,12 +36,12 @@ class SiglipResult(NamedTuple):
     dbias: Optional[Tensor]
 
 
-def siglip_forward(opts: LossOptions, f: Features, scale: Tensor, bias: Tensor) -> SiglipResult:
-    """This rank's loss L_r (compute dtype, 0-dim) and, if any of `opts.needs`, its gradients for an
-    upstream gradient of 1 (see SiglipResult), over the strategy it starts (`opts.start`)."""
-    want = any(opts.needs)
-    strat = opts.start("siglip", f.x, f.y, (scale, bias))
-    kernels = opts.kernels
+def siglip_forward(spec: LossSpec, f: Features, scale: Tensor, bias: Tensor) -> SiglipResult:
+    """This rank's loss L_r (compute dtype, 0-dim) and, if any of `spec.needs`, its gradients for an
+    upstream gradient of 1 (see SiglipResult), over the strategy it starts (`spec.start`)."""
+    want = any(spec.needs)
+    strat = spec.start(f.x, f.y, (scale, bias))
+    kernels = spec.kernels
     x, y, xid, yid = f
     lay = strat.lay
     b = x.shape[0]
@@ -87,9 +87,9 @@ def siglip_forward(opts: LossOptions, f: Features, scale: Tensor, bias: Tensor) 
 
 class _Siglip(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, opts: LossOptions, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor,
+    def forward(ctx: Any, spec: LossSpec, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor,
                 xid: Optional[Tensor], yid: Optional[Tensor]) -> Tensor:
-        res = siglip_forward(opts, Features(x, y, xid, yid), scale, bias)
+        res = siglip_forward(spec, Features(x, y, xid, yid), scale, bias)
         if res.dx is not None:
             assert res.dscale is not None and res.dbias is not None
             stash_grads(ctx, res.dx, res.dy, [(res.dscale, scale), (res.dbias, bias)])
@@ -100,8 +100,8 @@ class _Siglip(torch.autograd.Function):
         return (None, *replay_grads(ctx, grad, ctx.needs_input_grad[1:5]), None, None)
 
 
-def siglip(opts: LossOptions, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, xid: Optional[Tensor] = None,
+def siglip(spec: LossSpec, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, xid: Optional[Tensor] = None,
            yid: Optional[Tensor] = None) -> Tensor:
     """This rank's SigLIP loss L_r, the eager road (losses.ops.siglip is the compiled one, same
     arguments). x (b_r, D), y (n_r, D); scale, bias 0-dim; ids (b_r,), (n_r,) or None."""
-    return _Siglip.apply(opts, x, y, scale, bias, xid, yid)
+    return _Siglip.apply(spec, x, y, scale, bias, xid, yid)
