@@ -139,7 +139,7 @@ def test_the_checks_see_what_they_check():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert layer("megabatch.bench.single") < layer("megabatch.functional") < layer("megabatch.losses.ops") \
-        < layer("megabatch.strategies._comm") < layer("megabatch.cost.choose") < layer("megabatch.kernels.base") \
+        < layer("megabatch.strategies._comm") < layer("megabatch.cost.pick") < layer("megabatch.kernels.base") \
         < layer("megabatch._numerics")
     assert len(MODULES) > 30 and APP.is_dir() and not any(APP in p.parents for p in MODULES.values())
 

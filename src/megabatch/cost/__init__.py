@@ -5,11 +5,11 @@ and `megabatch plan` prints the same answer from the command's.
 
     terms.py   the shape a rank sees (Shape, shape_of), its memory terms and the bytes it sends
     time.py    the hardware profiles (Hardware, GPUS, CPU) and the time of a step (step_time)
-    choose.py  the pick ("auto"): choose(shape, hardware, budget) -> Choice, with its reason and candidates
+    pick.py    the pick ("auto"): choose(shape, hardware, budget) -> Choice, with its reason and candidates
 """
 from __future__ import annotations
 
-from .choose import DEFAULT_GPU, PROFILES, Candidate, Choice, candidates, choose, profile, profile_of
+from .pick import DEFAULT_GPU, PROFILES, Candidate, Choice, candidates, choose, profile, profile_of
 from .terms import DTYPES, LAYOUT_BYTES, LAYOUT_COLUMNS, Shape, memory_terms, sent_bytes, shape_of
 from .time import CPU, GPUS, RATIO, Hardware, step_time
 

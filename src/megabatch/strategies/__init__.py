@@ -136,7 +136,7 @@ def create(
 
         hints = dict(ranks_per_node=auto.node_hint(group), budget=auto.local_budget(budget, x.device),
                      hardware=auto.hardware_code(x.device),
-                     decide=lambda cols, fam: auto.decide(cols, kernels.name, x.device.type, fam))
+                     decide=lambda cols, fam: auto.decide(cols, kernels.name, x.device.type, fam, group_name(group)))
     lay = exchange_layout(x, y, extras, kernels, group, strategy=name, loss=loss, ids=ids, directions=directions,
                           needs=needs, compiled=compiled, **{"ranks_per_node": ranks_per_node, **hints})
     if name == "auto":

@@ -12,8 +12,12 @@ table). What each rank puts in the table for it, before the exchange:
             contiguous in the group), else 0; hierarchical is a candidate only where every rank reports
             the same R and it divides the group.
 
-The choice is recorded in the Layout (`strategy`, `choice`) and, for the compiled backward, which rebuilds
-the strategy from the sizes alone (`from_layout("auto", ...)`), remembered per layout (`remembered`).
+auto decides once per shape of call: the first call with a given group, sizes, D, dtype, loss, backend and
+node size decides from its table (its budget: the free memory then), and later calls of that shape take the
+same strategy (steps do not flip between strategies as free memory moves, and no step pays for the model
+again). The choice is recorded in the Layout (`strategy`, `choice`) and, for the compiled backward, which
+rebuilds the strategy from the sizes alone (`from_layout("auto", ...)`), remembered per layout
+(`remembered`). Every rank makes the same calls in the same order, so every rank holds the same records.
 """
 from __future__ import annotations
 
@@ -64,8 +68,25 @@ def node_hint(group: Optional["dist.ProcessGroup"]) -> int:
         return 0
 
 
-def decide(cols: dict[str, list[int]], backend: str, device: str, loss: str) -> cost.Choice:
-    """The choice for an exchanged table (already checked: the same sizes' columns on every rank)."""
+def decide(cols: dict[str, list[int]], backend: str, device: str, loss: str, group: str = "") -> cost.Choice:
+    """The choice for an exchanged table (already checked: the same sizes' columns on every rank): the one
+    made for the first table of this shape in `group` (its sizes, D, dtype, ids, node size and hardware; not
+    its budget, grad flags, directions or road, which the model does not price), else cost.choose's."""
+    shape = tuple((c, tuple(cols[c])) for c in ("images", "texts", "dim", "dtype", "ids", "ranks_per_node", "hardware"))
+    key = (group, backend, device, loss, shape, _roads_agree(cols, loss))
+    if key not in _DECIDED:
+        _DECIDED[key] = _choose(cols, backend, device, loss)
+        while len(_DECIDED) > _KEEP:
+            _DECIDED.pop(next(iter(_DECIDED)))
+    return _DECIDED[key]
+
+
+def _roads_agree(cols: dict[str, list[int]], loss: str) -> bool:
+    """gather's CLIP backward differs by road: gather is a candidate only where every rank takes the same."""
+    return len(set(cols["compiled"])) == 1 or loss != "clip" or not any(cols["grads"])
+
+
+def _choose(cols: dict[str, list[int]], backend: str, device: str, loss: str) -> cost.Choice:
     world = len(cols["images"])
     sizes, tsizes = cols["images"], cols["texts"]
     base = cost.Shape(loss, "ring", backend if backend in _BACKENDS else "torch", world, max(sizes), max(tsizes),
@@ -74,17 +95,15 @@ def decide(cols: dict[str, list[int]], backend: str, device: str, loss: str) -> 
     known = [b for b in cols["budget"] if b >= 0]
     rpn = cols["ranks_per_node"]
     node = rpn[0] if len(set(rpn)) == 1 and rpn[0] >= 1 and world % rpn[0] == 0 else 0
-    # gather's CLIP backward differs by road: only where every rank takes the same one
-    roads_agree = len(set(cols["compiled"])) == 1 or loss != "clip" or not cols["grads"][0]
     hw = cost.profile(cost.PROFILES[min(cols["hardware"])])
-    choice = cost.choose(base, hw, min(known) if known else None, ranks_per_node=node, gather=roads_agree)
-    return choice
+    return cost.choose(base, hw, min(known) if known else None, ranks_per_node=node, gather=_roads_agree(cols, loss))
 
 
 # The choices of recent "auto" calls, by layout: what from_layout("auto", ...) reads when the compiled
 # backward rebuilds the strategy from the sizes alone. Every rank records the same (the choice is a
 # function of the exchanged table), so a lookup gives the same answer on every rank.
 _REMEMBERED: "OrderedDict[tuple, set[tuple[str, int]]]" = OrderedDict()
+_DECIDED: dict[tuple, cost.Choice] = {}  # decide's choices by shape of call
 _KEEP = 256
 
 
@@ -107,7 +126,8 @@ def remembered(lay: object) -> tuple[str, int]:
     where none was recorded, or where calls of the same sizes chose differently."""
     found = _REMEMBERED.get(_key(lay), set())
     if len(found) != 1:
-        why = "no forward of these sizes chose" if not found else f"calls of these sizes chose {sorted(found)}"
+        why = ("no forward of these sizes chose" if not found else
+               f"calls of these sizes (of different D, dtype, loss or backend) chose {sorted(found)}")
         raise ValueError(f"strategy='auto': cannot rebuild the strategy for the backward ({why}); pass a "
                          "concrete strategy ('ring', 'gather' or 'hierarchical')")
     return next(iter(found))
