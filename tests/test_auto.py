@@ -66,8 +66,9 @@ def test_plan_prints_the_functions_answer(capsys):
 
 def test_the_spec_keeps_auto_until_the_call():
     assert strategies.make_spec("auto", None) == strategies.StrategySpec("local", 0, None)  # one process
-    assert strategies.resolve_strategy("auto", 1) == "local" and strategies.resolve_strategy("auto", 8) == "auto"
-    assert strategies.resolve_strategy("ring", 8) == "ring"
+    assert strategies.planned("auto", 1) == "local" and strategies.planned("auto", 8) == "auto"
+    assert strategies.planned("ring", 8) == strategies.resolve_strategy("ring", 8) == "ring"
+    assert strategies.resolve_strategy("auto", 8) == "ring"  # the older rule, until the app passes "auto" on
     with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
         strategies.make_spec("auto", None, memory_budget=0)
 

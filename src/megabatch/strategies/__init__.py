@@ -25,15 +25,23 @@ from .base import Block, Strategy, Visit
 STRATEGIES = ("auto", "local", "gather", "ring", "hierarchical")
 
 
-def resolve_strategy(name: str, world: int) -> str:
+def planned(name: str, world: int) -> str:
     """What `name` means for a batch spread over `world` ranks, before any call: "auto" is local on one
-    rank and stays "auto" on several (the cost model decides it at the first call, from every rank's
-    sizes: auto.py); any other name is itself. ValueError for an unknown name."""
+    rank and stays "auto" on several (the cost model decides it at the call, from every rank's sizes:
+    auto.py); any other name is itself. ValueError for an unknown name. What a launcher passes on."""
     if not isinstance(name, str) or name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
     if name == "auto":
         return "auto" if world > 1 else "local"
     return name
+
+
+def resolve_strategy(name: str, world: int) -> str:
+    """A concrete name before any call, for a caller that must have one (the older rule: "auto" is ring on
+    several ranks, local on one). It is not what "auto" picks at a call (that is the cost model's choice:
+    `planned` passes "auto" on); kept for the training app until it passes "auto" through."""
+    out = planned(name, world)
+    return "ring" if out == "auto" else out
 
 
 def _world(group: Optional["dist.ProcessGroup"]) -> int:
@@ -51,7 +59,7 @@ def resolve(strategy: str, group: Optional["dist.ProcessGroup"]) -> str:
     if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     if strategy == "auto":
-        return resolve_strategy(strategy, _world(group))
+        return planned(strategy, _world(group))
     if strategy != "local" and not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"strategy={strategy!r} needs torch.distributed to be initialised (use 'local' or 'auto')")
     return strategy
@@ -206,4 +214,4 @@ def resolve_group(name: str) -> Optional["dist.ProcessGroup"]:
 
 
 __all__ = ["Block", "Layout", "STRATEGIES", "Strategy", "StrategySpec", "Visit", "create", "make_spec", "from_layout", "group_name",
-           "ranks_per_node", "resolve", "resolve_group", "resolve_strategy", "validating"]
+           "planned", "ranks_per_node", "resolve", "resolve_group", "resolve_strategy", "validating"]
