@@ -17,7 +17,7 @@ judge. Prints a table; --json writes the rows and the environment.
 counts what strategy="hierarchical" sends instead (gloo; W = 4 as 2 nodes x 2 ranks, W = 6 as 3 x 2 and 2 x 3;
 8 images and texts a rank, D = 32, float32, torch backend): bytes and messages of the forward and of the
 backward pass, CLIP and SigLIP, with and without ids, against the model's per pass
-(plan_terms.hierarchical_passes, the layout exchange and CLIP's ids all-reduce in the forward) and per step
+(cost.terms.hierarchical_passes, the layout exchange and CLIP's ids all-reduce in the forward) and per step
 (timemodel.step_time), both for device "cpu" (gloo: the node's "sum" reductions are all-reduces) and, for
 reference, "cuda" (NCCL: reduce-scatters, half those bytes). No timing: these shapes only count. With --json
 an existing file keeps its other rows; its hierarchical rows are replaced.
@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from megabatch import timemodel  # noqa: E402
 from megabatch.bench.harness import environment, make_inputs, time_ms  # noqa: E402
 from megabatch.plan import shape_of  # noqa: E402
-from megabatch.plan_terms import hierarchical_passes  # noqa: E402
+from megabatch.cost.terms import hierarchical_passes  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -89,8 +89,8 @@ def test_plan_names_in_any_case_time_flags_need_time_and_the_marker_is_explained
     code, out, err = run([*args, "--time", "--gpu", "h200", "--dtype", "Float32", "--device", "CPU"], capsys)
     assert code == 0, err
     assert "float32 on cpu; time on H200 (predicted)" in out and " <-" in out
-    assert "<-: the option planned: --strategy and --backend as given; auto as the losses resolve it; with " \
-           "--time, auto is the fastest" in out
+    assert "<-: the option planned: --strategy and --backend as given, auto as the losses pick it" in out
+    assert "auto picks local: one rank: nothing to exchange" in out
     for flag, value in (("--gemm-tflops", "500"), ("--gpu", "A100"), ("--latency", "2")):
         line = usage_error([*args, flag, value], capsys)
         assert line == f"megabatch plan: error: {flag} sets the time model: it needs --time"

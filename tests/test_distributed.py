@@ -11,7 +11,7 @@ runs both ways and one way. Checked for W = 1..4, both losses, both strategies, 
 bfloat16/float16 at W = 2), the 'torch', 'dense' and (W = 2 and 3, interpreted) 'triton' backends,
 gather's NCCL reduce-scatter path (driven on gloo), uneven sizes with a rank of b = 1, no-grad /
 frozen-image / scaled-loss backward, a subgroup (4 ranks in two groups of 2), strategy="auto"
-picking ring, and ranks disagreeing on D, dtype, backend, requires_grad, ids given, directions, the
+(the cost model's pick, on both roads), and ranks disagreeing on D, dtype, backend, requires_grad, ids given, directions, the
 strategy (ring / gather / hierarchical), the loss (clip / siglip) or gather's CLIP road (compiled on one
 rank only) -- or a global batch without images, or one rank whose own arguments are malformed -- all
 raising ValueError on every rank of a world of 2 and of 3 (the world still working afterwards).
@@ -264,13 +264,8 @@ def world_worker(rank: int, world: int) -> dict[str, Any]:
     """All of a world's cases; worlds 2, 3, 4 also run the auto, mismatch and subgroup checks
     (process start-up, not the cases, is what costs time on a small machine)."""
     out: dict[str, Any] = {"cases": [compute(c, rank) for c in make_cases(world)]}
-    if world == 2:  # strategy="auto" must resolve to ring and give ring's exact bits
-        from megabatch import strategies
-
-        case = dict(make_cases(2)[0], strategy="auto", loss="clip")
-        out["auto_name"] = strategies.resolve("auto", None)
-        out["auto"] = compute(case, rank)
-        out["ring"] = compute(dict(case, strategy="ring"), rank)
+    if world == 2:  # strategy="auto": the cost model's pick, the same on every rank, with its exact bits
+        out["auto"] = auto_worker(rank)
     if world >= 3:  # gather's NCCL path (padded reduce-scatter), which gloo also has on torch 2.13
         from megabatch.strategies import _comm
 
@@ -281,6 +276,53 @@ def world_worker(rank: int, world: int) -> dict[str, Any]:
         out["mismatch"] = mismatch_worker(rank, world)
     if world == 4:
         out["subgroups"] = subgroup_worker(rank)
+    return out
+
+
+def auto_worker(rank: int) -> dict[str, Any]:
+    """What strategy="auto" picks at a world-2 case: with this machine's rates and free memory, with a budget of
+    one byte (no peak fits: the least peak), and with hops made free (the pick follows the rates); then the
+    loss through auto and through the strategy it named, on the eager road (clip_loss) and the compiled one
+    (losses.ops.clip: its backward rebuilds the strategy from the sizes alone)."""
+    import dataclasses
+
+    from megabatch import strategies
+    from megabatch.cost import pick as pick_module
+    from megabatch.kernels import get_backend
+    from megabatch.losses import LossOptions, needs_grad, ops
+
+    case = dict(make_cases(2)[0], strategy="auto", loss="clip")
+    data = make_inputs(case, case["dtype"])
+    x, y = data["x"][_slices(case["sizes"], rank)], data["y"][_slices(case["sizes"], rank)]
+    scale = torch.tensor(data["scale"], dtype=case["dtype"])
+    kernels = get_backend(case["backend"], x.device)
+
+    def pick(x: torch.Tensor, y: torch.Tensor, **budget: Any) -> Any:
+        return strategies.create(strategies.make_spec("auto", None, **budget), x, y, (scale,), kernels, None,
+                                 loss="clip", ids=False).lay
+
+    # auto decides once per shape of call: each pick below on a shape of its own (a row fewer a rank each)
+    real = pick(x[2:], y[2:])  # this machine's rates (cost.CPU): at W = 2, the ring's fewer hops win
+    tight = pick(x[1:], y[1:], memory_budget=1)
+    default, pick_module.CPU = pick_module.CPU, dataclasses.replace(pick_module.CPU, latency=0.0)
+    try:  # hops for free: gather's one visit wins, and the full shape's calls below all take it
+        lay = pick(x, y)
+    finally:
+        pick_module.CPU = default
+    out: dict[str, Any] = {"spec": strategies.make_spec("auto", None).name, "name": lay.strategy,
+                           "reason": lay.choice.reason, "tight": tight.strategy, "tight_reason": tight.choice.reason,
+                           "real": real.strategy, "real_reason": real.choice.reason}
+    out["auto"] = compute(case, rank)
+    out["named"] = compute(dict(case, strategy=lay.strategy), rank)
+
+    def road(name: str) -> list[torch.Tensor]:
+        xd, yd = x.clone().requires_grad_(), y.clone().requires_grad_()
+        s = scale.clone().requires_grad_()
+        loss = ops.clip(LossOptions(name, kernels, needs_grad(xd, yd, s)), xd, yd, s)
+        loss.backward()
+        return [loss.detach(), xd.grad, yd.grad, s.grad]
+
+    out["compiled_auto"], out["compiled_named"] = road("auto"), road(lay.strategy)
     return out
 
 
@@ -402,12 +444,26 @@ def test_gather_reduce_scatter_path(world: int, world_results) -> None:
         check_case(case, [r["reduce_scatter"][k] for r in results])
 
 
-def test_auto_picks_ring(world_results) -> None:
-    results = world_results(2)
-    assert [r["auto_name"] for r in results] == ["ring", "ring"]
+def test_auto_is_the_cost_models_pick(world_results) -> None:
+    """On this CPU (cost.CPU: 110 us a hop) and a handful of rows, the model picks the ring (fewer hops than
+    gather's collectives); with no room for any peak, the least peak (gather's, at W = 2: N = 2n, and no
+    gx buffer); with free hops, gather. Every
+    rank picks the same, and auto's loss and gradients are the named strategy's bits, on both roads."""
+    results = [r["auto"] for r in world_results(2)]
+    assert [r["spec"] for r in results] == ["auto", "auto"]  # decided at the call, not before
+    for key, name in (("real", "ring"), ("tight", "gather"), ("name", "gather")):
+        assert [r[key] for r in results] == [name, name], key
+    reasons = {key: {r[k] for r in results} for key, k in (("real", "real_reason"), ("tight", "tight_reason"),
+                                                           ("name", "reason"))}
+    assert all(len(v) == 1 for v in reasons.values()), reasons  # every rank's reason is the same
+    assert reasons["real"].pop().startswith("ring: the fastest predicted on CPU rates")
+    assert "no candidate's peak fits the memory budget of 0.0 MiB" in reasons["tight"].pop()
+    assert reasons["name"].pop().startswith("gather: the fastest predicted on CPU rates")
     for r in results:
         for key in ("loss", "dx", "dy", "ds"):
-            assert torch.equal(r["auto"][key], r["ring"][key]), key
+            assert torch.equal(r["auto"][key], r["named"][key]), key
+        for a, b in zip(r["compiled_auto"], r["compiled_named"]):
+            assert torch.equal(a, b)
 
 
 def test_subgroups(world_results) -> None:

@@ -20,7 +20,7 @@ def expected_bytes(loss: str, strategy: str) -> int:
     e = f = 4
     st = 8  # column statistics travel as float64 log-sum-exps
     b, total = B_LOCAL, W * B_LOCAL
-    meta = (W - 1) * 12 * 8
+    meta = (W - 1) * 14 * 8  # the layout exchange: 14 int64 to each peer
     all_reduce = lambda n: 2 * (W - 1) / W * n  # noqa: E731
     if strategy == "gather":
         sent = (W - 1) * b * D * e + all_reduce(total * D * f)  # gather y; reduce the text gradients

@@ -61,7 +61,7 @@ def sent(loss: str, world: int, rpn: int, n: int, dim: int) -> dict[str, tuple[i
     """Bytes and messages one rank sends per pass with n images and texts on every rank, float64
     features, no ids, gloo (the formula of strategies/hierarchical.py; the layout exchange included)."""
     nodes, e = world // rpn, 8
-    layout = ((world - 1) * 96, 1)  # 12 int64 to each peer
+    layout = ((world - 1) * 112, 1)  # 14 int64 to each peer
     p2p_block = lambda width, k: ((nodes - 1) * n * width, (nodes - 1) * k)  # noqa: E731
     p2p_acc = lambda width: (nodes * n * width, nodes) if nodes > 1 else (0, 0)  # noqa: E731
     gather = lambda width, k: (nodes * (rpn - 1) * n * width, nodes * k) if rpn > 1 else (0, 0)  # noqa: E731

@@ -19,6 +19,7 @@ from megabatch import plan
 from megabatch.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+LAYOUT = 112  # the layout exchange's row to each peer: 14 int64 (budget and hardware profile for "auto": 12 before)
 
 
 def test_within_ten_percent_of_the_allocator(tmp_path):
@@ -46,8 +47,9 @@ def test_json_and_fit(capsys):
     out = json.loads(capsys.readouterr().out)
     b, dim = 1048576 // 64, 512
     assert out["strategy"] == "ring" and out["backend"] == "triton" and out["status"] == "predicted"
+    assert out["auto"]["strategy"] == "ring"  # auto's pick here (b = 16,384: the ring hides its transfer)
     # SigLIP ring: (W-1) bf16 blocks + W fp32 text-gradient accumulators + the layout exchange
-    assert out["sent_bytes"] == 63 * b * dim * 2 + 64 * b * dim * 4 + 63 * 96  # + the 12-int64 layout rows
+    assert out["sent_bytes"] == 63 * b * dim * 2 + 64 * b * dim * 4 + 63 * LAYOUT  # + the layout rows
     assert 0 < out["peak_bytes"] < out["total_bytes"] <= 80 * 2**30 and out["fits"] is True
     fits = {(o["strategy"], o["backend"]): o["fits"] for o in out["options"]}
     assert fits[("gather", "dense")] is False and fits[("ring", "torch")] is True
@@ -58,12 +60,12 @@ def test_texts_and_ids_add_what_travels():
     assert base.status == "checked on CPU"
     more = plan.plan("siglip", "ring", "torch", 4, 4096, 256, "float32", device="cpu", texts=8192, ids=True)
     n = 8192 // 4
-    assert more.sent_bytes == 3 * n * (256 * 4 + 8) + 4 * n * 256 * 4 + 3 * 96
+    assert more.sent_bytes == 3 * n * (256 * 4 + 8) + 4 * n * 256 * 4 + 3 * LAYOUT
     assert more.peak_bytes > base.peak_bytes and more.status == "predicted"
     gather = plan.plan("clip", "gather", "torch", 2, 4096, 256, "float32", device="cpu")
     # the texts gathered, the column lse (max and sum all-reduces), gathered again for the backward,
     # the text gradients all-reduced (gloo), the layout rows
-    assert gather.sent_bytes == 2048 * 256 * 4 + 2 * 4096 * 8 + 2048 * 8 + 4096 * 256 * 4 + 96
+    assert gather.sent_bytes == 2048 * 256 * 4 + 2 * 4096 * 8 + 2048 * 8 + 4096 * 256 * 4 + LAYOUT
     assert plan.plan("clip", "gather", "torch", 2, 4096, 256, "float32", device="cuda").sent_bytes < gather.sent_bytes
 
 
@@ -108,7 +110,7 @@ def test_scratch_is_charged_for_the_shapes_given():
 
 def test_uneven_batches_plan_the_largest_rank():
     one = plan.plan("clip", "ring", "triton", 64, 1, 512, "bfloat16")  # 63 ranks hold nothing
-    assert one.sent_bytes == 63 * 96 + (512 * 2) + 8 + (512 * 2 + 8) + 512 * 4  # layout; block, lse; backward
+    assert one.sent_bytes == 63 * LAYOUT + (512 * 2) + 8 + (512 * 2 + 8) + 512 * 4  # layout; block, lse; backward
     odd = plan.plan("siglip", "ring", "torch", 3, 4099, 256, "float32", device="cpu")  # ranks hold 1367, 1366, 1366
-    assert odd.sent_bytes == 2 * 96 + (4099 - 1366) * 256 * 4 + 4099 * 256 * 4
+    assert odd.sent_bytes == 2 * LAYOUT + (4099 - 1366) * 256 * 4 + 4099 * 256 * 4
     assert odd.terms == plan.plan("siglip", "ring", "torch", 3, 4101, 256, "float32", device="cpu").terms

@@ -3,6 +3,8 @@
 - No import circle among the modules of src/megabatch: every import counts, relative or absolute, at
   module level or inside a function (a deferred import still ties the two modules together).
 - No module imports one of a higher layer (LAYERS below, top to bottom).
+- The cost model (megabatch.cost, below the strategies so that "auto" can consult it) is pure arithmetic:
+  it never imports torch.distributed.
 - No library module imports or names the training app (`megabatch_train`, or its old path
   `megabatch.train`), not even as a string: the app adds its commands through an entry-point group.
 - No library module is longer than MAX_LINES.
@@ -33,13 +35,13 @@ MAX_LINES = 400
 # Top to bottom; a module belongs to the first layer with a prefix of its name, and may import its own
 # layer or lower ones only.
 LAYERS = [
-    ("commands", ("megabatch.cli", "megabatch.__main__", "megabatch.bench", "megabatch.plan", "megabatch.plan_terms",
-                  "megabatch.timemodel")),
+    ("commands", ("megabatch.cli", "megabatch.__main__", "megabatch.bench", "megabatch.plan", "megabatch.timemodel")),
     ("integrations", ("megabatch.integrations",)),
     ("public API", ("megabatch.functional", "megabatch.modules", "megabatch.gradcache", "megabatch.reference",
                     "megabatch.spec")),
     ("loss families", ("megabatch.losses",)),
     ("strategies", ("megabatch.strategies",)),
+    ("cost model", ("megabatch.cost",)),  # pure arithmetic on sizes: what "auto" and `megabatch plan` consult
     ("block kernels", ("megabatch.kernels",)),
     ("shared helpers", ("megabatch._numerics", "megabatch._checks", "megabatch._fsdp", "megabatch._microbatch")),
 ]
@@ -142,7 +144,8 @@ def test_the_checks_see_what_they_check():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert layer("megabatch.bench.single") < layer("megabatch.functional") < layer("megabatch.losses.ops") \
-        < layer("megabatch.strategies._comm") < layer("megabatch.kernels.base") < layer("megabatch._numerics")
+        < layer("megabatch.strategies._comm") < layer("megabatch.cost.pick") < layer("megabatch.kernels.base") \
+        < layer("megabatch._numerics")
     assert len(MODULES) > 30 and APP.is_dir() and not any(APP in p.parents for p in MODULES.values())
 
 
@@ -155,6 +158,26 @@ def test_no_module_imports_a_higher_layer():
     bad = [f"{m} ({LAYERS[layer(m)][0]}) imports {t} ({LAYERS[layer(t)][0]})"
            for m, targets in _graph().items() for t in sorted(targets) if layer(t) < layer(m)]
     assert not bad, "\n".join(bad)
+
+
+def _imported_names(module: str) -> set[str]:
+    """Every module name `module` imports (any package), anywhere in its file."""
+    path = MODULES[module]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.update({node.module} | {f"{node.module}.{alias.name}" for alias in node.names})
+    return found
+
+
+def test_the_cost_model_imports_no_torch_distributed():
+    cost = [m for m in MODULES if m == "megabatch.cost" or m.startswith("megabatch.cost.")]
+    assert len(cost) >= 4 and "torch.distributed" in _imported_names("megabatch.strategies._comm")
+    bad = {m: sorted(n for n in _imported_names(m) if n == "torch.distributed" or n.startswith("torch.distributed."))
+           for m in cost}
+    assert not any(bad.values()), f"the cost model imports torch.distributed: {bad}"
 
 
 def app_strings(module: str) -> list[str]:

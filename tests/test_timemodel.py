@@ -51,7 +51,7 @@ def test_small_blocks_are_launch_bound_and_latencies_add_up():
 def test_bytes_and_messages_are_what_comm_counts():
     """The model's bytes equal the planner's (held exactly against _comm's counters by plan_check.py); its
     messages were counted on gloo by benchmarks/time_model_check.py (W = 2: CLIP ring 8, gather 6; SigLIP 4, 3)."""
-    from megabatch.plan_terms import _sent
+    from megabatch.cost import sent_bytes as _sent
     hw = timemodel.GPUS["H200"]
     for loss in ("clip", "siglip"):
         for strategy in ("ring", "gather"):
@@ -79,14 +79,18 @@ def test_every_option_has_a_time_from_8_to_1024_ranks(capsys, world):
         terms = {"compute_s", "transfer_s", "latency_s", "hidden_s", "bytes_intra", "bytes_inter", "messages"}
         assert all(math.isfinite(o["time_terms"][k]) for k in terms)
         assert terms <= set(o["time_terms"])
-    assert out["time_ms"] == min(o["time_ms"] for o in out["options"])  # auto: the fastest that fits
+    # auto: the fastest strategy on the backend the losses pick (triton on cuda), its candidates the options' times
+    mine = [o for o in out["options"] if o["backend"] == out["backend"] == "triton"]
+    assert out["time_ms"] == min(o["time_ms"] for o in mine) and out["strategy"] == out["auto"]["strategy"]
+    assert {c["strategy"]: 1e3 * c["time_s"] for c in out["auto"]["candidates"]} == \
+        {o["strategy"]: pytest.approx(o["time_ms"], rel=1e-12) for o in mine}
     assert out["hardware"]["name"] == "H200" and "predicted" in out["hardware"]["status"]
 
 
-def test_auto_follows_the_model_only_when_asked(capsys):
+def test_auto_follows_the_model_with_or_without_time(capsys):
     args = ["plan", "--loss", "clip", "--world", "256", "--batch", "32768", "--dim", "512", "--json"]
     assert main(args) == 0
-    assert json.loads(capsys.readouterr().out)["strategy"] == "ring"  # the library's auto, unchanged
+    assert json.loads(capsys.readouterr().out)["strategy"] == "gather"  # the library's auto: the model's pick
     assert main([*args, "--time"]) == 0
     assert json.loads(capsys.readouterr().out)["strategy"] == "gather"  # 128 rows a rank: the ring is latency-bound
     assert main([*args, "--time", "--strategy", "ring"]) == 0
@@ -127,17 +131,17 @@ def test_hierarchical_terms_by_hand():
     are 8 * 4 * 4 = 128 B each. Two steps: step 0 sends the slice to the next node, step 1 the accumulator,
     then it hops home (1.28 us each at 100 MB/s); each step all-gathers one slice and reduce-scatters one
     accumulator over NVLink (0.256 us at 1 GB/s) around a visit of 8 x 16 (3 * 2 * 8 * 16 * 4 FLOP = 3.072 ns
-    at 1 TFLOP/s). The layout exchange: 3 * 96 B, 144 of them over the NICs (1.44e-6 s), 2 * log2(4) hops."""
+    at 1 TFLOP/s). The layout exchange: 3 * 112 B, 168 of them over the NICs (1.68e-6 s), 2 * log2(4) hops."""
     t = _hier("siglip", 4, 8, TOY)
-    visit, local, inter, layout = 3072 / 1e12, 256 / 1e9, 128 / 1e8, 144 / 1e8
+    visit, local, inter, layout = 3072 / 1e12, 256 / 1e9, 128 / 1e8, 168 / 1e8
     assert t["compute_s"] == pytest.approx(2 * visit)
     assert t["transfer_s"] == pytest.approx(layout + 2 * (inter + local) + inter)
     assert t["hidden_s"] == pytest.approx(2 * min(inter, local + visit))
     # layout 4 hops; a step: 1 inter hop + all-gather and reduce-scatter 2 * ceil(log2 2) each; the hop home
     assert t["latency_s"] == pytest.approx((4 + 2 * (1 + 2 + 2) + 1) * 1e-6)
     # at overlap 1: max(inter, local + visit) a step, the hop home, the layout, the hops
-    assert t["time_s"] == pytest.approx(2 * inter + inter + layout + 15e-6) and t["time_s"] == pytest.approx(20.28e-6)
-    assert (t["bytes_inter"], t["bytes_intra"]) == (144 + 3 * 128, 144 + 2 * 256)
+    assert t["time_s"] == pytest.approx(2 * inter + inter + layout + 15e-6) and t["time_s"] == pytest.approx(20.52e-6)
+    assert (t["bytes_inter"], t["bytes_intra"]) == (168 + 3 * 128, 168 + 2 * 256)
     assert t["messages"] == 1 + 3 + 3 + 1  # layout; a step: a p2p, an all-gather, a reduce-scatter; home
     no_overlap = timemodel.step_time(shape_of("siglip", "hierarchical", "torch", 4, 32, 32, 4, "float32", "cuda",
                                               False, 2), replace(TOY, overlap=0.0), ratio=1.0)
@@ -164,7 +168,7 @@ def test_hierarchical_within_one_node_sends_nothing_over_infiniband():
 
 
 def test_hierarchical_bytes_are_the_planners():
-    from megabatch.plan_terms import _sent
+    from megabatch.cost import sent_bytes as _sent
     for loss in ("clip", "siglip"):
         for ids in (False, True):
             for w, r in ((2, 2), (4, 2), (16, 8), (6, 3)):
@@ -192,17 +196,19 @@ def test_hierarchical_is_planned_for_whole_nodes_only(capsys):
     with pytest.raises(SystemExit) as e:
         main([*args[:4], "12", *args[5:], "--strategy", "hierarchical"])
     assert e.value.code == 2 and "--ranks-per-node (8)" in capsys.readouterr().err
-    # the hook for auto: the winner for given sizes, as plan --time picks it
+    # what auto picks for given sizes, as plan --time prints it; hierarchical where gather does not fit
     assert main([*args, "--time"]) == 0
     cli = json.loads(capsys.readouterr().out)
-    best = plan.fastest_plan("siglip", 1024, 1048576, 512, "bfloat16", timemodel.GPUS["H200"])
-    assert (best.strategy, best.backend) == (cli["strategy"], cli["backend"]) == ("gather", "triton")
-    only = plan.fastest_plan("siglip", 1024, 1048576, 512, "bfloat16", timemodel.GPUS["H200"], strategy="hierarchical")
-    assert only.strategy == "hierarchical" and only.ranks_per_node == 8
+    best = plan.auto_choice("siglip", 1024, 1048576, 512, "bfloat16", hw=timemodel.GPUS["H200"])
+    assert (best.strategy, cli["backend"]) == (cli["strategy"], "triton") == ("gather", "triton")
+    tight = plan.auto_choice("siglip", 256, 1048576, 512, "bfloat16", hw=timemodel.GPUS["H200"], gpu_mem=2**30)
+    assert tight.strategy == "hierarchical" and tight.ranks_per_node == 8
 
 
 # benchmarks/time_model_check.py --hierarchical (gloo, 8 images and texts a rank, D = 32, float32, torch backend):
-# (loss, ids, W, R) -> (forward, backward) as (bytes, messages) that _comm.count_bytes() counted on every rank
+# (loss, ids, W, R) -> (forward, backward) as (bytes, messages) that _comm.count_bytes() counted on every rank,
+# with the 12-column layout row of then: the forward's layout exchange now sends 2 int64 more to each peer
+LAYOUT_GREW = 16
 GLOO_COUNTED = {
     ("clip", False, 4, 2): ((4000, 10), (9408, 10)), ("clip", True, 4, 2): ((4984, 18), (9792, 16)),
     ("siglip", False, 4, 2): ((9504, 8), (0, 0)), ("siglip", True, 4, 2): ((9696, 11), (0, 0)),
@@ -219,11 +225,12 @@ def test_hierarchical_counts_are_what_gloo_counted():
     reduce-scatter of 8 B a row (the strategy all-reduces twice: max, then the sum of exp; a message more a
     step, 4x the bytes) and every node sum as a reduce-scatter (gloo all-reduces: twice the bytes); on CUDA
     the sums stay reduce-scatters (NCCL), which no machine here can count."""
-    from megabatch.plan_terms import hierarchical_passes
+    from megabatch.cost.terms import hierarchical_passes
     for (loss, ids, w, r), (fwd, bwd) in GLOO_COUNTED.items():
         s = shape_of(loss, "hierarchical", "torch", w, 8 * w, 8 * w, 32, "float32", "cpu", ids, r)
         t = timemodel.step_time(s, replace(TOY, ranks_per_node=r))
-        assert (round(t["bytes_intra"] + t["bytes_inter"]), t["messages"]) == (fwd[0] + bwd[0], fwd[1] + bwd[1])
+        counted = fwd[0] + LAYOUT_GREW * (w - 1) + bwd[0]
+        assert (round(t["bytes_intra"] + t["bytes_inter"]), t["messages"]) == (counted, fwd[1] + bwd[1])
         assert hierarchical_passes(s)[1:] == ([bwd] if loss == "clip" else [])
         nccl = timemodel.step_time(replace(s, device="cuda"), replace(TOY, ranks_per_node=r))
         # NCCL reduce-scatters the node sums: (R-1) slices of the gradient (and CLIP's positive sums) a step,

@@ -3,11 +3,14 @@
     megabatch plan --loss siglip --strategy ring --backend triton --world 64 --batch 1048576 --dim 512 \\
         --dtype bfloat16 --gpu-mem 80GiB
     megabatch plan ... --json          # one object: peak_bytes, sent_bytes, total_bytes, fits, status, options
-    megabatch plan ... --time --gpu H200   # + each option's predicted ms/step (timemodel.py); auto: the fastest
+    megabatch plan ... --time --gpu H200   # + each option's predicted ms/step (cost/time.py)
     megabatch plan ... | head -1           # a reader that goes away ends it quietly (exit status 141)
 
-The table marks the option planned with `<-` (the strategy and backend asked for, auto resolved; with
---time and auto, the fastest that fits --gpu-mem). --gpu and the time model's rates need --time.
+The table marks the option planned with `<-`: the strategy and backend asked for, or what auto picks, as a
+loss call picks it (`auto_choice`, cost.choose: the strategy the time model predicts fastest among those
+whose peak fits what --gpu-mem leaves beside the features; the backend as the losses pick it), on the H200
+preset's rates (--device cpu: cost.time.CPU's) unless --time and its flags say otherwise; the line under the
+table says why. --gpu and the time model's rates need --time.
 
 peak_bytes is what the loss's forward + backward allocates on one rank beyond its inputs (the
 (b, D) image and (n, D) text features), at its highest; sent_bytes what one rank sends per step
@@ -24,7 +27,7 @@ tile (kernels/torch_chunked.py's TILE_ELEMENTS: this module imports every consta
 is min(b, max(16, T / cols)) x cols for the cols texts a visit meets, as that module cuts it),
 U_x = b*D*c, U_y = n*D*c, E_x = b*D*e, E_y = n*D*e, V_y = N*D*c):
   * bytes sent: the README's communication table and the strategies' docstrings, term by term,
-    plus the layout exchange (_comm.LAYOUT_BYTES, 96: 12 int64 to each of W-1 peers) and, with --ids,
+    plus the layout exchange (cost.LAYOUT_BYTES, 112: 14 int64 to each of W-1 peers) and, with --ids,
     8 bytes per text row wherever a text block travels (ids go with their blocks), and for CLIP the
     positive counts and logit sums (16 bytes per text) with the forward's statistics, the column
     targets (8 more) with the backward's, and an all-reduce of two float64 (rows and columns with a
@@ -68,14 +71,14 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from . import kernels, strategies, timemodel
+from . import cost, kernels, strategies, timemodel
+from .cost import DTYPES, Shape, memory_terms, sent_bytes, shape_of
 from .losses import LOSSES
-from .plan_terms import DTYPES, Shape, _memory, _sent, shape_of
 
-__all__ = ["DTYPES", "Plan", "STRATEGIES", "Shape", "fastest_plan", "main", "options", "parse_bytes", "plan",
+__all__ = ["DTYPES", "Plan", "STRATEGIES", "Shape", "auto_choice", "main", "options", "parse_bytes", "plan",
            "shape_of", "step_times"]
 
-# The concrete names of the library's lists ("auto" is resolved first, as the losses resolve it)
+# The concrete names of the library's lists ("auto" is decided first, as the losses decide it)
 STRATEGIES = tuple(s for s in strategies.STRATEGIES if s != "auto")
 BACKENDS = tuple(b for b in kernels.BACKENDS if b != "auto")
 DEVICES = ("cuda", "cpu")
@@ -138,9 +141,9 @@ def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: in
     if backend == "triton" and device == "cpu":
         raise ValueError("backend triton runs on cuda (on CPU only through Triton's interpreter): use --device cuda")
     shape = shape_of(loss, strategy, backend, world, batch, texts, dim, dtype, device, ids, ranks_per_node)
-    terms = _memory(shape)
+    terms = memory_terms(shape)
     peak = int(sum(terms.values()))
-    sent = _sent(shape)
+    sent = sent_bytes(shape)
     inputs = shape.ex + shape.ey + (shape.b + shape.n) * shape.idb
     activations = act_bytes * micro_batch
     checked = device == "cpu" and backend == "torch" and dtype == "float32" and not ids and texts == batch
@@ -166,17 +169,23 @@ def step_times(opts: list[Plan], hw: timemodel.Hardware) -> dict[tuple[str, str]
         hw) for o in opts}
 
 
-def fastest_plan(loss: str, world: int, batch: int, dim: int, dtype: str, hw: timemodel.Hardware, *,
-                 gpu_mem: Optional[int] = None, strategy: str = "auto", backend: str = "auto",
-                 **common: Any) -> Optional[Plan]:
-    """The option the time model predicts fastest among those that fit gpu_mem (None: all), restricted to
-    `strategy` / `backend` unless "auto": what `megabatch plan --time` picks for auto, and the hook a caller
-    that knows the layout (sizes, and hw.ranks_per_node) can resolve strategy="auto" with. None if none fits."""
-    opts = [o for o in options(loss, world, batch, dim, dtype, ranks_per_node=hw.ranks_per_node, **common)
-            if strategy in ("auto", o.strategy) and backend in ("auto", o.backend)]
-    times = step_times(opts, hw)
-    return timemodel.fastest([(o, times[(o.strategy, o.backend)],
-                               None if gpu_mem is None else o.total_bytes <= gpu_mem) for o in opts])
+def auto_choice(loss: str, world: int, batch: int, dim: int, dtype: str, *, backend: str = "auto",
+                texts: Optional[int] = None, device: str = "cuda", ids: bool = False,
+                hw: Optional[timemodel.Hardware] = None, gpu_mem: Optional[int] = None, act_bytes: int = 0,
+                micro_batch: int = 0) -> cost.Choice:
+    """What strategy="auto" picks for this configuration, and why: cost.choose, as a loss call decides it
+    from its layout exchange, here from the command's sizes (the largest rank's, as shape_of cuts an uneven
+    batch). backend "auto": as the losses pick it. hw: the rates (None: the H200 preset on cuda, cost.CPU on
+    cpu); its ranks_per_node is hierarchical's R. gpu_mem: a rank's memory (None: no limit); the budget for
+    the loss's peak is what it leaves beside the features and one micro-batch's activations (so a pick fits
+    exactly where plan's `fits` says so). ValueError on bad input, as `plan`."""
+    backend = kernels.auto_backend(device) if backend == "auto" else backend
+    hw = hw or (timemodel.CPU if device == "cpu" else timemodel.GPUS[timemodel.DEFAULT_GPU])
+    ref = plan(loss, "local" if world == 1 else "ring", backend, world, batch, dim, dtype, texts=texts,
+               device=device, ids=ids, act_bytes=act_bytes, micro_batch=micro_batch, ranks_per_node=hw.ranks_per_node)
+    base = shape_of(loss, "ring", backend, world, batch, ref.texts, dim, dtype, device, ids)
+    budget = None if gpu_mem is None else gpu_mem - ref.inputs_bytes - ref.activation_bytes
+    return cost.choose(base, hw, budget, ranks_per_node=hw.ranks_per_node)
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -207,8 +216,8 @@ def _parser() -> argparse.ArgumentParser:
                       epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loss", choices=LOSSES, default="clip", help="the loss planned (default clip)")
     p.add_argument("--strategy", choices=("auto", *STRATEGIES), default="auto",
-                   help="auto: ring when --world > 1, local otherwise (as the losses pick); with --time the "
-                        "fastest option. hierarchical: --world a multiple of --ranks-per-node")
+                   help="auto: what the losses pick (the fastest predicted that fits --gpu-mem; local on one "
+                        "rank). hierarchical: --world a multiple of --ranks-per-node")
     p.add_argument("--backend", choices=kernels.BACKENDS, default="auto",
                    help="auto: triton on cuda, torch on cpu (as the losses pick)")
     p.add_argument("--world", type=int, default=1, help="ranks W")
@@ -234,38 +243,36 @@ def main(argv: Optional[list[str]] = None) -> int:
     lone = timemodel.without_time(a)
     if lone:  # read only by the time model: without --time it would change nothing, silently
         parser.error(f"{lone} sets the time model: it needs --time")
-    strategy = strategies.resolve_strategy(a.strategy, a.world) if a.strategy == "auto" else a.strategy
     backend = a.backend if a.backend != "auto" else kernels.auto_backend(a.device)
-    hw = timemodel.hardware(a)  # its ranks_per_node places hierarchical's nodes with or without --time
-    common = dict(texts=a.texts, device=a.device, ids=a.ids, act_bytes=a.act_bytes, micro_batch=a.micro_batch,
-                  ranks_per_node=hw.ranks_per_node)
+    hw = timemodel.hardware(a, a.device)  # its ranks_per_node places hierarchical's nodes with or without --time
+    common = dict(texts=a.texts, device=a.device, ids=a.ids, act_bytes=a.act_bytes, micro_batch=a.micro_batch)
     try:
         try:
             gpu_mem = parse_bytes(a.gpu_mem) if a.gpu_mem is not None else None
         except ValueError as e:
             raise ValueError(f"--gpu-mem: {e}") from None
-        chosen = plan(a.loss, strategy, backend, a.world, a.batch, a.dim, a.dtype, **common)
-        opts = options(a.loss, a.world, a.batch, a.dim, a.dtype, **common)
+        auto = auto_choice(a.loss, a.world, a.batch, a.dim, a.dtype, backend=backend, hw=hw, gpu_mem=gpu_mem,
+                           **common)
+        strategy = auto.strategy if a.strategy == "auto" else a.strategy
+        chosen = plan(a.loss, strategy, backend, a.world, a.batch, a.dim, a.dtype, ranks_per_node=hw.ranks_per_node,
+                      **common)
+        opts = options(a.loss, a.world, a.batch, a.dim, a.dtype, ranks_per_node=hw.ranks_per_node, **common)
     except ValueError as e:
         parser.error(str(e))
 
     def fit(o: Plan) -> Optional[bool]:
         return None if gpu_mem is None else o.total_bytes <= gpu_mem
 
-    times: dict[tuple[str, str], dict[str, float]] = {}
-    if a.time:
-        times = step_times(opts, hw)
-        if a.strategy == "auto" or a.backend == "auto":  # the layout is known here: auto follows the model
-            pool = [o for o in opts if a.strategy == "auto" or o.strategy == strategy]
-            pool = [o for o in pool if a.backend == "auto" or o.backend == backend]
-            chosen = timemodel.fastest([(o, times[(o.strategy, o.backend)], fit(o)) for o in pool]) or chosen
+    times = step_times(opts, hw) if a.time else {}
     if a.json:
         keys = ("strategy", "backend", "peak_bytes", "sent_bytes", "total_bytes", "status")
         rows = [{**{k: getattr(o, k) for k in keys}, "fits": fit(o)} for o in opts]
         for r in rows if a.time else ():
             t = times[(r["strategy"], r["backend"])]
             r.update(time_ms=1e3 * t["time_s"], time_terms=t)
-        out: dict[str, Any] = {**asdict(chosen), "gpu_mem_bytes": gpu_mem, "fits": fit(chosen), "options": rows}
+        out: dict[str, Any] = {**asdict(chosen), "gpu_mem_bytes": gpu_mem, "fits": fit(chosen), "options": rows,
+                               "auto": {"strategy": auto.strategy, "reason": auto.reason, "hardware": auto.hardware,
+                                        "budget_bytes": auto.budget, "candidates": [asdict(c) for c in auto.candidates]}}
         if a.time:
             out.update(time_ms=1e3 * times[(chosen.strategy, chosen.backend)]["time_s"],
                        hardware=timemodel.describe(hw))
@@ -286,8 +293,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("peak: the loss's forward+backward beyond its inputs; total adds the features"
           + (" and one micro-batch's activations" if a.act_bytes and a.micro_batch else "")
           + "; sent: bytes per rank per step (ring cost model)")
-    print("<-: the option planned: --strategy and --backend as given; auto as the losses resolve it"
-          + ("; with --time, auto is the fastest" + (" that fits --gpu-mem" if gpu_mem else "") if a.time else ""))
+    print("<-: the option planned: --strategy and --backend as given, auto as the losses pick it")
+    print(f"auto picks {auto.reason}")
     return 0
 
 

@@ -21,18 +21,27 @@ from ._comm import Layout
 from .base import Block, Strategy, Visit
 
 # Every name a caller may pass (the losses, their modules, `megabatch bench`, `megabatch plan`, the app);
-# "auto" is resolved by `resolve_strategy`.
+# "auto" is local on one process and, distributed, decided by the cost model at the call (auto.py).
 STRATEGIES = ("auto", "local", "gather", "ring", "hierarchical")
 
 
-def resolve_strategy(name: str, world: int) -> str:
-    """The concrete strategy `name` means for a batch spread over `world` ranks: "auto" is ring on
-    several ranks and local on one; any other name is itself. ValueError for an unknown name."""
+def planned(name: str, world: int) -> str:
+    """What `name` means for a batch spread over `world` ranks, before any call: "auto" is local on one
+    rank and stays "auto" on several (the cost model decides it at the call, from every rank's sizes:
+    auto.py); any other name is itself. ValueError for an unknown name. What a launcher passes on."""
     if not isinstance(name, str) or name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
     if name == "auto":
-        return "ring" if world > 1 else "local"
+        return "auto" if world > 1 else "local"
     return name
+
+
+def resolve_strategy(name: str, world: int) -> str:
+    """A concrete name before any call, for a caller that must have one (the older rule: "auto" is ring on
+    several ranks, local on one). It is not what "auto" picks at a call (that is the cost model's choice:
+    `planned` passes "auto" on); kept for the training app until it passes "auto" through."""
+    out = planned(name, world)
+    return "ring" if out == "auto" else out
 
 
 def _world(group: Optional["dist.ProcessGroup"]) -> int:
@@ -43,13 +52,14 @@ def _world(group: Optional["dist.ProcessGroup"]) -> int:
 
 
 def resolve(strategy: str, group: Optional["dist.ProcessGroup"]) -> str:
-    """Validate a strategy name (and the group) for a loss call and turn "auto" into a concrete one."""
+    """Validate a strategy name (and the group) for a loss call: "auto" becomes "local" on one process and
+    stays "auto" when distributed (decided in `create`)."""
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     if strategy == "auto":
-        return resolve_strategy(strategy, _world(group))
+        return planned(strategy, _world(group))
     if strategy != "local" and not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"strategy={strategy!r} needs torch.distributed to be initialised (use 'local' or 'auto')")
     return strategy
@@ -74,9 +84,11 @@ class StrategySpec:
     Built and validated once, by `make_spec`; everything below takes it as it is.
 
     name: "auto", "local", "gather", "ring" or "hierarchical".
-    ranks_per_node: hierarchical's R (group rank i is on node i // R); 0 for the other strategies.
-    memory_budget: bytes a rank may spend on the loss's peak, what "auto" plans with (None: the device's
-        free memory); only "auto" reads it.
+    ranks_per_node: hierarchical's R (group rank i is on node i // R); 0 for the other strategies
+        (and for "auto", which takes R from torchrun's LOCAL_WORLD_SIZE where it is valid).
+    memory_budget: bytes a rank may spend on the loss's peak beyond its inputs, what "auto" plans with
+        (None: the device's free memory at the call; every rank's are exchanged and the least is used);
+        only "auto" reads it.
     """
 
     name: str = "auto"
@@ -87,7 +99,7 @@ class StrategySpec:
 def make_spec(strategy: object, group: Optional["dist.ProcessGroup"], *, ranks_per_node: Optional[int] = None,
               memory_budget: Optional[int] = None) -> StrategySpec:
     """The one validation of a strategy and its settings, for every front (ValueError/TypeError naming
-    the argument). "auto" is resolved here for now (`resolve`)."""
+    the argument). "auto" is "local" on one process; distributed it stays "auto" (decided in `create`)."""
     name = resolve(strategy, group)  # type: ignore[arg-type]
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget <= 0):
@@ -99,17 +111,25 @@ _ranks_per_node = ranks_per_node  # make_spec's keyword shadows it
 
 
 def create(
-    name: str, x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels,
+    spec: "StrategySpec | str", x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels,
     group: Optional["dist.ProcessGroup"], *, loss: str, ids: bool, directions: int = 0,
     needs: Optional[Sequence[bool]] = None, ranks_per_node: int = 0, compiled: bool = False,
 ) -> Strategy:
     """A strategy for one loss call. Distributed ones first agree with every rank of the group on
     the layout and on everything else that decides the collectives (one all_gather of metadata; see
     _comm.exchange_layout): the strategy, the loss ("clip" or "siglip"), ids, CLIP's directions,
-    ranks_per_node, which inputs need gradients, and whether the call is compiled (a custom op).
+    ranks_per_node, which inputs need gradients, and whether the call is compiled (a custom op); "auto"
+    is then decided from that table (auto.py: the cost model's fastest strategy whose peak fits the least
+    memory budget), the same on every rank, and the choice kept in the layout (`lay.strategy`, `lay.choice`).
 
+    spec: a StrategySpec (make_spec), or a strategy name with `ranks_per_node` given apart (the older
+    form; its memory budget is then the device's free memory).
     needs: which of (x, y, *extras) need gradients; None reads grad mode and requires_grad (the
     compiled path passes them, since inside a custom op the tensors no longer carry them)."""
+    if isinstance(spec, StrategySpec):
+        name, ranks_per_node, budget = spec.name, spec.ranks_per_node or ranks_per_node, spec.memory_budget
+    else:
+        name, budget = spec, None
     if needs is None:
         needs = [torch.is_grad_enabled() and t.requires_grad for t in (x, y, *extras)]
     if name == "local":
@@ -118,14 +138,35 @@ def create(
         return Local(x.shape[0], y.shape[0], bool(needs[1]), ids)
     from ._comm import exchange_layout
 
+    hints = {}
+    if name == "auto":
+        from . import auto
+
+        hints = dict(ranks_per_node=auto.node_hint(group), budget=auto.local_budget(budget, x.device),
+                     hardware=auto.hardware_code(x.device),
+                     decide=lambda cols, fam: auto.decide(cols, kernels.name, x.device.type, fam, group_name(group)))
     lay = exchange_layout(x, y, extras, kernels, group, strategy=name, loss=loss, ids=ids, directions=directions,
-                          needs=needs, ranks_per_node=ranks_per_node, compiled=compiled)
-    return from_layout(name, lay)
+                          needs=needs, compiled=compiled, **{"ranks_per_node": ranks_per_node, **hints})
+    if name == "auto":
+        auto.remember(lay)
+    return from_layout(lay.strategy or name, lay)
 
 
 def from_layout(name: str, lay: "Layout") -> Strategy:
     """The strategy `name` over an already agreed layout (no communication): what the compiled
-    backward rebuilds from the layout its forward returned."""
+    backward rebuilds from the layout its forward returned. "auto": the strategy the layout records
+    (`lay.strategy`), or, for a layout rebuilt from the sizes alone, the one the forward of those sizes
+    chose (auto.remembered)."""
+    if name == "auto":
+        if lay.strategy and lay.strategy != "auto":
+            name = lay.strategy
+        else:
+            from dataclasses import replace
+
+            from .auto import remembered
+
+            name, rpn = remembered(lay)
+            lay = replace(lay, ranks_per_node=rpn, strategy=name)
     if name == "local":
         from .local import Local
 
@@ -173,4 +214,4 @@ def resolve_group(name: str) -> Optional["dist.ProcessGroup"]:
 
 
 __all__ = ["Block", "Layout", "STRATEGIES", "Strategy", "StrategySpec", "Visit", "create", "make_spec", "from_layout", "group_name",
-           "ranks_per_node", "resolve", "resolve_group", "resolve_strategy", "validating"]
+           "planned", "ranks_per_node", "resolve", "resolve_group", "resolve_strategy", "validating"]

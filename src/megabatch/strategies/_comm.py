@@ -3,8 +3,10 @@
 `exchange_layout` is the first thing every distributed loss call does: ONE all_gather of one int64
 per `_COLUMNS` entry per rank: image count b, text count n, feature dim D, dtype code, requires-grad
 flags, backend, whether ids are given, the strategy, the loss (clip or siglip), CLIP's directions,
-hierarchical's ranks_per_node, and whether the call takes the compiled road (a custom op). That is
-everything that decides which collectives a call runs and their sizes, so every rank checks the same
+hierarchical's ranks_per_node, whether the call takes the compiled road (a custom op), and, for
+"auto", the rank's memory budget and hardware profile (cost.LAYOUT_COLUMNS). That is everything that
+decides which collectives a call runs and their sizes ("auto" is decided from this table, by
+strategies/auto.py, identically on every rank), so every rank checks the same
 table and ranks that disagree on any of it all raise the same ValueError before any other collective
 (never a hang, never a gloo abort), and every rank knows every local batch size: uneven and
 rectangular sizes work exactly. Reading that table on the host (`.tolist()`) is the one host sync of
@@ -21,23 +23,21 @@ from __future__ import annotations
 
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..cost.terms import LAYOUT_BYTES, LAYOUT_COLUMNS
 from ..kernels.base import BlockKernels
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _GRAD_NAMES = ("image_features", "text_features", "logit_scale", "logit_bias")
-_STRATEGY_CODES = ("gather", "ring", "hierarchical")  # the distributed strategies, by code
+_STRATEGY_CODES = ("gather", "ring", "hierarchical", "auto")  # the names a distributed call passes, by code
 _LOSS_CODES = ("clip", "siglip")  # the loss families, by code
-# The layout exchange's row: one int64 per column, in this order.
-_COLUMNS = ("images", "texts", "dim", "dtype", "grads", "backend", "ids", "strategy", "loss", "directions",
-            "ranks_per_node", "compiled")
-LAYOUT_BYTES = 8 * len(_COLUMNS)  # what exchange_layout sends each peer (int64s): `megabatch plan` counts it
+_COLUMNS = LAYOUT_COLUMNS  # the layout exchange's row (one int64 each); LAYOUT_BYTES: what it sends each peer
 _INVALID = -1  # a row of this value (report_invalid): that rank's arguments failed validation
 
 # [bytes, messages] sent by this rank while a `count_bytes()` block is open (None: not counting).
@@ -60,6 +60,8 @@ class Layout:
     y_grad: bool  # text features need gradients (on every rank, checked)
     ids: bool = False  # positives given by ids (on every rank, checked)
     ranks_per_node: int = 0  # hierarchical's R (on every rank, checked); 0 for the other strategies
+    strategy: str = ""  # the concrete strategy (what "auto" chose); "" where the caller named it itself
+    choice: object = field(default=None, compare=False)  # "auto"'s cost.Choice (its reason and candidates)
 
     @property
     def world(self) -> int:
@@ -89,14 +91,18 @@ class Layout:
 def exchange_layout(
     x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels, group: Optional["dist.ProcessGroup"],
     *, strategy: str, loss: str, ids: bool = False, directions: int = 0, needs: Optional[Sequence[bool]] = None,
-    ranks_per_node: int = 0, compiled: bool = False,
+    ranks_per_node: int = 0, compiled: bool = False, budget: int = -1, hardware: int = 0,
+    decide: Optional[Callable[[dict[str, list[int]], str], Any]] = None,
 ) -> Layout:
     """Agree on everything that decides a call's collectives (see `_COLUMNS`) across `group` (None:
     the world group).
 
     x: this rank's (b, D) images, y its (n, D) texts; extras: logit_scale (and logit_bias), 0-dim.
-    strategy: "gather", "ring" or "hierarchical"; loss: "clip" or "siglip"; directions: CLIP's code;
-    ranks_per_node: hierarchical's R (0 for the others); compiled: whether the call is a custom op.
+    strategy: "gather", "ring", "hierarchical" or "auto" (decided here from the table: Layout.strategy);
+    loss: "clip" or "siglip"; directions: CLIP's code; ranks_per_node: hierarchical's R (0 for the others;
+    for "auto" the node size the rank knows, 0 if none); compiled: whether the call is a custom op;
+    budget, hardware: "auto"'s memory budget in bytes (-1: no limit) and cost.PROFILES index;
+    decide: "auto"'s decision, (checked table, loss) -> a cost.Choice (strategies/auto.py's `decide`).
     needs: which of (x, y, *extras) need gradients (None: grad mode and requires_grad).
     Any disagreement raises the same ValueError on every rank.
     """
@@ -110,7 +116,7 @@ def exchange_layout(
                grads=sum(1 << k for k, need in enumerate(needs) if need),
                backend=zlib.crc32(kernels.name.encode()) & 0x7FFFFFFF, ids=int(ids),
                strategy=_STRATEGY_CODES.index(strategy), loss=_LOSS_CODES.index(loss), directions=directions,
-               ranks_per_node=ranks_per_node, compiled=int(compiled))
+               ranks_per_node=ranks_per_node, compiled=int(compiled), budget=budget, hardware=hardware)
     mine = torch.tensor([row[c] for c in _COLUMNS], dtype=torch.int64, device=x.device)
     table_t = mine.new_empty(world * len(_COLUMNS))
     _all_gather_single(table_t, mine, group=pg)
@@ -124,8 +130,13 @@ def exchange_layout(
         )
     cols = {c: [values[k] for values in table] for k, c in enumerate(_COLUMNS)}
     _check(cols, kernels)
-    return Layout(pg, rank, tuple(cols["images"]), tuple(cols["texts"]), bool(row["grads"] & 2), bool(ids),
-                  ranks_per_node)
+    lay = Layout(pg, rank, tuple(cols["images"]), tuple(cols["texts"]), bool(row["grads"] & 2), bool(ids),
+                 ranks_per_node, strategy)
+    if strategy != "auto" or decide is None:
+        return lay
+    choice = decide(cols, loss)
+    return Layout(lay.group, lay.rank, lay.sizes, lay.tsizes, lay.y_grad, lay.ids, choice.ranks_per_node,
+                  choice.strategy, choice)
 
 
 def _check(cols: dict[str, list[int]], kernels: BlockKernels) -> None:
@@ -170,6 +181,8 @@ def _check(cols: dict[str, list[int]], kernels: BlockKernels) -> None:
     if differ["directions"]:
         raise ValueError(f"directions must be the same on every rank; got codes {cols['directions']} on {ranks}")
     rpn = cols["ranks_per_node"]
+    if _STRATEGY_CODES[cols["strategy"][0]] == "auto":
+        return  # its node size is only a hint (strategies/auto.py), and it picks gather only where the roads agree
     if differ["ranks_per_node"]:
         raise ValueError(f"ranks_per_node (hierarchical) must be the same on every rank; got {rpn} on {ranks}")
     if rpn[0] and world % rpn[0]:

@@ -1,6 +1,6 @@
-"""The formulas of `megabatch plan` (src/megabatch/plan.py's docstring says where each comes from): the shape one
-rank sees, the named terms of its peak memory, and the bytes it sends, call by call as strategies/_comm.py
-counts them. The time of a step is timemodel.py's.
+"""The cost model's terms (src/megabatch/plan.py's docstring says where each comes from): the shape one rank
+sees, the named terms of its peak memory, and the bytes it sends, call by call as strategies/_comm.py counts
+them. The time of a step is cost/time.py's. Pure arithmetic on sizes: no torch.distributed, no tensors.
 """
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.torch_chunked import CPU_TILE_ELEMENTS, GPU_TILE_ELEMENTS
-from .kernels.triton_config import TritonConfig
-from .strategies._comm import LAYOUT_BYTES
+from ..kernels.torch_chunked import CPU_TILE_ELEMENTS, GPU_TILE_ELEMENTS
+from ..kernels.triton_config import TritonConfig
 
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 LSE_BYTES = 8  # the torch backend's float64 log-sum-exps
 ID_BYTES = 8
+# The layout exchange's row (strategies/_comm.py): one int64 per column, in this order. Defined here, where
+# the model counts its bytes; _comm fills it. budget: the rank's memory budget for "auto" (-1: no limit);
+# hardware: its device's profile (cost.PROFILES' index), so every rank plans "auto" with the same rates.
+LAYOUT_COLUMNS = ("images", "texts", "dim", "dtype", "grads", "backend", "ids", "strategy", "loss", "directions",
+                  "ranks_per_node", "compiled", "budget", "hardware")
+LAYOUT_BYTES = 8 * len(LAYOUT_COLUMNS)  # what the exchange sends each peer
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ class Shape:
         return min(self.b, cfg.super_rows) * min(self.cols, cfg.super_cols) * self.e
 
 
-def _memory(s: Shape) -> dict[str, int]:
+def memory_terms(s: Shape) -> dict[str, int]:
     """Named terms of the peak (bytes); their sum is peak_bytes."""
     b, n, N, dim, e, c = s.b, s.n, s.N, s.dim, s.e, s.c
     ux, uy, ex, ey, vy, idb, tiles = s.ux, s.uy, s.ex, s.ey, s.vy, s.idb, s.tiles
@@ -218,7 +223,7 @@ def _ar(w: int, nbytes: int) -> int:
     return int(2 * (w - 1) / w * nbytes)
 
 
-def _sent(s: Shape) -> int:
+def sent_bytes(s: Shape) -> int:
     """Bytes the busiest rank sends per step (forward + backward) under _comm's ring cost model, call by
     call as _comm counts them. Uneven splits: a ring rank forwards every block but its successor's (the
     smallest, n_low, at worst) and every accumulator; gather pads blocks to the largest (n)."""
