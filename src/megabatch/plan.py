@@ -114,8 +114,8 @@ def plan(loss: str, strategy: str, backend: str, world: int, batch: int, dim: in
     """The per-rank numbers of one configuration (see the module docstring). ValueError on bad input."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}; got {loss!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if strategies.planned(strategy, world) == "auto":  # the one name check (ValueError for an unknown name)
+        raise ValueError("plan() takes a concrete strategy; auto_choice() says what strategy='auto' picks")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if dtype not in DTYPES:

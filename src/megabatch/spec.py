@@ -92,7 +92,7 @@ def check_settings(
     errors as make_spec raises; the world-dependent rest -- "auto", LOCAL_WORLD_SIZE, a process
     group to join -- and memory_budget are make_spec's at the first call), the backend
     (kernels.check_backend) and CLIP's directions."""
-    strategies.resolve_strategy(strategy, 1)  # type: ignore[arg-type]
+    strategies.planned(strategy, 1)  # type: ignore[arg-type]
     if ranks_per_node is not None:
         strategies.ranks_per_node(strategy, ranks_per_node, group)  # type: ignore[arg-type]
     check_backend(backend)

@@ -7,8 +7,9 @@ communicates. The eager engine runs unchanged inside them:
 
   megabatch::clip_forward   (x, y, scale, ids...) -> loss and the statistics the backward needs:
                             row/column log-sum-exps and positive counts ((b,), (n,) float64), the
-                            weights (w_r, w_c) (2,) float64, and the agreed layout (2, W) int64
-                            (every rank's image and text counts; on the CPU when distributed).
+                            weights (w_r, w_c) (2,) float64, and the agreed layout (3, W) int64
+                            (every rank's image and text counts, and the strategy the forward ran;
+                            on the CPU when distributed).
   megabatch::clip_backward  those + the upstream gradient -> (dx, dy, dscale) (empty where not
                             wanted). It rebuilds the strategy from the layout: no second size
                             exchange; `gather` all-gathers the texts again (eager keeps them).

@@ -109,29 +109,35 @@ class LossSpec:
     def start(self, x: Tensor, y: Tensor, extras: Sequence[Tensor]) -> strategies.Strategy:
         """The strategy for this call; a distributed one first agrees on the layout and this spec with
         every rank (one all_gather of metadata). The one place the spec meets strategies.create."""
-        return strategies.create(self.strategy.name, x, y, extras, self.kernels, self.group, loss=self.family,
+        return strategies.create(self.strategy, x, y, extras, self.kernels, self.group, loss=self.family,
                                  ids=self.ids, directions=self.direction, needs=list(self.needs),
-                                 ranks_per_node=self.strategy.ranks_per_node, compiled=self.compiled)
+                                 compiled=self.compiled)
 
     def layout(self, strat: strategies.Strategy, device: torch.device) -> Tensor:
-        """The agreed layout as a (2, W) int64 tensor (every rank's image and text counts), on the CPU
-        when distributed: the compiled backward reads it on the host to `resume` the strategy."""
-        return torch.tensor([strat.lay.sizes, strat.lay.tsizes], dtype=torch.int64, device=self._layout_device(device))
+        """The agreed layout as a (3, W) int64 tensor, on the CPU when distributed: every rank's image
+        counts, their text counts, and the concrete strategy with its R (row 2: [code, R, 0, ...], what
+        "auto" chose). The compiled backward reads it on the host to `resume` the strategy."""
+        lay = strat.lay
+        pick = [0] * len(lay.sizes)
+        if self.distributed:
+            pick[:2] = [strategies.strategy_code(lay.strategy or self.strategy.name), lay.ranks_per_node]
+        return torch.tensor([lay.sizes, lay.tsizes, pick], dtype=torch.int64, device=self._layout_device(device))
 
     def empty_layout(self, device: torch.device) -> Tensor:
         """What `layout` returns, without values (the custom ops' fake implementations)."""
         world = dist.get_world_size(self.group) if self.distributed else 1
-        return torch.empty(2, world, dtype=torch.int64, device=self._layout_device(device))
+        return torch.empty(3, world, dtype=torch.int64, device=self._layout_device(device))
 
     def resume(self, layout: Tensor, y_grad: bool) -> strategies.Strategy:
-        """The strategy again, from the layout its forward returned: no second size exchange."""
-        sizes, tsizes = (tuple(row) for row in layout.tolist())
-        pg, rank = self.group, 0
+        """The strategy again, from the layout its forward returned: no second size exchange, and the
+        strategy the forward ran (auto's pick included)."""
+        sizes, tsizes, pick = (tuple(row) for row in layout.tolist())
+        name, pg, rank, rpn = "local", self.group, 0, 0
         if self.distributed:
             pg = pg if pg is not None else dist.group.WORLD
             rank = dist.get_rank(pg)
-        return strategies.from_layout(self.strategy.name, strategies.Layout(pg, rank, sizes, tsizes, y_grad, self.ids,
-                                                                                self.strategy.ranks_per_node))
+            name, rpn = strategies.strategy_name(pick[0]), pick[1]
+        return strategies.from_layout(name, strategies.Layout(pg, rank, sizes, tsizes, y_grad, self.ids, rpn, name))
 
     def _layout_device(self, device: torch.device) -> torch.device:
         return torch.device("cpu") if self.distributed else device

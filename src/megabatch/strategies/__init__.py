@@ -36,14 +36,6 @@ def planned(name: str, world: int) -> str:
     return name
 
 
-def resolve_strategy(name: str, world: int) -> str:
-    """A concrete name before any call, for a caller that must have one (the older rule: "auto" is ring on
-    several ranks, local on one). It is not what "auto" picks at a call (that is the cost model's choice:
-    `planned` passes "auto" on); kept for the training app until it passes "auto" through."""
-    out = planned(name, world)
-    return "ring" if out == "auto" else out
-
-
 def _world(group: Optional["dist.ProcessGroup"]) -> int:
     """Ranks the batch spans, as "auto" sees them: a group given explicitly always counts as several."""
     if group is not None:
@@ -111,9 +103,9 @@ _ranks_per_node = ranks_per_node  # make_spec's keyword shadows it
 
 
 def create(
-    spec: "StrategySpec | str", x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels,
+    spec: StrategySpec, x: Tensor, y: Tensor, extras: Sequence[Tensor], kernels: BlockKernels,
     group: Optional["dist.ProcessGroup"], *, loss: str, ids: bool, directions: int = 0,
-    needs: Optional[Sequence[bool]] = None, ranks_per_node: int = 0, compiled: bool = False,
+    needs: Optional[Sequence[bool]] = None, compiled: bool = False,
 ) -> Strategy:
     """A strategy for one loss call. Distributed ones first agree with every rank of the group on
     the layout and on everything else that decides the collectives (one all_gather of metadata; see
@@ -122,14 +114,10 @@ def create(
     is then decided from that table (auto.py: the cost model's fastest strategy whose peak fits the least
     memory budget), the same on every rank, and the choice kept in the layout (`lay.strategy`, `lay.choice`).
 
-    spec: a StrategySpec (make_spec), or a strategy name with `ranks_per_node` given apart (the older
-    form; its memory budget is then the device's free memory).
+    spec: the call's StrategySpec (make_spec).
     needs: which of (x, y, *extras) need gradients; None reads grad mode and requires_grad (the
     compiled path passes them, since inside a custom op the tensors no longer carry them)."""
-    if isinstance(spec, StrategySpec):
-        name, ranks_per_node, budget = spec.name, spec.ranks_per_node or ranks_per_node, spec.memory_budget
-    else:
-        name, budget = spec, None
+    name, ranks_per_node, budget = spec.name, spec.ranks_per_node, spec.memory_budget
     if needs is None:
         needs = [torch.is_grad_enabled() and t.requires_grad for t in (x, y, *extras)]
     if name == "local":
@@ -147,26 +135,15 @@ def create(
                      decide=lambda cols, fam: auto.decide(cols, kernels.name, x.device.type, fam, group_name(group)))
     lay = exchange_layout(x, y, extras, kernels, group, strategy=name, loss=loss, ids=ids, directions=directions,
                           needs=needs, compiled=compiled, **{"ranks_per_node": ranks_per_node, **hints})
-    if name == "auto":
-        auto.remember(lay)
     return from_layout(lay.strategy or name, lay)
 
 
 def from_layout(name: str, lay: "Layout") -> Strategy:
-    """The strategy `name` over an already agreed layout (no communication): what the compiled
-    backward rebuilds from the layout its forward returned. "auto": the strategy the layout records
-    (`lay.strategy`), or, for a layout rebuilt from the sizes alone, the one the forward of those sizes
-    chose (auto.remembered)."""
-    if name == "auto":
-        if lay.strategy and lay.strategy != "auto":
-            name = lay.strategy
-        else:
-            from dataclasses import replace
-
-            from .auto import remembered
-
-            name, rpn = remembered(lay)
-            lay = replace(lay, ranks_per_node=rpn, strategy=name)
+    """The concrete strategy `name` ("local", "gather", "ring" or "hierarchical") over an already agreed
+    layout (no communication): what the compiled backward rebuilds from the layout its forward returned
+    (which records what "auto" chose)."""
+    if name not in STRATEGIES or name == "auto":
+        raise ValueError(f"from_layout needs a concrete strategy, got {name!r}")
     if name == "local":
         from .local import Local
 
@@ -213,5 +190,18 @@ def resolve_group(name: str) -> Optional["dist.ProcessGroup"]:
     return _resolve_process_group(name)
 
 
-__all__ = ["Block", "Layout", "STRATEGIES", "Strategy", "StrategySpec", "Visit", "create", "make_spec", "from_layout", "group_name",
-           "planned", "ranks_per_node", "resolve", "resolve_group", "resolve_strategy", "validating"]
+def strategy_code(name: str) -> int:
+    """A concrete distributed strategy as an int (the compiled layout's row 2); `strategy_name` inverts it."""
+    from ._comm import _STRATEGY_CODES
+
+    return _STRATEGY_CODES.index(name)
+
+
+def strategy_name(code: int) -> str:
+    from ._comm import _STRATEGY_CODES
+
+    return _STRATEGY_CODES[code]
+
+
+__all__ = ["Block", "Layout", "STRATEGIES", "Strategy", "StrategySpec", "Visit", "create", "make_spec", "from_layout", "strategy_code", "strategy_name", "group_name",
+           "planned", "ranks_per_node", "resolve", "resolve_group", "validating"]

@@ -15,14 +15,12 @@ table). What each rank puts in the table for it, before the exchange:
 auto decides once per shape of call: the first call with a given group, sizes, D, dtype, loss, backend and
 node size decides from its table (its budget: the free memory then), and later calls of that shape take the
 same strategy (steps do not flip between strategies as free memory moves, and no step pays for the model
-again). The choice is recorded in the Layout (`strategy`, `choice`) and, for the compiled backward, which
-rebuilds the strategy from the sizes alone (`from_layout("auto", ...)`), remembered per layout
-(`remembered`). Every rank makes the same calls in the same order, so every rank holds the same records.
+again). The choice is recorded in the Layout (`strategy`, `choice`); the compiled road's layout tensor carries
+it to the backward (losses/options.py, row 2), which rebuilds that strategy with `from_layout`.
 """
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -68,6 +66,10 @@ def node_hint(group: Optional["dist.ProcessGroup"]) -> int:
         return 0
 
 
+_DECIDED: dict[tuple, cost.Choice] = {}  # decide's choices by shape of call
+_KEEP = 256
+
+
 def decide(cols: dict[str, list[int]], backend: str, device: str, loss: str, group: str = "") -> cost.Choice:
     """The choice for an exchanged table (already checked: the same sizes' columns on every rank): the one
     made for the first table of this shape in `group` (its sizes, D, dtype, ids, node size and hardware; not
@@ -97,37 +99,3 @@ def _choose(cols: dict[str, list[int]], backend: str, device: str, loss: str) ->
     node = rpn[0] if len(set(rpn)) == 1 and rpn[0] >= 1 and world % rpn[0] == 0 else 0
     hw = cost.profile(cost.PROFILES[min(cols["hardware"])])
     return cost.choose(base, hw, min(known) if known else None, ranks_per_node=node, gather=_roads_agree(cols, loss))
-
-
-# The choices of recent "auto" calls, by layout: what from_layout("auto", ...) reads when the compiled
-# backward rebuilds the strategy from the sizes alone. Every rank records the same (the choice is a
-# function of the exchanged table), so a lookup gives the same answer on every rank.
-_REMEMBERED: "OrderedDict[tuple, set[tuple[str, int]]]" = OrderedDict()
-_DECIDED: dict[tuple, cost.Choice] = {}  # decide's choices by shape of call
-_KEEP = 256
-
-
-def _key(lay: object) -> tuple:
-    group = getattr(lay.group, "group_name", "")  # type: ignore[attr-defined]
-    return (group, lay.sizes, lay.tsizes, lay.ids)  # type: ignore[attr-defined]
-
-
-def remember(lay: object) -> None:
-    """Record what "auto" chose for `lay` (a Layout from the exchange)."""
-    key = _key(lay)
-    _REMEMBERED.setdefault(key, set()).add((lay.strategy, lay.ranks_per_node))  # type: ignore[attr-defined]
-    _REMEMBERED.move_to_end(key)
-    while len(_REMEMBERED) > _KEEP:
-        _REMEMBERED.popitem(last=False)
-
-
-def remembered(lay: object) -> tuple[str, int]:
-    """(strategy, R) that "auto" chose in the forward of `lay`'s sizes. ValueError (the same on every rank)
-    where none was recorded, or where calls of the same sizes chose differently."""
-    found = _REMEMBERED.get(_key(lay), set())
-    if len(found) != 1:
-        why = ("no forward of these sizes chose" if not found else
-               f"calls of these sizes (of different D, dtype, loss or backend) chose {sorted(found)}")
-        raise ValueError(f"strategy='auto': cannot rebuild the strategy for the backward ({why}); pass a "
-                         "concrete strategy ('ring', 'gather' or 'hierarchical')")
-    return next(iter(found))

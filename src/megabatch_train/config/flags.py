@@ -125,8 +125,8 @@ def build_parser(epilog: Optional[str]) -> argparse.ArgumentParser:
                    "-ln(B-1) for the global batch B, where positives and negatives pull equally at the start; the "
                    "paper's -10 is that value near B = 22k)")
     p.add_argument("--output", help="run directory (metrics.jsonl, eval.json, curves.png, checkpoints)")
-    p.add_argument("--strategy", choices=STRATEGIES, help="how the loss spans ranks (default auto: ring under "
-                   "torchrun, local in one process)")
+    p.add_argument("--strategy", choices=STRATEGIES, help="how the loss spans ranks (default auto: the cost model's "
+                   "fastest that fits under torchrun, local in one process)")
     p.add_argument("--positives", choices=POSITIVES,
                    help="which pairs of a batch are positives: index (image i <-> caption i only), caption "
                         "(identical captions are positives of each other's images), id (equal ids from "

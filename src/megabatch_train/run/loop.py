@@ -3,7 +3,7 @@
 One step over a global contrastive batch B with W ranks (b = B / W per rank):
   1. rank r renders/reads samples [r*b, (r+1)*b) of global batch `step`;
   2. `mb.GradCache` encodes them in micro-batches without a graph, computes the loss over the whole
-     global batch (strategy "auto" resolves to ring under torchrun, local otherwise), then re-runs
+     global batch (strategy "auto": the cost model's pick under torchrun, local otherwise), then re-runs
      each micro-batch with grad, leaving the full-batch gradient in every parameter;
   3. DDP averages the gradients once per step (GradCache drives its last micro-batch through the
      wrapper) -- docs/design.md's convention makes that average exactly dL/dtheta; the logged loss is

@@ -16,14 +16,14 @@ from typing import Callable, Optional
 import torch
 
 import megabatch as mb
-from megabatch.strategies import resolve_strategy
+from megabatch.strategies import planned
 
 from ..config.sections import TrainConfig
 from .health import balanced_bias
 from .runtime import Runtime
 
-_COLLECTIVES = {"ring": "send/recv around the ring", "gather": "all_gather", "local": "no collective",
-                "hierarchical": "send/recv between nodes, all_gather within each"}
+_COLLECTIVES = {"auto": "the cost model's pick at the first step", "ring": "send/recv around the ring",
+                "gather": "all_gather", "local": "no collective", "hierarchical": "send/recv between nodes, all_gather within each"}
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class RunPlan:
 def make_plan(cfg: TrainConfig, rt: Runtime) -> RunPlan:
     """The plan of `cfg` (validated) on `rt`."""
     siglip = cfg.loss == "siglip"
-    strategy = resolve_strategy(cfg.strategy, rt.world)
+    strategy = planned(cfg.strategy, rt.world)
     loss_fn = functools.partial(mb.siglip_loss if siglip else mb.clip_loss, strategy=strategy, backend=cfg.backend)
     bias = cfg.logit_bias_init if cfg.logit_bias_init is not None else balanced_bias(cfg.batch_size)
     return RunPlan(
