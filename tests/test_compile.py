@@ -112,6 +112,18 @@ def test_opcheck(ids):
                                                       *spec, [True, False, True]))
 
 
+def test_backend_key_carries_the_mark_torch_compiler_sets():
+    """megabatch marks backend_key as torch.compiler.assume_constant_result would, without importing dynamo
+    (losses/options.py); the configured-backend cases below ("small") check that dynamo honours it."""
+    from megabatch.losses.options import backend_key
+
+    def plain() -> None:
+        pass
+
+    assert vars(torch.compiler.assume_constant_result(plain)) == {"_dynamo_marked_constant": True}
+    assert vars(backend_key) == {"_dynamo_marked_constant": True}
+
+
 # ----------------------------------------------------------------------------- local strategy
 
 

@@ -12,21 +12,17 @@ convention: rank feature gradient = W dL/dx_r, mean of the ranks' losses = the g
 from __future__ import annotations
 
 import math
-import os
-import time
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import megabatch as mb
+from _dist_utils import run_world
 
 WORLD, LOCAL, MICRO, DIM = 2, 5, 2, 6
 KINDS = ("clip", "siglip")
@@ -126,11 +122,7 @@ def run(kind: str, wiring: str, strategy: str, rank: int) -> dict:
     return out
 
 
-def worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
-    )
+def worker(rank: int, world: int) -> dict:
     results = {(k, w, st): run(k, w, st, rank) for k in KINDS for w in WIRINGS for st in STRATEGIES}
     model = make_model("clip")
     gc = mb.GradCache(model.encode_image, model.encode_text, distributed_loss("clip", "ring"), MICRO)
@@ -139,17 +131,12 @@ def worker(rank: int, tmp: str) -> None:
         warnings.simplefilter("always")
         gc(images, texts, *loss_args(model.image))
     results["warned"] = any("no DistributedDataParallel" in str(w.message) for w in caught)
-    torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
-    dist.barrier()
-    time.sleep(0.05)
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    tmp = str(tmp_path_factory.mktemp("gradcache_ddp"))
-    mp.spawn(worker, args=(tmp,), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_world(worker, WORLD, tmp_path_factory.mktemp("gradcache_ddp"))
 
 
 def reference(kind: str, step: int) -> tuple[torch.Tensor, dict]:

@@ -3,7 +3,8 @@
 In a subprocess where `megabatch_train` cannot be imported (its entry in sys.modules is None, as
 if only the library were installed), a loss computes, `megabatch plan` plans, `megabatch bench
 --help` answers, and `megabatch train` / `megabatch study` name the extra that brings them
-instead of a traceback. The app's commands reach `megabatch` only through the entry-point group
+instead of a traceback; `import megabatch` leaves torch._dynamo unloaded (only torch.compile needs it,
+and its import costs each process about as much CPU as torch's). The app's commands reach `megabatch` only through the entry-point group
 `megabatch.commands` (pyproject.toml).
 """
 from __future__ import annotations
@@ -22,10 +23,11 @@ import torch
 import megabatch as mb
 from megabatch.cli import main
 
+dynamo_at_import = "torch._dynamo" in sys.modules  # ~4 s of CPU per process; only torch.compile needs it
 x = torch.nn.functional.normalize(torch.randn(5, 3, dtype=torch.float64), dim=-1)
 loss = mb.clip_loss(x, x.flip(0), torch.tensor(10.0, dtype=torch.float64))
 ref = mb.clip_loss_reference(x, x.flip(0), torch.tensor(10.0, dtype=torch.float64))
-out = {"loss": float(loss), "ref": float(ref)}
+out = {"loss": float(loss), "ref": float(ref), "dynamo_at_import": dynamo_at_import}
 for name, argv in {"plan": ["plan", "--world", "2", "--batch", "64", "--dim", "8", "--json"],
                    "bench": ["bench", "--help"], "train": ["train", "--preset", "tiny"], "study": ["study"],
                    "help": ["--help"]}.items():
@@ -46,6 +48,7 @@ def test_the_library_works_without_the_app() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert abs(out["loss"] - out["ref"]) < 1e-12
+    assert not out["dynamo_at_import"], "import megabatch imported torch._dynamo"
     code, stdout, stderr = out["plan"]
     assert code == 0 and json.loads(stdout)["options"], stderr
     code, stdout, _ = out["bench"]

@@ -33,7 +33,17 @@ LOSSES = ("clip", "siglip")
 _KERNELS: dict[str, BlockKernels] = {}
 
 
-@torch.compiler.assume_constant_result
+def _constant_result(fn):
+    """torch.compiler.assume_constant_result, which only sets this mark on `fn` (torch/_dynamo/
+    decorators.py), without its `import torch._dynamo`: that import costs every process that imports
+    megabatch about as much CPU as `import torch` itself (~4 s on 2 CI cores), and eager code never
+    needs dynamo. tests/test_compile.py checks that torch's decorator still marks a function exactly
+    so, and that dynamo honours the mark (a configured backend under fullgraph=True)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_result
 def backend_key(kernels: BlockKernels) -> str:
     """The string a custom op gets for a backend instance the caller configured (e.g.
     ``TritonKernels(TritonConfig(...))``): a key under which the instance is kept for the process's
