@@ -289,7 +289,8 @@ def auto_worker(rank: int) -> dict[str, Any]:
     from megabatch import strategies
     from megabatch.cost import pick as pick_module
     from megabatch.kernels import get_backend
-    from megabatch.losses import LossOptions, needs_grad, ops
+    from megabatch.losses import ops
+    from megabatch.spec import loss_spec
 
     case = dict(make_cases(2)[0], strategy="auto", loss="clip")
     data = make_inputs(case, case["dtype"])
@@ -318,7 +319,9 @@ def auto_worker(rank: int) -> dict[str, Any]:
     def road(name: str) -> list[torch.Tensor]:
         xd, yd = x.clone().requires_grad_(), y.clone().requires_grad_()
         s = scale.clone().requires_grad_()
-        loss = ops.clip(LossOptions(name, kernels, needs_grad(xd, yd, s)), xd, yd, s)
+        spec, (s_,) = loss_spec("clip", xd, yd, [("logit_scale", s)], image_ids=None, text_ids=None, strategy=name,
+                                backend=kernels)
+        loss = ops.clip(spec, xd, yd, s_)
         loss.backward()
         return [loss.detach(), xd.grad, yd.grad, s.grad]
 
