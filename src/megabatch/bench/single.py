@@ -49,7 +49,7 @@ class Case:
     dim: int
     dtype: str
     device: str
-    repeat: int = 3
+    repeat: int = 3  # timed calls after the peak call; 0: peak memory only (ms and tflops stay None)
 
 
 @dataclass
@@ -91,7 +91,8 @@ def measure(case: Case) -> Result:
         inputs = _inputs(case)
         m = harness.measure(lambda: _step(fn, inputs), device, repeat=case.repeat)
         res.peak_mib, res.times_ms, res.ms = m.peak_mib, m.times_ms, m.ms
-        res.tflops = 3 * 2 * case.batch**2 * case.dim / (res.ms * 1e-3) / 1e12
+        if res.ms is not None:
+            res.tflops = 3 * 2 * case.batch**2 * case.dim / (res.ms * 1e-3) / 1e12
     except torch.cuda.OutOfMemoryError:
         res.error = "OOM"
     except (RuntimeError, ValueError, TypeError, ImportError) as e:
