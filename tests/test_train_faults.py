@@ -131,7 +131,7 @@ def test_hung_rank_fails_within_the_timeout(tmp_path):
     with Tracked(torchrun_cmd(args), env_with("hang@3:1")) as run:
         rank0, rank1 = run.process_of_rank(0, 120), run.process_of_rank(1, 120)
         assert rank0 is not None and rank1 is not None, run.output[-3000:]
-        error = run.wait_for_line(r"error: step 3: the clip loss \(strategy ring: send/recv around the ring\)", 120)
+        error = run.wait_for_line(r"error: step 3: the clip loss \(strategy auto: the cost model's pick at the first step\)", 120)
         assert error is not None, run.output[-3000:]
         try:
             rank0.wait(30)
